@@ -1,0 +1,159 @@
+"""The public ops: temporal, spatial (with an optional cls token) and joint attention."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import dispatch, reference
+
+MAX_HEAD_DIM = 256
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}, strides {x.stride()}"
+
+
+def _validate(fn: str, named: dict, ndim: int, layout: str) -> None:
+    """Raise TypeError/ValueError naming the tensor, what was expected and what came."""
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    (qn, q), *rest = named.items()
+    if q.dim() != ndim:
+        raise ValueError(f"{fn}: {qn} must be {ndim}-D {layout}, got {q.dim()}-D ({_describe(q)})")
+    if not q.is_floating_point():
+        raise TypeError(f"{fn}: {qn} must be a floating-point tensor, got dtype {q.dtype}")
+    for name, x in rest:
+        if x.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {x.dtype}, expected {q.dtype} like {qn}")
+        if x.device != q.device:
+            raise ValueError(f"{fn}: {name} is on device {x.device}, expected {q.device} like {qn}")
+    for name, x in list(named.items())[1:3]:
+        if x.shape != q.shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected {tuple(q.shape)} like {qn} {layout}")
+    D = q.shape[-1]
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head dim (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {D}")
+    for name, x in named.items():
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(
+                f"{fn}: {name} must have a contiguous last dim (stride(-1) == 1), got {_describe(x)}; "
+                f"pass {name}.contiguous() if a copy is acceptable"
+            )
+
+
+def _scale(scale: Optional[float], D: int) -> float:
+    return D ** -0.5 if scale is None else float(scale)
+
+
+def temporal_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Attention over the T frames of every patch.
+
+    Args:
+        q, k, v: ``(B, T, N, H, D)`` with any strides and a contiguous last dim,
+            typically views of one qkv projection output in ``(h w t)`` or ``(t h w)``
+            token order (see :func:`divattn.ops.layout.split_qkv`).
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``None`` (auto: first of triton, cuda, torch that fits; env
+            ``DIVATTN_BACKEND`` sets it), ``"triton"``, ``"cuda"`` or ``"torch"``.
+
+    Returns:
+        ``o`` of shape ``(B, T, N, H, D)``, stored token-major in q's token order, so
+        :func:`divattn.ops.layout.tokens_major` views it as ``(B, T*N, H*D)``.
+
+    Raises:
+        TypeError / ValueError for mismatched dtypes, devices or shapes, a last dim that
+        is not contiguous, or a head dim outside [1, 256]; BackendError when the
+        requested backend cannot run the inputs (listing every backend's reason).
+
+    Equivalent to::
+
+        s = torch.einsum("btnhd,bsnhd->bnhts", q, k) * scale
+        o = torch.einsum("bnhts,bsnhd->btnhd", s.softmax(-1), v)
+    """
+    _validate("temporal_attention", {"q": q, "k": k, "v": v}, 5, "(B, T, N, H, D)")
+    scale = _scale(scale, q.shape[-1])
+    be = dispatch.select("temporal", q.dtype, q.device, q.shape[-1], backend)
+    if be.name == "torch":
+        return reference.temporal(q, k, v, scale)
+    from .functions import run
+
+    return run("temporal", q, k, v, None, scale, be.name)[0]
+
+
+def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None):
+    """Attention over the N patches of every frame, optionally with a cls token.
+
+    Args:
+        q, k, v: ``(B, T, N, H, D)``, any strides, contiguous last dim.
+        cls: ``None`` or ``(q_cls, k_cls, v_cls)``, each ``(B, H, D)``. Then every
+            frame's keys and values are ``[cls] + its N patches`` (the same cls vectors
+            in every frame, one softmax per frame), and the cls query attends to each
+            frame in turn; ``o_cls`` is the mean of its T per-frame outputs. This is
+            the official TimeSformer divided block.
+        scale, backend: as in :func:`temporal_attention`.
+
+    Returns:
+        ``o`` ``(B, T, N, H, D)`` token-major in q's token order, or ``(o, o_cls)``
+        with ``o_cls`` ``(B, H, D)`` when ``cls`` is given; the two are views of one
+        ``(B, 1 + T*N, H, D)`` buffer with the cls token first.
+
+    Raises:
+        As :func:`temporal_attention`; ValueError for ``cls`` of the wrong shape or
+        for ``cls`` with T == 0 (the mean over frames is undefined).
+
+    Equivalent to (with cls)::
+
+        qc, kc, vc = (c[:, None, None].expand(B, T, 1, H, D) for c in cls)
+        qq, kk, vv = (torch.cat([c, x], 2) for c, x in ((qc, q), (kc, k), (vc, v)))
+        s = torch.einsum("btnhd,btmhd->bthnm", qq, kk) * scale
+        oo = torch.einsum("bthnm,btmhd->btnhd", s.softmax(-1), vv)
+        o, o_cls = oo[:, :, 1:], oo[:, :, 0].mean(1)
+    """
+    named = {"q": q, "k": k, "v": v}
+    if cls is not None:
+        if not isinstance(cls, (tuple, list)) or len(cls) != 3:
+            raise TypeError(f"spatial_attention: cls must be a tuple (q_cls, k_cls, v_cls), got {type(cls).__name__}")
+        named.update(zip(("q_cls", "k_cls", "v_cls"), cls))
+    _validate("spatial_attention", named, 5, "(B, T, N, H, D)")
+    B, T, N, H, D = q.shape
+    if cls is not None:
+        for name, c in zip(("q_cls", "k_cls", "v_cls"), cls):
+            if tuple(c.shape) != (B, H, D):
+                raise ValueError(f"spatial_attention: {name} has shape {tuple(c.shape)}, expected (B, H, D) = {(B, H, D)}")
+        if T == 0:
+            raise ValueError("spatial_attention: cls needs T >= 1 frames (o_cls is a mean over frames), got T = 0")
+    scale = _scale(scale, D)
+    op = "spatial" if cls is None else "spatial_cls"
+    be = dispatch.select(op, q.dtype, q.device, D, backend)
+    if be.name == "torch":
+        return reference.spatial(q, k, v, scale, tuple(cls) if cls is not None else None)
+    from .functions import run
+
+    o, o_cls = run("spatial", q, k, v, tuple(cls) if cls is not None else None, scale, be.name)
+    return o if cls is None else (o, o_cls)
+
+
+def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Attention over all L tokens of every sequence (joint space-time attention).
+
+    Args:
+        q, k, v: ``(B, L, H, D)``, any strides, contiguous last dim.
+        scale, backend: as in :func:`temporal_attention`.
+
+    Returns:
+        ``o`` ``(B, L, H, D)``, contiguous.
+
+    Equivalent to ``F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+    v.transpose(1, 2), scale=scale).transpose(1, 2)``.
+    """
+    _validate("joint_attention", {"q": q, "k": k, "v": v}, 4, "(B, L, H, D)")
+    scale = _scale(scale, q.shape[-1])
+    be = dispatch.select("joint", q.dtype, q.device, q.shape[-1], backend)
+    if be.name == "torch":
+        return reference.joint(q, k, v, scale)
+    from .functions import run
+
+    return run("joint", q, k, v, None, scale, be.name)[0]

@@ -1,0 +1,210 @@
+"""Autograd and ``torch.library`` registration of the kernel backends.
+
+The forward and backward are the custom ops ``divattn::attn_fwd`` and
+``divattn::attn_bwd`` (with fake implementations), tied together with
+``torch.library.register_autograd``, so they train, ``torch.compile`` (fullgraph)
+treats them as opaque calls, and ``FlopCounterMode`` can count them.
+
+The ops take q/k/v (and the cls q/k/v) as *sources plus geometry*: when they are all
+views of one tensor — the qkv projection output — that tensor is the single source
+and each view is an ``(offset, sizes, strides)`` into it. The backward then writes
+dq/dk/dv straight into one gradient buffer laid out like the qkv, which autograd hands
+to the projection's backward as is: no per-view zero-fill, scatter and sum.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+
+from .dispatch import BACKENDS
+from .layout import alloc_tokens, patch_view
+
+OPS = ("temporal", "spatial", "joint")
+
+
+def _encode(views: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], index: Sequence[int]) -> list:
+    geom = [len(views)]
+    for view, i in zip(views, index):
+        geom += [i, view.storage_offset() - srcs[i].storage_offset(), view.dim(), *view.shape, *view.stride()]
+    return geom
+
+
+def _decode(srcs: Sequence[torch.Tensor], geom: Sequence[int]) -> list:
+    views, pos = [], 1
+    for _ in range(geom[0]):
+        i, off, nd = geom[pos:pos + 3]
+        sizes = geom[pos + 3:pos + 3 + nd]
+        strides = geom[pos + 3 + nd:pos + 3 + 2 * nd]
+        pos += 3 + 2 * nd
+        src = srcs[i]
+        views.append(src.as_strided(sizes, strides, src.storage_offset() + off))
+    return views
+
+
+def _runs(offset: int, sizes, strides):
+    """Start offsets and the length of the contiguous runs that make up a view."""
+    dims = sorted((st, sz) for sz, st in zip(sizes, strides) if sz != 1)
+    run = 1
+    while dims and dims[0][0] == run:
+        run *= dims.pop(0)[1]
+    starts = torch.tensor([offset], dtype=torch.int64)
+    for st, sz in dims:
+        if st == 0:
+            return None, run
+        starts = (starts[:, None] + torch.arange(sz, dtype=torch.int64) * st).reshape(-1)
+    return starts, run
+
+
+@functools.lru_cache(maxsize=256)
+def _packing(geoms: tuple, base_numel: int) -> Optional[bool]:
+    """None if the views overlap or leave the base; else whether they cover all of it."""
+    all_starts, all_ends = [], []
+    for off, sizes, strides in geoms:
+        if 0 in sizes:
+            continue
+        starts, run = _runs(off, sizes, strides)
+        if starts is None:
+            return None
+        all_starts.append(starts)
+        all_ends.append(starts + run)
+    if not all_starts:
+        return False
+    starts, order = torch.cat(all_starts).sort()
+    ends = torch.cat(all_ends)[order]
+    if starts[0] < 0 or ends[-1] > base_numel or bool((starts[1:] < ends[:-1]).any()):
+        return None
+    return int((ends - starts).sum()) == base_numel
+
+
+def sources(views: Sequence[torch.Tensor]):
+    """(srcs, geom): one shared source when the views tile one tensor, else the views.
+
+    The last entry of ``geom`` says whether the views cover every element of their
+    sources (then the gradient buffers need no zero fill).
+    """
+    base = views[0]._base
+    if (
+        base is not None
+        and not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and base.requires_grad
+        and base.is_contiguous()
+        and all(v._base is base for v in views)
+    ):
+        key = tuple((v.storage_offset() - base.storage_offset(), tuple(v.shape), tuple(v.stride())) for v in views)
+        covers = _packing(key, base.numel())
+        if covers is not None:
+            return [base], _encode(views, [base], [0] * len(views)) + [int(covers)]
+    return list(views), _encode(views, views, range(len(views))) + [1]
+
+
+def _outputs(op: str, has_cls: bool, q: torch.Tensor):
+    """Allocate (buf, lse, cls_frames, lse_cls); buf is token-major in q's token order."""
+    if op == "joint":
+        B, L, H, D = q.shape
+        buf = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
+        n_rows = B * H * L
+    else:
+        B, T, N, H, D = q.shape
+        buf = alloc_tokens(q, has_cls=has_cls)
+        n_rows = B * T * N * H
+    f32 = dict(dtype=torch.float32, device=q.device)
+    lse = torch.empty((n_rows,), **f32)
+    if has_cls:
+        cls_frames = torch.empty((B, H, T, D), **f32)
+        lse_cls = torch.empty((B, H, T), **f32)
+    else:
+        cls_frames, lse_cls = torch.empty((0,), **f32), torch.empty((0,), **f32)
+    return buf, lse, cls_frames, lse_cls
+
+
+def _out_views(op: str, has_cls: bool, q: torch.Tensor, buf: torch.Tensor):
+    if op == "joint":
+        return buf, None
+    return patch_view(buf, q, has_cls=has_cls), (buf[:, 0] if has_cls else None)
+
+
+@torch.library.custom_op("divattn::attn_fwd", mutates_args=())
+def attn_fwd(
+    srcs: list[torch.Tensor], geom: list[int], op: int, has_cls: bool, scale: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    views = _decode(srcs, geom)
+    q, k, v = views[:3]
+    name = OPS[op]
+    buf, lse, cls_frames, lse_cls = _outputs(name, has_cls, q)
+    o, o_cls = _out_views(name, has_cls, q, buf)
+    BACKENDS[backend].kernels().forward(
+        name, q, k, v, o, lse, scale,
+        cls=tuple(views[3:]) if has_cls else None, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls,
+    )
+    return buf, lse, cls_frames, lse_cls
+
+
+@attn_fwd.register_fake
+def _(srcs, geom, op, has_cls, scale, backend):
+    return _outputs(OPS[op], has_cls, _decode(srcs, geom)[0])
+
+
+def _grads(srcs: Sequence[torch.Tensor], geom: Sequence[int]):
+    """Gradient buffers for the sources: zero-filled only where the views leave gaps."""
+    if geom[-1]:
+        return [torch.empty_like(s) for s in srcs]
+    return [torch.zeros_like(s) for s in srcs]
+
+
+@torch.library.custom_op("divattn::attn_bwd", mutates_args=())
+def attn_bwd(
+    srcs: list[torch.Tensor], geom: list[int], op: int, has_cls: bool, scale: float, backend: str,
+    buf: torch.Tensor, d_buf: torch.Tensor, lse: torch.Tensor, cls_frames: torch.Tensor, lse_cls: torch.Tensor,
+) -> list[torch.Tensor]:
+    views = _decode(srcs, geom)
+    q, k, v = views[:3]
+    name = OPS[op]
+    grads = _grads(srcs, geom)
+    dviews = _decode(grads, geom)
+    o, _ = _out_views(name, has_cls, q, buf)
+    d_buf = d_buf.contiguous()
+    do, do_cls = _out_views(name, has_cls, q, d_buf)
+    BACKENDS[backend].kernels().backward(
+        name, q, k, v, o, do, lse, *dviews[:3], scale,
+        cls=tuple(views[3:]) if has_cls else None, d_cls=tuple(dviews[3:]) if has_cls else None,
+        do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls,
+    )
+    return grads
+
+
+@attn_bwd.register_fake
+def _(srcs, geom, op, has_cls, scale, backend, buf, d_buf, lse, cls_frames, lse_cls):
+    return _grads(srcs, geom)
+
+
+def _setup_context(ctx, inputs, output):
+    srcs, geom, op, has_cls, scale, backend = inputs
+    buf, lse, cls_frames, lse_cls = output
+    ctx.n_srcs = len(srcs)
+    ctx.args = (geom, op, has_cls, scale, backend)
+    ctx.save_for_backward(*srcs, buf, lse, cls_frames, lse_cls)
+
+
+def _backward(ctx, d_buf, d_lse, d_cls_frames, d_lse_cls):
+    saved = ctx.saved_tensors
+    srcs, (buf, lse, cls_frames, lse_cls) = list(saved[:ctx.n_srcs]), saved[ctx.n_srcs:]
+    geom, op, has_cls, scale, backend = ctx.args
+    if d_buf is None:
+        d_buf = torch.zeros_like(buf)
+    grads = attn_bwd(srcs, geom, op, has_cls, scale, backend, buf, d_buf, lse, cls_frames, lse_cls)
+    return grads, None, None, None, None, None
+
+
+torch.library.register_autograd("divattn::attn_fwd", _backward, setup_context=_setup_context)
+
+
+def run(op: str, q, k, v, cls, scale: float, backend: str):
+    """Call the kernel backend through the custom op; returns (o, o_cls or None)."""
+    views = [q, k, v, *cls] if cls is not None else [q, k, v]
+    srcs, geom = sources(views)
+    buf, _, _, _ = attn_fwd(srcs, geom, OPS.index(op), cls is not None, float(scale), backend)
+    return _out_views(op, cls is not None, q, buf)

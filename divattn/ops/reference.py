@@ -1,0 +1,69 @@
+"""Pure-PyTorch reference for the divided attention ops (``backend="torch"``).
+
+This is the ground truth of every test and the path CPU users get. It follows the
+official TimeSformer block literally: temporal attention over the T frames of each
+patch, spatial attention over ``[cls] + N`` patches of each frame with the cls
+query/key/value repeated in every frame, one softmax per frame, and the T cls outputs
+averaged. Half-precision inputs are computed in fp32 and cast back
+(``upcast=True`` in flash-attention's terms). Gradients come from autograd.
+
+Outputs are written into buffers laid out in q's token order (see
+:func:`divattn.ops.layout.alloc_tokens`), so callers get the same layout from every
+backend; that final copy is the only one the reference path adds to eager attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import alloc_tokens, tokens_major, patch_view
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q @ k^T * scale) @ v over the second-to-last dim, computed in >= fp32."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v.to(compute))
+
+
+def temporal(q, k, v, scale: float) -> torch.Tensor:
+    """Attention over T for every (b, n, h): q, k, v ``(B, T, N, H, D)``."""
+    # (B, T, N, H, D) -> (B, N, H, T, D)
+    o = _attend(*(x.permute(0, 2, 3, 1, 4) for x in (q, k, v)), scale)
+    buf = alloc_tokens(q, has_cls=False)
+    out = patch_view(buf, q, has_cls=False)
+    out.copy_(o.permute(0, 3, 1, 2, 4))
+    return out
+
+
+def spatial(q, k, v, scale: float, cls=None):
+    """Attention over N for every (b, t, h), optionally with a shared cls token."""
+    B, T, N, H, D = q.shape
+    # (B, T, N, H, D) -> (B, T, H, N, D)
+    qs, ks, vs = (x.permute(0, 1, 3, 2, 4) for x in (q, k, v))
+    if cls is None:
+        o = _attend(qs, ks, vs, scale)
+        buf = alloc_tokens(q, has_cls=False)
+        out = patch_view(buf, q, has_cls=False)
+        out.copy_(o.permute(0, 1, 3, 2, 4))
+        return out
+    # The official block repeats the cls token in every frame: (B, H, D) -> (B, T, H, 1, D).
+    qc, kc, vc = (c[:, None, :, None, :].expand(B, T, H, 1, D) for c in cls)
+    o = _attend(torch.cat([qc, qs], 3), torch.cat([kc, ks], 3), torch.cat([vc, vs], 3), scale)
+    buf = alloc_tokens(q, has_cls=True)
+    out = patch_view(buf, q, has_cls=True)
+    out.copy_(o[:, :, :, 1:].permute(0, 1, 3, 2, 4))
+    out_cls = buf[:, 0]
+    out_cls.copy_(o[:, :, :, 0].mean(1))
+    return out, out_cls
+
+
+def joint(q, k, v, scale: float) -> torch.Tensor:
+    """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``."""
+    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out.copy_(o.transpose(1, 2))
+    return out
+
+
+__all__ = ["temporal", "spatial", "joint", "tokens_major"]
