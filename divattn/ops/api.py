@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import dispatch, reference
+from .layout import patch_view
 
 MAX_HEAD_DIM = 256
 
@@ -77,10 +78,12 @@ def temporal_attention(q, k, v, *, scale: Optional[float] = None, backend: Optio
     scale = _scale(scale, q.shape[-1])
     be = dispatch.select("temporal", q.dtype, q.device, q.shape[-1], backend)
     if be.name == "torch":
-        return reference.temporal(q, k, v, scale)
-    from .functions import run
+        buf = reference.temporal(q, k, v, scale)
+    else:
+        from .functions import run
 
-    return run("temporal", q, k, v, None, scale, be.name)[0]
+        buf = run("temporal", q, k, v, None, scale, be.name)
+    return patch_view(buf, q, has_cls=False)
 
 
 def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -112,6 +115,13 @@ def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backe
         oo = torch.einsum("bthnm,btmhd->btnhd", s.softmax(-1), vv)
         o, o_cls = oo[:, :, 1:], oo[:, :, 0].mean(1)
     """
+    _check_spatial(q, k, v, cls)
+    buf = _spatial(q, k, v, cls, scale, backend)
+    o = patch_view(buf, q, has_cls=cls is not None)
+    return o if cls is None else (o, buf[:, 0])
+
+
+def _check_spatial(q, k, v, cls) -> None:
     named = {"q": q, "k": k, "v": v}
     if cls is not None:
         if not isinstance(cls, (tuple, list)) or len(cls) != 3:
@@ -125,15 +135,31 @@ def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backe
                 raise ValueError(f"spatial_attention: {name} has shape {tuple(c.shape)}, expected (B, H, D) = {(B, H, D)}")
         if T == 0:
             raise ValueError("spatial_attention: cls needs T >= 1 frames (o_cls is a mean over frames), got T = 0")
-    scale = _scale(scale, D)
-    op = "spatial" if cls is None else "spatial_cls"
-    be = dispatch.select(op, q.dtype, q.device, D, backend)
+
+
+def _spatial(q, k, v, cls, scale, backend) -> torch.Tensor:
+    scale = _scale(scale, q.shape[-1])
+    cls = tuple(cls) if cls is not None else None
+    be = dispatch.select("spatial" if cls is None else "spatial_cls", q.dtype, q.device, q.shape[-1], backend)
     if be.name == "torch":
-        return reference.spatial(q, k, v, scale, tuple(cls) if cls is not None else None)
+        return reference.spatial(q, k, v, scale, cls)
     from .functions import run
 
-    o, o_cls = run("spatial", q, k, v, tuple(cls) if cls is not None else None, scale, be.name)
-    return o if cls is None else (o, o_cls)
+    return run("spatial", q, k, v, cls, scale, be.name)
+
+
+def spatial_attention_tokens(q, k, v, cls, *, scale: Optional[float] = None, backend: Optional[str] = None):
+    """:func:`spatial_attention` with cls, returned as one ``(B, 1 + T*N, H, D)`` tensor.
+
+    Token 0 is ``o_cls`` and tokens ``1:`` are ``o`` in q's token order: the layout of
+    the block's input tokens, so the projection that follows reads it with a free
+    ``view(B, 1 + T*N, H*D)`` and no ``cat`` of cls and patch outputs is needed.
+    Validation and errors as in :func:`spatial_attention`.
+    """
+    if cls is None:
+        raise TypeError("spatial_attention_tokens: cls is required (use spatial_attention without it)")
+    _check_spatial(q, k, v, cls)
+    return _spatial(q, k, v, cls, scale, backend)
 
 
 def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
@@ -156,4 +182,4 @@ def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional
         return reference.joint(q, k, v, scale)
     from .functions import run
 
-    return run("joint", q, k, v, None, scale, be.name)[0]
+    return run("joint", q, k, v, None, scale, be.name)

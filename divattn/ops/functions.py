@@ -202,9 +202,8 @@ def _backward(ctx, d_buf, d_lse, d_cls_frames, d_lse_cls):
 torch.library.register_autograd("divattn::attn_fwd", _backward, setup_context=_setup_context)
 
 
-def run(op: str, q, k, v, cls, scale: float, backend: str):
-    """Call the kernel backend through the custom op; returns (o, o_cls or None)."""
+def run(op: str, q, k, v, cls, scale: float, backend: str) -> torch.Tensor:
+    """Call the kernel backend through the custom op; returns the token-major buffer."""
     views = [q, k, v, *cls] if cls is not None else [q, k, v]
     srcs, geom = sources(views)
-    buf, _, _, _ = attn_fwd(srcs, geom, OPS.index(op), cls is not None, float(scale), backend)
-    return _out_views(op, cls is not None, q, buf)
+    return attn_fwd(srcs, geom, OPS.index(op), cls is not None, float(scale), backend)[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import alloc_tokens, tokens_major, patch_view
+from .layout import alloc_tokens, patch_view
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -27,35 +27,37 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 
 
 def temporal(q, k, v, scale: float) -> torch.Tensor:
-    """Attention over T for every (b, n, h): q, k, v ``(B, T, N, H, D)``."""
+    """Attention over T for every (b, n, h): q, k, v ``(B, T, N, H, D)``.
+
+    Returns the token-major ``(B, T*N, H, D)`` output buffer in q's token order.
+    """
     # (B, T, N, H, D) -> (B, N, H, T, D)
     o = _attend(*(x.permute(0, 2, 3, 1, 4) for x in (q, k, v)), scale)
     buf = alloc_tokens(q, has_cls=False)
-    out = patch_view(buf, q, has_cls=False)
-    out.copy_(o.permute(0, 3, 1, 2, 4))
-    return out
+    patch_view(buf, q, has_cls=False).copy_(o.permute(0, 3, 1, 2, 4))
+    return buf
 
 
-def spatial(q, k, v, scale: float, cls=None):
-    """Attention over N for every (b, t, h), optionally with a shared cls token."""
+def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
+    """Attention over N for every (b, t, h), optionally with a shared cls token.
+
+    Returns the token-major ``(B, [1 +] T*N, H, D)`` output buffer in q's token order,
+    with the mean cls output as token 0 when ``cls`` is given.
+    """
     B, T, N, H, D = q.shape
     # (B, T, N, H, D) -> (B, T, H, N, D)
     qs, ks, vs = (x.permute(0, 1, 3, 2, 4) for x in (q, k, v))
+    buf = alloc_tokens(q, has_cls=cls is not None)
+    out = patch_view(buf, q, has_cls=cls is not None)
     if cls is None:
-        o = _attend(qs, ks, vs, scale)
-        buf = alloc_tokens(q, has_cls=False)
-        out = patch_view(buf, q, has_cls=False)
-        out.copy_(o.permute(0, 1, 3, 2, 4))
-        return out
+        out.copy_(_attend(qs, ks, vs, scale).permute(0, 1, 3, 2, 4))
+        return buf
     # The official block repeats the cls token in every frame: (B, H, D) -> (B, T, H, 1, D).
     qc, kc, vc = (c[:, None, :, None, :].expand(B, T, H, 1, D) for c in cls)
     o = _attend(torch.cat([qc, qs], 3), torch.cat([kc, ks], 3), torch.cat([vc, vs], 3), scale)
-    buf = alloc_tokens(q, has_cls=True)
-    out = patch_view(buf, q, has_cls=True)
     out.copy_(o[:, :, :, 1:].permute(0, 1, 3, 2, 4))
-    out_cls = buf[:, 0]
-    out_cls.copy_(o[:, :, :, 0].mean(1))
-    return out, out_cls
+    buf[:, 0].copy_(o[:, :, :, 0].mean(1))
+    return buf
 
 
 def joint(q, k, v, scale: float) -> torch.Tensor:
@@ -66,4 +68,4 @@ def joint(q, k, v, scale: float) -> torch.Tensor:
     return out
 
 
-__all__ = ["temporal", "spatial", "joint", "tokens_major"]
+__all__ = ["temporal", "spatial", "joint"]

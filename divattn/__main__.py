@@ -1,0 +1,39 @@
+"""``divattn`` / ``python -m divattn``: the command line.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and
+``main(args) -> int``; this table is the only place that lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "info": ("divattn.cli.info", "show versions, devices and which backends can run, and why not"),
+    "demo": ("divattn.cli.demo", "run the fused ops on a TimeSformer-shaped input and check them against the reference"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="divattn", description="Fused divided space-time attention.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
