@@ -8,7 +8,6 @@ The default can be set with the ``DIVATTN_BACKEND`` environment variable.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -28,18 +27,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # an ImportError, or a broken install raising anything
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
+_TRITON_IMPORT: list = []
 
 
 def _triton_runtime_reason() -> Optional[str]:
-    return _triton_import_error()
+    """Why triton cannot be used at all (checked once), or None."""
+    if not _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as e:  # an ImportError, or a broken install raising anything
+            _TRITON_IMPORT.append(f"triton is not importable ({type(e).__name__}: {e})")
+        else:
+            _TRITON_IMPORT.append(None)
+    return _TRITON_IMPORT[0]
 
 
 def _cuda_runtime_reason() -> Optional[str]:

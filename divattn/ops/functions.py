@@ -28,7 +28,8 @@ OPS = ("temporal", "spatial", "joint")
 def _encode(views: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], index: Sequence[int]) -> list:
     geom = [len(views)]
     for view, i in zip(views, index):
-        geom += [i, view.storage_offset() - srcs[i].storage_offset(), view.dim(), *view.shape, *view.stride()]
+        off = 0 if view is srcs[i] else view.storage_offset() - srcs[i].storage_offset()
+        geom += [i, off, view.dim(), *view.shape, *view.stride()]
     return geom
 
 
@@ -59,8 +60,12 @@ def _runs(offset: int, sizes, strides):
 
 
 @functools.lru_cache(maxsize=256)
-def _packing(geoms: tuple, base_numel: int) -> Optional[bool]:
-    """None if the views overlap or leave the base; else whether they cover all of it."""
+def _packing(geoms: tuple, base_numel: int) -> Optional[torch.Tensor]:
+    """None if the views overlap or leave the base, else the base positions they miss.
+
+    ``geoms`` holds ``(offset, sizes, strides)`` per view, offsets relative to the
+    base. The answer is cached: models call the ops with few distinct geometries.
+    """
     all_starts, all_ends = [], []
     for off, sizes, strides in geoms:
         if 0 in sizes:
@@ -71,12 +76,23 @@ def _packing(geoms: tuple, base_numel: int) -> Optional[bool]:
         all_starts.append(starts)
         all_ends.append(starts + run)
     if not all_starts:
-        return False
+        return torch.arange(base_numel, dtype=torch.int64)
     starts, order = torch.cat(all_starts).sort()
     ends = torch.cat(all_ends)[order]
     if starts[0] < 0 or ends[-1] > base_numel or bool((starts[1:] < ends[:-1]).any()):
         return None
-    return int((ends - starts).sum()) == base_numel
+    gap_starts = torch.cat([torch.zeros(1, dtype=torch.int64), ends])
+    gap_lens = torch.cat([starts, torch.full((1,), base_numel, dtype=torch.int64)]) - gap_starts
+    keep = gap_lens > 0
+    gap_starts, gap_lens = gap_starts[keep], gap_lens[keep]
+    if gap_lens.numel() == 0:
+        return gap_lens
+    first = torch.repeat_interleave(gap_starts - torch.cumsum(gap_lens, 0) + gap_lens, gap_lens)
+    return first + torch.arange(int(gap_lens.sum()), dtype=torch.int64)
+
+
+def _key(views: Sequence[torch.Tensor], base: torch.Tensor) -> tuple:
+    return tuple((v.storage_offset() - base.storage_offset(), tuple(v.shape), tuple(v.stride())) for v in views)
 
 
 def sources(views: Sequence[torch.Tensor]):
@@ -94,10 +110,9 @@ def sources(views: Sequence[torch.Tensor]):
         and base.is_contiguous()
         and all(v._base is base for v in views)
     ):
-        key = tuple((v.storage_offset() - base.storage_offset(), tuple(v.shape), tuple(v.stride())) for v in views)
-        covers = _packing(key, base.numel())
-        if covers is not None:
-            return [base], _encode(views, [base], [0] * len(views)) + [int(covers)]
+        gaps = _packing(_key(views, base), base.numel())
+        if gaps is not None:
+            return [base], _encode(views, [base], [0] * len(views)) + [int(gaps.numel() == 0)]
     return list(views), _encode(views, views, range(len(views))) + [1]
 
 
@@ -148,10 +163,31 @@ def _(srcs, geom, op, has_cls, scale, backend):
     return _outputs(OPS[op], has_cls, _decode(srcs, geom)[0])
 
 
+_GAPS_ON_DEVICE: dict = {}
+
+
 def _grads(srcs: Sequence[torch.Tensor], geom: Sequence[int]):
-    """Gradient buffers for the sources: zero-filled only where the views leave gaps."""
+    """Gradient buffers for the sources: zero-filled only where the views leave gaps.
+
+    The kernels write every element of every view; a packed source's gaps (say the cls
+    rows of a qkv that temporal attention does not read) are zeroed by index, and only
+    a source with large gaps is zero-filled whole.
+    """
     if geom[-1]:
         return [torch.empty_like(s) for s in srcs]
+    if len(srcs) == 1 and not isinstance(srcs[0], torch._subclasses.FakeTensor):
+        base = srcs[0]
+        key = (_key(_decode(srcs, geom), base), base.numel())
+        gaps = _packing(*key)
+        if gaps is not None and gaps.numel() * 4 <= base.numel():
+            idx = _GAPS_ON_DEVICE.get((key, base.device))
+            if idx is None:
+                if len(_GAPS_ON_DEVICE) > 64:
+                    _GAPS_ON_DEVICE.clear()
+                idx = _GAPS_ON_DEVICE[(key, base.device)] = gaps.to(base.device)
+            grad = torch.empty_like(base)
+            grad.view(-1)[idx] = 0
+            return [grad]
     return [torch.zeros_like(s) for s in srcs]
 
 
@@ -164,7 +200,9 @@ def attn_bwd(
     q, k, v = views[:3]
     name = OPS[op]
     grads = _grads(srcs, geom)
-    dviews = _decode(grads, geom)
+    # Packed: the gradients are views into one buffer shaped like the source. Separate:
+    # each gradient is its own dense tensor (a source may be expanded, with stride 0).
+    dviews = _decode(grads, geom) if len(srcs) < geom[0] else grads
     o, _ = _out_views(name, has_cls, q, buf)
     d_buf = d_buf.contiguous()
     do, do_cls = _out_views(name, has_cls, q, d_buf)
@@ -184,6 +222,7 @@ def _(srcs, geom, op, has_cls, scale, backend, buf, d_buf, lse, cls_frames, lse_
 def _setup_context(ctx, inputs, output):
     srcs, geom, op, has_cls, scale, backend = inputs
     buf, lse, cls_frames, lse_cls = output
+    ctx.set_materialize_grads(False)  # lse & co. get no gradient: do not fill zeros for them
     ctx.n_srcs = len(srcs)
     ctx.args = (geom, op, has_cls, scale, backend)
     ctx.save_for_backward(*srcs, buf, lse, cls_frames, lse_cls)

@@ -217,7 +217,7 @@ def _attn_bwd_kernel(
         lse_c = tl.load(LSEC + fr, mask=col_ok, other=0.0)
         delta_c = tl.load(DELTAC + fr, mask=col_ok, other=0.0)
         kf = k.to(tl.float32)
-        p_c = tl.where(col_ok, tl.exp2(tl.sum(qc * kf, 1) * qk_scale - lse_c), 0.0)  # [BLOCK]
+        p_c = tl.exp2(tl.where(col_ok, tl.sum(qc * kf, 1) * qk_scale - lse_c, float("-inf")))  # [BLOCK]
         dv += p_c[:, None] * gc
         ds_c = p_c * (tl.sum(gc * v.to(tl.float32), 1) - delta_c)
         dk += ds_c[:, None] * qc
@@ -234,7 +234,7 @@ def _attn_bwd_kernel(
         delta = tl.load(DELTA + s * L + t, mask=row_ok, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [rows, cols]
         valid = (g[:, None] == g[None, :]) & row_ok[:, None] & col_ok[None, :]
-        p = tl.where(valid, tl.exp2(qk - lse[:, None]), 0.0)
+        p = tl.exp2(tl.where(valid, qk - lse[:, None], float("-inf")))
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -245,7 +245,7 @@ def _attn_bwd_kernel(
                 kc = tl.load(KC + (i0 * skc0 + i2 * skc2)[:, None] + d[None, :], mask=row_mask, other=0.0)
                 vc = tl.load(VC + (i0 * svc0 + i2 * svc2)[:, None] + d[None, :], mask=row_mask, other=0.0)
                 kc = kc.to(tl.float32)
-                p_k = tl.where(row_ok, tl.exp2(tl.sum(q.to(tl.float32) * kc, 1) * qk_scale - lse), 0.0)
+                p_k = tl.exp2(tl.where(row_ok, tl.sum(q.to(tl.float32) * kc, 1) * qk_scale - lse, float("-inf")))
                 ds_k = p_k * (tl.sum(do.to(tl.float32) * vc.to(tl.float32), 1) - delta)
                 dq += ds_k[:, None] * kc
             tl.store(DQ + (_seq_offset(s, S1, S2, sdq0, sdq1, sdq2) + t * sdqL)[:, None] + d[None, :],
@@ -293,7 +293,7 @@ def _attn_bwd_dq_kernel(
         i2 = s % S2
         kc = tl.load(KC + (i0 * skc0 + i2 * skc2)[:, None] + d[None, :], mask=row_mask, other=0.0).to(tl.float32)
         vc = tl.load(VC + (i0 * svc0 + i2 * svc2)[:, None] + d[None, :], mask=row_mask, other=0.0).to(tl.float32)
-        p_k = tl.where(row_ok, tl.exp2(tl.sum(q.to(tl.float32) * kc, 1) * qk_scale - lse), 0.0)
+        p_k = tl.exp2(tl.where(row_ok, tl.sum(q.to(tl.float32) * kc, 1) * qk_scale - lse, float("-inf")))
         ds_k = p_k * (tl.sum(do.to(tl.float32) * vc, 1) - delta)
         dq += ds_k[:, None] * kc
 
@@ -307,7 +307,7 @@ def _attn_bwd_dq_kernel(
         v = tl.load(V + (v_base + tk * svL)[:, None] + d[None, :], mask=col_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         valid = (g[:, None] == g[None, :]) & row_ok[:, None] & col_ok[None, :]
-        p = tl.where(valid, tl.exp2(qk - lse[:, None]), 0.0)
+        p = tl.exp2(tl.where(valid, qk - lse[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -361,7 +361,7 @@ def _cls_bwd_kernel(
             # the cls query against this frame's patch keys
             k = tl.load(K + (k_base + nk * skL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
             v = tl.load(V + (v_base + nk * svL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            p = tl.where(ok, tl.exp2(tl.sum(k * qc[None, :], 1) * qk_scale - lse_t), 0.0)
+            p = tl.exp2(tl.where(ok, tl.sum(k * qc[None, :], 1) * qk_scale - lse_t, float("-inf")))
             ds = p * (tl.sum(v * gc[None, :], 1) - delta_t)
             dqc += tl.sum(ds[:, None] * k, 0)
             # this frame's patch queries against the cls key
@@ -369,7 +369,7 @@ def _cls_bwd_kernel(
             do = tl.load(DO + (do_base + nk * sdoL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
             lse = tl.load(LSE + seq * N + nk, mask=ok, other=0.0)
             delta = tl.load(DELTA + seq * N + nk, mask=ok, other=0.0)
-            pr = tl.where(ok, tl.exp2(tl.sum(q * kc[None, :], 1) * qk_scale - lse), 0.0)
+            pr = tl.exp2(tl.where(ok, tl.sum(q * kc[None, :], 1) * qk_scale - lse, float("-inf")))
             dsr = pr * (tl.sum(do * vc[None, :], 1) - delta)
             dkc += tl.sum(dsr[:, None] * q, 0)
             dvc += tl.sum(pr[:, None] * do, 0)

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter. This must be set before
+# divattn imports its kernel module (it does so lazily, on the first kernel call).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
