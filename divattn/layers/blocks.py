@@ -1,0 +1,225 @@
+"""Whole transformer blocks (attention + MLP) for the bundled video models.
+
+Every block runs its attention through the divattn ops and keeps timm / TimeSformer
+parameter names, so official checkpoints load without renaming:
+
+- :class:`Block`: joint attention over all tokens (TimeSformer joint / space-only,
+  ViViT models 1 and 2);
+- :class:`DividedBlock`: the official TimeSformer divided block (temporal, then
+  spatial with the cls token);
+- :class:`FactorisedSelfAttentionBlock`: ViViT model 3 (spatial MSA, then temporal
+  MSA, no cls);
+- :class:`FactorisedDotProductBlock`: ViViT model 4 (half the heads over space, half
+  over time, one qkv).
+
+Blocks that need the frame count read it from ``num_frames`` (set from the model
+config, updated by the model when a clip with another frame count comes in); N comes
+from the token count. Each block's ``attention_maps(x)`` returns its attention
+probabilities for the input ``x`` through the reference softmax, for inspection.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import spatial_attention, split_qkv, temporal_attention, tokens_major
+from .attention import Attention
+from .divided import DividedSpaceTimeAttention, add_after_first
+from .drop import DropPath
+from .mlp import Mlp
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q @ k^T * scale)`` in fp32 over the last two dims of ``(..., L, D)`` inputs."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return s.softmax(-1)
+
+
+def _split_frames(qkv: torch.Tensor, num_frames: int, who: str):
+    """q, k, v ``(B, T, N, H, D)`` views of a ``(B, T*N, 3, H, D)`` qkv in ``(t h w)`` order."""
+    L = qkv.shape[1]
+    if L % num_frames != 0:
+        raise ValueError(f"{who}: {L} tokens is not N*T with T = num_frames = {num_frames}")
+    return split_qkv(qkv, num_frames, L // num_frames, order="thw", has_cls=False)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with joint attention over all tokens of ``x`` ``(B, L, C)``.
+
+    ``x = x + drop_path(attn(norm1(x))); x = x + drop_path(mlp(norm2(x)))``; keys
+    ``norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, drop: float = 0.0,
+                 drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6, backend: Optional[str] = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_drop=drop, backend=backend)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self.attn.backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self.attn.backend = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def attention_maps(self, x: torch.Tensor) -> dict:
+        """``{"joint": (B, H, L, L)}`` attention probabilities for the block input ``x``."""
+        q, k, _ = self.attn.qkv_heads(self.norm1(x)).unbind(2)
+        return {"joint": attention_probs(q.transpose(1, 2), k.transpose(1, 2), self.attn.scale)}
+
+
+class DividedBlock(DividedSpaceTimeAttention):
+    """The official TimeSformer divided space-time block: divided attention, then the MLP.
+
+    Adds ``norm2`` and ``mlp`` to :class:`~divattn.layers.DividedSpaceTimeAttention`,
+    so the state-dict keys are the official ones: ``temporal_norm1,
+    temporal_attn.{qkv,proj}, temporal_fc, norm1, attn.{qkv,proj}, norm2,
+    mlp.{fc1,fc2}``. Input and output ``(B, 1 + N*T, C)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 drop: float = 0.0, drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6,
+                 token_order: str = "hwt", backend: Optional[str] = None):
+        super().__init__(dim, num_heads, num_frames, qkv_bias=qkv_bias, proj_drop=drop, drop_path=drop_path,
+                         norm_layer=partial(nn.LayerNorm, eps=norm_eps), token_order=token_order, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def attention_maps(self, x: torch.Tensor) -> dict:
+        """Attention probabilities of both halves for the block input ``x`` ``(B, 1 + N*T, C)``.
+
+        ``"temporal"``: ``(B, N, H, T, T)``, patch n's query frame over key frames.
+        ``"spatial"``: ``(B, T, H, 1 + N, 1 + N)``, frame t's ``[cls] + N`` tokens, cls first.
+        """
+        T = self.num_frames
+        q, k, v, _ = self._split(self.temporal_attn.qkv_heads(self.temporal_norm1(x)), T)
+        # (B, T, N, H, D) -> (B, N, H, T, D)
+        temporal = attention_probs(q.permute(0, 2, 3, 1, 4), k.permute(0, 2, 3, 1, 4), self.temporal_attn.scale)
+        o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
+        x = add_after_first(x, self.temporal_fc(self.temporal_attn.out(tokens_major(o))))
+        q, k, _, (q_cls, k_cls, _) = self._split(self.attn.qkv_heads(self.norm1(x)), T)
+        B, T, N, H, D = q.shape
+        # (B, T, N, H, D) -> (B, T, H, 1 + N, D) with the cls token repeated in every frame
+        q = torch.cat([q_cls[:, None, None].expand(B, T, 1, H, D), q], 2).transpose(2, 3)
+        k = torch.cat([k_cls[:, None, None].expand(B, T, 1, H, D), k], 2).transpose(2, 3)
+        return {"temporal": temporal, "spatial": attention_probs(q, k, self.attn.scale)}
+
+
+class FactorisedSelfAttentionBlock(nn.Module):
+    """ViViT model 3 block: spatial MSA, then temporal MSA, then the MLP; no cls token.
+
+    Input and output ``(B, T*N, C)`` in ``(t h w)`` order, T = ``num_frames`` temporal
+    tokens. Keys ``norm1, attn`` (spatial), ``temporal_norm1, temporal_attn``,
+    ``norm2, mlp``::
+
+        x = x + drop_path(attn(norm1(x)))                     # over the N patches of each frame
+        x = x + drop_path(temporal_attn(temporal_norm1(x)))   # over the T frames of each patch
+        x = x + drop_path(mlp(norm2(x)))
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 drop: float = 0.0, drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.num_frames = num_frames
+        self.backend = backend
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_drop=drop)
+        self.temporal_norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.temporal_attn = Attention(dim, num_heads, qkv_bias, proj_drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+
+    def _qkv(self, attn: Attention, x: torch.Tensor):
+        return _split_frames(attn.qkv_heads(x), self.num_frames, type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(self.attn, self.norm1(x))
+        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend)
+        x = x + self.drop_path(self.attn.out(tokens_major(o)))
+        q, k, v = self._qkv(self.temporal_attn, self.temporal_norm1(x))
+        o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
+        x = x + self.drop_path(self.temporal_attn.out(tokens_major(o)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def attention_maps(self, x: torch.Tensor) -> dict:
+        """``"spatial"``: ``(B, T, H, N, N)``; ``"temporal"``: ``(B, N, H, T, T)``."""
+        q, k, v = self._qkv(self.attn, self.norm1(x))
+        spatial = attention_probs(q.transpose(2, 3), k.transpose(2, 3), self.attn.scale)
+        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend)
+        x = x + self.attn.out(tokens_major(o))
+        q, k, _ = self._qkv(self.temporal_attn, self.temporal_norm1(x))
+        temporal = attention_probs(q.permute(0, 2, 3, 1, 4), k.permute(0, 2, 3, 1, 4), self.temporal_attn.scale)
+        return {"spatial": spatial, "temporal": temporal}
+
+
+class FactorisedDotProductBlock(nn.Module):
+    """ViViT model 4 block: one qkv, half the heads attend over space, half over time.
+
+    Input and output ``(B, T*N, C)`` in ``(t h w)`` order. Heads ``[0, H/2)`` attend over
+    the N patches of their frame, heads ``[H/2, H)`` over the T frames of their patch;
+    both halves read views of the one qkv projection. The output projection consumes
+    the two halves through the matching column blocks of its weight, so the head
+    outputs are never concatenated::
+
+        y = o_spatial @ proj.weight[:, :C/2].T + o_temporal @ proj.weight[:, C/2:].T + proj.bias
+
+    Keys ``norm1, attn.qkv, attn.proj, norm2, mlp`` (the parameters of model 1's block).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 drop: float = 0.0, drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if num_heads % 2 != 0:
+            raise ValueError(f"FactorisedDotProductBlock: num_heads must be even (half spatial, half temporal), got {num_heads}")
+        self.num_frames = num_frames
+        self.backend = backend
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+
+    def _halves(self, x: torch.Tensor):
+        q, k, v = _split_frames(self.attn.qkv_heads(self.norm1(x)), self.num_frames, type(self).__name__)
+        h = self.attn.num_heads // 2
+        return (q[:, :, :, :h], k[:, :, :, :h], v[:, :, :, :h]), (q[:, :, :, h:], k[:, :, :, h:], v[:, :, :, h:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (qs, ks, vs), (qt, kt, vt) = self._halves(x)
+        scale = self.attn.scale
+        o_s = tokens_major(spatial_attention(qs, ks, vs, scale=scale, backend=self.backend))
+        o_t = tokens_major(temporal_attention(qt, kt, vt, scale=scale, backend=self.backend))
+        w, half = self.attn.proj.weight, o_s.shape[-1]
+        y = F.linear(o_s, w[:, :half]) + F.linear(o_t, w[:, half:], self.attn.proj.bias)
+        x = x + self.drop_path(self.attn.proj_drop(y))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def attention_maps(self, x: torch.Tensor) -> dict:
+        """``"spatial"``: ``(B, T, H/2, N, N)``; ``"temporal"``: ``(B, N, H/2, T, T)``."""
+        (qs, ks, _), (qt, kt, _) = self._halves(x)
+        scale = self.attn.scale
+        return {
+            "spatial": attention_probs(qs.transpose(2, 3), ks.transpose(2, 3), scale),
+            "temporal": attention_probs(qt.permute(0, 2, 3, 1, 4), kt.permute(0, 2, 3, 1, 4), scale),
+        }

@@ -1,0 +1,21 @@
+"""Bundled TimeSformer and ViViT models on the divattn ops, and their registry.
+
+``create_model(name, **kw)`` builds a registered model; ``list_models()`` names them.
+"""
+
+from . import timesformer
+from .base import VideoModel, VideoModelConfig
+from .registry import create_model, is_model, list_models, register_model
+from .timesformer import TimeSformer, TimeSformerConfig
+
+__all__ = [
+    "create_model",
+    "list_models",
+    "register_model",
+    "is_model",
+    "VideoModel",
+    "VideoModelConfig",
+    "TimeSformer",
+    "TimeSformerConfig",
+    "timesformer",
+]

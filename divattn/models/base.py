@@ -1,0 +1,190 @@
+"""What every bundled video model shares: config, head, backend, checkpointing."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers.mlp import ACTIVATIONS
+from ..ops import BACKENDS
+from .pos_embed import MODES
+
+
+@dataclass
+class VideoModelConfig:
+    """Architecture of a bundled video model; ``dataclasses.asdict(config)`` gives a plain dict.
+
+    ``tubelet_size`` is the temporal patch size (1: per-frame patches), ``act`` the MLP
+    activation (``"gelu"`` exact, ``"gelu_tanh"``), ``interpolation`` how position /
+    time embeddings are resized when a clip or checkpoint has another size
+    (``"nearest"``, ``"bilinear"``, ``"bicubic"``), ``backend`` the divattn backend of
+    every attention (None: auto / ``DIVATTN_BACKEND``).
+    """
+
+    name: str = ""
+    num_classes: int = 400
+    num_frames: int = 8
+    img_size: int = 224
+    patch_size: int = 16
+    tubelet_size: int = 1
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    act: str = "gelu"
+    interpolation: str = "nearest"
+    backend: Optional[str] = None
+
+    def __post_init__(self):
+        for field in ("num_frames", "img_size", "patch_size", "tubelet_size", "in_chans", "embed_dim", "depth",
+                      "num_heads"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{self.name or 'config'}: {field} must be a positive int, got {value!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"{self.name}: num_classes must be an int >= 0 (0: no head), got {self.num_classes!r}")
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(f"{self.name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.img_size % self.patch_size != 0:
+            raise ValueError(f"{self.name}: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.num_frames % self.tubelet_size != 0:
+            raise ValueError(f"{self.name}: num_frames {self.num_frames} is not a multiple of tubelet_size {self.tubelet_size}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"{self.name}: act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.interpolation not in MODES:
+            raise ValueError(f"{self.name}: interpolation must be one of {MODES}, got {self.interpolation!r}")
+        _check_backend(self.backend)
+        for field in ("drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(f"{self.name}: {field} must be in [0, 1), got {getattr(self, field)!r}")
+
+    @property
+    def grid(self) -> tuple:
+        """``(h, w)`` patches per frame at ``img_size``."""
+        return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_backend(backend: Optional[str]) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {tuple(BACKENDS)}, got {backend!r}")
+
+
+def choice(name: str, field: str, value: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name}: {field} must be one of {allowed}, got {value!r}")
+
+
+def drop_path_rates(rate: float, depth: int) -> list:
+    """Stochastic depth rising linearly from 0 at the first block to ``rate`` at the last."""
+    return torch.linspace(0, rate, depth, device="cpu").tolist()
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm / official ViT init: Linear weights trunc-normal(0.02), biases 0, LayerNorm 1 / 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class VideoModel(nn.Module):
+    """Base of the bundled models: ``forward(video)`` with video ``(B, C, T, H, W)``.
+
+    Subclasses build ``head`` and the blocks and implement ``forward_features`` (token
+    features after the final norm) and ``attention_maps``; ``global_pool`` is
+    ``"token"`` (the cls token) or ``"avg"`` (mean over tokens).
+    """
+
+    global_pool = "token"
+
+    def __init__(self, config: VideoModelConfig):
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.num_features = self.embed_dim = config.embed_dim
+        self.grad_checkpointing = False
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        init_weights(head)
+        return head
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised ``Linear(num_features, num_classes)`` (0: none)."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"reset_classifier: num_classes must be an int >= 0, got {num_classes!r}")
+        ref = next(self.parameters())
+        self.head = self._make_head(num_classes).to(device=ref.device, dtype=ref.dtype)
+        self.num_classes = self.config.num_classes = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of storing them."""
+        self.grad_checkpointing = bool(enable)
+
+    def attention_layers(self) -> list:
+        """The blocks whose attention runs on the divattn ops, in order."""
+        return [m for m in self.modules() if m is not self and hasattr(m, "attention_maps")]
+
+    def set_backend(self, backend: Optional[str]) -> int:
+        """Run every attention on ``backend`` (None: auto); returns the number of attention layers."""
+        _check_backend(backend)
+        for m in self.modules():
+            if m is not self and hasattr(m, "backend"):
+                m.backend = backend
+        self.config.backend = backend
+        return len(self.attention_layers())
+
+    def no_weight_decay(self) -> set:
+        """Names of the embedding parameters (timm convention: no weight decay on these)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("cls_token", "pos_embed", "time_embed"))}
+
+    @staticmethod
+    def _sync_frames(blocks: nn.ModuleList, num_frames: int) -> None:
+        """Tell the blocks that split tokens by frame how many frames this clip has."""
+        for blk in blocks:
+            if getattr(blk, "num_frames", num_frames) != num_frames:
+                blk.num_frames = num_frames
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
+        if num_frames is not None:
+            self._sync_frames(blocks, num_frames)
+        for blk in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the ``forward_features`` tokens; ``pre_logits=True`` returns the pooled ``(B, C)`` features."""
+        x = x[:, 0] if self.global_pool == "token" else x.mean(1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` (pooled features when ``num_classes == 0``) for ``(B, C, T, H, W)``."""
+        return self.forward_head(self.forward_features(video))
