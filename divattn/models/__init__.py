@@ -3,10 +3,11 @@
 ``create_model(name, **kw)`` builds a registered model; ``list_models()`` names them.
 """
 
-from . import timesformer
+from . import timesformer, vivit
 from .base import VideoModel, VideoModelConfig
 from .registry import create_model, is_model, list_models, register_model
 from .timesformer import TimeSformer, TimeSformerConfig
+from .vivit import ViViT, ViViTConfig
 
 __all__ = [
     "create_model",
@@ -17,5 +18,8 @@ __all__ = [
     "VideoModelConfig",
     "TimeSformer",
     "TimeSformerConfig",
+    "ViViT",
+    "ViViTConfig",
     "timesformer",
+    "vivit",
 ]

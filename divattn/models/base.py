@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -82,6 +82,15 @@ def _check_backend(backend: Optional[str]) -> None:
         raise ValueError(f"backend must be None or one of {tuple(BACKENDS)}, got {backend!r}")
 
 
+def resolve_config(config_type: type, config: Optional[VideoModelConfig], kwargs: dict) -> VideoModelConfig:
+    """``config``, or a ``config_type`` built from ``kwargs``; TypeError when both are given."""
+    if config is None:
+        return config_type(**kwargs)
+    if kwargs:
+        raise TypeError(f"pass either a {config_type.__name__} or keyword arguments, not both")
+    return config
+
+
 def choice(name: str, field: str, value: str, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -102,6 +111,16 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def collect_attention_maps(blocks: Iterable[nn.Module], x: torch.Tensor, rename: Optional[Callable] = None):
+    """``([rename(blk.attention_maps(x_i)) for each block], output)``, running the blocks in turn."""
+    maps = []
+    for blk in blocks:
+        m = blk.attention_maps(x)
+        maps.append(rename(m) if rename is not None else m)
+        x = blk(x)
+    return maps, x
 
 
 class VideoModel(nn.Module):

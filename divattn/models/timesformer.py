@@ -27,7 +27,15 @@ from torch import nn
 
 from ..layers.blocks import Block, DividedBlock
 from ..layers.embed import PatchEmbed, check_video
-from .base import VideoModel, VideoModelConfig, choice, drop_path_rates, init_weights
+from .base import (
+    VideoModel,
+    VideoModelConfig,
+    choice,
+    collect_attention_maps,
+    drop_path_rates,
+    init_weights,
+    resolve_config,
+)
 from .pos_embed import resize_pos_embed, resize_time_embed
 from .registry import register_model
 
@@ -61,12 +69,8 @@ class TimeSformer(VideoModel):
     """
 
     def __init__(self, config: Optional[TimeSformerConfig] = None, **kwargs):
-        if config is None:
-            config = TimeSformerConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("TimeSformer: pass either a config or keyword arguments, not both")
-        super().__init__(config)
-        c = config
+        super().__init__(resolve_config(TimeSformerConfig, config, kwargs))
+        c = self.config
         dim = c.embed_dim
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -139,14 +143,11 @@ class TimeSformer(VideoModel):
         T = video.shape[2]
         x = self.embed(video)
         self._sync_frames(self.blocks, T)
-        maps = []
-        for blk in self.blocks:
-            m = blk.attention_maps(x)
-            if self.config.attention_type == "space_only":
-                m = {"spatial": m["joint"].view(-1, T, *m["joint"].shape[1:])}
-            maps.append(m)
-            x = blk(x)
-        return maps
+        rename = None
+        if self.config.attention_type == "space_only":
+            def rename(m):
+                return {"spatial": m["joint"].view(-1, T, *m["joint"].shape[1:])}
+        return collect_attention_maps(self.blocks, x, rename)[0]
 
 
 def _create(name: str, defaults: dict, kwargs: dict) -> TimeSformer:

@@ -94,3 +94,63 @@ def official_timesformer(model, video):
     if c.attention_type == "space_only":
         x = x.reshape(B, T, *x.shape[1:]).mean(1)
     return model.head(model.norm(x)[:, 0])
+
+
+def _gelu_tanh_mlp(blk, x):
+    return blk.mlp.fc2(F.gelu(blk.mlp.fc1(x), approximate="tanh"))
+
+
+def _vit_layer(blk, x):
+    x = x + _mhsa(blk.attn, blk.norm1(x))
+    return x + _gelu_tanh_mlp(blk, blk.norm2(x))
+
+
+def _dot_product_layer(blk, x, B, T, N):
+    """Model 4 written out: heads split in two halves, the halves concatenated, projected."""
+    C = x.shape[-1]
+    H = blk.attn.num_heads
+    h, D = H // 2, C // H
+    q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(B, T, N, 3, H, D).permute(3, 0, 4, 1, 2, 5)  # (B, H, T, N, D)
+    sp = ((q[:, :h] @ k[:, :h].transpose(-1, -2)) * blk.attn.scale).softmax(-1) @ v[:, :h]
+    qt, kt, vt = (t[:, h:].transpose(2, 3) for t in (q, k, v))  # (B, h, N, T, D)
+    tp = (((qt @ kt.transpose(-1, -2)) * blk.attn.scale).softmax(-1) @ vt).transpose(2, 3)
+    o = torch.cat([sp, tp], 1).permute(0, 2, 3, 1, 4).reshape(B, T * N, C)
+    x = x + blk.attn.proj(o)
+    return x + _gelu_tanh_mlp(blk, blk.norm2(x))
+
+
+def reference_vivit(model, video):
+    """Logits of ``model`` (a bundled ViViT, clip of the config's size) computed with eager,
+    copy-heavy code that follows the paper's description of each variant."""
+    c = model.config
+    g = model.patch_embed.proj(video)  # (B, C, T, h, w)
+    B, C, T = g.shape[:3]
+    x = g.flatten(2).transpose(1, 2)  # (B, T*N, C), (t h w)
+    N = x.shape[1] // T
+    if c.variant == "spatio_temporal":
+        x = torch.cat([model.cls_token.expand(B, -1, -1), x], 1) + model.pos_embed
+        for blk in model.blocks:
+            x = _vit_layer(blk, x)
+        return model.head(model.norm(x)[:, 0])
+    if c.variant == "factorised_encoder":
+        x = x.reshape(B * T, N, C)
+        x = torch.cat([model.cls_token.expand(B * T, -1, -1), x], 1) + model.pos_embed
+        for blk in model.blocks:
+            x = _vit_layer(blk, x)
+        x = model.spatial_norm(x)[:, 0].reshape(B, T, C)
+        x = torch.cat([model.temporal_cls_token.expand(B, -1, -1), x], 1) + model.temporal_pos_embed
+        for blk in model.temporal_blocks:
+            x = _vit_layer(blk, x)
+        return model.head(model.norm(x)[:, 0])
+    x = x + model.pos_embed
+    for blk in model.blocks:
+        if c.variant == "factorised_dot_product":
+            x = _dot_product_layer(blk, x, B, T, N)
+            continue
+        s = x.reshape(B * T, N, C)
+        s = s + _mhsa(blk.attn, blk.norm1(s))
+        t = s.reshape(B, T, N, C).transpose(1, 2).reshape(B * N, T, C)
+        t = t + _mhsa(blk.temporal_attn, blk.temporal_norm1(t))
+        x = t.reshape(B, N, T, C).transpose(1, 2).reshape(B, T * N, C)
+        x = x + _gelu_tanh_mlp(blk, blk.norm2(x))
+    return model.head(model.norm(x).mean(1))
