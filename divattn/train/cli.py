@@ -1,0 +1,65 @@
+"""``divattn train``: train a video model; a YAML config, then ``KEY=VALUE`` overrides.
+
+With no arguments it trains the built-in default: a tiny divided-attention TimeSformer
+on the synthetic motion task, sized for a CPU. Under ``torchrun`` every process runs
+this command; rank 0 writes the logs, checkpoints and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .config import ConfigError, load_config
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. optim.lr=3e-4 model.attention_type=space_only "
+                             "(values are read as YAML)")
+    parser.add_argument("--config", "-c", metavar="FILE", help="YAML config; its keys replace the built-in defaults")
+    parser.add_argument("--output-dir", "-o", metavar="DIR", default=os.path.join("runs", "default"),
+                        help="where config.yaml, checkpoint.pt, logs and summary.json go (default: %(default)s)")
+    parser.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                        help="continue from CHECKPOINT, or with no value from DIR/checkpoint.pt when it exists "
+                             "(else start afresh); the checkpoint's config is the base, overrides apply on top")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def main(args) -> int:
+    from ..train import checkpoint as ckpt_io
+    from .loop import CHECKPOINT, NonFiniteLossError, train
+
+    resume = args.resume
+    if resume == "auto":
+        candidate = os.path.join(args.output_dir, CHECKPOINT)
+        resume = candidate if os.path.exists(candidate) else None
+        if resume is None:
+            print(f"divattn train: no {candidate} yet; starting afresh", flush=True)
+    elif resume is not None and not os.path.exists(resume):
+        print(f"divattn train: --resume {resume}: no such file", file=sys.stderr)
+        return 2
+    try:
+        base = None
+        if resume is not None:
+            if args.config:
+                print("divattn train: --config is ignored when resuming (the checkpoint's config is the base; "
+                      "use KEY=VALUE overrides)", file=sys.stderr)
+            base = ckpt_io.load_checkpoint(resume)["config"]
+            cfg = load_config(None, args.overrides, base=base)
+        else:
+            cfg = load_config(args.config, args.overrides)
+    except (ConfigError, OSError) as e:
+        print(f"divattn train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        from .config import dump
+
+        print(dump(cfg), end="")
+        return 0
+    try:
+        summary = train(cfg, args.output_dir, resume=resume)
+    except NonFiniteLossError as e:
+        print(f"divattn train: {e}", file=sys.stderr)
+        return 1
+    return 0 if summary is not None else 1
