@@ -5,6 +5,8 @@
 
 from . import timesformer, vivit
 from .base import VideoModel, VideoModelConfig
+from .checkpoint import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict, transformers_to_divattn
+from .hf import config_from_transformers, from_transformers
 from .registry import create_model, is_model, list_models, register_model
 from .timesformer import TimeSformer, TimeSformerConfig
 from .vivit import ViViT, ViViTConfig
@@ -14,6 +16,13 @@ __all__ = [
     "list_models",
     "register_model",
     "is_model",
+    "load_checkpoint",
+    "read_state_dict",
+    "transformers_to_divattn",
+    "CheckpointMismatchError",
+    "LoadReport",
+    "from_transformers",
+    "config_from_transformers",
     "VideoModel",
     "VideoModelConfig",
     "TimeSformer",
