@@ -54,7 +54,9 @@ class DividedSpaceTimeAttention(nn.Module):
     projections, the ops write token-major outputs that the projections read as
     views, and the residual of the temporal half is added in one pass. The temporal
     qkv is computed over all ``1 + N*T`` tokens (the cls row is ignored), which costs
-    ``1/(N*T)`` more projection FLOPs and saves a copy of the patch tokens.
+    ``1/(N*T)`` more projection FLOPs and saves a copy of the patch tokens. One copy
+    is left, in the backward: the gradient of the temporal residual skips each
+    sample's cls row, and ``temporal_fc``'s GEMM needs it dense.
 
     Stochastic depth drops whole samples; the official code drops the spatial
     residual per (sample, frame) before averaging the cls outputs, which the fused

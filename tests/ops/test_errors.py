@@ -1,0 +1,128 @@
+"""Bad input gets an exception naming the tensor, what was expected and what came."""
+
+import pytest
+import torch
+
+import divattn
+from divattn import BackendError
+from divattn.ops import dispatch
+
+
+def qkv(B=1, T=2, N=3, H=2, D=8, dtype=torch.float32):
+    return [torch.randn(B, T, N, H, D, dtype=dtype) for _ in range(3)]
+
+
+def test_mismatched_dtype_names_the_tensor():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"temporal_attention: v has dtype torch.float16, expected torch.float32 like q"):
+        divattn.temporal_attention(q, k, v.half(), backend="torch")
+
+
+def test_mismatched_device_names_the_tensor():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"k is on device meta, expected cpu like q"):
+        divattn.spatial_attention(q, k.to("meta"), v, backend="torch")
+
+
+def test_mismatched_shape_names_the_tensor():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"k has shape \(1, 2, 4, 2, 8\), expected \(1, 2, 3, 2, 8\) like q"):
+        divattn.temporal_attention(q, torch.randn(1, 2, 4, 2, 8), v, backend="torch")
+
+
+def test_wrong_rank():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"joint_attention: q must be 4-D \(B, L, H, D\), got 5-D"):
+        divattn.joint_attention(q, k, v)
+
+
+def test_cls_shape_and_type():
+    q, k, v = qkv()
+    c = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match=r"k_cls has shape \(1, 3, 8\), expected \(B, H, D\) = \(1, 2, 8\)"):
+        divattn.spatial_attention(q, k, v, (c, torch.randn(1, 3, 8), c), backend="torch")
+    with pytest.raises(TypeError, match="cls must be a tuple"):
+        divattn.spatial_attention(q, k, v, c, backend="torch")
+    with pytest.raises(ValueError, match="T = 0"):
+        e = torch.randn(1, 0, 3, 2, 8)
+        divattn.spatial_attention(e, e, e, (c, c, c), backend="torch")
+
+
+def test_last_dim_must_be_contiguous():
+    q, k, v = qkv()
+    bad = torch.randn(1, 2, 3, 2, 16)[..., ::2]
+    with pytest.raises(ValueError, match=r"v must have a contiguous last dim \(stride\(-1\) == 1\), got shape "
+                                         r"\(1, 2, 3, 2, 8\).*strides \(192, 96, 32, 16, 2\)"):
+        divattn.temporal_attention(q, k, bad, backend="torch")
+
+
+@pytest.mark.parametrize("D", [0, 257])
+def test_head_dim_out_of_range(D):
+    q, k, v = qkv(D=D)
+    with pytest.raises(ValueError, match=rf"head dim \(last dim of q\) must be in \[1, 256\], got {D}"):
+        divattn.temporal_attention(q, k, v, backend="torch")
+
+
+def test_non_float_inputs():
+    q = torch.ones(1, 2, 3, 2, 8, dtype=torch.int64)
+    with pytest.raises(TypeError, match="floating-point"):
+        divattn.temporal_attention(q, q, q)
+
+
+def test_forced_backend_that_cannot_run_lists_every_reason():
+    q, k, v = qkv(dtype=torch.float64)
+    with pytest.raises(BackendError) as e:
+        divattn.temporal_attention(q, k, v, backend="triton")
+    msg = str(e.value)
+    assert "backend='triton' cannot run temporal attention on inputs of dtype torch.float64" in msg
+    for name in dispatch.BACKENDS:
+        assert f"\n  {name}: " in msg
+    assert "dtype torch.float64 is not supported" in msg
+    assert "torch: available" in msg
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    q, k, v = qkv()
+    with pytest.raises(BackendError, match=r"cuda: .*device type 'cpu' is not supported"):
+        divattn.spatial_attention(q, k, v, backend="cuda")
+
+
+def test_unknown_backend_names():
+    q, k, v = qkv()
+    with pytest.raises(BackendError, match="backend='fast' is not a backend"):
+        divattn.temporal_attention(q, k, v, backend="fast")
+
+
+def test_env_var_sets_the_default_backend(monkeypatch):
+    q, k, v = qkv(dtype=torch.float64)
+    monkeypatch.setenv("DIVATTN_BACKEND", "triton")
+    with pytest.raises(BackendError, match="backend='triton'"):
+        divattn.temporal_attention(q, k, v)
+    monkeypatch.setenv("DIVATTN_BACKEND", "torch")
+    divattn.temporal_attention(q, k, v)
+    monkeypatch.setenv("DIVATTN_BACKEND", "nope")
+    with pytest.raises(BackendError, match="DIVATTN_BACKEND='nope' is not a backend"):
+        divattn.temporal_attention(q, k, v)
+
+
+def test_cpu_without_interpreter_is_refused_by_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv()
+    with pytest.raises(BackendError, match="CPU tensors run only under TRITON_INTERPRET=1"):
+        divattn.temporal_attention(q, k, v, backend="triton")
+    # auto-dispatch takes the next backend that fits, the reference
+    assert dispatch.select("temporal", torch.float32, torch.device("cpu"), 8).name == "torch"
+
+
+def test_bf16_in_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = qkv(dtype=torch.bfloat16)
+    with pytest.raises(BackendError, match="interpreter computes tl.dot wrongly for torch.bfloat16"):
+        divattn.temporal_attention(q, k, v, backend="triton")
+
+
+def test_scale_zero_is_respected():
+    """scale=0 means uniform attention (the default is used only for None)."""
+    q, k, v = qkv()
+    o = divattn.temporal_attention(q, k, v, scale=0.0, backend="torch")
+    torch.testing.assert_close(o, v.mean(1, keepdim=True).expand_as(v))

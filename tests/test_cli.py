@@ -1,0 +1,31 @@
+import subprocess
+import sys
+
+from divattn.__main__ import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "divattn", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_info_lists_every_backend_with_its_state():
+    out = run("info")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "divattn 0.1.0" in text and "torch" in text
+    backends = text.split("backends:\n", 1)[1].splitlines()
+    for name in ("triton", "cuda", "torch"):
+        line = next(l for l in backends if l.strip().startswith(name + " "))
+        assert "available" in line
+
+
+def test_demo_checks_the_fused_ops(tmp_path):
+    out = run("demo", "--frames", "3", "--patches", "9", "--heads", "1", "--head-dim", "16", "--order", "thw")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fused ops match the reference" in out.stdout
+    assert out.stdout.count(" ok") == 4
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
