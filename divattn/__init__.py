@@ -13,6 +13,7 @@ from .ops import (
     temporal_attention,
     tokens_major,
 )
+from .swap import swap_attention
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "joint_attention",
     "split_qkv",
     "tokens_major",
+    "swap_attention",
     "BackendError",
     "__version__",
 ]
