@@ -21,11 +21,15 @@ DECODERS = ("auto", "pyav", "torchcodec")
 
 
 class VideoDecodeError(RuntimeError):
-    """A video file could not be decoded; ``path`` and ``reason`` say which and why."""
+    """A video file could not be decoded; ``path`` and ``reason`` say which and why.
 
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot decode {path}: {reason}")
-        self.path = path
+    With one argument it is a ready message (how a DataLoader worker's error is raised
+    again in the main process); ``path`` and ``reason`` are then None.
+    """
+
+    def __init__(self, path: str, reason: Optional[str] = None):
+        super().__init__(path if reason is None else f"cannot decode {path}: {reason}")
+        self.path = None if reason is None else path
         self.reason = reason
 
 

@@ -20,9 +20,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", "-c", metavar="FILE", help="YAML config; its keys replace the built-in defaults")
     parser.add_argument("--output-dir", "-o", metavar="DIR", default=os.path.join("runs", "default"),
                         help="where config.yaml, checkpoint.pt, logs and summary.json go (default: %(default)s)")
-    parser.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                        help="continue from CHECKPOINT, or with no value from DIR/checkpoint.pt when it exists "
-                             "(else start afresh); the checkpoint's config is the base, overrides apply on top")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from DIR/checkpoint.pt when it exists, else start afresh; the checkpoint's "
+                             "config is the base and KEY=VALUE overrides apply on top")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -30,15 +31,16 @@ def main(args) -> int:
     from ..train import checkpoint as ckpt_io
     from .loop import CHECKPOINT, NonFiniteLossError, train
 
-    resume = args.resume
-    if resume == "auto":
-        candidate = os.path.join(args.output_dir, CHECKPOINT)
-        resume = candidate if os.path.exists(candidate) else None
-        if resume is None:
-            print(f"divattn train: no {candidate} yet; starting afresh", flush=True)
-    elif resume is not None and not os.path.exists(resume):
-        print(f"divattn train: --resume {resume}: no such file", file=sys.stderr)
+    resume = args.resume_from
+    if resume is not None and not os.path.exists(resume):
+        print(f"divattn train: --resume-from {resume}: no such file", file=sys.stderr)
         return 2
+    if resume is None and args.resume:
+        candidate = os.path.join(args.output_dir, CHECKPOINT)
+        if os.path.exists(candidate):
+            resume = candidate
+        else:
+            print(f"divattn train: no {candidate} yet; starting afresh", flush=True)
     try:
         base = None
         if resume is not None:
