@@ -7,6 +7,7 @@ from . import timesformer, vivit
 from .base import VideoModel, VideoModelConfig
 from .checkpoint import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict, transformers_to_divattn
 from .hf import config_from_transformers, from_transformers
+from .init_vit import ViTInitReport, init_from_vit
 from .registry import create_model, is_model, list_models, register_model
 from .timesformer import TimeSformer, TimeSformerConfig
 from .vivit import ViViT, ViViTConfig
@@ -22,6 +23,8 @@ __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
     "from_transformers",
+    "init_from_vit",
+    "ViTInitReport",
     "config_from_transformers",
     "VideoModel",
     "VideoModelConfig",
