@@ -1,11 +1,17 @@
 """Bundled TimeSformer and ViViT models on the divattn ops, and their registry.
 
-``create_model(name, **kw)`` builds a registered model; ``list_models()`` names them.
+``create_model(name, **kw)`` builds a registered model (``timesformer_base``,
+``timesformer_hr``, ``timesformer_large``, ``vivit_base``, ``vivit_large``);
+``list_models()`` names them. ``load_checkpoint`` loads official, divattn and
+``transformers`` checkpoints strictly, ``from_transformers`` converts a
+``transformers`` model, ``init_from_vit`` starts from image ViT weights, and
+``attention_rollout`` / ``save_rollout_png`` show where a model looks.
 """
 
 from . import timesformer, vivit
 from .base import VideoModel, VideoModelConfig
 from .checkpoint import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict, transformers_to_divattn
+from .explain import attention_rollout, save_rollout_png
 from .hf import config_from_transformers, from_transformers
 from .init_vit import ViTInitReport, init_from_vit
 from .registry import create_model, is_model, list_models, register_model
@@ -24,6 +30,8 @@ __all__ = [
     "LoadReport",
     "from_transformers",
     "init_from_vit",
+    "attention_rollout",
+    "save_rollout_png",
     "ViTInitReport",
     "config_from_transformers",
     "VideoModel",

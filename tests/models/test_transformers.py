@@ -118,3 +118,16 @@ def test_vivit_hub_key_layout_loads():
 def test_unsupported_activation_is_refused():
     with pytest.raises(ValueError, match="hidden_act 'relu'"):
         from_transformers(hf_timesformer(hidden_act="relu"))
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
+def test_attention_maps_match_transformers_attentions(attention_type):
+    """transformers returns the spatial attention of divided layers as (B*T, H, 1+N, 1+N)."""
+    hf = hf_timesformer(attention_type)
+    ours = from_transformers(hf, backend="torch")
+    x = clip()
+    with torch.no_grad():
+        theirs = hf(pixel_values=x, output_attentions=True).attentions
+    key = "spatial" if attention_type == "divided_space_time" else "joint"
+    for mine, ref in zip(ours.attention_maps(x.transpose(1, 2)), theirs, strict=True):
+        torch.testing.assert_close(mine[key], ref.reshape(mine[key].shape), rtol=1e-4, atol=1e-5)
