@@ -223,9 +223,9 @@ def swap_attention(model: nn.Module, backend: Optional[str] = None) -> int:
     a warning (the ops have no such dropout); set it to 0 to swap them.
     """
     if backend is not None:
-        from .models.base import _check_backend
+        from .models.base import check_backend
 
-        _check_backend(backend)
+        check_backend(backend)
     if _on_divattn(model):
         return _set_backend(model, backend)
     count, skipped = _walk(model, backend, "")

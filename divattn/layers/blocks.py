@@ -191,7 +191,8 @@ class FactorisedDotProductBlock(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         if num_heads % 2 != 0:
-            raise ValueError(f"FactorisedDotProductBlock: num_heads must be even (half spatial, half temporal), got {num_heads}")
+            raise ValueError(f"FactorisedDotProductBlock: num_heads must be even (half spatial, half temporal), "
+                             f"got {num_heads}")
         self.num_frames = num_frames
         self.backend = backend
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)

@@ -58,12 +58,13 @@ class VideoModelConfig:
         if self.img_size % self.patch_size != 0:
             raise ValueError(f"{self.name}: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.num_frames % self.tubelet_size != 0:
-            raise ValueError(f"{self.name}: num_frames {self.num_frames} is not a multiple of tubelet_size {self.tubelet_size}")
+            raise ValueError(f"{self.name}: num_frames {self.num_frames} is not a multiple of "
+                             f"tubelet_size {self.tubelet_size}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"{self.name}: act must be one of {ACTIVATIONS}, got {self.act!r}")
         if self.interpolation not in MODES:
             raise ValueError(f"{self.name}: interpolation must be one of {MODES}, got {self.interpolation!r}")
-        _check_backend(self.backend)
+        check_backend(self.backend)
         for field in ("drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(f"{self.name}: {field} must be in [0, 1), got {getattr(self, field)!r}")
@@ -77,7 +78,8 @@ class VideoModelConfig:
         return dataclasses.asdict(self)
 
 
-def _check_backend(backend: Optional[str]) -> None:
+def check_backend(backend: Optional[str]) -> None:
+    """ValueError unless ``backend`` is None or a divattn backend name."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {tuple(BACKENDS)}, got {backend!r}")
 
@@ -168,7 +170,7 @@ class VideoModel(nn.Module):
 
     def set_backend(self, backend: Optional[str]) -> int:
         """Run every attention on ``backend`` (None: auto); returns the number of attention layers."""
-        _check_backend(backend)
+        check_backend(backend)
         for m in self.modules():
             if m is not self and hasattr(m, "backend"):
                 m.backend = backend

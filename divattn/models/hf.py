@@ -26,7 +26,8 @@ def _square(value, what: str) -> int:
 def _common(cfg, num_classes: int, backend: Optional[str]) -> dict:
     act = cfg.hidden_act if isinstance(cfg.hidden_act, str) else None
     if act not in _ACTS:
-        raise ValueError(f"from_transformers: hidden_act {cfg.hidden_act!r} is not supported (supported: {sorted(_ACTS)})")
+        raise ValueError(f"from_transformers: hidden_act {cfg.hidden_act!r} is not supported "
+                         f"(supported: {sorted(_ACTS)})")
     if getattr(cfg, "attention_probs_dropout_prob", 0.0):
         warnings.warn("from_transformers: attention_probs_dropout_prob > 0 is dropped (the divattn ops have no "
                       "dropout on attention probabilities); evaluation is unaffected", stacklevel=3)

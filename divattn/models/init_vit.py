@@ -149,8 +149,10 @@ def init_from_vit(model: nn.Module, vit, *, temporal_fc: str = "official", tubel
     missing = [k for k in fresh if not k.startswith("head.") and not any(p in k for p in _fresh_patterns(model))]
     shapes = [f"{k}: ViT gives {tuple(v.shape)}, model has {tuple(own[k].shape)}" for k, v in out.items()
               if v.shape != own[k].shape]
-    problems = [f"{what}: {keys}" for what, keys in (("ViT keys the model has no place for", unexpected),
-                                                      ("model keys the ViT does not provide", missing)) if keys and strict]
+    problems = []
+    if strict:
+        problems += [f"ViT keys the model has no place for: {unexpected}"] if unexpected else []
+        problems += [f"model keys the ViT does not provide: {missing}"] if missing else []
     if shapes:
         problems.append("shape mismatches: " + "; ".join(shapes))
     if problems:

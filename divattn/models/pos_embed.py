@@ -36,7 +36,8 @@ def _interpolate(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tenso
     return F.interpolate(x.float(), size=tuple(size), mode=mode, **kw).to(x.dtype)
 
 
-def resize_grid(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int], mode: str = "nearest") -> torch.Tensor:
+def resize_grid(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int],
+                mode: str = "nearest") -> torch.Tensor:
     """Resize ``(1, h*w, C)`` position embeddings laid out ``(h w)`` from ``old_grid`` to ``new_grid``."""
     _check_mode(mode)
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)

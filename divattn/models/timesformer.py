@@ -83,7 +83,8 @@ class TimeSformer(VideoModel):
         common = dict(mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, drop=c.drop_rate, act=c.act, norm_eps=c.norm_eps,
                       backend=c.backend)
         if c.attention_type == "divided_space_time":
-            blocks = [DividedBlock(dim, c.num_heads, c.num_frames, drop_path=p, token_order="hwt", **common) for p in dpr]
+            blocks = [DividedBlock(dim, c.num_heads, c.num_frames, drop_path=p, token_order="hwt", **common)
+                      for p in dpr]
         else:
             blocks = [Block(dim, c.num_heads, drop_path=p, **common) for p in dpr]
         self.blocks = nn.ModuleList(blocks)

@@ -99,7 +99,8 @@ class ViViT(VideoModel):
         else:
             self.global_pool = "avg"
             tokens = Tt * N
-            block = FactorisedSelfAttentionBlock if c.variant == "factorised_self_attention" else FactorisedDotProductBlock
+            block = {"factorised_self_attention": FactorisedSelfAttentionBlock,
+                     "factorised_dot_product": FactorisedDotProductBlock}[c.variant]
             self.blocks = nn.ModuleList([block(dim, c.num_heads, Tt, drop_path=p, **common) for p in dpr])
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
         self.pos_drop = nn.Dropout(c.drop_rate)

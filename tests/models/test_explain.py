@@ -53,7 +53,8 @@ def test_timesformer_attention_maps(attention_type):
 
 @pytest.mark.parametrize("variant", ["factorised_encoder", "factorised_self_attention", "factorised_dot_product"])
 def test_vivit_attention_maps(variant):
-    m = randomize(tiny("vivit_base", variant=variant, num_frames=4, depth=1, temporal_depth=1 if variant == "factorised_encoder" else None))
+    depth = 1 if variant == "factorised_encoder" else None
+    m = randomize(tiny("vivit_base", variant=variant, num_frames=4, depth=1, temporal_depth=depth))
     shapes = [{k: tuple(v.shape) for k, v in layer.items()} for layer in m.attention_maps(video(T=4))]
     assert shapes == {
         "factorised_encoder": [{"spatial": (2, 2, 2, 17, 17)}, {"temporal": (2, 2, 3, 3)}],

@@ -23,13 +23,16 @@ def matches_paper(n: int, paper_millions: float) -> bool:
 C, HID = 768, 3072
 ATTN = 4 * C * C + 4 * C                    # qkv (with bias) + proj
 LAYER = ATTN + 2 * C * HID + HID + C + 4 * C  # attention, MLP, two LayerNorms
+PATCH = 3 * 16 * 16 * C + C                   # Conv2d patch embedding
+POS = 197 * C + C                             # position embeddings (cls + 14 x 14) and the cls token
+NORM_HEAD = 2 * C + 174 * C + 174             # final norm and a 174-class head
 
 
 @pytest.mark.parametrize("attention_type,paper,exact", [
     # TimeSformer Table 1 (174 classes, 8 x 224): divided adds temporal norm, attention and fc.
-    ("divided_space_time", 121.4, 12 * (LAYER + 2 * C + ATTN + C * C + C) + (3 * 256 * C + C) + 197 * C + C + 8 * C + 2 * C + 174 * C + 174),
-    ("joint_space_time", 85.9, 12 * LAYER + (3 * 256 * C + C) + 197 * C + C + 8 * C + 2 * C + 174 * C + 174),
-    ("space_only", 85.9, 12 * LAYER + (3 * 256 * C + C) + 197 * C + C + 2 * C + 174 * C + 174),
+    ("divided_space_time", 121.4, 12 * (LAYER + 2 * C + ATTN + C * C + C) + PATCH + POS + 8 * C + NORM_HEAD),
+    ("joint_space_time", 85.9, 12 * LAYER + PATCH + POS + 8 * C + NORM_HEAD),
+    ("space_only", 85.9, 12 * LAYER + PATCH + POS + NORM_HEAD),
 ], ids=["divided", "joint", "space_only"])
 def test_timesformer_matches_paper(attention_type, paper, exact):
     n = count("timesformer_base", num_classes=174, attention_type=attention_type)

@@ -49,7 +49,8 @@ def test_config_errors():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_eager_reference(variant):
-    m = randomize(tiny("vivit_base", variant=variant, num_frames=4, temporal_depth=2 if variant == "factorised_encoder" else None))
+    depth = 2 if variant == "factorised_encoder" else None
+    m = randomize(tiny("vivit_base", variant=variant, num_frames=4, temporal_depth=depth))
     x = video(T=4)
     with torch.no_grad():
         torch.testing.assert_close(m(x), reference_vivit(m, x), rtol=1e-4, atol=1e-4)
