@@ -156,6 +156,11 @@ def _divided_layer(m: nn.Module) -> bool:
     return _from_transformers("TimesformerLayer")(m) and m.attention_type == "divided_space_time"
 
 
+def _vivit_attention(m: nn.Module) -> bool:
+    # transformers < 5 nests query/key/value in a VivitSelfAttention instead; not swapped.
+    return _from_transformers("VivitAttention")(m) and hasattr(m, "q_proj")
+
+
 def _timesformer_dropout(m: nn.Module) -> float:
     return float(m.config.attention_probs_dropout_prob)
 
@@ -175,7 +180,7 @@ RULES = (
          _timesformer_dropout),
     Rule("transformers TimesformerSelfAttention", _from_transformers("TimesformerSelfAttention"),
          TimesformerJointSelfAttention, lambda m: float(m.attn_drop.p)),
-    Rule("transformers VivitAttention", _from_transformers("VivitAttention"), VivitJointAttention,
+    Rule("transformers VivitAttention (q/k/v/o projections)", _vivit_attention, VivitJointAttention,
          lambda m: float(m.attention_dropout)),
 )
 
