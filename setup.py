@@ -35,19 +35,25 @@ def _cuda_extension():
     if torch.version.cuda is None or CUDA_HOME is None:
         print("divattn: skipping the CUDA extension: needs a CUDA build of torch and nvcc", file=sys.stderr)
         return [], {}
-    archs = os.environ.get("DIVATTN_CUDA_ARCHS", "80;90")
-    gencode = []
-    for arch in archs.replace(",", ";").split(";"):
-        arch = arch.strip().replace(".", "")
-        if arch:
-            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    archs = []
+    for arch in os.environ.get("DIVATTN_CUDA_ARCHS", "80;90").replace(",", ";").replace(" ", ";").split(";"):
+        arch = arch.strip().lower().removeprefix("sm_").replace(".", "")
+        if arch and arch not in archs:
+            archs.append(arch)
+    if not archs:
+        print("divattn: skipping the CUDA extension: DIVATTN_CUDA_ARCHS names no architecture", file=sys.stderr)
+        return [], {}
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
+    gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")  # PTX for newer GPUs
     os.environ.setdefault("MAX_JOBS", str(max(1, min(4, os.cpu_count() or 1))))
+    # No -std flag: torch adds the standard its headers need (C++20 for recent torch, C++17 for older).
     ext = CUDAExtension(
         name="divattn._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode],
+            "cxx": ["-O3", "-DDIVATTN_ARCHS=" + "+".join(f"sm_{a}" for a in archs)],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *gencode],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
@@ -69,7 +75,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["divattn=divattn.__main__:main"]},
     ext_modules=ext_modules,

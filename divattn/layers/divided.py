@@ -12,26 +12,35 @@ from .attention import Attention
 from .drop import DropPath
 
 
-class _AddAfterFirst(torch.autograd.Function):
-    """``cat([x[:, :1], x[:, 1:] + res], 1)`` written in one pass, without the cat."""
+@torch.library.custom_op("divattn::add_after_first", mutates_args=())
+def _add_after_first(x: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """``cat([x[:, :1], x[:, 1:] + res], 1)`` written in one pass, without the cat.
 
-    @staticmethod
-    def forward(ctx, x, res):
-        out = torch.empty_like(x)
-        out[:, 0] = x[:, 0]
-        torch.add(x[:, 1:], res, out=out[:, 1:])
-        return out
+    A custom op, so that ``torch.compile(fullgraph=True)`` keeps the ``out=`` write.
+    """
+    out = torch.empty_like(x)
+    out[:, 0] = x[:, 0]
+    torch.add(x[:, 1:], res, out=out[:, 1:])
+    return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, grad[:, 1:]
+
+@_add_after_first.register_fake
+def _(x, res):
+    return torch.empty_like(x)
+
+
+def _add_after_first_backward(ctx, grad):
+    return grad, grad[:, 1:]
+
+
+torch.library.register_autograd("divattn::add_after_first", _add_after_first_backward)
 
 
 def add_after_first(x: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     """``x`` ``(B, 1 + L, C)`` plus ``res`` ``(B, L, C)`` on every token but the first."""
     if x.shape[0] != res.shape[0] or x.shape[1] != res.shape[1] + 1 or x.shape[2:] != res.shape[2:]:
         raise ValueError(f"add_after_first: x {tuple(x.shape)} and res {tuple(res.shape)} do not fit (B, 1 + L, C) / (B, L, C)")
-    return _AddAfterFirst.apply(x, res)
+    return _add_after_first(x, res)
 
 
 class DividedSpaceTimeAttention(nn.Module):

@@ -107,8 +107,6 @@ def test_compile_divided_runs():
     torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="add_after_first in divattn/layers/divided.py writes with torch.add(out=...), "
-                                       "which dynamo cannot trace in fullgraph mode")
 def test_compile_divided_fullgraph():
     torch._dynamo.reset()
     m = randomize(tiny("timesformer_base", depth=1))
