@@ -1,0 +1,189 @@
+"""pytest-benchmark suites: divided versus joint attention, divattn versus the alternatives.
+
+``pytest benchmarks/ --benchmark-only`` runs on the machine it finds: on a GPU the
+papers' shapes in fp16 and bf16 with every provider; on a CPU small stand-in shapes in
+fp32 (labelled CPU in every record), where the Triton kernels are recorded as
+unavailable (they run only in the interpreter there). Every case ends as a record in
+``benchmarks/results/<device>.json`` (see :mod:`divattn.bench.records`): timed,
+unavailable with the reason, or failed with the error.
+
+Options: ``--bench-device``, ``--bench-dtype``, ``--bench-batch``, ``--bench-shapes``,
+``--bench-models``, ``--bench-providers``, ``--bench-sweep-providers``,
+``--bench-frames``, ``--bench-threads``, ``--bench-quick``, ``--bench-out``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from divattn.bench import providers, records, roofline, shapes, suite, timing
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The T sweep leaves FlexAttention out unless asked: it compiles once per frame count.
+SWEEP_DEFAULT_EXCLUDE = ("flex",)
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("divattn benchmarks")
+    g.addoption("--bench-device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.addoption("--bench-dtype", default=None,
+                help="comma list of dtypes (default: float16,bfloat16 on a GPU, float32 on a CPU)")
+    g.addoption("--bench-batch", type=int, default=None, help="batch size of every shape (default: each shape's)")
+    g.addoption("--bench-shapes", default=None, help="comma list of attention shapes (default: the device's)")
+    g.addoption("--bench-models", default=None, help="comma list of model shapes (default: the device's)")
+    g.addoption("--bench-providers", default=None, help="comma list of providers (default: all)")
+    g.addoption("--bench-sweep-providers", default=None,
+                help="providers of the frames sweep (default: all but " + ", ".join(SWEEP_DEFAULT_EXCLUDE) + ")")
+    g.addoption("--bench-frames", default=None, help="comma list of frame counts for the sweep (default: 1..96)")
+    g.addoption("--bench-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    g.addoption("--bench-quick", action="store_true", help="shorter timing (fewer rounds)")
+    g.addoption("--bench-out", default=None, help="records JSON (default: benchmarks/results/<device>.json)")
+
+
+def _csv(value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _device(config) -> torch.device:
+    name = config.getoption("--bench-device")
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _dtypes(config, device):
+    names = _csv(config.getoption("--bench-dtype"))
+    if names is None:
+        names = ["float32"] if device.type == "cpu" else ["float16", "bfloat16"]
+    return [getattr(torch, n) for n in names]
+
+
+class Session:
+    """What the run shares: device, environment, measured peaks (per dtype), records."""
+
+    def __init__(self, config):
+        self.config = config
+        self.device = _device(config)
+        threads = config.getoption("--bench-threads")
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.env = records.environment(self.device)
+        self.budget = timing.Budget.for_device(self.device, quick=config.getoption("--bench-quick"))
+        self.peaks: dict = {}
+        self.records: list = []
+        out = config.getoption("--bench-out")
+        self.out = Path(out) if out else records.default_path(RESULTS, self.device)
+
+    def peaks_for(self, dtype):
+        if dtype not in self.peaks:
+            self.peaks[dtype] = roofline.measure_peaks(self.device, dtype, quick=self.config.getoption("--bench-quick"))
+        return self.peaks[dtype]
+
+    def run(self, case: suite.Case, benchmark):
+        """Time ``case`` through pytest-benchmark, keep its record, and skip or fail as it says."""
+        benchmark.group = f"{case.op} {case.pass_} {case.shape.name} B{case.shape.B} {case.dtype}".replace("torch.", "")
+
+        def measure(fn, device, budget):
+            if benchmark.disabled:
+                fn()
+                return None
+            p = timing.plan(fn, device, budget)
+            benchmark.pedantic(timing.timed(fn, device, p.inner), rounds=p.rounds, iterations=1, warmup_rounds=0)
+            return timing.from_seconds([t / p.inner for t in benchmark.stats.stats.data], p)
+
+        rec = suite.run(case, self.env, self.peaks_for(case.dtype), self.budget, measure)
+        if rec is None:
+            return None
+        self.records.append(rec)
+        if rec["status"] == "ok":
+            benchmark.extra_info.update({k: rec[k] for k in ("flops", "tflops", "bytes", "gbps", "roofline_fraction",
+                                                             "peak_mem_mb")})
+        elif rec["status"] == "unavailable":
+            pytest.skip(rec["error"])
+        elif case.ours:
+            pytest.fail(f"divattn provider {case.provider} failed: {rec['error']}")
+        else:
+            pytest.skip(f"{case.provider} failed (recorded): {rec['error']}")
+        return rec
+
+
+_SESSION: list = []
+
+
+def _session(config) -> Session:
+    if not _SESSION:
+        _SESSION.append(Session(config))
+    return _SESSION[0]
+
+
+@pytest.fixture(scope="session")
+def bench(pytestconfig) -> Session:
+    return _session(pytestconfig)
+
+
+def _attention_shapes(config, device):
+    names = _csv(config.getoption("--bench-shapes"))
+    found = [shapes.lookup(n) for n in names] if names else shapes.defaults(device.type)["attention"]
+    return [s.with_batch(config.getoption("--bench-batch")) for s in found if isinstance(s, shapes.AttnShape)]
+
+
+def _model_shapes(config, device):
+    names = _csv(config.getoption("--bench-models"))
+    found = [shapes.lookup(n) for n in names] if names else shapes.defaults(device.type)["models"]
+    return [s.with_batch(config.getoption("--bench-batch")) for s in found if isinstance(s, shapes.ModelShape)]
+
+
+def _providers(config, sweep=False):
+    names = _csv(config.getoption("--bench-sweep-providers")) if sweep else None
+    if names is None:
+        names = _csv(config.getoption("--bench-providers"))
+    if names is None:
+        names = [n for n in providers.PROVIDERS if not (sweep and n in SWEEP_DEFAULT_EXCLUDE)]
+    return [p.name for p in providers.select(names)]
+
+
+def _cases(metafunc):
+    config = metafunc.config
+    device = _device(config)
+    dtypes = _dtypes(config, device)
+    if "attn_case" in metafunc.fixturenames:
+        return "attn_case", [
+            suite.Case(p, op, pass_, shape, dtype, device)
+            for shape in _attention_shapes(config, device) for dtype in dtypes for op in shape.ops()
+            for pass_ in suite.ATTENTION_PASSES for p in _providers(config)
+        ]
+    if "sweep_case" in metafunc.fixturenames:
+        base = shapes.defaults(device.type)["sweep"].with_batch(config.getoption("--bench-batch"))
+        frames = [int(t) for t in _csv(config.getoption("--bench-frames")) or shapes.FRAMES]
+        names = _providers(config, sweep=True)
+        return "sweep_case", [
+            suite.Case(p, op, pass_, base.with_frames(t), dtype, device)
+            for dtype in dtypes for pass_ in suite.ATTENTION_PASSES for t in frames
+            for op in ("temporal", "spatial_cls", "joint") for p in names
+        ]
+    if "model_case" in metafunc.fixturenames:
+        names = _providers(config)
+        return "model_case", [
+            suite.Case(p, "model", "train_step", shape, dtype, device)
+            for shape in _model_shapes(config, device) for dtype in dtypes
+            for p in names if p in providers.MODEL_BACKENDS
+        ]
+    return None, []
+
+
+def pytest_generate_tests(metafunc):
+    name, cases = _cases(metafunc)
+    if name is not None:
+        metafunc.parametrize(name, cases, ids=[c.id for c in cases])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION and _SESSION[0].records:
+        path = records.write(_SESSION[0].out, _SESSION[0].records)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"divattn: {len(_SESSION[0].records)} benchmark records written to {path}")

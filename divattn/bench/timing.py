@@ -1,0 +1,165 @@
+"""Timing and peak memory of one benchmark call.
+
+The timed callable synchronises the device itself (a GPU kernel launch returns before
+the kernel ends), runs the work ``inner`` times between synchronisations when one call
+is too short to time alone, and is warmed up before timing (the first calls compile
+and autotune). The reported number is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to time one call: ``warmup`` untimed calls, then ``rounds`` timed rounds of
+    ``inner`` calls each, synchronising at the end of each round."""
+
+    warmup: int
+    rounds: int
+    inner: int
+
+
+@dataclass
+class Budget:
+    """Time to spend per case. ``min_round_s``: a round shorter than this (a GPU
+    kernel of tens of microseconds) repeats the call ``inner`` times."""
+
+    target_s: float = 1.0
+    min_rounds: int = 5
+    max_rounds: int = 100
+    warmup: int = 2
+    min_round_s: float = 0.0
+
+    @classmethod
+    def for_device(cls, device: torch.device, quick: bool = False) -> "Budget":
+        if device.type == "cpu":
+            return cls(target_s=0.2 if quick else 0.5, min_rounds=3, max_rounds=30, warmup=1)
+        return cls(target_s=0.2 if quick else 1.0, min_rounds=10, max_rounds=200, warmup=3, min_round_s=2e-3)
+
+
+def timed(fn: Callable[[], object], device: torch.device, inner: int = 1) -> Callable[[], None]:
+    """``fn`` run ``inner`` times, then the device synchronised: the callable to time."""
+    def call():
+        for _ in range(inner):
+            fn()
+        synchronize(device)
+    return call
+
+
+def plan(fn: Callable[[], object], device: torch.device, budget: Budget) -> Plan:
+    """Warm ``fn`` up (compilation happens here, outside any timing) and size the rounds."""
+    call = timed(fn, device)
+    for _ in range(budget.warmup):
+        call()
+    start = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - start, 1e-7)
+    inner = max(1, math.ceil(budget.min_round_s / once)) if budget.min_round_s > 0 else 1
+    rounds = int(min(budget.max_rounds, max(budget.min_rounds, budget.target_s / (once * inner))))
+    return Plan(warmup=budget.warmup + 1, rounds=rounds, inner=inner)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    rounds: int
+    inner: int
+
+
+def measure(fn: Callable[[], object], device: torch.device, budget: Optional[Budget] = None) -> Timing:
+    """Median time of one call of ``fn``, in ms, with :func:`plan`'s warmup and rounds."""
+    budget = budget or Budget.for_device(device)
+    p = plan(fn, device, budget)
+    call = timed(fn, device, p.inner)
+    times = []
+    for _ in range(p.rounds):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) / p.inner)
+    return from_seconds(times, p)
+
+
+def from_seconds(times, p: Plan) -> Timing:
+    """A :class:`Timing` from per-call times in seconds."""
+    ms = [t * 1e3 for t in times]
+    return Timing(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), rounds=len(ms), inner=p.inner)
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Bytes of tensor storages created under it and still alive; their peak.
+
+    Storages are followed through weak references to the C++ storage (a tensor saved
+    for backward stays alive after its Python object is gone). Scratch memory an op
+    frees before returning is not seen.
+    """
+
+    def __init__(self, existing):
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._ref = StorageWeakRef
+        self.ignore = {t.untyped_storage().data_ptr() for t in existing}
+        self.tracked: dict = {}
+        self.live = 0
+        self.peak = 0
+
+    def _sweep(self):
+        for ptr, (ref, n) in list(self.tracked.items()):
+            if ref.expired():
+                self.live -= n
+                del self.tracked[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._sweep()
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr, n = storage.data_ptr(), storage.nbytes()
+            if n == 0 or ptr in self.ignore or ptr in self.tracked:
+                continue
+            self.tracked[ptr] = (self._ref(storage), n)
+            self.live += n
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device, existing=()) -> tuple:
+    """(peak MB allocated during one call above what was allocated before it, method).
+
+    CUDA: the caching allocator's statistics. CPU: the live storages the call creates,
+    followed at the dispatcher (``existing``: tensors allocated before, not counted);
+    None, with the reason as the method, for calls that cannot run under it.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "torch.cuda.max_memory_allocated"
+    tracker = _LiveStorages(existing)
+    try:
+        with tracker:
+            fn()
+    except Exception as e:  # compiled code (higher-order ops) does not run under a dispatch mode
+        return None, f"not measured: the call does not run under a dispatch mode ({type(e).__name__})"
+    return tracker.peak / 2**20, "live tensor storages at the dispatcher (CPU)"
