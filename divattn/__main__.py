@@ -14,6 +14,7 @@ COMMANDS = {
     "info": ("divattn.cli.info", "show versions, devices and which backends can run, and why not"),
     "demo": ("divattn.cli.demo", "run the fused ops on a TimeSformer-shaped input and check them against the reference"),
     "train": ("divattn.train.cli", "train a video model (built-in default: a tiny TimeSformer on a synthetic motion task)"),
+    "bench": ("divattn.bench.cli", "time divided and joint attention with every provider available here on one shape"),
 }
 
 

@@ -1,0 +1,134 @@
+"""``divattn bench``: time the attention providers on one shape and print a short table.
+
+For users who do not run pytest. The shape is a named one (``--shape``, see
+:mod:`divattn.bench.shapes`) or given by its sizes (``--frames --patches --heads
+--head-dim``); a model shape times a whole training step instead. Providers that
+cannot run on this machine are listed once with the reason. ``--json`` writes the
+records in the format of ``benchmarks/results``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shape", default=None,
+                        help="a named shape (default: timesformer_8x224 on a GPU, cpu_timesformer_8x112 on a CPU)")
+    parser.add_argument("--list", action="store_true", help="list the named shapes and providers, and exit")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the shape's)")
+    parser.add_argument("--frames", type=int, default=None, help="T: override the shape's frames")
+    parser.add_argument("--patches", type=int, default=None, help="N: override the shape's patches per frame")
+    parser.add_argument("--heads", type=int, default=None, help="H: override the shape's heads")
+    parser.add_argument("--head-dim", type=int, default=None, help="D: override the shape's head dim")
+    parser.add_argument("--ops", default=None, help="comma list of temporal, spatial, spatial_cls, joint (default: all)")
+    parser.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd (default: both)")
+    parser.add_argument("--providers", default=None, help="comma list (default: all)")
+    parser.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: bfloat16 on a GPU, "
+                                                      "float32 on a CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--quick", action="store_true", help="shorter timing")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the records to PATH")
+
+
+def _csv(value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _shape(args, device):
+    from . import shapes
+
+    if args.shape is None:
+        shape = shapes.defaults(device.type)["attention"][0]
+    else:
+        shape = shapes.lookup(args.shape)
+    shape = shape.with_batch(args.batch)
+    if isinstance(shape, shapes.AttnShape):
+        changes = {k: v for k, v in (("T", args.frames), ("N", args.patches), ("H", args.heads), ("D", args.head_dim))
+                   if v is not None}
+        if changes:
+            shape = dataclasses.replace(shape, name=shape.name + "-custom", **changes)
+    return shape
+
+
+def _describe(shape) -> str:
+    from .shapes import AttnShape
+
+    if isinstance(shape, AttnShape):
+        return (f"B={shape.B} T={shape.T} N={shape.N} H={shape.H} D={shape.D}, {shape.order} tokens"
+                + (", cls" if shape.cls else ""))
+    return f"{shape.model} {shape.kwargs or ''} on a (B={shape.B}, T={shape.frames}, {shape.size}x{shape.size}) clip"
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list) -> list:
+    """Lines of a plain-text table of ok records, then the providers that did not run and why."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    header = ("provider", "op", "pass", "median ms", "TFLOP/s", "GB/s", "roofline", "peak MB")
+    body = [(r["provider"], r["op"], r["pass"], _fmt(r["median_ms"], ".3f"), _fmt(r["tflops"], ".3f"),
+             _fmt(r["gbps"], ".1f"), _fmt(r["roofline_fraction"], ".2f"), _fmt(r["peak_mem_mb"], ".1f")) for r in ok]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)] if body else [len(h) for h in header]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in (header, *body)]
+    reasons: dict = {}
+    for r in rows:
+        if r["status"] != "ok":
+            key = (r["provider"], r["status"], r["error"])
+            reasons.setdefault(key, []).append(f"{r['op']} {r['pass']}")
+    if reasons:
+        lines.append("")
+        lines.append("not timed:")
+        for (provider, status, error), cases in reasons.items():
+            lines.append(f"  {provider} ({status}, {', '.join(cases)}): {error}")
+    return lines
+
+
+def main(args) -> int:
+    import torch
+
+    from . import providers, records, roofline, shapes, suite, timing
+
+    if args.list:
+        for name, s in {**shapes.ALL_SHAPES, **shapes.ALL_MODELS}.items():
+            print(f"{name:32s} {s.label}")
+        print("providers: " + ", ".join(providers.PROVIDERS))
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    shape = _shape(args, device)
+    names = [p.name for p in providers.select(_csv(args.providers))]
+    if isinstance(shape, shapes.ModelShape):
+        plan = [("model", "train_step")]
+        names = [n for n in names if n in providers.MODEL_BACKENDS]
+    else:
+        ops = _csv(args.ops) or list(shape.ops())
+        bad = [op for op in ops if op not in shape.ops()]
+        if bad:
+            raise SystemExit(f"divattn bench: {shape.name} has no op {', '.join(bad)} (ops: {', '.join(shape.ops())})")
+        passes = _csv(args.passes)
+        bad = [p for p in passes if p not in suite.ATTENTION_PASSES]
+        if bad:
+            raise SystemExit(f"divattn bench: unknown pass {', '.join(bad)} (passes: {', '.join(suite.ATTENTION_PASSES)})")
+        plan = [(op, p) for op in ops for p in passes]
+    env = records.environment(device)
+    peaks = roofline.measure_peaks(device, dtype, quick=args.quick)
+    label = "CPU, " if device.type == "cpu" else ""
+    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
+          f"{' (dirty)' if env['dirty'] else ''}")
+    print(f"{label}{shape.name} ({shape.label or 'custom'}): {_describe(shape)}, {str(dtype).replace('torch.', '')}")
+    print(f"measured: copy {peaks.copy_gbps:.1f} GB/s, matmul {peaks.matmul_tflops:.3f} TFLOP/s "
+          f"(roofline = floor / median; 1.0 is the floor)")
+    budget = timing.Budget.for_device(device, quick=args.quick)
+    rows = [suite.run(suite.Case(n, op, p, shape, dtype, device), env, peaks, budget)
+            for op, p in plan for n in names]
+    print("\n".join(table(rows)))
+    if args.json:
+        print(f"records written to {records.write(args.json, rows)}")
+    failed = [r for r in rows if r["status"] == "error" and providers.PROVIDERS.get(r["provider"]) is not None
+              and providers.PROVIDERS[r["provider"]].ours]
+    return 1 if failed else 0
