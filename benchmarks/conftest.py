@@ -32,7 +32,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-device", default=None, help="cuda or cpu (default: cuda when available)")
     g.addoption("--bench-dtype", default=None,
                 help="comma list of dtypes (default: float16,bfloat16 on a GPU, float32 on a CPU)")
-    g.addoption("--bench-batch", type=int, default=None, help="batch size of every shape (default: each shape's)")
+    g.addoption("--bench-batch", default=None,
+                help="comma list of batch sizes, each run on every shape (default: each shape's own)")
     g.addoption("--bench-shapes", default=None, help="comma list of attention shapes (default: the device's)")
     g.addoption("--bench-models", default=None, help="comma list of model shapes (default: the device's)")
     g.addoption("--bench-providers", default=None, help="comma list of providers (default: all)")
@@ -125,16 +126,14 @@ def bench(pytestconfig) -> Session:
     return _session(pytestconfig)
 
 
-def _attention_shapes(config, device):
-    names = _csv(config.getoption("--bench-shapes"))
-    found = [shapes.lookup(n) for n in names] if names else shapes.defaults(device.type)["attention"]
-    return [s.with_batch(config.getoption("--bench-batch")) for s in found if isinstance(s, shapes.AttnShape)]
+def _batches(config):
+    return [int(b) for b in _csv(config.getoption("--bench-batch")) or []] or [None]
 
 
-def _model_shapes(config, device):
-    names = _csv(config.getoption("--bench-models"))
-    found = [shapes.lookup(n) for n in names] if names else shapes.defaults(device.type)["models"]
-    return [s.with_batch(config.getoption("--bench-batch")) for s in found if isinstance(s, shapes.ModelShape)]
+def _shapes(config, device, option, kind, default):
+    names = _csv(config.getoption(option))
+    found = [shapes.lookup(n) for n in names] if names else shapes.defaults(device.type)[default]
+    return [s.with_batch(b) for s in found if isinstance(s, kind) for b in _batches(config)]
 
 
 def _providers(config, sweep=False):
@@ -153,23 +152,24 @@ def _cases(metafunc):
     if "attn_case" in metafunc.fixturenames:
         return "attn_case", [
             suite.Case(p, op, pass_, shape, dtype, device)
-            for shape in _attention_shapes(config, device) for dtype in dtypes for op in shape.ops()
+            for shape in _shapes(config, device, "--bench-shapes", shapes.AttnShape, "attention")
+            for dtype in dtypes for op in shape.ops()
             for pass_ in suite.ATTENTION_PASSES for p in _providers(config)
         ]
     if "sweep_case" in metafunc.fixturenames:
-        base = shapes.defaults(device.type)["sweep"].with_batch(config.getoption("--bench-batch"))
+        bases = [shapes.defaults(device.type)["sweep"].with_batch(b) for b in _batches(config)]
         frames = [int(t) for t in _csv(config.getoption("--bench-frames")) or shapes.FRAMES]
         names = _providers(config, sweep=True)
         return "sweep_case", [
             suite.Case(p, op, pass_, base.with_frames(t), dtype, device)
-            for dtype in dtypes for pass_ in suite.ATTENTION_PASSES for t in frames
+            for base in bases for dtype in dtypes for pass_ in suite.ATTENTION_PASSES for t in frames
             for op in ("temporal", "spatial_cls", "joint") for p in names
         ]
     if "model_case" in metafunc.fixturenames:
         names = _providers(config)
         return "model_case", [
             suite.Case(p, "model", "train_step", shape, dtype, device)
-            for shape in _model_shapes(config, device) for dtype in dtypes
+            for shape in _shapes(config, device, "--bench-models", shapes.ModelShape, "models") for dtype in dtypes
             for p in names if p in providers.MODEL_BACKENDS
         ]
     return None, []

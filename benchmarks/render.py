@@ -102,17 +102,17 @@ def model_table(rs: list) -> list:
 
 
 def sweep_series(rs: list) -> dict:
-    """{(pass, dtype, provider, "divided" | "joint"): [(T, ms)]}; divided = temporal + spatial_cls."""
+    """{(pass, dtype, B, provider, "divided" | "joint"): [(T, ms)]}; divided = temporal + spatial_cls."""
     by = defaultdict(dict)
     for r in rs:
         if _is_sweep(r) and r["status"] == "ok":
-            by[(r["pass"], r["dtype"], r["provider"], r["shape"]["T"])][r["op"]] = r["median_ms"]
+            by[(r["pass"], r["dtype"], r["shape"]["B"], r["provider"], r["shape"]["T"])][r["op"]] = r["median_ms"]
     series = defaultdict(list)
-    for (pass_, dtype, provider, T), ops in sorted(by.items()):
+    for (*key, T), ops in sorted(by.items()):
         if "temporal" in ops and "spatial_cls" in ops:
-            series[(pass_, dtype, provider, "divided")].append((T, ops["temporal"] + ops["spatial_cls"]))
+            series[(*key, "divided")].append((T, ops["temporal"] + ops["spatial_cls"]))
         if "joint" in ops:
-            series[(pass_, dtype, provider, "joint")].append((T, ops["joint"]))
+            series[(*key, "joint")].append((T, ops["joint"]))
     return dict(series)
 
 
@@ -121,11 +121,11 @@ def sweep_table(rs: list) -> list:
     if not series:
         return []
     frames = sorted({T for pts in series.values() for T, _ in pts})
-    out = ["| pass | dtype | provider | attention | " + " | ".join(f"T={T}" for T in frames) + " |",
-           "|---|---|---|---|" + "---:|" * len(frames)]
-    for (pass_, dtype, provider, kind), pts in sorted(series.items()):
+    out = ["| pass | dtype | B | provider | attention | " + " | ".join(f"T={T}" for T in frames) + " |",
+           "|---|---|---:|---|---|" + "---:|" * len(frames)]
+    for (pass_, dtype, B, provider, kind), pts in sorted(series.items()):
         ms = dict(pts)
-        out.append(f"| {pass_} | {dtype} | {provider} | {kind} | "
+        out.append(f"| {pass_} | {dtype} | {B} | {provider} | {kind} | "
                    + " | ".join(_f(ms.get(T), ".3f") for T in frames) + " |")
     return out
 
@@ -185,12 +185,15 @@ def plot_frames(rs: list, path: Path, title: str) -> bool:
     series = sweep_series(rs)
     if not series:
         return False
+    # One dtype and batch per picture (the first); summary.md has them all.
+    dtype, B = min((k[1], k[2]) for k in series)
+    series = {k: v for k, v in series.items() if (k[1], k[2]) == (dtype, B)}
     passes = sorted({k[0] for k in series}, key=lambda p: ("fwd", "fwd+bwd").index(p))
     fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.5), squeeze=False)
-    shape = next(r["shape"] for r in rs if _is_sweep(r))
+    shape = next(r["shape"] for r in rs if _is_sweep(r) and r["shape"]["B"] == B)
     frames = sorted({T for pts in series.values() for T, _ in pts})
     for ax, pass_ in zip(axes[0], passes):
-        for (ps, dtype, provider, kind), pts in sorted(series.items()):
+        for (ps, _, _, provider, kind), pts in sorted(series.items()):
             if ps != pass_:
                 continue
             T, ms = zip(*pts)

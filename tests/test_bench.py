@@ -48,7 +48,7 @@ def _close(got, want, what):
     assert err <= 1e-5 * max(1.0, want.abs().max().item()), f"{what}: max error {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["reference", "sdpa-math", "sdpa-flash"])
+@pytest.mark.parametrize("name", ["reference", "sdpa-math", "sdpa-flash", "divattn-torch"])
 @pytest.mark.parametrize("shape,op", CASES, ids=CASE_IDS)
 def test_provider_matches_divattn_reference(name, shape, op):
     """Each provider returns the same tokens (cls first, patches in the shape's order) and
@@ -172,7 +172,7 @@ def test_model_train_step_record():
     shape = shapes.ModelShape("tiny", "timesformer_base", B=1, frames=2, size=32,
                               kwargs=dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
                                           num_classes=3, num_frames=2))
-    rec = suite.run(suite.Case("reference", "model", "train_step", shape, torch.float32, CPU), ENV, PEAKS,
+    rec = suite.run(suite.Case("divattn-torch", "model", "train_step", shape, torch.float32, CPU), ENV, PEAKS,
                     measure=fixed_measure(5.0))
     assert rec["status"] == "ok", rec["error"]
     with torch.device("meta"):
@@ -281,7 +281,7 @@ def _synthetic_records():
     out.append(records.make(ENV, provider="divattn-triton", op="temporal", pass_="fwd", shape=shape,
                             status="unavailable", error="needs a GPU here", **common))
     model = shapes.CPU_MODELS["cpu_timesformer_tiny_8x64"].as_dict()
-    out.append(records.make(ENV, provider="reference", op="model", pass_="train_step", shape=model, median_ms=9.0,
+    out.append(records.make(ENV, provider="divattn-torch", op="model", pass_="train_step", shape=model, median_ms=9.0,
                             tflops=0.03, roofline_fraction=0.3, **common))
     return out
 
@@ -297,8 +297,8 @@ def test_render_writes_the_summary_and_plots(tmp_path):
     assert "| cpu_timesformer_8x112 (B2) | float32 | fwd | temporal | sdpa-math | 0.250 | 3.0 | 0.200 | 0.40 | 1.5 |" \
         in text
     # divided = temporal + spatial_cls: 3 ms at T=1, 24 ms at T=8; joint 0.5 and 32 ms
-    assert "| fwd | float32 | reference | divided | 3.000 | 24.000 |" in text
-    assert "| fwd | float32 | reference | joint | 0.500 | 32.000 |" in text
+    assert "| fwd | float32 | 1 | reference | divided | 3.000 | 24.000 |" in text
+    assert "| fwd | float32 | 1 | reference | joint | 0.500 | 32.000 |" in text
     assert "**divattn-triton** (unavailable, 1 cases): needs a GPU here" in text
     assert "train step ms" in text
     pytest.importorskip("matplotlib")

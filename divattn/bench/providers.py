@@ -76,7 +76,7 @@ def _divattn_reason(backend: str):
         why = dispatch.BACKENDS[backend].not_supported_reasons(op, dtype, device, shape.D)
         if why:
             return f"divattn backend {backend!r} cannot run here: " + "; ".join(why)
-        if device.type == "cpu":
+        if device.type == "cpu" and dispatch.BACKENDS[backend].cpu_needs_interpreter:
             return ("on a CPU the Triton kernels run only in the Triton interpreter (TRITON_INTERPRET=1), "
                     "a correctness tool, not a speed: not timed")
         return None
@@ -296,6 +296,8 @@ PROVIDERS = {
                  _divattn_reason("triton"), _divattn_build("triton"), ours=True),
         Provider("divattn-cuda", "divattn CUDA C++ extension", ALL_OPS,
                  _divattn_reason("cuda"), _divattn_build("cuda"), ours=True),
+        Provider("divattn-torch", "divattn pure-PyTorch reference ops (fp32 softmax; the CPU path)", ALL_OPS,
+                 _divattn_reason("torch"), _divattn_build("torch"), ours=True),
         Provider("reference", "official TimeSformer code: rearrange copies + eager softmax attention", ALL_OPS,
                  _no_reason, _reference_build),
         *[Provider(f"sdpa-{kind}", f"permute().contiguous() + F.scaled_dot_product_attention ({kind} backend)",
@@ -306,7 +308,7 @@ PROVIDERS = {
 }
 
 # The whole-model pass runs the bundled models; a provider is the divattn backend they use.
-MODEL_BACKENDS = {"divattn-triton": "triton", "divattn-cuda": "cuda", "reference": "torch"}
+MODEL_BACKENDS = {"divattn-triton": "triton", "divattn-cuda": "cuda", "divattn-torch": "torch"}
 
 
 def model_reason(provider: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -314,8 +316,6 @@ def model_reason(provider: str, device: torch.device, dtype: torch.dtype, head_d
     if provider not in MODEL_BACKENDS:
         return f"{provider} is not a backend of the bundled models (whole-model rows: {', '.join(MODEL_BACKENDS)})"
     backend = MODEL_BACKENDS[provider]
-    if backend == "torch":
-        return None
     return _divattn_reason(backend)("spatial_cls", "fwd+bwd", device, dtype, AttnShape("", 1, 1, 1, 1, head_dim))
 
 

@@ -96,12 +96,13 @@ def _model(case: Case) -> Prepared:
     from ..models import create_model
 
     shape = case.shape
-    model = create_model(shape.model, **{**shape.kwargs, "backend": MODEL_BACKENDS.get(case.provider)})
-    c = model.config
+    kwargs = {**shape.kwargs, "backend": MODEL_BACKENDS[case.provider]}
+    with torch.device("meta"):
+        c = create_model(shape.model, **kwargs).config
     why = model_reason(case.provider, case.device, case.dtype, c.embed_dim // c.num_heads)
     if why:
         raise Unavailable(why)
-    model = model.to(case.device).train()
+    model = create_model(shape.model, **kwargs).to(case.device).train()
     gen = torch.Generator(device=case.device).manual_seed(0)
     video_shape = shape.video_shape(c.in_chans)
     video = torch.randn(video_shape, device=case.device, generator=gen)
