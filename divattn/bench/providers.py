@@ -73,12 +73,12 @@ def _with_cls(o_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
 
 def _divattn_reason(backend: str):
     def reason(op, pass_, device, dtype, shape):
-        why = dispatch.BACKENDS[backend].not_supported_reasons(op, dtype, device, shape.D)
-        if why:
-            return f"divattn backend {backend!r} cannot run here: " + "; ".join(why)
         if device.type == "cpu" and dispatch.BACKENDS[backend].cpu_needs_interpreter:
             return ("on a CPU the Triton kernels run only in the Triton interpreter (TRITON_INTERPRET=1), "
                     "a correctness tool, not a speed: not timed")
+        why = dispatch.BACKENDS[backend].not_supported_reasons(op, dtype, device, shape.D)
+        if why:
+            return f"divattn backend {backend!r} cannot run here: " + "; ".join(why)
         return None
     return reason
 
