@@ -81,7 +81,7 @@ class Session:
 
     def peaks_for(self, dtype):
         if dtype not in self.peaks:
-            self.peaks[dtype] = roofline.measure_peaks(self.device, dtype, quick=self.config.getoption("--bench-quick"))
+            self.peaks[dtype] = roofline.measure_peaks(self.device, dtype)
         return self.peaks[dtype]
 
     def run(self, case: suite.Case, benchmark):

@@ -19,6 +19,7 @@ Plots need matplotlib (``pip install matplotlib``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -38,9 +39,15 @@ def _f(value, spec):
     return "–" if value is None else format(value, spec)
 
 
+def _gflop(flops) -> str:
+    return _f(None if flops is None else flops / 1e9, ".2f")
+
+
 def _machine_title(rs: list, sep: str = "; ") -> str:
     r = rs[0]
     where = "CPU stand-in shapes, not GPU numbers" if r["device_type"] == "cpu" else "GPU"
+    if r.get("load_avg_1m") is not None:
+        where += f" (load average {r['load_avg_1m']:g} at the start)"
     dirty = " (uncommitted changes)" if r.get("dirty") else ""
     return (f"{r['device']} — {where}{sep}torch {r['torch']}, triton {r['triton']}, "
             f"commit {r['commit']}{dirty}, {r['date']}")
@@ -97,6 +104,7 @@ def model_table(rs: list) -> list:
     return _table(rows, [
         ("model", False, _shape_cell), ("dtype", False, lambda r: r["dtype"]),
         ("provider", False, lambda r: r["provider"]), ("train step ms", True, lambda r: _f(r["median_ms"], ".2f")),
+        ("GFLOP (attention)", True, lambda r: f"{_gflop(r['flops'])} ({_gflop(r.get('attention_flops'))})"),
         *MEASURED,
     ])
 
@@ -252,9 +260,7 @@ def main(argv=None) -> int:
     (out / "summary.md").write_text(summary(files) + "\n", encoding="utf-8")
     written = [out / "summary.md"]
     if not args.no_plots:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("matplotlib") is None:
             print("plots need matplotlib: pip install matplotlib (or pass --no-plots)", file=sys.stderr)
             return 2
         for name, rs in files.items():

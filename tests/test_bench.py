@@ -180,6 +180,8 @@ def test_model_train_step_record():
 
         model = create_model("timesformer_base", **shape.kwargs)
     assert rec["flops"] == flops.train_step_flops(model, shape.video_shape())
+    count = flops.count_macs(model, shape.video_shape(), implementation="bundled")
+    assert rec["attention_flops"] == 7 * count.attention
     rec = suite.run(suite.Case("sdpa-math", "model", "train_step", shape, torch.float32, CPU), ENV, PEAKS,
                     measure=fixed_measure(5.0))
     assert rec["status"] == "unavailable" and "not a backend of the bundled models" in rec["error"]

@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--patches", type=int, default=None, help="N: override the shape's patches per frame")
     parser.add_argument("--heads", type=int, default=None, help="H: override the shape's heads")
     parser.add_argument("--head-dim", type=int, default=None, help="D: override the shape's head dim")
-    parser.add_argument("--ops", default=None, help="comma list of temporal, spatial, spatial_cls, joint (default: all)")
+    parser.add_argument("--ops", default=None,
+                        help="comma list of temporal, spatial, spatial_cls, joint (default: all)")
     parser.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd (default: both)")
     parser.add_argument("--providers", default=None, help="comma list (default: all)")
     parser.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: bfloat16 on a GPU, "
@@ -113,10 +114,11 @@ def main(args) -> int:
         passes = _csv(args.passes)
         bad = [p for p in passes if p not in suite.ATTENTION_PASSES]
         if bad:
-            raise SystemExit(f"divattn bench: unknown pass {', '.join(bad)} (passes: {', '.join(suite.ATTENTION_PASSES)})")
+            known = ", ".join(suite.ATTENTION_PASSES)
+            raise SystemExit(f"divattn bench: unknown pass {', '.join(bad)} (passes: {known})")
         plan = [(op, p) for op in ops for p in passes]
     env = records.environment(device)
-    peaks = roofline.measure_peaks(device, dtype, quick=args.quick)
+    peaks = roofline.measure_peaks(device, dtype)
     label = "CPU, " if device.type == "cpu" else ""
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
           f"{' (dirty)' if env['dirty'] else ''}")

@@ -21,7 +21,7 @@ import torch
 FIELDS = (
     "device", "device_type", "provider", "op", "pass", "shape", "dtype", "status", "error",
     "median_ms", "min_ms", "max_ms", "rounds", "inner", "flops", "tflops", "bytes", "gbps", "floor_ms",
-    "roofline_fraction", "peak_copy_gbps", "peak_matmul_tflops", "peak_mem_mb", "peak_mem_method",
+    "roofline_fraction", "peak_copy_gbps", "peak_matmul_tflops", "attention_flops", "peak_mem_mb", "peak_mem_method",
     "torch", "triton", "commit", "dirty", "date",
 )
 STATUSES = ("ok", "unavailable", "error")
@@ -69,6 +69,10 @@ def environment(device: torch.device) -> dict:
     except Exception:  # a broken triton install can raise anything on import
         triton_version = None
     commit, dirty = git_state()
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
     return {
         "device": device_name(device),
         "device_type": device.type,
@@ -79,6 +83,8 @@ def environment(device: torch.device) -> dict:
         "commit": commit,
         "dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # Other work on the machine when the run started: CPU timings under load are noisy.
+        "load_avg_1m": load,
     }
 
 

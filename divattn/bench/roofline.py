@@ -33,23 +33,24 @@ class Peaks:
         return max(nbytes / (self.copy_gbps * 1e9), flops / (self.matmul_tflops * 1e12)) * 1e3
 
 
-def measure_peaks(device: torch.device, dtype: torch.dtype, quick: bool = False) -> Peaks:
+def _seconds(fn, shapes, dtype, device, budget) -> float:
+    """Median seconds of ``fn`` on fresh tensors of ``shapes`` (freed on return)."""
+    args = [torch.ones(s, device=device, dtype=dtype) for s in shapes]
+    return measure(lambda: fn(*args), device, budget).median_ms / 1e3
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> Peaks:
     """Copy bandwidth and matmul peak of ``device`` for ``dtype``.
 
-    GPU: a 1 GiB copy and an 8192^3 matmul. CPU: a 256 MiB copy and a 1024^3 matmul.
-    Both copies are far larger than the caches. ``quick`` halves n.
+    GPU: a 1 GiB copy and an 8192^3 matmul. CPU: a 256 MiB copy (far larger than the
+    caches) and a 1024^3 matmul. Each is timed for a fraction of a second.
     """
     gpu = device.type != "cpu"
     copy_bytes = 2**30 if gpu else 2**28
-    n = (8192 if gpu else 1024) >> (1 if quick else 0)
+    n = 8192 if gpu else 1024
     budget = Budget.for_device(device, quick=True)
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    t_copy = measure(lambda: dst.copy_(src), device, budget).median_ms / 1e3
-    del src, dst
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    t_mm = measure(lambda: torch.mm(a, b), device, budget).median_ms / 1e3
+    t_copy = _seconds(torch.Tensor.copy_, [(copy_bytes // 4,)] * 2, torch.float32, device, budget)
+    t_mm = _seconds(torch.mm, [(n, n)] * 2, dtype, device, budget)
     return Peaks(
         device=str(device), dtype=str(dtype).replace("torch.", ""),
         copy_gbps=2 * copy_bytes / t_copy / 1e9, matmul_tflops=2 * n ** 3 / t_mm / 1e12,

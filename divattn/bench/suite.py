@@ -52,6 +52,7 @@ class Prepared:
     flops: int
     bytes: int
     existing: list = field(default_factory=list)
+    attention_flops: Optional[int] = None
     # Compiled code does not run under the CPU memory tracker (a dispatch mode).
     trackable: bool = True
 
@@ -124,8 +125,9 @@ def _model(case: Case) -> Prepared:
     # written, AdamW reading weight, gradient and two moments and writing three; the
     # clip read once. Activations are not counted, so the floor is the matmul time.
     nbytes = 10 * param_bytes + video.numel() * video.element_size()
-    flops = flop_model.train_step_flops(model, video_shape, implementation="bundled")
-    return Prepared(step, flops, nbytes, [*params, *state, video, labels])
+    count = flop_model.count_macs(model, video_shape, implementation="bundled")
+    attention = flop_model.MacCount(attention=count.attention).train_step_flops()
+    return Prepared(step, count.train_step_flops(), nbytes, [*params, *state, video, labels], attention)
 
 
 def prepare(case: Case) -> Prepared:
@@ -169,7 +171,7 @@ def run(case: Case, env: dict, peaks: Optional[Peaks], budget: Optional[timing.B
             mem, method = timing.peak_memory_mb(prepared.fn, case.device, prepared.existing)
         else:
             mem, method = None, "not measured: compiled code does not run under the CPU tracker"
-        n_flops, n_bytes = prepared.flops, prepared.bytes
+        n_flops, n_bytes, n_attention = prepared.flops, prepared.bytes, prepared.attention_flops
     except Unavailable as e:
         return records.make(env, status="unavailable", error=str(e), **common)
     except Exception as e:  # recorded as this provider's failure; the caller decides whether it is a bug
@@ -181,5 +183,6 @@ def run(case: Case, env: dict, peaks: Optional[Peaks], budget: Optional[timing.B
             torch.cuda.empty_cache()
     rates = roofline(peaks, n_flops, n_bytes, t.median_ms)
     return records.make(env, median_ms=t.median_ms, min_ms=t.min_ms, max_ms=t.max_ms, rounds=t.rounds,
-                        inner=t.inner, flops=n_flops, bytes=n_bytes, peak_mem_mb=mem, peak_mem_method=method,
+                        inner=t.inner, flops=n_flops, bytes=n_bytes, attention_flops=n_attention, peak_mem_mb=mem,
+                        peak_mem_method=method,
                         **rates, **common)
