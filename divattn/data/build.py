@@ -19,7 +19,8 @@ def build_datasets(cfg: dict) -> Tuple[object, object, int]:
     if kind == "synthetic":
         s = cfg["synthetic"]
         common = dict(num_frames=cfg["num_frames"], img_size=cfg["crop_size"], num_directions=s["num_directions"],
-                      num_speeds=s["num_speeds"], speed=s["speed"], radius=s["radius"], noise=s["noise"])
+                      num_speeds=s["num_speeds"], speed=s["speed"], num_objects=s["num_objects"], radius=s["radius"],
+                      contrast=s["contrast"], texture=s["texture"], noise=s["noise"])
         train = SyntheticMotion(s["train_size"], seed=s["seed"], **common)
         val = SyntheticMotion(s["val_size"], seed=s["seed"] + 1_000_003, **common)
         return train, val, train.num_classes

@@ -1,8 +1,8 @@
 """A synthetic video task whose label is the direction of motion.
 
-Every clip shows one shape (square, disc or diamond, random size and colour) moving in
-a straight line at constant speed over a textured background (random gratings) with
-per-frame sensor noise. The label is the direction of motion, one of
+Every clip shows ``num_objects`` shapes (square, disc or diamond, random size, a colour
+that stands out from the background) moving together in a straight line at constant
+speed over a textured background (random gratings) with per-frame sensor noise. The label is the direction of motion, one of
 ``num_directions`` evenly spaced angles (0 = rightwards, counter-clockwise), times
 ``num_speeds`` speed bins when more than one is asked for. The image wraps around
 (the world is a torus), so at every frame the shape's position is uniform whatever the
@@ -38,10 +38,10 @@ class MotionParams:
     label: int
     direction: int
     speed: float
-    start: Tuple[float, float]
-    shape: str
-    radius: float
-    color: Tuple[float, float, float]
+    starts: Tuple[Tuple[float, float], ...]  # (x, y) of each object at frame 0
+    shapes: Tuple[str, ...]
+    radii: Tuple[float, ...]
+    colors: Tuple[Tuple[float, float, float], ...]
     texture_seed: int
     noise_seed: int
 
@@ -61,7 +61,10 @@ class SyntheticMotion(torch.utils.data.Dataset):
         num_directions: even number of evenly spaced motion directions.
         num_speeds: speed bins, each a class of its own (1: speed is a nuisance).
         speed: (min, max) pixels per frame.
-        radius: (min, max) half-size of the shape in pixels.
+        num_objects: shapes per clip, all moving with the same velocity.
+        radius: (min, max) half-size of a shape in pixels.
+        contrast: how far a shape's brightness is from the background's mean (in [0, 1]).
+        texture: (min, max) amplitude of each background grating.
         noise: standard deviation of per-frame pixel noise (pixels in [0, 1]).
         seed: base seed of the split (use different seeds for train and validation).
     """
@@ -71,13 +74,16 @@ class SyntheticMotion(torch.utils.data.Dataset):
 
     def __init__(self, length: int = 10000, *, num_frames: int = 8, img_size: int = 32,
                  num_directions: int = 4, num_speeds: int = 1, speed: Sequence[float] = (1.0, 2.0),
-                 radius: Sequence[float] = (3.0, 5.0), noise: float = 0.04, seed: int = 0):
+                 num_objects: int = 1, radius: Sequence[float] = (3.0, 5.0), contrast: float = 0.35,
+                 texture: Sequence[float] = (0.02, 0.08), noise: float = 0.04, seed: int = 0):
         if num_directions < 2 or num_directions % 2:
             raise ValueError(f"num_directions must be an even number >= 2 (each direction needs its reverse), got {num_directions}")
         if num_speeds < 1:
             raise ValueError(f"num_speeds must be >= 1, got {num_speeds}")
         if not 0 < speed[0] <= speed[1]:
             raise ValueError(f"speed must be (min, max) with 0 < min <= max, got {tuple(speed)}")
+        if num_objects < 1:
+            raise ValueError(f"num_objects must be >= 1, got {num_objects}")
         if not 0 < radius[0] <= radius[1]:
             raise ValueError(f"radius must be (min, max) with 0 < min <= max, got {tuple(radius)}")
         self.length = int(length)
@@ -86,7 +92,10 @@ class SyntheticMotion(torch.utils.data.Dataset):
         self.num_directions = int(num_directions)
         self.num_speeds = int(num_speeds)
         self.speed = (float(speed[0]), float(speed[1]))
+        self.num_objects = int(num_objects)
         self.radius = (float(radius[0]), float(radius[1]))
+        self.contrast = float(contrast)
+        self.texture = (float(texture[0]), float(texture[1]))
         self.noise = float(noise)
         self.seed = int(seed)
 
@@ -114,21 +123,25 @@ class SyntheticMotion(torch.utils.data.Dataset):
         lo, hi = self.speed
         width = (hi - lo) / self.num_speeds
         speed = lo + width * (speed_bin + float(rng.random()))
-        start = (float(rng.random() * self.img_size), float(rng.random() * self.img_size))
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        radius = float(rng.uniform(*self.radius))
-        color = tuple(float(c) for c in rng.random(3))
+        k = self.num_objects
+        starts = tuple((float(x), float(y)) for x, y in rng.random((k, 2)) * self.img_size)
+        shapes = tuple(SHAPES[int(i)] for i in rng.integers(len(SHAPES), size=k))
+        radii = tuple(float(r) for r in rng.uniform(*self.radius, size=k))
+        # brighter or darker than the background's mean (0.5), with a random tint
+        signs = rng.choice([-1.0, 1.0], size=(k, 1))
+        colors = np.clip(0.5 + signs * self.contrast + rng.uniform(-0.1, 0.1, size=(k, 3)), 0.0, 1.0)
+        colors = tuple(tuple(float(c) for c in row) for row in colors)
         texture_seed, noise_seed = (int(s) for s in rng.integers(0, 2**62, size=2))
-        return MotionParams(label, direction, speed, start, shape, radius, color, texture_seed, noise_seed)
+        return MotionParams(label, direction, speed, starts, shapes, radii, colors, texture_seed, noise_seed)
 
     def reverse(self, p: MotionParams) -> MotionParams:
         """The parameters whose clip is ``p``'s played backwards (same frames, reversed)."""
         direction = (p.direction + self.num_directions // 2) % self.num_directions
         dx, dy = self._velocity(p.direction, p.speed)
         last = self.num_frames - 1
-        start = ((p.start[0] + dx * last) % self.img_size, (p.start[1] + dy * last) % self.img_size)
+        starts = tuple(((x + dx * last) % self.img_size, (y + dy * last) % self.img_size) for x, y in p.starts)
         label = direction * self.num_speeds + p.label % self.num_speeds
-        return replace(p, label=label, direction=direction, start=start)
+        return replace(p, label=label, direction=direction, starts=starts)
 
     def _velocity(self, direction: int, speed: float) -> Tuple[float, float]:
         angle = 2.0 * math.pi * direction / self.num_directions
@@ -145,17 +158,18 @@ class SyntheticMotion(torch.utils.data.Dataset):
         background = self._texture(p.texture_seed)
         coords = np.arange(S, dtype=np.float64) + 0.5
         dx, dy = self._velocity(p.direction, p.speed)
-        color = np.asarray(p.color, dtype=np.float32)
         frames = np.empty((T, S, S, 3), dtype=np.float32)
         noise_rng = np.random.default_rng(p.noise_seed)
         for t in range(T):
-            cx = (p.start[0] + dx * t) % S
-            cy = (p.start[1] + dy * t) % S
-            # signed distance on the torus, so a shape leaving one edge enters the other
-            ox = (coords - cx + S / 2) % S - S / 2
-            oy = (coords - cy + S / 2) % S - S / 2
-            alpha = self._coverage(p.shape, p.radius, ox[None, :], oy[:, None])[..., None].astype(np.float32)
-            frames[t] = background * (1.0 - alpha) + color * alpha
+            frame = background.copy()
+            for (x0, y0), shape, radius, color in zip(p.starts, p.shapes, p.radii, p.colors):
+                cx, cy = (x0 + dx * t) % S, (y0 + dy * t) % S
+                # signed distance on the torus, so a shape leaving one edge enters the other
+                ox = (coords - cx + S / 2) % S - S / 2
+                oy = (coords - cy + S / 2) % S - S / 2
+                alpha = self._coverage(shape, radius, ox[None, :], oy[:, None])[..., None].astype(np.float32)
+                frame = frame * (1.0 - alpha) + np.asarray(color, dtype=np.float32) * alpha
+            frames[t] = frame
             if self.noise > 0:
                 frames[t] += noise_rng.normal(0.0, self.noise, size=(S, S, 3)).astype(np.float32)
         np.clip(frames, 0.0, 1.0, out=frames)
@@ -178,12 +192,12 @@ class SyntheticMotion(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         S = self.img_size
         xs = np.arange(S, dtype=np.float32)
-        base = rng.uniform(0.25, 0.75, size=3).astype(np.float32)
+        base = rng.uniform(0.4, 0.6, size=3).astype(np.float32)
         image = np.broadcast_to(base, (S, S, 3)).copy()
         for _ in range(3):
             fx, fy = rng.integers(-4, 5, size=2)
             phase = rng.uniform(0, 2 * math.pi)
-            amp = rng.uniform(0.03, 0.12, size=3).astype(np.float32)
+            amp = rng.uniform(*self.texture, size=3).astype(np.float32)
             wave = np.sin(2 * math.pi * (fx * xs[None, :] + fy * xs[:, None]) / S + phase)
             image += wave[..., None] * amp
         return image

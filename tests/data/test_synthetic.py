@@ -41,7 +41,7 @@ def test_reversed_clip_is_the_opposite_direction_with_the_same_frames(num_direct
     # Time reversal maps class d to class d + K/2 and the start point by a translation of
     # the torus (measure preserving), so both classes produce the same sets of frames
     # with the same probability: no order-invariant function tells them apart.
-    ds = SyntheticMotion(20, num_frames=8, img_size=32, num_directions=num_directions, noise=0.0, seed=9)
+    ds = SyntheticMotion(20, num_frames=8, img_size=32, num_directions=num_directions, num_objects=2, noise=0.0, seed=9)
     for i in range(20):
         p = ds.params_for(i)
         r = ds.reverse(p)
@@ -50,7 +50,7 @@ def test_reversed_clip_is_the_opposite_direction_with_the_same_frames(num_direct
         np.testing.assert_allclose(ds.render(r), ds.render(p)[::-1], atol=1e-5)
         back = ds.reverse(r)
         assert back.label == p.label
-        np.testing.assert_allclose(back.start, p.start, atol=1e-6)
+        np.testing.assert_allclose(back.starts, p.starts, atol=1e-6)
 
 
 def test_bad_arguments_are_refused():
