@@ -1,6 +1,6 @@
 """The device's measured limits, and the roofline floor of a benchmark case.
 
-Measured once per run and dtype: the copy bandwidth (``dst.copy_(src)`` of a buffer
+Measured once per run and dtype, as the fastest of several rounds: the copy bandwidth (``dst.copy_(src)`` of a buffer
 far larger than the caches, counting the read and the write) and the matmul peak (a
 large square ``torch.mm`` in the dtype). A case's floor is
 ``max(bytes / copy_bandwidth, flops / matmul_peak)``; ``roofline_fraction`` is the floor
@@ -34,9 +34,10 @@ class Peaks:
 
 
 def _seconds(fn, shapes, dtype, device, budget) -> float:
-    """Median seconds of ``fn`` on fresh tensors of ``shapes`` (freed on return)."""
+    """Best seconds of ``fn`` on fresh tensors of ``shapes`` (freed on return): a peak is
+    what the device reaches, so the fastest round counts, not the median."""
     args = [torch.ones(s, device=device, dtype=dtype) for s in shapes]
-    return measure(lambda: fn(*args), device, budget).median_ms / 1e3
+    return measure(lambda: fn(*args), device, budget).min_ms / 1e3
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype) -> Peaks:
@@ -48,7 +49,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> Peaks:
     gpu = device.type != "cpu"
     copy_bytes = 2**30 if gpu else 2**28
     n = 8192 if gpu else 1024
-    budget = Budget.for_device(device, quick=True)
+    budget = Budget(target_s=0.5, min_rounds=10, max_rounds=50, warmup=2)
     t_copy = _seconds(torch.Tensor.copy_, [(copy_bytes // 4,)] * 2, torch.float32, device, budget)
     t_mm = _seconds(torch.mm, [(n, n)] * 2, dtype, device, budget)
     return Peaks(
