@@ -234,6 +234,8 @@ def plot_roofline(rs: list, path: Path, title: str) -> bool:
     for ax, pass_ in zip(axes[0], passes):
         for i, provider in enumerate(providers):
             vals = {r["op"]: r["roofline_fraction"] for r in ok if r["pass"] == pass_ and r["provider"] == provider}
+            if not vals:
+                continue
             xs = [j + i * width for j, op in enumerate(ops) if op in vals]
             ax.bar(xs, [vals[op] for op in ops if op in vals], width, label=provider, color=_color(plt, provider))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ops))], ops)

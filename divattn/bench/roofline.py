@@ -1,8 +1,8 @@
 """The device's measured limits, and the roofline floor of a benchmark case.
 
-Measured once per run and dtype, as the fastest of several rounds: the copy bandwidth (``dst.copy_(src)`` of a buffer
-far larger than the caches, counting the read and the write) and the matmul peak (a
-large square ``torch.mm`` in the dtype). A case's floor is
+Measured once per run and dtype, as the fastest of several rounds: the copy bandwidth
+(``dst.copy_(src)`` of a buffer far larger than the caches, counting the read and the
+write) and the matmul peak (a large square ``torch.mm`` in the dtype). A case's floor is
 ``max(bytes / copy_bandwidth, flops / matmul_peak)``; ``roofline_fraction`` is the floor
 over the achieved time: 1.0 means the case ran at the floor, 0.25 four times slower.
 """
