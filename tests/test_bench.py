@@ -231,25 +231,20 @@ def test_named_shapes():
         shapes.lookup("nope")
 
 
-def _env_without_interpreter():
-    import os
+def test_cli_prints_a_table_and_writes_records(tmp_path, capsys, monkeypatch):
+    from divattn.__main__ import main
 
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def test_cli_prints_a_table_and_writes_records(tmp_path):
+    monkeypatch.setattr(roofline, "measure_peaks", lambda device, dtype: PEAKS)  # measured in the suite test
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "divattn", "bench", "--quick", "--threads", "1", "--ops", "temporal,joint",
-           "--passes", "fwd", "--providers", "reference,sdpa-math,divattn-triton", "--frames", "2",
-           "--patches", "4", "--heads", "1", "--head-dim", "8", "--json", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env_without_interpreter())
-    assert res.returncode == 0, res.stdout + res.stderr
-    lines = res.stdout.splitlines()
+    rc = main(["bench", "--quick", "--ops", "temporal,joint", "--passes", "fwd", "--providers",
+               "reference,sdpa-math,divattn-triton", "--frames", "2", "--patches", "4", "--heads", "1",
+               "--head-dim", "8", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    lines = text.splitlines()
     assert lines[0].startswith("CPU:") and lines[1].startswith("CPU, cpu_timesformer_8x112-custom")
     assert any(line.startswith("reference") and " temporal " in line for line in lines)
-    assert "not timed:" in res.stdout and "divattn-triton (unavailable" in res.stdout
+    assert "not timed:" in text and "divattn-triton (unavailable" in text
     recs = json.loads(out.read_text())
     assert len(recs) == 6 and {r["status"] for r in recs} == {"ok", "unavailable"}
     assert all(r["shape"]["T"] == 2 and r["shape"]["N"] == 4 for r in recs)
