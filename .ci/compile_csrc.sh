@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Compile every csrc/ source against the installed torch's headers: .cu files with nvcc
+# for sm_80 and sm_90, .cpp files with the host compiler, to object files in a temporary
+# directory. Nothing is linked or run (CI has no GPU and a CPU build of torch); a
+# compile error in any source fails this script.
+#
+# Env: NVCC (compiler to use), DIVATTN_CUDA_ARCHS (default "80;90"), MAX_JOBS
+# (parallel compiles, default: CPU count), CXX (host compiler, default c++).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+
+find_nvcc() {
+  if [ -n "${NVCC:-}" ]; then echo "$NVCC"; return; fi
+  if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then echo "$CUDA_HOME/bin/nvcc"; return; fi
+  if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda/bin/nvcc; return; fi
+  local newest
+  newest=$(ls -d /usr/local/cuda-*/bin/nvcc 2>/dev/null | sort -V | tail -n 1 || true)
+  if [ -n "$newest" ]; then echo "$newest"; return; fi
+  command -v nvcc || true
+}
+nvcc=$(find_nvcc)
+if [ -z "$nvcc" ]; then
+  echo "compile_csrc: nvcc not found (set NVCC or CUDA_HOME)" >&2
+  exit 1
+fi
+# The toolkit root, for the host compiler's CUDA include path (nvcc may be a wrapper script).
+cuda_root=$("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+cuda_root=${cuda_root:-$(dirname "$(dirname "$nvcc")")}
+
+# Include paths and flags exactly as torch.utils.cpp_extension would use them.
+mapfile -t torch_cfg < <(python - <<'EOF'
+import inspect
+import os
+import sysconfig
+
+import torch
+from torch.utils import cpp_extension as ce
+
+inc = ce.include_paths() + [sysconfig.get_paths()["include"]]
+print(" ".join("-I" + p for p in inc))
+defs = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+# A CPU build of torch ships c10/cuda headers but not the one its CMake generates for CUDA
+# builds (it only sets the Windows DLL export macro); tell CUDAMacros.h to skip it.
+generated = os.path.join(ce.include_paths()[0], "c10", "cuda", "impl", "cuda_cmake_macros.h")
+if not os.path.exists(generated):
+    defs.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+print(" ".join(defs))
+print(" ".join(ce.COMMON_NVCC_FLAGS))
+# The C++ standard torch builds extensions with (C++20 for recent torch, C++17 for older).
+print("c++20" if "-std=c++20" in inspect.getsource(ce) else "c++17")
+print(torch.__version__)
+print("yes" if not os.path.exists(generated) else "no")
+EOF
+)
+includes=${torch_cfg[0]}
+defines=${torch_cfg[1]}
+nvcc_common=${torch_cfg[2]}
+std=${torch_cfg[3]}
+torch_version=${torch_cfg[4]}
+no_cmake_macros=${torch_cfg[5]}
+
+archs=${DIVATTN_CUDA_ARCHS:-"80;90"}
+gencode=""
+arch_names=""
+for a in ${archs//[;, ]/ }; do
+  a=${a//./}
+  gencode+=" -gencode=arch=compute_${a},code=sm_${a}"
+  arch_names+="${arch_names:+,}sm_${a}"
+done
+jobs=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}
+cxx=${CXX:-c++}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+echo "compile_csrc: $("$nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/nvcc \1/p') ($nvcc), $($cxx --version | head -n 1)"
+echo "compile_csrc: torch $torch_version headers, -std=$std, archs $arch_names, $jobs parallel jobs"
+if [ "$no_cmake_macros" = yes ]; then
+  echo "compile_csrc: this torch has no c10/cuda/impl/cuda_cmake_macros.h (CPU build): compiling with -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"
+fi
+
+export nvcc cuda_root includes defines nvcc_common std gencode arch_names cxx out
+compile_one() {
+  local src=$1 obj t0 log
+  obj="$out/$(basename "$src").o"
+  log="$obj.log"
+  t0=$(date +%s)
+  case "$src" in
+    *.cu)
+      # shellcheck disable=SC2086
+      if ! "$nvcc" -c "$src" -o "$obj" -std="$std" -O3 --use_fast_math -lineinfo -Xcompiler -fPIC \
+        $nvcc_common $gencode $defines $includes >"$log" 2>&1; then
+        cat "$log" >&2; echo "compile_csrc: FAILED $src" >&2; return 1
+      fi
+      echo "compile_csrc: compiled $src for $arch_names in $(( $(date +%s) - t0 )) s" ;;
+    *.cpp)
+      # shellcheck disable=SC2086
+      if ! "$cxx" -c "$src" -o "$obj" -std="$std" -O3 -fPIC -Wall -Wno-unknown-pragmas \
+        -DDIVATTN_ARCHS=ci $defines $includes -I"$cuda_root/include" >"$log" 2>&1; then
+        cat "$log" >&2; echo "compile_csrc: FAILED $src" >&2; return 1
+      fi
+      echo "compile_csrc: compiled $src with $cxx in $(( $(date +%s) - t0 )) s" ;;
+  esac
+  if grep -q -i "warning" "$log"; then
+    grep -i -A3 "warning" "$log" | head -n 40
+  fi
+}
+export -f compile_one
+
+mapfile -t sources < <(ls csrc/*.cu csrc/*.cpp 2>/dev/null | sort)
+if [ "${#sources[@]}" -eq 0 ]; then
+  echo "compile_csrc: no sources in csrc/" >&2
+  exit 1
+fi
+# The C++ binding first: it is the slowest compile (the full torch/extension.h).
+printf '%s\n' "${sources[@]}" | sort -t. -k2,2 | xargs -P "$jobs" -I{} bash -c 'compile_one "$@"' _ {}
+echo "compile_csrc: ${#sources[@]} sources compiled without errors in $(( $(date +%s) - start )) s (objects only: nothing linked or run)"

@@ -1,0 +1,145 @@
+// Forward of strided batched attention: temporal, spatial (with the cls key/value) and
+// joint attention as one problem of S sequences of L rows (see divattn.h: View).
+//
+// Design:
+// - A block is 4 warps; a warp owns 4 query rows of one sequence, keeps them in fp32
+//   shared memory, and holds their running max, partial sums and output accumulators
+//   (lane l owns head-dim elements l, l + 32, ...) in registers, all in fp32.
+// - Keys and values stream through a shared-memory tile of 32 rows, converted to fp32
+//   and zero-padded to the padded head dim: lane j scores key j against the warp's 4
+//   queries (float4 reads; the key tile's row pitch is padded by 4 floats so the 32 lanes
+//   hit distinct banks), then the tile's probabilities go through shared memory and every
+//   lane accumulates p * v for its own head-dim elements. The score matrix never leaves
+//   the chip; the softmax is online, in base 2 with the scale folded into log2(e).
+// - Sequences of L <= 8 rows (temporal attention over few frames) are packed 2 or 4 to a
+//   block, each group of warps using its own slice of the tile (Groups in common.cuh),
+//   so short sequences do not leave most of a block idle.
+// - With a cls token every spatial row's softmax starts from the cls key (m = q . k_cls,
+//   l = 1, acc = v_cls), read once per row from its own pointer: the same vectors serve
+//   every frame without being repeated in memory.
+// - Every load is guarded on sequence, row and head dim; addresses are 64-bit; every
+//   output row is written exactly once, with its log-sum-exp (base 2, scale included).
+#include "common.cuh"
+
+namespace divattn {
+namespace {
+
+template <int DP>
+constexpr size_t fwd_smem_floats() {
+  return kSlots * (DP + 4) + kSlots * DP + kWarps * kRows * DP + kWarps * kRows * kSlots;
+}
+
+template <typename T, int DCH, bool CLS>
+__global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnParams p) {
+  constexpr int DP = DCH * kWarp;
+  constexpr int KP = DP + 4;
+  extern __shared__ __align__(16) float smem[];
+  float* Ks = smem;                      // [kSlots][KP]
+  float* Vs = Ks + kSlots * KP;          // [kSlots][DP]
+  float* Qs = Vs + kSlots * DP;          // [kWarps][kRows][DP]
+  float* Ps = Qs + kWarps * kRows * DP;  // [kWarps][kRows][kSlots]
+  __shared__ GroupBases gb;
+
+  const RowWarp w = row_warp(p);
+  const int warp = w.warp, lane = w.lane, g = w.g;
+  const int64_t row0 = w.row0;
+  const int D = p.D, D4 = (D + 3) / 4;
+
+  const T* q = static_cast<const T*>(p.q.ptr) + seq_offset(p.q, w.ix);
+  float* Qw = Qs + warp * kRows * DP;
+  bool row_ok[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    row_ok[i] = w.seq_ok && row0 + i < p.L;
+    load_row<T, DP>(Qw + i * DP, row_ok[i] ? q + (row0 + i) * p.q.sL : q, row_ok[i], D, lane);
+  }
+  group_bases(gb, p.k, p.v, p, w.grp.G);
+  __syncthreads();
+
+  float m[kRows], l[kRows], acc[kRows][DCH];
+  if constexpr (CLS) {
+    float kcr[DCH], vcr[DCH];
+    load_lanes<T, DCH>(kcr, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, w.ix.i0, w.ix.i2), true, D, lane);
+    load_lanes<T, DCH>(vcr, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, w.ix.i0, w.ix.i2), true, D, lane);
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      float part = 0.f;
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) part = fmaf(Qw[i * DP + lane + c * kWarp], kcr[c], part);
+      m[i] = warp_sum(part) * p.qk_scale;
+      l[i] = lane == 0 ? 1.f : 0.f;  // partial sums per lane, reduced at the end
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) acc[i][c] = vcr[c];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      m[i] = -INFINITY;
+      l[i] = 0.f;
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) acc[i][c] = 0.f;
+    }
+  }
+
+  const T* kptr = static_cast<const T*>(p.k.ptr);
+  const T* vptr = static_cast<const T*>(p.v.ptr);
+  const int jrow = g * w.grp.slots + (lane & (w.grp.slots - 1));  // this lane's key row in the tile
+  const float* Vg = Vs + g * w.grp.slots * DP;
+  float* Pw = Ps + warp * kRows * kSlots;
+  for (int64_t start = 0; start < p.L; start += w.grp.slots) {
+    __syncthreads();  // the previous tile is consumed
+    load_tile_pair<T, DP>(Ks, KP, Vs, DP, kptr, vptr, p.k, p.v, gb, start, p.L, w.grp.slots, D, warp, lane);
+    __syncthreads();
+    const bool key_ok = w.seq_ok && lane < w.grp.slots && start + lane < p.L;
+    const float* krow = Ks + jrow * KP;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const float sc = key_ok ? dot_smem(Qw + i * DP, krow, D4) * p.qk_scale : -INFINITY;
+      const float m_new = fmaxf(m[i], warp_max(sc));
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m[i] - m_use);
+      const float pr = exp2f(sc - m_use);
+      l[i] = fmaf(l[i], alpha, pr);
+      Pw[i * kSlots + lane] = pr;
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) acc[i][c] *= alpha;
+      m[i] = m_new;
+    }
+    __syncwarp();
+    const int n = static_cast<int>(p.L - start < w.grp.slots ? p.L - start : w.grp.slots);
+    accumulate_tile<DCH>(acc, Pw, Vg, DP, n, lane);
+  }
+
+  T* o = static_cast<T*>(p.o.ptr) + seq_offset(p.o, w.ix);
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const float lt = warp_sum(l[i]);
+    const float l_safe = lt == 0.f ? 1.f : lt;
+    const float inv = 1.f / l_safe;
+    if (row_ok[i]) {
+      T* orow = o + (row0 + i) * p.o.sL;
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) {
+        const int d = lane + c * kWarp;
+        if (d < D) orow[d] = from_float<T>(acc[i][c] * inv);
+      }
+      if (lane == 0) p.lse[w.s * p.L + row0 + i] = m[i] + log2f(l_safe);
+    }
+  }
+}
+
+template <typename T, int DCH, bool CLS>
+struct FwdLaunch {
+  static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
+    return launch_rows(attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float), p, stream);
+  }
+};
+
+}  // namespace
+
+cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream) {
+  if (p.S == 0 || p.L == 0) return cudaSuccess;
+  return dispatch<FwdLaunch>(p, stream);
+}
+
+}  // namespace divattn

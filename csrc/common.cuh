@@ -1,0 +1,251 @@
+// Device helpers shared by the kernels: dtype conversion, warp reductions, sequence
+// addressing, shared-memory tiles and the dtype / head-dim dispatch.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "divattn.h"
+
+namespace divattn {
+
+constexpr int kWarp = 32;
+constexpr int kWarps = 4;        // warps per block of the row kernels
+constexpr int kRows = 4;         // rows (queries or keys) owned by one warp
+constexpr int kSlots = 32;       // rows per shared-memory tile: one per lane
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) x += __shfl_xor_sync(kFull, x, off);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) x = fmaxf(x, __shfl_xor_sync(kFull, x, off));
+  return x;
+}
+
+// Element offset of sequence s = (i0 * S1 + i1) * S2 + i2 in a view.
+struct SeqIndex {
+  int64_t i0, i1, i2;
+};
+
+__device__ __forceinline__ SeqIndex seq_index(int64_t s, int64_t S1, int64_t S2) {
+  const int64_t r = s / S2;
+  return {r / S1, r % S1, s - r * S2};
+}
+
+__device__ __forceinline__ int64_t seq_offset(const View& v, const SeqIndex& ix) {
+  return ix.i0 * v.s0 + ix.i1 * v.s1 + ix.i2 * v.s2;
+}
+
+__device__ __forceinline__ int64_t cls_offset(const ClsView& c, int64_t b, int64_t h) {
+  return b * c.sb + h * c.sh;
+}
+
+// Dot product of two zero-padded fp32 rows in shared memory (16-byte aligned), d < 4 * D4.
+__device__ __forceinline__ float dot_smem(const float* a, const float* b, int D4) {
+  const float4* a4 = reinterpret_cast<const float4*>(a);
+  const float4* b4 = reinterpret_cast<const float4*>(b);
+  float acc = 0.f;
+#pragma unroll 4
+  for (int i = 0; i < D4; ++i) {
+    const float4 x = a4[i], y = b4[i];
+    acc = fmaf(x.x, y.x, acc);
+    acc = fmaf(x.y, y.y, acc);
+    acc = fmaf(x.z, y.z, acc);
+    acc = fmaf(x.w, y.w, acc);
+  }
+  return acc;
+}
+
+// A row of D elements into fp32 shared memory, zero-filled up to DP (or all zero when
+// !ok). One warp; lanes read consecutive elements.
+template <typename T, int DP>
+__device__ __forceinline__ void load_row(float* dst, const T* src, bool ok, int D, int lane) {
+#pragma unroll
+  for (int d = lane; d < DP; d += kWarp) dst[d] = (ok && d < D) ? to_float(src[d]) : 0.f;
+}
+
+// This lane's elements (lane, lane + 32, ...) of a row of D, as fp32 registers; zero
+// past D or when !ok.
+template <typename T, int DCH>
+__device__ __forceinline__ void load_lanes(float (&dst)[DCH], const T* src, bool ok, int D, int lane) {
+#pragma unroll
+  for (int c = 0; c < DCH; ++c) {
+    const int d = lane + c * kWarp;
+    dst[c] = (ok && d < D) ? to_float(src[d]) : 0.f;
+  }
+}
+
+// How a block of kWarps warps splits into G groups, each serving one sequence.
+// Short sequences (L <= 8) are packed G = 2 or 4 to a block so that a block's rows and
+// its 32-row tile are not mostly padding; a group owns kSlots / G tile rows and
+// kWarps / G warps of kRows rows each.
+struct Groups {
+  int G, slots, warps_per_group, rows_per_block;
+};
+
+__host__ __device__ __forceinline__ Groups make_groups(int64_t L) {
+  const int G = L <= 4 ? 4 : (L <= 8 ? 2 : 1);
+  return {G, kSlots / G, kWarps / G, (kWarps / G) * kRows};
+}
+
+// Where a warp of a row kernel works: sequence s of group g, rows [row0, row0 + kRows).
+struct RowWarp {
+  int warp, lane, g;
+  Groups grp;
+  int64_t s, row0;
+  bool seq_ok;
+  SeqIndex ix;
+};
+
+__device__ __forceinline__ RowWarp row_warp(const AttnParams& p) {
+  RowWarp w;
+  w.warp = threadIdx.x / kWarp;
+  w.lane = threadIdx.x % kWarp;
+  w.grp = make_groups(p.L);
+  w.g = w.warp / w.grp.warps_per_group;
+  w.s = static_cast<int64_t>(blockIdx.x) * w.grp.G + w.g;
+  w.seq_ok = w.s < p.S;
+  w.ix = seq_index(w.seq_ok ? w.s : 0, p.S1, p.S2);
+  w.row0 = static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block + (w.warp % w.grp.warps_per_group) * kRows;
+  return w;
+}
+
+__device__ __forceinline__ float lane_of(const float4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// acc[r][c] += sum_{j < n} P[r][j] * X[j][lane + 32 c]: a warp's kRows rows of weights
+// (row pitch kSlots, zero past n) times a tile of n rows (row pitch `pitch`), in j order.
+template <int DCH>
+__device__ __forceinline__ void accumulate_tile(float (&acc)[kRows][DCH], const float* P, const float* X, int pitch,
+                                                int n, int lane) {
+  const int n4 = (n + 3) & ~3;  // the tile's rows past n are zero too
+  for (int j = 0; j < n4; j += 4) {
+    float4 pj[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) pj[r] = *reinterpret_cast<const float4*>(P + r * kSlots + j);
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) {
+        const float x = X[(j + jj) * pitch + lane + c * kWarp];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) acc[r][c] = fmaf(lane_of(pj[r], jj), x, acc[r][c]);
+      }
+    }
+  }
+}
+
+// Per-group base offsets of up to two views, computed once per block into shared memory.
+struct GroupBases {
+  int64_t a[kWarps];
+  int64_t b[kWarps];
+  bool ok[kWarps];
+};
+
+__device__ __forceinline__ void group_bases(GroupBases& gb, const View& x, const View& y, const AttnParams& p,
+                                            int G) {
+  const int i = threadIdx.x;
+  if (i < G) {
+    const int64_t s = static_cast<int64_t>(blockIdx.x) * G + i;
+    gb.ok[i] = s < p.S;
+    const SeqIndex ix = seq_index(gb.ok[i] ? s : 0, p.S1, p.S2);
+    gb.a[i] = seq_offset(x, ix);
+    gb.b[i] = seq_offset(y, ix);
+  }
+}
+
+// Tile rows [start, start + slots) of every group's sequence from two views (k and v,
+// or q and do) into fp32 shared memory with the given row pitches; zeros past L or D.
+template <typename T, int DP>
+__device__ __forceinline__ void load_tile_pair(float* ta, int pitch_a, float* tb, int pitch_b, const T* xa,
+                                               const T* xb, const View& va, const View& vb,
+                                               const GroupBases& gb, int64_t start, int64_t L, int slots,
+                                               int D, int warp, int lane) {
+  for (int slot = warp; slot < kSlots; slot += kWarps) {
+    const int g = slot / slots;
+    const int64_t row = start + (slot % slots);
+    const bool ok = gb.ok[g] && row < L;
+    const T* pa = ok ? xa + gb.a[g] + row * va.sL : xa;
+    const T* pb = ok ? xb + gb.b[g] + row * vb.sL : xb;
+    load_row<T, DP>(ta + slot * pitch_a, pa, ok, D, lane);
+    load_row<T, DP>(tb + slot * pitch_b, pb, ok, D, lane);
+  }
+}
+
+template <typename Kernel>
+inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+// Launch a row kernel (attn_fwd.cu, attn_bwd.cu): one block per G sequences x rows_per_block rows.
+template <typename Kernel>
+cudaError_t launch_rows(Kernel kernel, size_t smem, const AttnParams& p, cudaStream_t stream) {
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const Groups grp = make_groups(p.L);
+  const dim3 grid(static_cast<unsigned>((p.S + grp.G - 1) / grp.G),
+                  static_cast<unsigned>((p.L + grp.rows_per_block - 1) / grp.rows_per_block));
+  kernel<<<grid, kWarps * kWarp, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+inline int head_chunks(int D) { return (D + kWarp - 1) / kWarp; }
+
+// Launch<scalar_t, ceil(D / 32), CLS>::run(p, stream) for the params' dtype and head dim.
+template <template <typename, int, bool> class Launch, typename T, bool CLS>
+cudaError_t dispatch_head(const AttnParams& p, cudaStream_t stream) {
+  switch (head_chunks(p.D)) {
+    case 1:
+      return Launch<T, 1, CLS>::run(p, stream);
+    case 2:
+      return Launch<T, 2, CLS>::run(p, stream);
+    case 3:
+      return Launch<T, 3, CLS>::run(p, stream);
+    default:
+      return Launch<T, 4, CLS>::run(p, stream);
+  }
+}
+
+template <template <typename, int, bool> class Launch, bool CLS>
+cudaError_t dispatch_dtype(const AttnParams& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::f16:
+      return dispatch_head<Launch, __half, CLS>(p, stream);
+    case DType::bf16:
+      return dispatch_head<Launch, __nv_bfloat16, CLS>(p, stream);
+    default:
+      return dispatch_head<Launch, float, CLS>(p, stream);
+  }
+}
+
+// With CLS = p.has_cls.
+template <template <typename, int, bool> class Launch>
+cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
+  return p.has_cls ? dispatch_dtype<Launch, true>(p, stream) : dispatch_dtype<Launch, false>(p, stream);
+}
+
+}  // namespace divattn

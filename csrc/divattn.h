@@ -1,0 +1,59 @@
+// Interface between the binding (bindings.cpp, host compiler, all input checks) and the
+// kernels (*.cu, nvcc). Plain structs of pointers, sizes and element strides only, so
+// the .cu files need no torch headers.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace divattn {
+
+enum class DType : int { f16 = 0, bf16 = 1, f32 = 2 };
+
+constexpr int kMaxHeadDim = 128;
+
+// One q/k/v/o-like tensor as S sequences of L rows: sequence s = (i0 * S1 + i1) * S2 + i2
+// starts at i0 * s0 + i1 * s1 + i2 * s2 and row t is t * sL further (element strides).
+struct View {
+  void* ptr = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0, sL = 0;
+};
+
+// A (B, H, D) cls tensor: element (b, h, :) at b * sb + h * sh.
+struct ClsView {
+  void* ptr = nullptr;
+  int64_t sb = 0, sh = 0;
+};
+
+struct AttnParams {
+  DType dtype = DType::f32;
+  int D = 0;
+  float scale = 1.f;     // softmax scale
+  float qk_scale = 1.f;  // scale * log2(e): scores in base 2
+  int64_t S = 0, S1 = 1, S2 = 1, L = 0;
+
+  View q, k, v, o, dout, dq, dk, dv;
+  float* lse = nullptr;    // (S * L,), base 2, scale included
+  float* delta = nullptr;  // (S * L,) rowsum(o * do), backward only
+
+  // Spatial attention with a cls token: S = B * T * H sequences (b, t, h) of L = N rows.
+  bool has_cls = false;
+  int64_t B = 0, T = 0, H = 0;
+  ClsView qc, kc, vc, oc, doc, dqc, dkc, dvc;
+  float* cls_frames = nullptr;  // (B, H, T, D) per-frame cls outputs
+  float* lse_cls = nullptr;     // (B, H, T)
+  float* gc = nullptr;          // (B, H, D) d o_cls / T, backward only
+  float* delta_cls = nullptr;   // (B, H, T) rowsum(cls_frames * gc), backward only
+};
+
+// Each launcher enqueues its kernels on `stream` and returns the launch status.
+cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream);
+cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream);
+cudaError_t launch_bwd_dkdv(const AttnParams& p, cudaStream_t stream);
+cudaError_t launch_bwd_dq(const AttnParams& p, cudaStream_t stream);
+cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream);
+cudaError_t launch_cls_bwd_prep(const AttnParams& p, cudaStream_t stream);
+cudaError_t launch_cls_bwd(const AttnParams& p, cudaStream_t stream);
+
+}  // namespace divattn
