@@ -189,6 +189,23 @@ def test_gencode_has_machine_code_for_each_arch_and_ptx_for_the_newest():
     ]
 
 
+@pytest.mark.parametrize(
+    "capability, archs, runs",
+    [((8, 0), ["80", "90"], True), ((8, 6), ["80", "90"], True), ((9, 0), ["80", "90"], True),
+     ((12, 0), ["80", "90"], True),  # PTX of compute_90
+     ((7, 5), ["80", "90"], False), ((8, 6), ["90"], False), ((9, 0), ["90a"], True), ((10, 0), ["90a"], False)],
+    ids=lambda x: str(x).replace(" ", ""),
+)
+def test_arch_reason(capability, archs, runs):
+    reason = cuda_ext.arch_reason(capability, archs)
+    if runs:
+        assert reason is None
+    else:
+        device = capability[0] * 10 + capability[1]
+        assert reason.endswith(f"has no code for sm_{device} (rebuild with DIVATTN_CUDA_ARCHS={device})")
+        assert one_sentence(reason)
+
+
 def _without_triton(monkeypatch):
     triton = dispatch.BACKENDS["triton"]
     monkeypatch.setitem(

@@ -147,6 +147,45 @@ def unavailable_reason() -> Optional[str]:
     return f"the CUDA extension is not built (DIVATTN_BUILD_CUDA=1) and cannot be built just in time: {blocker}"
 
 
+def arch_reason(capability: tuple, archs: list) -> Optional[str]:
+    """Why code built for ``archs`` (``["80", "90"]``, PTX of the newest included) cannot run
+    on a GPU of compute ``capability`` ``(major, minor)``, or None."""
+    major, minor = capability
+    device = major * 10 + minor
+    numbers = []
+    for arch in archs:
+        number = int(re.match(r"\d+", arch).group())
+        if arch.isdigit() and number // 10 == major and number <= device:
+            return None  # machine code runs on later minor versions of its major version
+        if number == device:
+            return None  # arch-specific machine code (e.g. 90a) on exactly its GPU
+        numbers.append(number)
+    if numbers and max(numbers) <= device and archs[numbers.index(max(numbers))].isdigit():
+        return None  # the newest arch's PTX is compiled for this GPU by the driver
+    return (f"the CUDA extension was built for {', '.join(f'sm_{a}' for a in archs)} and has no code for "
+            f"sm_{device} (rebuild with DIVATTN_CUDA_ARCHS={device})")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_reason(capability: tuple) -> Optional[str]:
+    module = _module if _module is not None else _prebuilt()[0]
+    archs = [a.removeprefix("sm_") for a in module.archs().split("+") if a] if module is not None else []
+    return arch_reason(capability, archs) if archs else None
+
+
+def device_reason(device) -> Optional[str]:
+    """Why the built extension has no code for this CUDA device, in one sentence, or None.
+
+    None as well when nothing is built yet (a just-in-time build targets the visible GPUs)
+    or the build did not record its architectures. Cached per compute capability.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return _capability_reason(tuple(torch.cuda.get_device_capability(device)))
+
+
 def _build():
     global _build_error
     from torch.utils.cpp_extension import load
@@ -264,4 +303,5 @@ def build_info() -> list:
     return lines
 
 
-__all__ = ["forward", "backward", "unavailable_reason", "build_info", "parse_archs", "gencode_flags"]
+__all__ = ["forward", "backward", "unavailable_reason", "device_reason", "build_info", "arch_reason",
+           "parse_archs", "gencode_flags"]
