@@ -75,7 +75,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=5.0"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=5.0", "matplotlib>=3.5"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["divattn=divattn.__main__:main"]},
     ext_modules=ext_modules,

@@ -14,6 +14,7 @@ from .ops import (
     tokens_major,
 )
 from .swap import swap_attention
+from . import flops  # noqa: E402  (registers FlopCounterMode formulas for the custom ops)
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -29,3 +30,17 @@ def test_demo_checks_the_fused_ops(tmp_path):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_importing_divattn_lets_flop_counter_count_the_kernel_ops():
+    code = (
+        "import torch, divattn\n"
+        "from torch.utils.flop_counter import FlopCounterMode\n"
+        "q, k, v = (torch.randn(1, 3, 5, 2, 16) for _ in range(3))\n"
+        "with FlopCounterMode(display=False) as m:\n"
+        "    divattn.temporal_attention(q, k, v, backend='triton')\n"
+        "assert m.get_total_flops() == 2 * 2 * (1 * 5 * 2) * 3 * 3 * 16, m.get_total_flops()\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr

@@ -214,8 +214,14 @@ def _without_triton(monkeypatch):
     )
 
 
+def _pretend_gpu(monkeypatch, capability=(9, 0)):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
 def test_auto_dispatch_picks_cuda_when_triton_cannot_run(monkeypatch):
     _without_triton(monkeypatch)
+    _pretend_gpu(monkeypatch)
     monkeypatch.setattr(cuda_ext, "unavailable_reason", lambda: None)
     gpu = torch.device("cuda", 0)
     for op in dispatch.OPS:
@@ -225,8 +231,23 @@ def test_auto_dispatch_picks_cuda_when_triton_cannot_run(monkeypatch):
     assert dispatch.select("temporal", torch.float64, gpu, 64).name == "torch"
 
 
+def test_auto_dispatch_refuses_gpus_older_than_declared(monkeypatch):
+    _pretend_gpu(monkeypatch, capability=(7, 0))
+    monkeypatch.setattr(cuda_ext, "unavailable_reason", lambda: None)
+    reasons = dispatch.BACKENDS["triton"].not_supported_reasons("temporal", torch.float16, torch.device("cuda", 0), 64)
+    assert any("compute capability 7.0 is older than the 8.0 it needs" in r for r in reasons)
+    assert dispatch.select("temporal", torch.float16, torch.device("cuda", 0), 64).name == "torch"
+
+
+def test_no_gpu_is_a_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reasons = dispatch.BACKENDS["torch"].not_supported_reasons("joint", torch.float16, torch.device("cuda", 0), 64)
+    assert reasons == ["no CUDA device is available (torch.cuda.is_available() is False)"]
+
+
 def test_auto_dispatch_skips_an_unavailable_cuda_backend(monkeypatch):
     _without_triton(monkeypatch)
+    _pretend_gpu(monkeypatch)
     monkeypatch.setattr(cuda_ext, "unavailable_reason", lambda: "nvcc not found (set CUDA_HOME)")
     assert dispatch.select("spatial_cls", torch.float16, torch.device("cuda", 0), 64).name == "torch"
 

@@ -10,6 +10,7 @@ if they disagree. Nothing is downloaded.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 
@@ -28,8 +29,12 @@ def main(args) -> int:
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        print("no CUDA device: running the Triton kernels in the Triton interpreter (TRITON_INTERPRET=1)")
-        os.environ["TRITON_INTERPRET"] = "1"
+        # Triton reads TRITON_INTERPRET when it is imported, which importing divattn did.
+        print("no CUDA device: running the Triton kernels in the Triton interpreter (TRITON_INTERPRET=1)",
+              flush=True)
+        rest = sys.argv[sys.argv.index("demo") + 1:] if "demo" in sys.argv else []
+        argv = [sys.executable, "-m", "divattn", "demo", *rest]
+        os.execve(sys.executable, argv, dict(os.environ, TRITON_INTERPRET="1"))
     import divattn
     from divattn.ops import reference, split_qkv
 

@@ -49,6 +49,12 @@ def _cuda_runtime_reason() -> Optional[str]:
     return cuda_ext.unavailable_reason()
 
 
+def _cuda_device_reason(device: torch.device) -> Optional[str]:
+    from . import cuda_ext
+
+    return cuda_ext.device_reason(device)
+
+
 @dataclass(frozen=True)
 class Backend:
     """What one backend can run, as data, plus where its kernels live.
@@ -56,7 +62,9 @@ class Backend:
     ``device_types``: tensor device types served; ``cpu_needs_interpreter``: CPU
     tensors are served only under ``TRITON_INTERPRET=1``; ``interpreter_dtypes``: the
     dtypes trusted under the interpreter; ``max_head_dim``: largest D;
-    ``runtime_reason``: a callable returning why the backend cannot run at all, or None.
+    ``min_capability``: the oldest CUDA compute capability served;
+    ``runtime_reason``: a callable returning why the backend cannot run at all, or None;
+    ``device_reason``: a callable returning why it cannot run on a given device, or None.
     """
 
     name: str
@@ -66,7 +74,9 @@ class Backend:
     ops: tuple = OPS
     cpu_needs_interpreter: bool = False
     interpreter_dtypes: tuple = ()
+    min_capability: tuple = (0, 0)
     runtime_reason: Callable[[], Optional[str]] = field(default=lambda: None)
+    device_reason: Callable[[torch.device], Optional[str]] = field(default=lambda device: None)
     module: Optional[str] = None
 
     def unavailable_reason(self) -> Optional[str]:
@@ -83,6 +93,15 @@ class Backend:
             reasons.append(f"dtype {dtype} is not supported (supported: {', '.join(map(str, self.dtypes))})")
         if device.type not in self.device_types:
             reasons.append(f"device type {device.type!r} is not supported (supported: {', '.join(self.device_types)})")
+        elif device.type == "cuda" and not torch.cuda.is_available():
+            reasons.append("no CUDA device is available (torch.cuda.is_available() is False)")
+        elif device.type == "cuda" and not why:
+            cap = tuple(torch.cuda.get_device_capability(device))
+            if cap < self.min_capability:
+                reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
+                               f"{self.min_capability[0]}.{self.min_capability[1]} it needs")
+            elif self.device_reason(device):
+                reasons.append(self.device_reason(device))
         elif device.type == "cpu" and self.cpu_needs_interpreter:
             if not interpreting():
                 reasons.append("CPU tensors run only under TRITON_INTERPRET=1")
@@ -105,6 +124,7 @@ BACKENDS = {
         max_head_dim=256,
         cpu_needs_interpreter=True,
         interpreter_dtypes=(torch.float16, torch.float32),
+        min_capability=(8, 0),
         runtime_reason=_triton_runtime_reason,
         module=".triton_kernels",
     ),
@@ -113,7 +133,9 @@ BACKENDS = {
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda",),
         max_head_dim=128,
+        min_capability=(8, 0),
         runtime_reason=_cuda_runtime_reason,
+        device_reason=_cuda_device_reason,
         module=".cuda_ext",
     ),
     "torch": Backend(

@@ -246,3 +246,4 @@ def run(op: str, q, k, v, cls, scale: float, backend: str) -> torch.Tensor:
     views = [q, k, v, *cls] if cls is not None else [q, k, v]
     srcs, geom = sources(views)
     return attn_fwd(srcs, geom, OPS.index(op), cls is not None, float(scale), backend)[0]
+
