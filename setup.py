@@ -73,6 +73,10 @@ setup(
         "torch>=2.4",
         "numpy",
         "triton>=3.0; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
+        "av>=11",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "tensorboard>=2.10",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=5.0", "matplotlib>=3.5"],
