@@ -25,12 +25,16 @@ DEFAULTS = {
         "backend": "auto",
         "patch_size": 8,
         "embed_dim": 96,
-        "depth": 3,
+        "depth": 2,
         "num_heads": 3,
         "mlp_ratio": 2.0,
         "qkv_bias": True,
         "drop_path_rate": 0.0,
         "grad_checkpointing": False,
+        # parameters to draw again from a truncated normal after the model is built, by name
+        # suffix -> std (e.g. {time_embed: 0.02}: TimeSformer's zero time embedding starts as a
+        # frame-order-blind model, a saddle that training from scratch leaves slowly)
+        "reinit": {"time_embed": 1.0},
         "kwargs": {},  # any other create_model keyword
     },
     "data": {
@@ -68,7 +72,7 @@ DEFAULTS = {
     },
     "optim": {
         "name": "adamw",  # adamw | sgd
-        "lr": 1.0e-3,  # for the global batch (batch_size x accum_steps x processes)
+        "lr": 2.0e-3,  # for the global batch (batch_size x accum_steps x processes)
         "weight_decay": 0.05,
         "momentum": 0.9,  # sgd
         "betas": [0.9, 0.999],  # adamw
@@ -82,11 +86,15 @@ DEFAULTS = {
         "gamma": 0.1,
     },
     "train": {
-        "epochs": 8,
+        "epochs": 16,
         "batch_size": 32,  # per process
         "accum_steps": 1,
         "amp": "none",  # none | bf16 | fp16 (fp16 uses a GradScaler)
         "compile": False,
+        # CPU intra-op threads per process; auto: the cores this process may use, less its data
+        # workers, shared among the processes of a torchrun on this machine (more threads than
+        # free cores makes every op wait for a descheduled thread)
+        "threads": "auto",
         "ema_decay": None,  # e.g. 0.999: also keep an EMA of the weights and evaluate it
         "max_nonfinite": 5,  # stop after this many optimizer steps in a row with a NaN/inf loss
         "checkpoint_every": 50,  # optimizer steps between checkpoints (and at every epoch end); 0: epoch ends only
@@ -115,7 +123,7 @@ CHOICES = {
 }
 
 # mappings whose keys are free (anything goes in them)
-FREE = ("model.kwargs",)
+FREE = ("model.kwargs", "model.reinit")
 
 
 class ConfigError(ValueError):
@@ -223,6 +231,9 @@ def validate(cfg: dict) -> None:
         value = get(cfg, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+    threads = get(cfg, "train.threads")
+    if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"train.threads must be 'auto' or a positive integer, got {threads!r}")
     ema = get(cfg, "train.ema_decay")
     if ema is not None and not 0.0 < ema < 1.0:
         raise ConfigError(f"train.ema_decay must be null or in (0, 1), got {ema!r}")

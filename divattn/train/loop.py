@@ -79,11 +79,25 @@ def build_model(cfg: dict, num_classes: int, backend) -> nn.Module:
         kw["attention_type"] = m["attention_type"]
     kw.update(m["kwargs"] or {})
     model = create_model(m["name"], **kw)
+    reinit(model, m["reinit"] or {})
     if m["grad_checkpointing"]:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"model.grad_checkpointing: {m['name']} has no set_grad_checkpointing")
         model.set_grad_checkpointing(True)
     return model
+
+
+def reinit(model: nn.Module, stds: dict) -> None:
+    """Draw every parameter whose name ends with a key of ``stds`` from a truncated
+    normal with that std; a key that matches nothing is an error."""
+    params = dict(model.named_parameters())
+    for suffix, std in stds.items():
+        hits = [name for name in params if name.endswith(suffix)]
+        if not hits:
+            raise ValueError(f"model.reinit: no parameter name ends with {suffix!r}")
+        with torch.no_grad():
+            for name in hits:
+                nn.init.trunc_normal_(params[name], std=float(std), a=-2 * float(std), b=2 * float(std))
 
 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -121,6 +135,19 @@ def lr_factor(cfg: dict, steps_per_epoch: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
+
+
+def cpu_threads(setting, num_workers: int) -> tuple:
+    """``train.threads`` -> (intra-op threads for this process, a sentence saying why)."""
+    if setting != "auto":
+        return int(setting), f"{setting} CPU threads as asked"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n = max(1, cores // procs - num_workers)
+    return n, f"{n} CPU thread(s) per process ({cores} cores, {procs} process(es), {num_workers} data worker(s) each)"
 
 
 def _autocast(device: torch.device, amp: str):
@@ -193,15 +220,21 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
 
     train_set, val_set, num_classes = build_datasets(cfg["data"])
     backend, why = resolve_backend(cfg["model"]["backend"], dist.device)
+    threads_why = None
+    if dist.device.type == "cpu":
+        threads, threads_why = cpu_threads(tcfg["threads"], cfg["data"]["num_workers"])
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = model_fn(cfg, num_classes, backend).to(dist.device)
     torch.manual_seed(seed + dist.rank)
     params = sum(p.numel() for p in model.parameters())
     resolved = {"device": str(dist.device), "backend": backend if backend is not None else "auto-dispatch",
                 "world_size": dist.world_size, "num_classes": num_classes, "train_items": len(train_set),
-                "val_items": len(val_set), "parameters": params}
+                "val_items": len(val_set), "parameters": params, "cpu_threads": torch.get_num_threads()}
     log.info(f"divattn train -> {output_dir}")
     log.info(f"device {dist.device}, {dist.world_size} process(es); {why}")
+    if threads_why:
+        log.info(threads_why)
     log.info(f"model {cfg['model']['name']} ({cfg['model']['attention_type']}), {params / 1e6:.2f} M parameters, "
              f"{num_classes} classes; data {cfg['data']['dataset']}: {len(train_set)} train / {len(val_set)} val items")
     log.write_text("config.yaml", dump({**cfg, "resolved": resolved}))
