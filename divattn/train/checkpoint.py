@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
@@ -12,10 +13,12 @@ import torch
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
-    to disk, then ``os.replace``. A crash at any point leaves the previous file intact."""
+    to disk, then ``os.replace``. A crash at any point leaves the previous file intact;
+    the temporary file of a writer killed mid-write is removed by the next save."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    prefix = ".tmp-" + os.path.basename(path) + "-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -26,6 +29,8 @@ def save_checkpoint(path: str, state: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
+        os.unlink(stale)  # one writer per checkpoint: any other temporary is a killed save's
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
