@@ -11,7 +11,7 @@ import torch
 
 from conftest import TinyVideoNet, small_config
 from divattn.train import NonFiniteLossError, load_checkpoint, resolve_backend, train
-from divattn.train.loop import build_optimizer, lr_factor
+from divattn.train.loop import build_model, build_optimizer, cpu_threads, lr_factor
 
 
 def test_backend_auto_is_the_reference_path_on_cpu_and_said_so():
@@ -161,3 +161,19 @@ def test_registry_model_with_grad_checkpointing(tmp_path):
     summary = train(cfg, str(tmp_path))
     assert summary["backend"] == "torch" and summary["attention_type"] == "divided_space_time"
     assert math.isfinite(summary["val_loss"])
+
+
+def test_reinit_draws_the_named_parameters_again():
+    cfg = small_config(model={"reinit": {"time_embed": 1.0}})
+    model = build_model(cfg, 4, "torch")
+    assert 0.5 < model.time_embed.detach().std().item() < 1.5
+    cfg = small_config(model={"reinit": {}})
+    assert build_model(cfg, 4, "torch").time_embed.detach().abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="no parameter name ends with 'nope'"):
+        build_model(small_config(model={"reinit": {"nope": 1.0}}), 4, "torch")
+
+
+def test_cpu_threads_leave_room_for_data_workers():
+    n, why = cpu_threads("auto", num_workers=1)
+    assert n >= 1 and "data worker" in why
+    assert cpu_threads(3, num_workers=1)[0] == 3
