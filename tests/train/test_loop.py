@@ -53,7 +53,12 @@ def test_a_run_writes_its_outputs(tmp_path, tiny_model_fn):
     summary = train(cfg, str(tmp_path), model_fn=tiny_model_fn)
     for name in ("config.yaml", "checkpoint.pt", "train.log", "metrics.csv", "summary.json"):
         assert (tmp_path / name).exists(), name
-    assert any((tmp_path / "tb").iterdir())
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert "TensorBoard logs are off" in (tmp_path / "train.log").read_text()
+    else:
+        assert any((tmp_path / "tb").iterdir())
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == pytest.approx(summary)
     for key in ("val_top1", "val_top5", "epochs", "clips_per_s"):
