@@ -45,7 +45,7 @@ def is_install(cmd):
 def test_readme_has_the_two_setup_blocks():
     shell = blocks("bash")
     assert any("pytest tests" in b for b in shell), "no test block"
-    assert any("python -m divattn" in b and "pytest" not in b for b in shell), "no main-job block"
+    assert any("divattn train" in b and "pip install -e ." in b and "pytest" not in b for b in shell), "no main-job block"
 
 
 def test_test_block_is_what_ci_runs():
@@ -61,13 +61,31 @@ def writes_committed_files(cmd):
     return without_env(cmd).startswith(("pytest benchmarks", "python benchmarks/render.py"))
 
 
+# A training command from the README runs here shortened (as CI's learning check does):
+# the full default run takes minutes; tests/train/test_learns.py checks a shortened run learns.
+SHORT_TRAIN = ["train.epochs=1", "data.synthetic.train_size=128", "data.synthetic.val_size=64",
+               "log.tensorboard=false", "log.progress=false"]
+
+
+def is_train(cmd):
+    return without_env(cmd).startswith(("divattn train", "python -m divattn train"))
+
+
 @pytest.mark.parametrize("cmd", sorted({c for b in blocks("bash") if "pytest tests" not in b for c in commands(b)}))
-def test_shell_command_runs(cmd):
+def test_shell_command_runs(cmd, tmp_path):
     if is_install(cmd) and os.environ.get("CI") != "true":
         pytest.skip("changes this environment's packages; runs under CI=true, after .ci/run has installed")
     if writes_committed_files(cmd) and os.environ.get("CI") != "true":
         pytest.skip("rewrites the committed benchmark records; runs under CI=true, in a throwaway clone")
     env = user_env()
+    if is_train(cmd) and "--print-config" not in cmd:
+        if "--resume" in cmd:  # resume needs a run to resume: make one first
+            first = subprocess.run([sys.executable, "-m", "divattn", "train", *SHORT_TRAIN, "--output-dir",
+                                    str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True)
+            assert first.returncode == 0, first.stderr[-3000:]
+        cmd = f"{cmd} {' '.join(SHORT_TRAIN)} --output-dir {tmp_path / 'run'}"
+    if without_env(cmd).startswith("divattn "):
+        cmd = cmd.replace("divattn ", "python -m divattn ", 1)
     bare = without_env(cmd)
     if bare.startswith(("python -m divattn", "pip ", "pytest ", "python benchmarks/")):
         prefix = cmd[: len(cmd) - len(bare)]
