@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 import divattn
-from divattn.ops import BACKENDS, dispatch, reference, split_qkv
+from divattn.ops import BACKENDS, reference, split_qkv
 
 from ..conftest import DEVICE
 
@@ -164,5 +164,3 @@ def assert_close_to_reference(case: Case, backend: str, dtype: torch.dtype, seed
         assert err <= bound, f"{case.id} {backend} {dtype}: {name} max err {err:.3e} > bound {bound:.3e}"
     return raw
 
-
-__all__ = ["Case", "dispatch"]

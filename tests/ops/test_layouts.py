@@ -1,8 +1,6 @@
 """Layout guarantees: no copies on the fast path, token-major outputs, packed gradients,
 NaN in padding never leaks, empty inputs, large fp16 inputs, deterministic backward."""
 
-import math
-
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -188,7 +186,6 @@ def test_fp16_inputs_scaled_by_ten_stay_finite(op):
 @pytest.mark.parametrize("op", ["temporal", "spatial_cls", "joint"])
 def test_backward_is_bitwise_deterministic(op):
     _needs(op)
-    case = Case(op, 2, 3, 49, 2, 40, "hwt")
     runs = []
     for _ in range(2):
         gen = torch.Generator().manual_seed(3)
@@ -202,7 +199,6 @@ def test_backward_is_bitwise_deterministic(op):
             outs = list(divattn.spatial_attention(q, k, v, cls, backend=BACKEND))
         (grad,) = torch.autograd.grad(sum((o * (1 + o.detach())).sum() for o in outs), qkv)
         runs.append(grad)
-    assert case.op == op
     assert torch.equal(runs[0], runs[1])
 
 
@@ -224,4 +220,3 @@ def test_compiles_fullgraph():
     (g_comp,) = torch.autograd.grad(out, qkv)
     torch.testing.assert_close(out, block(qkv))
     torch.testing.assert_close(g_comp, g_eager)
-    assert not math.isnan(out.item())
