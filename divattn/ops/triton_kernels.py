@@ -29,6 +29,9 @@ The log-sum-exp saved for the backward is in base 2 and includes the scale.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -381,6 +384,41 @@ def _cls_bwd_kernel(
 # ---------------------------------------------------------------------------- host side
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, as data: what the static report compiles and the traffic model counts.
+
+    ``args`` are the kernel's runtime arguments by parameter name (tensors, ints,
+    floats), ``constexprs`` its compile-time ones; :meth:`run` launches it.
+    """
+
+    kernel: object
+    grid: tuple
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    regime: str
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", str(fn))
+
+    def run(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _target(device: torch.device, target):
+    """The compile target a plan is made for: "interpreter" on CPU, else the SM number."""
+    if target is not None:
+        return target
+    if device.type != "cuda":
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def _geometry(x: torch.Tensor, op: str):
     """(S0, S1, S2, L) and the matching strides (s0, s1, s2, sL) of a q/k/v/o-like tensor."""
     if op == "temporal":  # (B, T, N, H, D): sequences (b, n, h), rows t
@@ -395,16 +433,16 @@ def _geometry(x: torch.Tensor, op: str):
     raise ValueError(f"unknown op {op!r}")
 
 
-def _config(L: int, D: int, device: torch.device):
-    """(GROUP, SEQ, BLOCK_D, num_warps): a tile of GROUP*SEQ rows holds GROUP sequences."""
-    block = 32 if device.type == "cpu" else (64 if D <= 128 else 32)
+def _config(L: int, D: int, target):
+    """(GROUP, SEQ, BLOCK_D, num_warps, num_stages, regime): a tile of GROUP*SEQ rows holds GROUP sequences."""
+    block = 32 if target == "interpreter" else (64 if D <= 128 else 32)
     Lp = triton.next_power_of_2(max(L, 1))
     if Lp <= block:
-        group, seq = block // Lp, Lp
+        group, seq, regime = block // Lp, Lp, "packed"
     else:
-        group, seq = 1, block
+        group, seq, regime = 1, block, "long"
     block_d = max(16, triton.next_power_of_2(D))
-    return group, seq, block_d, 4
+    return group, seq, block_d, 4, (1 if target == "interpreter" else 2), regime
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -417,6 +455,53 @@ def _cls_strides(c: torch.Tensor):
     return c.stride(0), c.stride(1)
 
 
+def _named(kernel, values) -> dict:
+    """Map positional kernel arguments to the kernel's (non-constexpr) parameter names."""
+    fn = getattr(kernel, "fn", kernel)
+    names = list(inspect.signature(fn).parameters)
+    return dict(zip(names, values))
+
+
+def plan_forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None, lse_cls=None,
+                 target=None) -> list:
+    """The launches :func:`forward` makes for these arguments, on ``target`` (default: q's device)."""
+    target = _target(q.device, target)
+    (S0, S1, S2, L), sq = _geometry(q, op)
+    _, sk = _geometry(k, op)
+    _, sv = _geometry(v, op)
+    _, so = _geometry(o, op)
+    D = q.shape[-1]
+    S = S0 * S1 * S2
+    group, seq, block_d, warps, stages, regime = _config(L, D, target)
+    qk_scale = scale * LOG2E
+    has_cls = cls is not None
+    kc, vc = (cls[1], cls[2]) if has_cls else (k, v)
+    ckc = _cls_strides(kc) if has_cls else (0, 0)
+    cvc = _cls_strides(vc) if has_cls else (0, 0)
+    plan = []
+    if S > 0 and L > 0:
+        plan.append(Launch(
+            _attn_fwd_kernel, (triton.cdiv(S, group), triton.cdiv(L, seq)),
+            _named(_attn_fwd_kernel, (q, k, v, o, lse, kc, vc, *sq, *sk, *sv, *so, *ckc, *cvc,
+                                      S, S1, S2, L, D, qk_scale)),
+            dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype)),
+            warps, stages, regime))
+    if has_cls:
+        B, T, N, H, _ = q.shape
+        if B * H > 0:
+            qc = cls[0]
+            plan.append(Launch(
+                _cls_fwd_kernel, (B * H,),
+                _named(_cls_fwd_kernel, (
+                    qc, kc, vc, k, v, o_cls, cls_frames, lse_cls,
+                    *_cls_strides(qc), *ckc, *cvc, *_cls_strides(o_cls),
+                    k.stride(0), k.stride(1), k.stride(3), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(3), v.stride(2),
+                    T, H, N, D, qk_scale, 1.0 / T)),
+                dict(BLOCK_N=32, BLOCK_D=block_d), warps, stages, "cls"))
+    return plan
+
+
 def forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
     """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
 
@@ -425,52 +510,21 @@ def forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None
     ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` of per-frame cls outputs and
     ``lse_cls`` a contiguous fp32 ``(B, H, T)``.
     """
-    (S0, S1, S2, L), sq = _geometry(q, op)
-    _, sk = _geometry(k, op)
-    _, sv = _geometry(v, op)
-    _, so = _geometry(o, op)
-    D = q.shape[-1]
-    S = S0 * S1 * S2
-    group, seq, block_d, warps = _config(L, D, q.device)
-    qk_scale = scale * LOG2E
-    has_cls = cls is not None
-    kc, vc = (cls[1], cls[2]) if has_cls else (k, v)
-    ckc = _cls_strides(kc) if has_cls else (0, 0)
-    cvc = _cls_strides(vc) if has_cls else (0, 0)
-    if S > 0 and L > 0:
-        grid = (triton.cdiv(S, group), triton.cdiv(L, seq))
-        _attn_fwd_kernel[grid](
-            q, k, v, o, lse, kc, vc, *sq, *sk, *sv, *so, *ckc, *cvc,
-            S, S1, S2, L, D, qk_scale,
-            HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype), num_warps=warps,
-        )
-    if has_cls:
-        B, T, N, H, _ = q.shape
-        if B * H > 0:
-            qc = cls[0]
-            _cls_fwd_kernel[(B * H,)](
-                qc, kc, vc, k, v, o_cls, cls_frames, lse_cls,
-                *_cls_strides(qc), *ckc, *cvc, *_cls_strides(o_cls),
-                k.stride(0), k.stride(1), k.stride(3), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(3), v.stride(2),
-                T, H, N, D, qk_scale, 1.0 / T,
-                BLOCK_N=32, BLOCK_D=block_d, num_warps=warps,
-            )
+    for launch in plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
+                               cls_frames=cls_frames, lse_cls=lse_cls):
+        launch.run()
 
 
-def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-             cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
-    """Write dq, dk, dv (and the cls grads ``d_cls``) for the forward above.
-
-    Every element of dq/dk/dv/d_cls is written; nothing is accumulated, so the
-    result does not depend on launch order.
-    """
+def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
+                  cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, target=None) -> list:
+    """The launches :func:`backward` makes (scratch buffers allocated on q's device)."""
+    target = _target(q.device, target)
     (S0, S1, S2, L), sq = _geometry(q, op)
     strides = {name: _geometry(x, op)[1] for name, x in
                (("k", k), ("v", v), ("o", o), ("do", do), ("dq", dq), ("dk", dk), ("dv", dv))}
     D = q.shape[-1]
     S = S0 * S1 * S2
-    group, seq, block_d, warps = _config(L, D, q.device)
+    group, seq, block_d, warps, stages, regime = _config(L, D, target)
     qk_scale = scale * LOG2E
     prec = _prec(q.dtype)
     has_cls = cls is not None
@@ -485,39 +539,58 @@ def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
     else:
         cls_args = (k, v, q, lse, lse, lse)
         cls_strides = (0,) * 6
+    plan = []
     if S > 0 and L > 0:
         grid = (triton.cdiv(S, group), triton.cdiv(L, seq))
-        _bwd_delta_kernel[grid](
-            o, do, delta, *strides["o"], *strides["do"], S, S1, S2, L, D,
-            GROUP=group, SEQ=seq, BLOCK_D=block_d, num_warps=warps,
-        )
+        plan.append(Launch(
+            _bwd_delta_kernel, grid,
+            _named(_bwd_delta_kernel, (o, do, delta, *strides["o"], *strides["do"], S, S1, S2, L, D)),
+            dict(GROUP=group, SEQ=seq, BLOCK_D=block_d), warps, stages, regime))
         single = L <= seq
-        _attn_bwd_kernel[grid](
-            q, k, v, do, lse, delta, dq, dk, dv, *cls_args,
-            *sq, *strides["k"], *strides["v"], *strides["do"], *strides["dq"], *strides["dk"], *strides["dv"],
-            *cls_strides, S, S1, S2, L, D, qk_scale, scale,
-            HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, SINGLE=single, PREC=prec, num_warps=warps,
-        )
+        plan.append(Launch(
+            _attn_bwd_kernel, grid,
+            _named(_attn_bwd_kernel, (
+                q, k, v, do, lse, delta, dq, dk, dv, *cls_args,
+                *sq, *strides["k"], *strides["v"], *strides["do"], *strides["dq"], *strides["dk"], *strides["dv"],
+                *cls_strides, S, S1, S2, L, D, qk_scale, scale)),
+            dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, SINGLE=single, PREC=prec),
+            warps, stages, regime))
         if not single:
-            _attn_bwd_dq_kernel[grid](
-                q, k, v, do, lse, delta, dq, *cls_args[:2],
-                *sq, *strides["k"], *strides["v"], *strides["do"], *strides["dq"], *cls_strides[:4],
-                S, S1, S2, L, D, qk_scale, scale,
-                HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=prec, num_warps=warps,
-            )
+            plan.append(Launch(
+                _attn_bwd_dq_kernel, grid,
+                _named(_attn_bwd_dq_kernel, (
+                    q, k, v, do, lse, delta, dq, *cls_args[:2],
+                    *sq, *strides["k"], *strides["v"], *strides["do"], *strides["dq"], *cls_strides[:4],
+                    S, S1, S2, L, D, qk_scale, scale)),
+                dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=prec),
+                warps, stages, regime))
     if has_cls and B * H > 0:
         dqc, dkc, dvc = d_cls
-        _cls_bwd_kernel[(B * H,)](
-            qc, kc, vc, q, k, v, do, lse, delta, cls_frames, lse_cls, gc, dqc, dkc, dvc,
-            *_cls_strides(qc), *_cls_strides(kc), *_cls_strides(vc),
-            *_cls_strides(dqc), *_cls_strides(dkc), *_cls_strides(dvc),
-            q.stride(0), q.stride(1), q.stride(3), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(3), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(3), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(3), do.stride(2),
-            T, H, N, D, qk_scale, scale,
-            BLOCK_N=32, BLOCK_D=block_d, num_warps=warps,
-        )
+        plan.append(Launch(
+            _cls_bwd_kernel, (B * H,),
+            _named(_cls_bwd_kernel, (
+                qc, kc, vc, q, k, v, do, lse, delta, cls_frames, lse_cls, gc, dqc, dkc, dvc,
+                *_cls_strides(qc), *_cls_strides(kc), *_cls_strides(vc),
+                *_cls_strides(dqc), *_cls_strides(dkc), *_cls_strides(dvc),
+                q.stride(0), q.stride(1), q.stride(3), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(3), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(3), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(3), do.stride(2),
+                T, H, N, D, qk_scale, scale)),
+            dict(BLOCK_N=32, BLOCK_D=block_d), warps, stages, "cls"))
+    return plan
 
 
-__all__ = ["forward", "backward", "LOG2E"]
+def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
+             cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
+    """Write dq, dk, dv (and the cls grads ``d_cls``) for the forward above.
+
+    Every element of dq/dk/dv/d_cls is written; nothing is accumulated, so the
+    result does not depend on launch order.
+    """
+    for launch in plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, cls=cls, d_cls=d_cls,
+                                do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls):
+        launch.run()
+
+
+__all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "LOG2E"]
