@@ -1,7 +1,7 @@
 """Install divattn.
 
 A plain ``pip install .`` is pure Python and works on any machine. The CUDA C++
-fallback in ``csrc/`` is compiled ahead of time only when ``DIVATTN_BUILD_CUDA=1`` is
+fallback in ``divattn/csrc/`` is compiled ahead of time only when ``DIVATTN_BUILD_CUDA=1`` is
 set and both a CUDA build of torch and ``nvcc`` are present; otherwise setup says why
 it skipped it, and ``backend="cuda"`` can still build it just in time on first use.
 """
@@ -13,18 +13,18 @@ from setuptools import find_packages, setup
 
 
 def _cuda_extension():
-    """Return (ext_modules, cmdclass) for csrc/, or ([], {}) with a printed reason."""
+    """Return (ext_modules, cmdclass) for divattn/csrc/, or ([], {}) with a printed reason."""
     if os.environ.get("DIVATTN_BUILD_CUDA", "0") != "1":
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
     sources = []
-    csrc = os.path.join(here, "csrc")
+    csrc = os.path.join(here, "divattn", "csrc")
     if os.path.isdir(csrc):
         sources = sorted(
-            os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cpp", ".cu"))
+            os.path.join("divattn", "csrc", f) for f in os.listdir(csrc) if f.endswith((".cpp", ".cu"))
         )
     if not sources:
-        print("divattn: DIVATTN_BUILD_CUDA=1 but csrc/ has no sources; skipping", file=sys.stderr)
+        print("divattn: DIVATTN_BUILD_CUDA=1 but divattn/csrc/ has no sources; skipping", file=sys.stderr)
         return [], {}
     try:
         import torch

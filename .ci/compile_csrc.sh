@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile every csrc/ source against the installed torch's headers: .cu files with nvcc
+# Compile every divattn/csrc/ source against the installed torch's headers: .cu files with nvcc
 # for sm_80 and sm_90, .cpp files with the host compiler, to object files in a temporary
 # directory. Nothing is linked or run (CI has no GPU and a CPU build of torch); a
 # compile error in any source fails this script.
@@ -108,9 +108,9 @@ compile_one() {
 }
 export -f compile_one
 
-mapfile -t sources < <(ls csrc/*.cu csrc/*.cpp 2>/dev/null | sort)
+mapfile -t sources < <(ls divattn/csrc/*.cu divattn/csrc/*.cpp 2>/dev/null | sort)
 if [ "${#sources[@]}" -eq 0 ]; then
-  echo "compile_csrc: no sources in csrc/" >&2
+  echo "compile_csrc: no sources in divattn/csrc/" >&2
   exit 1
 fi
 # The C++ binding first: it is the slowest compile (the full torch/extension.h).

@@ -1,4 +1,4 @@
-"""The CUDA C++ backend (csrc/, divattn.ops.cuda_ext): its state, its build, its kernels.
+"""The CUDA C++ backend (divattn/csrc/, divattn.ops.cuda_ext): its state, its build, its kernels.
 
 On a CPU machine: the backend says in one sentence why it cannot run, forcing it raises
 BackendError with every backend's reason, the reasons never start a build, and the

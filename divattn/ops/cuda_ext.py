@@ -1,8 +1,9 @@
-"""The CUDA C++ backend (csrc/): where its extension comes from, its state, its launchers.
+"""The CUDA C++ backend (divattn/csrc/): where its extension comes from, its state, its launchers.
 
 The extension is ``divattn._C`` when it was built ahead of time
 (``DIVATTN_BUILD_CUDA=1 pip install --no-build-isolation -e .``). Otherwise the first
-:func:`forward` or :func:`backward` builds it just in time from csrc/ with
+:func:`forward` or :func:`backward` builds it just in time from the sources installed
+with the package (``divattn/csrc/``, package data, so a wheel has them too) with
 ``torch.utils.cpp_extension.load`` (ninja), cached in the torch extensions directory
 (``TORCH_EXTENSIONS_DIR``), so later processes only load it. That needs a CUDA build
 of torch, a visible GPU, nvcc and ninja; :func:`unavailable_reason` says in one sentence
@@ -13,7 +14,7 @@ default: the architectures of the visible GPUs), ``MAX_JOBS`` (parallel compiles
 ``DIVATTN_BUILD_VERBOSE=1`` (show the compiler output).
 
 :func:`forward` and :func:`backward` have exactly the semantics and calling convention
-of :mod:`divattn.ops.triton_kernels`; the binding (csrc/bindings.cpp) checks every
+of :mod:`divattn.ops.triton_kernels`; the binding (divattn/csrc/bindings.cpp) checks every
 input and raises ``RuntimeError`` naming the tensor, what was expected and what came.
 """
 
@@ -28,7 +29,7 @@ import subprocess
 import threading
 from typing import Optional
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 _JIT_NAME = "divattn_C"
 
 _lock = threading.Lock()
