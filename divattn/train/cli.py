@@ -1,7 +1,8 @@
 """``divattn train``: train a video model; a YAML config, then ``KEY=VALUE`` overrides.
 
 With no arguments it trains the built-in default: a tiny divided-attention TimeSformer
-on the synthetic motion task, sized for a CPU. Under ``torchrun`` every process runs
+on the synthetic motion task, sized for a CPU. ``--config`` takes a YAML file or the
+name of a config shipped with the package (``--list-configs``). Under ``torchrun`` every process runs
 this command; rank 0 writes the logs, checkpoints and ``summary.json``.
 """
 
@@ -17,7 +18,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. optim.lr=3e-4 model.attention_type=space_only "
                              "(values are read as YAML)")
-    parser.add_argument("--config", "-c", metavar="FILE", help="YAML config; its keys replace the built-in defaults")
+    parser.add_argument("--config", "-c", metavar="FILE|NAME",
+                        help="YAML config file, or the name of a built-in one (see --list-configs); "
+                             "its keys replace the built-in defaults")
+    parser.add_argument("--list-configs", action="store_true", help="list the built-in configs and exit")
     parser.add_argument("--output-dir", "-o", metavar="DIR", default=os.path.join("runs", "default"),
                         help="where config.yaml, checkpoint.pt, logs and summary.json go (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
@@ -31,6 +35,14 @@ def main(args) -> int:
     from ..train import checkpoint as ckpt_io
     from .loop import CHECKPOINT, NonFiniteLossError, train
 
+    if args.list_configs:
+        from .config import list_configs
+
+        builtin = list_configs()
+        width = max(map(len, builtin), default=0)
+        for name, (_, summary) in builtin.items():
+            print(f"{name:<{width}}  {summary}".rstrip())
+        return 0
     resume = args.resume_from
     if resume is not None and not os.path.exists(resume):
         print(f"divattn train: --resume-from {resume}: no such file", file=sys.stderr)

@@ -6,12 +6,17 @@ override ``optim.lr=3e-4`` sets one, its value read as YAML (``[1, 2]``, ``null`
 ``true``). Unknown keys are an error that names the closest known one. The resolved
 config (with device-dependent values such as ``model.backend`` filled in) is written
 to the output directory as ``config.yaml``.
+
+The configs that ship with the package (``divattn/configs/*.yaml``: synthetic variants,
+Kinetics, SSv2, UCF101, plain lists) are named by their file stem:
+:func:`resolve_config` takes a path or such a name, :func:`list_configs` lists them.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import os
 from typing import Iterable, Optional
 
 DEFAULTS = {
@@ -126,8 +131,52 @@ CHOICES = {
 FREE = ("model.kwargs", "model.reinit")
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit :data:`DEFAULTS`."""
+
+
+def list_configs() -> dict:
+    """The built-in configs: ``{name: (path, summary)}``, sorted by name.
+
+    The summary is the first sentence of the file's leading comment.
+    """
+    out = {}
+    if os.path.isdir(CONFIG_DIR):
+        for file in sorted(os.listdir(CONFIG_DIR)):
+            if not file.endswith(".yaml"):
+                continue
+            path = os.path.join(CONFIG_DIR, file)
+            words = []
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    # the comment's prose ends at its indented example command
+                    if not line.startswith("#") or line.startswith("#  "):
+                        break
+                    words.append(line[1:].strip())
+            text = " ".join(words)
+            end = text.find(". ")
+            out[file[: -len(".yaml")]] = (path, text if end < 0 else text[: end + 1])
+    return out
+
+
+def resolve_config(name_or_path: str) -> str:
+    """The YAML file for ``--config``: an existing path, else a built-in name (``.yaml`` optional).
+
+    Raises :class:`ConfigError` listing the built-in names when it is neither.
+    """
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    builtin = list_configs()
+    name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
+    if name in builtin:
+        return builtin[name][0]
+    close = difflib.get_close_matches(name, list(builtin), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in config{hint} "
+                      f"(built-in: {', '.join(builtin) or 'none installed'})")
 
 
 def _yaml():
@@ -186,9 +235,13 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), base: Optional[dict] = None) -> dict:
-    """``base`` (default :data:`DEFAULTS`), then the YAML file ``path``, then ``overrides``; validated."""
+    """``base`` (default :data:`DEFAULTS`), then the YAML file ``path``, then ``overrides``; validated.
+
+    ``path`` may also name a built-in config (:func:`resolve_config`).
+    """
     cfg = copy.deepcopy(DEFAULTS if base is None else base)
     if path is not None:
+        path = resolve_config(path)
         with open(path, encoding="utf-8") as f:
             loaded = _safe_load(f) or {}
         if not isinstance(loaded, dict):

@@ -6,10 +6,11 @@ import os
 import pytest
 import yaml
 
+from divattn.__main__ import main
 from divattn.train import DEFAULTS, ConfigError, load_config
-from divattn.train.config import diff, parse_override
+from divattn.train.config import diff, list_configs, parse_override, resolve_config
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "divattn", "configs", "*.yaml")))
 
 
 def test_defaults_are_valid_and_unchanged_by_loading():
@@ -73,3 +74,45 @@ def test_shipped_configs_load():
     for path in CONFIGS:
         cfg = load_config(path)
         assert cfg["data"]["dataset"] in ("synthetic", "list", "kinetics", "ssv2", "ucf101"), path
+
+
+def test_builtin_configs_are_the_shipped_files():
+    builtin = list_configs()
+    assert sorted(os.path.realpath(path) for path, _ in builtin.values()) == [os.path.realpath(p) for p in CONFIGS]
+    assert "synthetic_space_only" in builtin and "kinetics400_timesformer" in builtin
+    for name, (_, summary) in builtin.items():
+        assert summary.endswith((".", ")")) and not summary.startswith("#"), (name, summary)
+
+
+def test_a_builtin_name_loads_like_its_file():
+    path, _ = list_configs()["synthetic_space_only"]
+    by_path = load_config(path)
+    assert by_path["model"]["attention_type"] == "space_only"
+    assert load_config("synthetic_space_only") == by_path
+    assert load_config("synthetic_space_only.yaml") == by_path
+
+
+def test_an_existing_path_wins_over_a_builtin_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic_joint").write_text("train:\n  epochs: 3\n")
+    assert resolve_config("synthetic_joint") == "synthetic_joint"
+    assert load_config("synthetic_joint")["model"]["attention_type"] == DEFAULTS["model"]["attention_type"]
+
+
+def test_a_wrong_name_lists_the_builtin_names():
+    with pytest.raises(ConfigError, match=r"'synthetic_jiont' is neither a file nor a built-in config; "
+                                          r"did you mean synthetic_joint\?") as info:
+        load_config("synthetic_jiont")
+    for name in list_configs():
+        assert name in str(info.value)
+
+
+def test_cli_lists_configs_and_rejects_a_wrong_name(capsys):
+    assert main(["train", "--list-configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(list_configs())
+    assert main(["train", "--config", "no_such_config", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_config" in err and "synthetic_space_only" in err and "Traceback" not in err
+    assert main(["train", "--config", "synthetic_joint", "--print-config"]) == 0
+    assert "attention_type: joint_space_time" in capsys.readouterr().out
