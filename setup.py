@@ -1,36 +1,47 @@
-"""Install divattn.
+"""The optional CUDA C++ extension; the package metadata is in pyproject.toml.
 
-A plain ``pip install .`` is pure Python and works on any machine. The CUDA C++
-fallback in ``divattn/csrc/`` is compiled ahead of time only when ``DIVATTN_BUILD_CUDA=1`` is
-set and both a CUDA build of torch and ``nvcc`` are present; otherwise setup says why
-it skipped it, and ``backend="cuda"`` can still build it just in time on first use.
+A plain ``pip install .`` (or of the sdist or wheel) is pure Python and works on any
+machine. The CUDA C++ fallback in ``divattn/csrc/`` (installed with the package either
+way) is compiled ahead of time only when ``DIVATTN_BUILD_CUDA=1`` is set and both a
+CUDA build of torch and ``nvcc`` are present, which needs the installed torch in the
+build, so ``--no-build-isolation``; otherwise setup says why it skipped it, and
+``backend="cuda"`` can still build it just in time on first use.
+
+Env: ``DIVATTN_BUILD_CUDA=1`` (build it), ``DIVATTN_CUDA_ARCHS`` (default ``"80;90"``),
+``MAX_JOBS`` (parallel compiles).
 """
 
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("divattn", "csrc")
+
+
+def csrc_sources():
+    """The files the extension compiles, relative to this directory (sorted)."""
+    folder = os.path.join(HERE, CSRC)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(CSRC, f) for f in os.listdir(folder) if f.endswith((".cpp", ".cu")))
 
 
 def _cuda_extension():
     """Return (ext_modules, cmdclass) for divattn/csrc/, or ([], {}) with a printed reason."""
     if os.environ.get("DIVATTN_BUILD_CUDA", "0") != "1":
         return [], {}
-    here = os.path.dirname(os.path.abspath(__file__))
-    sources = []
-    csrc = os.path.join(here, "divattn", "csrc")
-    if os.path.isdir(csrc):
-        sources = sorted(
-            os.path.join("divattn", "csrc", f) for f in os.listdir(csrc) if f.endswith((".cpp", ".cu"))
-        )
+    sources = csrc_sources()
     if not sources:
-        print("divattn: DIVATTN_BUILD_CUDA=1 but divattn/csrc/ has no sources; skipping", file=sys.stderr)
+        print(f"divattn: DIVATTN_BUILD_CUDA=1 but {CSRC}/ has no sources; skipping", file=sys.stderr)
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as e:
-        print(f"divattn: skipping the CUDA extension: torch is not importable ({e})", file=sys.stderr)
+        print(f"divattn: skipping the CUDA extension: torch is not importable ({e}); "
+              "install torch first and build with pip install --no-build-isolation", file=sys.stderr)
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         print("divattn: skipping the CUDA extension: needs a CUDA build of torch and nvcc", file=sys.stderr)
@@ -59,31 +70,6 @@ def _cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _cuda_extension()
-
-setup(
-    name="divattn",
-    version="0.1.0",
-    description="Fused divided space-time attention (TimeSformer, ViViT) for PyTorch",
-    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["divattn", "divattn.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "triton>=3.0; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
-        "av>=11",
-        "pyyaml>=6",
-        "tqdm>=4.60",
-        "tensorboard>=2.10",
-    ],
-    extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=5.0", "matplotlib>=3.5"],
-        "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
-    },
-    entry_points={"console_scripts": ["divattn=divattn.__main__:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    license="BSD-3-Clause",
-)
+if __name__ == "__main__":
+    ext_modules, cmdclass = _cuda_extension()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -19,7 +19,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="divattn", description="Fused divided space-time attention.")
+    parser.add_argument("--version", action="version", version=f"divattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
