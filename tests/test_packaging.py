@@ -1,8 +1,9 @@
 """divattn as a package index serves it: the sdist and the wheel, built from this clone,
 hold what an installed user needs, and the wheel works in a fresh virtual environment.
 
-The distributions are built once per session (``python -m build --no-isolation``: the
-wheel is built from the sdist, so a file the sdist lacks fails the wheel too). The fresh
+The distributions are built once, from a copy of this clone's files as a fresh clone has
+them (``python -m build --no-isolation``: the wheel is built from the sdist, so a file
+the sdist lacks fails the wheel too). The fresh
 environment has no pip of its own and no view of this clone; it sees the torch, triton
 and other dependencies already installed here through a ``.pth`` line, so nothing is
 downloaded or reinstalled, and the wheel goes in with ``--no-deps``.
@@ -62,11 +63,19 @@ def package_tree():
     return out
 
 
+# Left out of the copy the distributions are built from: what a fresh clone does not have
+# (an old egg-info's SOURCES.txt would otherwise add its files to the sdist).
+NOT_IN_A_CLONE = shutil.ignore_patterns(".git", ".venv", "*.egg-info", "build", "dist", "runs", "__pycache__",
+                                        ".pytest_cache", ".benchmarks", "*.so", "*.o")
+
+
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory):
     need("build")
+    src = tmp_path_factory.mktemp("src") / "divattn"
+    shutil.copytree(ROOT, src, ignore=NOT_IN_A_CLONE)
     out = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)], cwd=out)
+    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)], cwd=out)
     (sdist,) = out.glob("divattn-*.tar.gz")
     (wheel,) = out.glob("divattn-*.whl")
     return sdist, wheel
