@@ -8,9 +8,9 @@ parameter names, so official checkpoints load without renaming:
 - :class:`DividedBlock`: the official TimeSformer divided block (temporal, then
   spatial with the cls token);
 - :class:`FactorisedSelfAttentionBlock`: ViViT model 3 (spatial MSA, then temporal
-  MSA, no cls);
-- :class:`FactorisedDotProductBlock`: ViViT model 4 (half the heads over space, half
-  over time, one qkv).
+  MSA, or the other way round; no cls);
+- :class:`FactorisedDotProductBlock`: ViViT model 4 (the first half of the heads over
+  time, the second half over space, one qkv; scenic's head assignment).
 
 Blocks that need the frame count read it from ``num_frames`` (set from the model
 config, updated by the model when a clip with another frame count comes in); N comes
@@ -52,17 +52,19 @@ class Block(nn.Module):
     """Pre-norm transformer block with joint attention over all tokens of ``x`` ``(B, L, C)``.
 
     ``x = x + drop_path(attn(norm1(x))); x = x + drop_path(mlp(norm2(x)))``; keys
-    ``norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``.
+    ``norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2``. The MLP is ``mlp_dim`` wide
+    when given, else ``int(dim * mlp_ratio)``.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, drop: float = 0.0,
-                 drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6, backend: Optional[str] = None):
+                 drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6, backend: Optional[str] = None,
+                 mlp_dim: Optional[int] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, proj_drop=drop, backend=backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio) if mlp_dim is None else mlp_dim, act, drop)
 
     @property
     def backend(self) -> Optional[str]:
@@ -123,22 +125,32 @@ class DividedBlock(DividedSpaceTimeAttention):
         return {"temporal": temporal, "spatial": attention_probs(q, k, self.attn.scale)}
 
 
+ATTENTION_ORDERS = ("space_time", "time_space")
+
+
 class FactorisedSelfAttentionBlock(nn.Module):
     """ViViT model 3 block: spatial MSA, then temporal MSA, then the MLP; no cls token.
 
     Input and output ``(B, T*N, C)`` in ``(t h w)`` order, T = ``num_frames`` temporal
     tokens. Keys ``norm1, attn`` (spatial), ``temporal_norm1, temporal_attn``,
-    ``norm2, mlp``::
+    ``norm2, mlp``. With ``attention_order="space_time"`` (default, the paper's)::
 
         x = x + drop_path(attn(norm1(x)))                     # over the N patches of each frame
         x = x + drop_path(temporal_attn(temporal_norm1(x)))   # over the T frames of each patch
         x = x + drop_path(mlp(norm2(x)))
+
+    ``"time_space"`` (scenic's other ``attention_order``) runs the first two lines the
+    other way round.
     """
 
     def __init__(self, dim: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop: float = 0.0, drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, attention_order: str = "space_time"):
         super().__init__()
+        if attention_order not in ATTENTION_ORDERS:
+            raise ValueError(f"FactorisedSelfAttentionBlock: attention_order must be one of {ATTENTION_ORDERS}, "
+                             f"got {attention_order!r}")
+        self.attention_order = attention_order
         self.num_frames = num_frames
         self.backend = backend
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -152,36 +164,52 @@ class FactorisedSelfAttentionBlock(nn.Module):
     def _qkv(self, attn: Attention, x: torch.Tensor):
         return _split_frames(attn.qkv_heads(x), self.num_frames, type(self).__name__)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _spatial(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(self.attn, self.norm1(x))
         o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend)
-        x = x + self.drop_path(self.attn.out(tokens_major(o)))
+        return x + self.drop_path(self.attn.out(tokens_major(o)))
+
+    def _temporal(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(self.temporal_attn, self.temporal_norm1(x))
         o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
-        x = x + self.drop_path(self.temporal_attn.out(tokens_major(o)))
+        return x + self.drop_path(self.temporal_attn.out(tokens_major(o)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attention_order == "space_time":
+            x = self._temporal(self._spatial(x))
+        else:
+            x = self._spatial(self._temporal(x))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
-        """``"spatial"``: ``(B, T, H, N, N)``; ``"temporal"``: ``(B, N, H, T, T)``."""
-        q, k, v = self._qkv(self.attn, self.norm1(x))
-        spatial = attention_probs(q.transpose(2, 3), k.transpose(2, 3), self.attn.scale)
-        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend)
-        x = x + self.attn.out(tokens_major(o))
-        q, k, _ = self._qkv(self.temporal_attn, self.temporal_norm1(x))
-        temporal = attention_probs(q.permute(0, 2, 3, 1, 4), k.permute(0, 2, 3, 1, 4), self.temporal_attn.scale)
-        return {"spatial": spatial, "temporal": temporal}
+        """``"spatial"``: ``(B, T, H, N, N)``; ``"temporal"``: ``(B, N, H, T, T)``, each for
+        the input its attention sees in ``attention_order``."""
+        maps = {}
+        for part in self.attention_order.split("_"):
+            if part == "space":
+                q, k, _ = self._qkv(self.attn, self.norm1(x))
+                maps["spatial"] = attention_probs(q.transpose(2, 3), k.transpose(2, 3), self.attn.scale)
+                x = self._spatial(x)
+            else:
+                q, k, _ = self._qkv(self.temporal_attn, self.temporal_norm1(x))
+                maps["temporal"] = attention_probs(q.permute(0, 2, 3, 1, 4), k.permute(0, 2, 3, 1, 4),
+                                                   self.temporal_attn.scale)
+                x = self._temporal(x)
+        return maps
 
 
 class FactorisedDotProductBlock(nn.Module):
-    """ViViT model 4 block: one qkv, half the heads attend over space, half over time.
+    """ViViT model 4 block: one qkv, half the heads attend over time, half over space.
 
-    Input and output ``(B, T*N, C)`` in ``(t h w)`` order. Heads ``[0, H/2)`` attend over
-    the N patches of their frame, heads ``[H/2, H)`` over the T frames of their patch;
-    both halves read views of the one qkv projection. The output projection consumes
-    the two halves through the matching column blocks of its weight, so the head
-    outputs are never concatenated::
+    Input and output ``(B, T*N, C)`` in ``(t h w)`` order. As in the official code
+    (scenic's ``factorized_dot_product_attention`` splits the heads in two and gives
+    split ``i`` axis ``i + 1`` of ``(B, T, N)``): heads ``[0, H/2)`` attend over the T
+    frames of their patch, heads ``[H/2, H)`` over the N patches of their frame. Both
+    halves read views of the one qkv projection. The output projection consumes the
+    two halves through the matching column blocks of its weight, so the head outputs
+    are never concatenated::
 
-        y = o_spatial @ proj.weight[:, :C/2].T + o_temporal @ proj.weight[:, C/2:].T + proj.bias
+        y = o_temporal @ proj.weight[:, :C/2].T + o_spatial @ proj.weight[:, C/2:].T + proj.bias
 
     Keys ``norm1, attn.qkv, attn.proj, norm2, mlp`` (the parameters of model 1's block).
     """
@@ -202,23 +230,25 @@ class FactorisedDotProductBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
 
     def _halves(self, x: torch.Tensor):
+        """``((q, k, v) temporal, (q, k, v) spatial)``: ``(B, T, N, H/2, D)`` views of one qkv."""
         q, k, v = _split_frames(self.attn.qkv_heads(self.norm1(x)), self.num_frames, type(self).__name__)
         h = self.attn.num_heads // 2
         return (q[:, :, :, :h], k[:, :, :, :h], v[:, :, :, :h]), (q[:, :, :, h:], k[:, :, :, h:], v[:, :, :, h:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (qs, ks, vs), (qt, kt, vt) = self._halves(x)
+        (qt, kt, vt), (qs, ks, vs) = self._halves(x)
         scale = self.attn.scale
-        o_s = tokens_major(spatial_attention(qs, ks, vs, scale=scale, backend=self.backend))
         o_t = tokens_major(temporal_attention(qt, kt, vt, scale=scale, backend=self.backend))
-        w, half = self.attn.proj.weight, o_s.shape[-1]
-        y = F.linear(o_s, w[:, :half]) + F.linear(o_t, w[:, half:], self.attn.proj.bias)
+        o_s = tokens_major(spatial_attention(qs, ks, vs, scale=scale, backend=self.backend))
+        w, half = self.attn.proj.weight, o_t.shape[-1]
+        y = F.linear(o_t, w[:, :half]) + F.linear(o_s, w[:, half:], self.attn.proj.bias)
         x = x + self.drop_path(self.attn.proj_drop(y))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
-        """``"spatial"``: ``(B, T, H/2, N, N)``; ``"temporal"``: ``(B, N, H/2, T, T)``."""
-        (qs, ks, _), (qt, kt, _) = self._halves(x)
+        """``"temporal"``: ``(B, N, H/2, T, T)`` (heads ``[0, H/2)``); ``"spatial"``:
+        ``(B, T, H/2, N, N)`` (heads ``[H/2, H)``)."""
+        (qt, kt, _), (qs, ks, _) = self._halves(x)
         scale = self.attn.scale
         return {
             "spatial": attention_probs(qs.transpose(2, 3), ks.transpose(2, 3), scale),

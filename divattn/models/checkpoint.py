@@ -1,11 +1,13 @@
-"""Loading checkpoints into the bundled models: official, divattn and ``transformers`` layouts.
+"""Loading checkpoints into the bundled models: official, divattn, ``transformers`` and scenic layouts.
 
 :func:`load_checkpoint` reads a file with ``torch.load(weights_only=True)`` (or takes a
 state dict), unwraps it (``model_state`` / ``state_dict`` / ``model`` entries, the
 official ``model.`` prefix, DDP's ``module.``), renames ``transformers`` Timesformer /
 Vivit keys through the key maps below, resizes position / time embeddings to the
 model's config, and loads strictly: any missing, unexpected or mis-shaped key raises
-:class:`CheckpointMismatchError` naming every one of them.
+:class:`CheckpointMismatchError` naming every one of them. A scenic (Flax msgpack)
+ViViT checkpoint file, or its restored parameter tree, is read and renamed by
+:mod:`divattn.models.scenic` first, and errors name the scenic parameters too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 from torch import nn
 
 from .pos_embed import resize_pos_embed, resize_pos_embed_3d, resize_time_embed, square_grid
+from .scenic import ScenicCheckpointError, is_flax_msgpack_file, read_flax_msgpack, scenic_name, scenic_params, \
+    scenic_to_divattn
 
 WRAPPERS = ("model_state", "state_dict", "model", "module")
 PREFIXES = ("module.", "model.")
@@ -236,14 +240,14 @@ def resize_embeddings(sd: dict, model: nn.Module, mode: Optional[str] = None,
         old, want = sd[key], own[key]
         if old.dim() != 3 or old.shape[-1] != want.shape[-1]:
             continue  # reported as a shape mismatch
+        prefix = int(hasattr(model, "temporal_cls_token" if key == "temporal_pos_embed" else "cls_token"))
         if key == "time_embed":
             new = resize_time_embed(old, want.shape[1], mode)
         elif key == "temporal_pos_embed":
-            new = torch.cat([old[:, :1], resize_time_embed(old[:, 1:], want.shape[1] - 1, mode)], 1)
+            new = torch.cat([old[:, :prefix], resize_time_embed(old[:, prefix:], want.shape[1] - prefix, mode)], 1)
         elif getattr(c, "variant", "factorised_encoder") == "factorised_encoder":
-            new = resize_pos_embed(old, c.grid, mode=mode)
+            new = resize_pos_embed(old, c.grid, num_prefix=prefix, mode=mode)
         else:
-            prefix = int(hasattr(model, "cls_token"))
             old_grid = _vivit_grid(old.shape[1] - prefix, model, checkpoint_grid)
             new = resize_pos_embed_3d(old, old_grid, (c.temporal_tokens, *c.grid), num_prefix=prefix, mode=mode)
         sd[key] = new
@@ -251,14 +255,36 @@ def resize_embeddings(sd: dict, model: nn.Module, mode: Optional[str] = None,
     return resized
 
 
+def _is_scenic(checkpoint) -> bool:
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return os.path.isfile(checkpoint) and is_flax_msgpack_file(checkpoint)
+    return isinstance(checkpoint, Mapping) and scenic_params(checkpoint) is not None
+
+
+def _read_scenic(checkpoint, model: nn.Module):
+    """``(state dict, {bundled key: scenic path}, problems)`` of a scenic checkpoint file or tree."""
+    if _family(model) != "vivit":
+        raise TypeError(f"load_checkpoint: a scenic checkpoint holds a ViViT, not a {type(model).__name__}")
+    tree = read_flax_msgpack(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    params = scenic_params(tree)
+    if params is None:
+        raise CheckpointMismatchError(
+            f"found no ViViT parameters in the Flax checkpoint: none of params, optimizer.target, target holds "
+            f"embedding / Transformer / SpatialTransformer; its keys are {sorted(map(str, tree))[:20]}")
+    conv = scenic_to_divattn(params, model)
+    return conv.state_dict, conv.names, conv.problems
+
+
 def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, ignore_head: bool = False,
                     interpolation: Optional[str] = None, checkpoint_grid: Optional[tuple] = None) -> LoadReport:
-    """Load an official, divattn or ``transformers`` checkpoint into a bundled model.
+    """Load an official, divattn, ``transformers`` or scenic checkpoint into a bundled model.
 
     Args:
         model: a bundled :class:`~divattn.models.TimeSformer` or :class:`~divattn.models.ViViT`.
-        checkpoint: a path (``torch.load(weights_only=True)``) or a state dict / checkpoint
-            dict (see :func:`read_state_dict`).
+        checkpoint: a path (``torch.load(weights_only=True)``; a file in Flax's msgpack
+            format, as scenic writes, is read with :mod:`divattn.models.scenic` instead,
+            no JAX needed) or a state dict / checkpoint dict (see :func:`read_state_dict`)
+            or a restored scenic train state / parameter tree.
         strict: when True (default) any missing or unexpected key raises; when False the
             matching keys load, the others are listed in the report and in a warning.
         ignore_head: leave ``head.*`` as initialised (fine-tuning to another label set);
@@ -269,11 +295,21 @@ def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, ignore
             needed only when both its frame count and its resolution differ from the model's.
 
     Raises:
-        CheckpointMismatchError naming every missing, unexpected and mis-shaped key.
+        CheckpointMismatchError naming every missing, unexpected and mis-shaped key (for
+        a scenic checkpoint, with the scenic parameter path of each, and every attention
+        kernel whose head count differs from the model's).
     """
-    sd = read_state_dict(checkpoint)
-    if is_transformers_state_dict(sd):
-        sd = transformers_to_divattn(sd, _family(model))
+    names, problems = {}, []
+    from_scenic = _is_scenic(checkpoint)
+    if from_scenic:
+        try:
+            sd, names, problems = _read_scenic(checkpoint, model)
+        except ScenicCheckpointError as e:
+            raise CheckpointMismatchError(f"cannot read the scenic checkpoint: {e}") from e
+    else:
+        sd = read_state_dict(checkpoint)
+        if is_transformers_state_dict(sd):
+            sd = transformers_to_divattn(sd, _family(model))
     report = LoadReport(resized=resize_embeddings(sd, model, interpolation, checkpoint_grid))
     own = model.state_dict()
     if ignore_head:
@@ -282,13 +318,20 @@ def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, ignore
         own = {k: v for k, v in own.items() if not k.startswith("head.")}
     report.missing = sorted(set(own) - set(sd))
     report.unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
+
+    def named(key: str) -> str:
+        if not from_scenic:
+            return key
+        source = names.get(key) or scenic_name(key, model)
+        source = "+".join(source) if isinstance(source, list) else source
+        return key if source == key else f"{key} (scenic {source})"
+
+    shapes = sorted(f"{named(k)}: checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
                     for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    problems = []
     if report.missing and strict:
-        problems.append(f"missing keys: {report.missing}")
+        problems.append(f"missing keys: {[named(k) for k in report.missing]}")
     if report.unexpected and strict:
-        problems.append(f"unexpected keys: {report.unexpected}")
+        problems.append(f"unexpected keys: {[named(k) for k in report.unexpected]}")
     if shapes:
         problems.append("shape mismatches: " + "; ".join(shapes))
     if problems:

@@ -1,32 +1,46 @@
 """ViViT (Arnab et al., 2021) on the divattn ops: the paper's four model variants.
 
-Tubelet embedding (``Conv3d``, ``tubelet_size`` frames x ``patch_size``^2 pixels),
-tokens in ``(t h w)`` order, pre-norm blocks with tanh-approximated GELU (as Flax /
-scenic) and LayerNorm eps 1e-6. With T' = num_frames / tubelet_size temporal tokens
-and N patches per frame:
+The official code (google-research/scenic, ``projects/vivit``) is the spec. Tubelet
+embedding (``Conv3d``, ``tubelet_size`` frames x ``patch_size``^2 pixels), tokens in
+``(t h w)`` order, pre-norm blocks with tanh-approximated GELU (as Flax / scenic) and
+LayerNorm eps 1e-6. With T' = num_frames / tubelet_size temporal tokens and N patches
+per frame:
 
-- ``spatio_temporal`` (model 1): cls + T'*N tokens, position embeddings for all of
-  them, joint attention over everything; pooled by the cls token (the layout of
+- ``spatio_temporal`` (model 1): [cls +] T'*N tokens, position embeddings for all of
+  them, joint attention over everything (with the cls token: the layout of
   ``transformers``' ``VivitModel``).
-- ``factorised_encoder`` (model 2): a spatial ViT over each frame's cls + N tokens
-  (``blocks``, ``spatial_norm``), then a temporal transformer over the frames' cls
-  outputs with its own cls token and position embeddings (``temporal_blocks``,
-  ``temporal_depth`` layers, 4 by default), pooled by its cls token.
+- ``factorised_encoder`` (model 2): a spatial ViT over each frame's [cls +] N tokens
+  (``blocks``, ``spatial_norm``), pooled per frame, then a temporal transformer over
+  the T' frame features with its own [cls token and] position embeddings
+  (``temporal_blocks``: ``temporal_depth`` layers, 4 by default, with
+  ``temporal_num_heads`` heads and ``temporal_mlp_dim`` MLP width, by default those
+  of the spatial blocks).
 - ``factorised_self_attention`` (model 3): each block runs spatial MSA, then temporal
-  MSA, then the MLP; no cls token, tokens averaged after the final norm.
-- ``factorised_dot_product`` (model 4): each block's heads are split, half attend
-  over space and half over time, on views of one qkv; no cls, averaged.
+  MSA (``attention_order="space_time"``, the paper's; ``"time_space"`` the other way
+  round), then the MLP; no cls token.
+- ``factorised_dot_product`` (model 4): each block's heads are split, the first half
+  attend over time and the second half over space (scenic's assignment), on views of
+  one qkv; no cls token.
+
+Classifier (scenic's ``classifier``): ``"token"`` pools by the cls token (models 1 and
+2; their default, as in the paper), ``"gap"`` / ``"gmp"`` / ``"gsp"`` by the mean / max
+/ sum over tokens and have no cls token (``"gap"`` is the default of models 3 and 4,
+which have no token). Model 2 pools both its spatial and its temporal transformer this
+way. ``representation_size`` adds scenic's pre-logits layer (``Linear`` + ``tanh``,
+``pre_logits.fc``) before the head.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..layers.blocks import Block, FactorisedDotProductBlock, FactorisedSelfAttentionBlock
+from ..layers.blocks import ATTENTION_ORDERS, Block, FactorisedDotProductBlock, FactorisedSelfAttentionBlock
 from ..layers.embed import TubeletEmbed, check_video
 from .base import (
     VideoModel,
@@ -41,13 +55,32 @@ from .pos_embed import resize_pos_embed, resize_pos_embed_3d, resize_time_embed
 from .registry import register_model
 
 VARIANTS = ("spatio_temporal", "factorised_encoder", "factorised_self_attention", "factorised_dot_product")
+CLASSIFIERS = ("token", "gap", "gmp", "gsp")
+_POOL_NAMES = {"token": "token", "gap": "avg", "gmp": "max", "gsp": "sum"}
+
+
+def _positive_int(name: str, field: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: {field} must be a positive int, got {value!r}")
 
 
 @dataclass
 class ViViTConfig(VideoModelConfig):
-    """:class:`~divattn.models.base.VideoModelConfig` plus ``variant`` (one of
-    :data:`VARIANTS`) and ``temporal_depth`` (layers of model 2's temporal transformer:
-    4 by default, 0 for the other variants)."""
+    """:class:`~divattn.models.base.VideoModelConfig` plus the ViViT fields (scenic's
+    names in brackets):
+
+    - ``variant``: one of :data:`VARIANTS` (``attention_config.type``).
+    - ``temporal_depth``: layers of model 2's temporal transformer (4 by default, 0 for
+      the other variants); ``temporal_num_heads`` / ``temporal_mlp_dim`` its heads and
+      MLP width (``temporal_transformer.num_heads`` / ``.mlp_dim``; default
+      ``num_heads`` / ``int(embed_dim * mlp_ratio)``; None for the other variants).
+    - ``attention_order``: model 3's ``"space_time"`` (default, the paper's) or
+      ``"time_space"`` (``attention_config.attention_order``).
+    - ``classifier``: one of :data:`CLASSIFIERS` (``classifier``); default ``"token"``
+      for models 1 and 2, ``"gap"`` for models 3 and 4 (which cannot use ``"token"``).
+    - ``representation_size``: width of the pre-logits ``Linear`` + ``tanh`` layer, or
+      None for none (``representation_size``).
+    """
 
     name: str = "vivit_base"
     num_frames: int = 32
@@ -56,6 +89,11 @@ class ViViTConfig(VideoModelConfig):
     interpolation: str = "bicubic"
     variant: str = "spatio_temporal"
     temporal_depth: Optional[int] = None
+    temporal_num_heads: Optional[int] = None
+    temporal_mlp_dim: Optional[int] = None
+    attention_order: str = "space_time"
+    classifier: Optional[str] = None
+    representation_size: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,6 +106,33 @@ class ViViTConfig(VideoModelConfig):
         if not factorised and self.temporal_depth != 0:
             raise ValueError(f"{self.name}: temporal_depth applies to factorised_encoder only, got "
                              f"{self.temporal_depth} with variant {self.variant!r}")
+        for field in ("temporal_num_heads", "temporal_mlp_dim"):
+            if not factorised and getattr(self, field) is not None:
+                raise ValueError(f"{self.name}: {field} applies to factorised_encoder only, got "
+                                 f"{getattr(self, field)} with variant {self.variant!r}")
+        if factorised:
+            if self.temporal_num_heads is None:
+                self.temporal_num_heads = self.num_heads
+            if self.temporal_mlp_dim is None:
+                self.temporal_mlp_dim = int(self.embed_dim * self.mlp_ratio)
+            _positive_int(self.name, "temporal_num_heads", self.temporal_num_heads)
+            _positive_int(self.name, "temporal_mlp_dim", self.temporal_mlp_dim)
+            if self.embed_dim % self.temporal_num_heads != 0:
+                raise ValueError(f"{self.name}: embed_dim {self.embed_dim} is not divisible by temporal_num_heads "
+                                 f"{self.temporal_num_heads}")
+        choice(self.name, "attention_order", self.attention_order, ATTENTION_ORDERS)
+        if self.attention_order != "space_time" and self.variant != "factorised_self_attention":
+            raise ValueError(f"{self.name}: attention_order applies to factorised_self_attention only, got "
+                             f"{self.attention_order!r} with variant {self.variant!r}")
+        has_token = self.variant in ("spatio_temporal", "factorised_encoder")
+        if self.classifier is None:
+            self.classifier = "token" if has_token else "gap"
+        choice(self.name, "classifier", self.classifier, CLASSIFIERS)
+        if self.classifier == "token" and not has_token:
+            raise ValueError(f"{self.name}: {self.variant} has no cls token; classifier must be one of "
+                             f"{CLASSIFIERS[1:]}, got 'token'")
+        if self.representation_size is not None:
+            _positive_int(self.name, "representation_size", self.representation_size)
 
     @property
     def temporal_tokens(self) -> int:
@@ -88,29 +153,41 @@ class ViViT(VideoModel):
         c = self.config
         dim, Tt, N = c.embed_dim, c.temporal_tokens, c.grid[0] * c.grid[1]
         self.variant = c.variant
+        self.global_pool = _POOL_NAMES[c.classifier]
+        self.has_cls = c.classifier == "token"
+        prefix = int(self.has_cls)
         self.patch_embed = TubeletEmbed(c.patch_size, c.tubelet_size, c.in_chans, dim)
-        common = dict(mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, drop=c.drop_rate, act=c.act, norm_eps=c.norm_eps,
-                      backend=c.backend)
+        common = dict(qkv_bias=c.qkv_bias, drop=c.drop_rate, act=c.act, norm_eps=c.norm_eps, backend=c.backend)
         dpr = drop_path_rates(c.drop_path_rate, c.depth)
-        if c.variant in ("spatio_temporal", "factorised_encoder"):
+        if self.has_cls:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-            tokens = 1 + (N if c.variant == "factorised_encoder" else Tt * N)
-            self.blocks = nn.ModuleList([Block(dim, c.num_heads, drop_path=p, **common) for p in dpr])
+        if c.variant in ("spatio_temporal", "factorised_encoder"):
+            tokens = prefix + (N if c.variant == "factorised_encoder" else Tt * N)
+            self.blocks = nn.ModuleList([Block(dim, c.num_heads, c.mlp_ratio, drop_path=p, **common) for p in dpr])
         else:
-            self.global_pool = "avg"
             tokens = Tt * N
-            block = {"factorised_self_attention": FactorisedSelfAttentionBlock,
-                     "factorised_dot_product": FactorisedDotProductBlock}[c.variant]
-            self.blocks = nn.ModuleList([block(dim, c.num_heads, Tt, drop_path=p, **common) for p in dpr])
+            if c.variant == "factorised_self_attention":
+                block = partial(FactorisedSelfAttentionBlock, attention_order=c.attention_order)
+            else:
+                block = FactorisedDotProductBlock
+            self.blocks = nn.ModuleList([block(dim, c.num_heads, Tt, c.mlp_ratio, drop_path=p, **common)
+                                         for p in dpr])
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
         self.pos_drop = nn.Dropout(c.drop_rate)
         if c.variant == "factorised_encoder":
             self.spatial_norm = nn.LayerNorm(dim, eps=c.norm_eps)
-            self.temporal_cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-            self.temporal_pos_embed = nn.Parameter(torch.zeros(1, 1 + Tt, dim))
+            if self.has_cls:
+                self.temporal_cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.temporal_pos_embed = nn.Parameter(torch.zeros(1, prefix + Tt, dim))
             tdpr = drop_path_rates(c.drop_path_rate, c.temporal_depth)
-            self.temporal_blocks = nn.ModuleList([Block(dim, c.num_heads, drop_path=p, **common) for p in tdpr])
+            self.temporal_blocks = nn.ModuleList([Block(dim, c.temporal_num_heads, mlp_dim=c.temporal_mlp_dim,
+                                                        drop_path=p, **common) for p in tdpr])
         self.norm = nn.LayerNorm(dim, eps=c.norm_eps)
+        if c.representation_size is not None:
+            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(dim, c.representation_size), act=nn.Tanh()))
+            self.num_features = c.representation_size
+        else:
+            self.pre_logits = nn.Identity()
         self.head = self._make_head(c.num_classes)
         self._init_weights()
 
@@ -133,45 +210,71 @@ class ViViT(VideoModel):
         Tt, h, w = self._grid(video)
         g = self.patch_embed(video)  # (B, C, T', h, w)
         B, C = g.shape[:2]
+        prefix = int(self.has_cls)
         if self.variant == "factorised_encoder":
-            pos = resize_pos_embed(self.pos_embed, (h, w), old_grid=c.grid, mode=c.interpolation)
-            x = g.flatten(3).permute(0, 2, 3, 1).reshape(B * Tt, h * w, C) + pos[:, 1:]
-            return self.pos_drop(torch.cat([(self.cls_token + pos[:, :1]).expand(B * Tt, -1, -1), x], 1))
+            pos = resize_pos_embed(self.pos_embed, (h, w), num_prefix=prefix, old_grid=c.grid, mode=c.interpolation)
+            x = g.flatten(3).permute(0, 2, 3, 1).reshape(B * Tt, h * w, C) + pos[:, prefix:]
+            if self.has_cls:
+                x = torch.cat([(self.cls_token + pos[:, :1]).expand(B * Tt, -1, -1), x], 1)
+            return self.pos_drop(x)
         x = g.flatten(2).transpose(1, 2)
-        has_cls = self.variant == "spatio_temporal"
-        if has_cls:
+        if self.has_cls:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], 1)
-        pos = resize_pos_embed_3d(self.pos_embed, (c.temporal_tokens, *c.grid), (Tt, h, w), num_prefix=int(has_cls),
+        pos = resize_pos_embed_3d(self.pos_embed, (c.temporal_tokens, *c.grid), (Tt, h, w), num_prefix=prefix,
                                   mode=c.interpolation)
         return self.pos_drop(x + pos)
 
-    def _temporal_tokens(self, frame_cls: torch.Tensor) -> torch.Tensor:
-        """Model 2: the temporal transformer's input from the frames' cls outputs ``(B, T', C)``."""
-        B, Tt, _ = frame_cls.shape
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C)`` tokens -> ``(B, C)`` by ``config.classifier``: the cls token (first),
+        or the mean / max / sum over the L tokens."""
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "avg":
+            return x.mean(1)
+        if self.global_pool == "max":
+            return x.amax(1)
+        return x.sum(1)
+
+    def _temporal_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """Model 2: the temporal transformer's input from the pooled frame features ``(B, T', C)``."""
+        B, Tt, _ = frames.shape
         pos = self.temporal_pos_embed
-        pos = torch.cat([pos[:, :1], resize_time_embed(pos[:, 1:], Tt, mode=self.config.interpolation)], 1)
-        return self.pos_drop(torch.cat([self.temporal_cls_token.expand(B, -1, -1), frame_cls], 1) + pos)
+        prefix = int(self.has_cls)
+        pos = torch.cat([pos[:, :prefix], resize_time_embed(pos[:, prefix:], Tt, mode=self.config.interpolation)], 1)
+        if self.has_cls:
+            frames = torch.cat([self.temporal_cls_token.expand(B, -1, -1), frames], 1)
+        return self.pos_drop(frames + pos)
+
+    def _frame_features(self, x: torch.Tensor, B: int, Tt: int) -> torch.Tensor:
+        """Model 2: the spatial transformer's output ``(B*T', [1 +] N, C)`` -> pooled ``(B, T', C)``."""
+        return self.pool(self.spatial_norm(x)).view(B, Tt, -1)
 
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         """Token features after the final norm: ``(B, [1 +] T'*N, C)``; factorised_encoder:
-        the temporal transformer's ``(B, 1 + T', C)``."""
+        the temporal transformer's ``(B, [1 +] T', C)``."""
         Tt = self._grid(video)[0]
         x = self.embed(video)
         if self.variant != "factorised_encoder":
             return self.norm(self._run_blocks(self.blocks, x, num_frames=Tt))
-        x = self._run_blocks(self.blocks, x)
-        x = self.spatial_norm(x[:, 0]).view(video.shape[0], Tt, -1)
+        x = self._frame_features(self._run_blocks(self.blocks, x), video.shape[0], Tt)
         return self.norm(self._run_blocks(self.temporal_blocks, self._temporal_tokens(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the ``forward_features`` tokens (:meth:`pool`), then the pre-logits layer when
+        ``representation_size`` is set; ``pre_logits=True`` returns that ``(B, num_features)``."""
+        x = self.pre_logits(self.pool(x))
+        return x if pre_logits else self.head(x)
 
     @torch.no_grad()
     def attention_maps(self, video: torch.Tensor) -> list:
         """Per block, a dict of attention probabilities (reference softmax, fp32).
 
         spatio_temporal: ``"joint"`` ``(B, H, L, L)``; factorised_encoder: the spatial
-        blocks' ``"spatial"`` ``(B, T', H, 1+N, 1+N)``, then the temporal blocks'
-        ``"temporal"`` ``(B, H, 1+T', 1+T')``; factorised_self_attention: ``"spatial"``
+        blocks' ``"spatial"`` ``(B, T', H, [1+]N, [1+]N)``, then the temporal blocks'
+        ``"temporal"`` ``(B, H_t, [1+]T', [1+]T')``; factorised_self_attention: ``"spatial"``
         ``(B, T', H, N, N)`` and ``"temporal"`` ``(B, N, H, T', T')``;
-        factorised_dot_product: the same with H/2 heads each.
+        factorised_dot_product: the same with H/2 heads each (temporal: heads
+        ``[0, H/2)``, spatial: ``[H/2, H)``).
         """
         Tt = self._grid(video)[0]
         x = self.embed(video)
@@ -183,7 +286,7 @@ class ViViT(VideoModel):
             return {"spatial": m["joint"].view(-1, Tt, *m["joint"].shape[1:])}
 
         spatial, x = collect_attention_maps(self.blocks, x, per_frame)
-        x = self._temporal_tokens(self.spatial_norm(x[:, 0]).view(video.shape[0], Tt, -1))
+        x = self._temporal_tokens(self._frame_features(x, video.shape[0], Tt))
         temporal, _ = collect_attention_maps(self.temporal_blocks, x, lambda m: {"temporal": m["joint"]})
         return spatial + temporal
 

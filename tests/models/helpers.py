@@ -1,6 +1,8 @@
-"""Tiny configs and an independent re-implementation of the official TimeSformer forward."""
+"""Tiny configs and independent re-implementations of the official TimeSformer and ViViT forwards."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -106,15 +108,16 @@ def _vit_layer(blk, x):
 
 
 def _dot_product_layer(blk, x, B, T, N):
-    """Model 4 written out: heads split in two halves, the halves concatenated, projected."""
+    """Model 4 written out: heads split in two halves (the first over time, the second over
+    space, as the official code assigns them), the halves concatenated, projected."""
     C = x.shape[-1]
     H = blk.attn.num_heads
     h, D = H // 2, C // H
     q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(B, T, N, 3, H, D).permute(3, 0, 4, 1, 2, 5)  # (B, H, T, N, D)
-    sp = ((q[:, :h] @ k[:, :h].transpose(-1, -2)) * blk.attn.scale).softmax(-1) @ v[:, :h]
-    qt, kt, vt = (t[:, h:].transpose(2, 3) for t in (q, k, v))  # (B, h, N, T, D)
+    sp = ((q[:, h:] @ k[:, h:].transpose(-1, -2)) * blk.attn.scale).softmax(-1) @ v[:, h:]
+    qt, kt, vt = (t[:, :h].transpose(2, 3) for t in (q, k, v))  # (B, h, N, T, D)
     tp = (((qt @ kt.transpose(-1, -2)) * blk.attn.scale).softmax(-1) @ vt).transpose(2, 3)
-    o = torch.cat([sp, tp], 1).permute(0, 2, 3, 1, 4).reshape(B, T * N, C)
+    o = torch.cat([tp, sp], 1).permute(0, 2, 3, 1, 4).reshape(B, T * N, C)
     x = x + blk.attn.proj(o)
     return x + _gelu_tanh_mlp(blk, blk.norm2(x))
 
@@ -154,3 +157,213 @@ def reference_vivit(model, video):
         x = t.reshape(B, N, T, C).transpose(1, 2).reshape(B, T * N, C)
         x = x + _gelu_tanh_mlp(blk, blk.norm2(x))
     return model.head(model.norm(x).mean(1))
+
+
+# ViViT as scenic (google-research/scenic, projects/vivit/model.py and model_utils.py)
+# computes it, restated line by line in torch on a bundled ViViT's parameters. Flax
+# names in the comments; arrays are channels-last as there.
+
+
+def _flax_dot_product_attention(query, key, value):
+    """``flax.linen.dot_product_attention``: ``(batch..., L, heads, D)``, attention over L."""
+    query = query / math.sqrt(query.shape[-1])
+    weights = torch.einsum("...qhd,...khd->...hqk", query, key).softmax(-1)
+    return torch.einsum("...hqk,...khd->...qhd", weights, value)
+
+
+def scenic_factorized_dot_product_attention(query, key, value):
+    """scenic ``model_utils.factorized_dot_product_attention`` on ``(bs, t, hw, heads, c)``:
+    the heads are split into as many groups as there are attention axes (2), in order;
+    group ``i`` attends over axis ``i + 1`` (1: time, 2: space), the groups' outputs are
+    concatenated on the head axis."""
+    query = query / math.sqrt(query.shape[-1])
+    prefix_str = "abcdefghijk"
+    num_attn_dimensions = query.dim() - 3
+    queries = torch.chunk(query, num_attn_dimensions, dim=-2)
+    keys = torch.chunk(key, num_attn_dimensions, dim=-2)
+    values = torch.chunk(value, num_attn_dimensions, dim=-2)
+    outputs = []
+    for i, (q, k, v) in enumerate(zip(queries, keys, values)):
+        axis = i + 1
+        batch_dims = prefix_str[:axis]
+        attn_logits = torch.einsum(f"{batch_dims}x...z,{batch_dims}y...z->{batch_dims}x...y", q, k)
+        attn_weights = attn_logits.softmax(-1)
+        outputs.append(torch.einsum(f"{batch_dims}x...y,{batch_dims}y...z->{batch_dims}x...z", attn_weights, v))
+    return torch.cat(outputs, dim=-2)
+
+
+def _flax_mha(attn, x, attention_fn=_flax_dot_product_attention):
+    """``nn.MultiHeadDotProductAttention`` with ``attn``'s parameters: query / key / value
+    ``DenseGeneral`` to ``(..., heads, D)``, ``attention_fn``, ``out`` over ``(heads, D)``."""
+    H = attn.num_heads
+    C = x.shape[-1]
+    q, k, v = (t.reshape(*x.shape[:-1], H, C // H) for t in attn.qkv(x).chunk(3, -1))
+    return attn.proj(attention_fn(q, k, v).reshape(*x.shape[:-1], C))
+
+
+def _flax_mlp(mlp, x):
+    """``attention_layers.MlpBlock`` (``nn.gelu``: the tanh approximation)."""
+    return mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh"))
+
+
+def _scenic_encoder_block(blk, inputs, attention_fn=_flax_dot_product_attention):
+    """``EncoderBlock``: LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0."""
+    x = blk.norm1(inputs)
+    x = _flax_mha(blk.attn, x, attention_fn)
+    x = x + inputs
+    y = blk.norm2(x)
+    y = _flax_mlp(blk.mlp, y)
+    return y + x
+
+
+def _reshape_to_1d_factorized(x, axis):
+    batch_size, height, width, channel = x.shape
+    if axis == 1:
+        return x.transpose(1, 2).reshape(batch_size * width, height, channel)
+    return x.reshape(batch_size * height, width, channel)
+
+
+def _reshape_to_2d_factorized(x, axis, two_d_shape):
+    batch_size, height, width, channel = two_d_shape
+    if axis == 1:
+        return x.reshape(batch_size, width, height, channel).transpose(1, 2)
+    return x.reshape(two_d_shape)
+
+
+def _scenic_factorized_self_attention_block(blk, inputs, temporal_dims, attention_order):
+    """``EncoderFactorizedSelfAttentionBlock``: axis 1 (time) uses LayerNorm_time /
+    MultiHeadDotProductAttention_time, axis 2 (space) the ``_space`` ones."""
+    b, thw, d = inputs.shape
+    inputs = inputs.reshape(b, temporal_dims, thw // temporal_dims, d)
+    attention_axes = {"time_space": (1, 2), "space_time": (2, 1)}[attention_order]
+    modules = {1: (blk.temporal_norm1, blk.temporal_attn), 2: (blk.norm1, blk.attn)}
+    x = inputs
+    two_d_shape = inputs.shape
+    for axis in attention_axes:
+        norm, attn = modules[axis]
+        y = _reshape_to_1d_factorized(x, axis)
+        z = _flax_mha(attn, norm(y)) + y
+        x = _reshape_to_2d_factorized(z, axis, two_d_shape)
+    x = x.reshape(b, thw, d)
+    return x + _flax_mlp(blk.mlp, blk.norm2(x))
+
+
+def _scenic_pool(x, classifier):
+    if classifier == "token":
+        return x[:, 0]
+    fn = {"gap": torch.mean, "gmp": torch.amax, "gsp": torch.sum}[classifier]
+    return fn(x, dim=tuple(range(1, x.dim() - 1)))
+
+
+def _scenic_head(model, x):
+    """``pre_logits`` (Dense + tanh when representation_size is set), ``output_projection``."""
+    if model.config.representation_size is not None:
+        x = torch.tanh(model.pre_logits.fc(x))
+    return model.head(x)
+
+
+def scenic_vivit(model, video):
+    """Logits of scenic's ``ViViT`` / ``SpaceTimeViViT`` (3d_conv tubelets, eval mode) with the
+    parameters of ``model``, a bundled ViViT (clip of the config's size).
+
+    The config maps to scenic's: variant -> ``attention_config.type``, classifier,
+    representation_size, attention_order, temporal_{depth,num_heads,mlp_dim} ->
+    ``temporal_transformer.{num_layers,num_heads,mlp_dim}``.
+    """
+    c = model.config
+    x = model.patch_embed.proj(video).permute(0, 2, 3, 4, 1)  # nn.Conv 'embedding': (n, t, h, w, c)
+    n, t, h, w, ch = x.shape
+    if c.variant == "factorised_encoder":
+        x = x.reshape(n, t, h * w, ch)
+
+        def vit_body(x, cls, pos, blocks, norm):
+            if c.classifier == "token":
+                x = torch.cat([cls.expand(x.shape[0], 1, ch), x], 1)
+            x = x + pos  # posembed_input
+            for blk in blocks:
+                x = _scenic_encoder_block(blk, x)
+            return _scenic_pool(norm(x), c.classifier)  # encoder_norm
+
+        frames = torch.stack([vit_body(x[:, i], getattr(model, "cls_token", None), model.pos_embed, model.blocks,
+                                       model.spatial_norm) for i in range(t)], 1)  # vmap over time
+        x = vit_body(frames, getattr(model, "temporal_cls_token", None), model.temporal_pos_embed,
+                     model.temporal_blocks, model.norm)
+        return _scenic_head(model, x)
+    x = x.reshape(n, t * h * w, ch)
+    if c.classifier == "token":
+        x = torch.cat([model.cls_token.expand(n, 1, ch), x], 1)
+    x = x + model.pos_embed
+    if c.variant == "factorised_dot_product":
+        b, thw, d = x.shape
+        x = x.reshape(b, t, thw // t, d)
+    for blk in model.blocks:
+        if c.variant == "factorised_self_attention":
+            x = _scenic_factorized_self_attention_block(blk, x, t, c.attention_order)
+        elif c.variant == "factorised_dot_product":
+            x = _scenic_encoder_block(blk, x, scenic_factorized_dot_product_attention)
+        else:
+            x = _scenic_encoder_block(blk, x)
+    if c.variant == "factorised_dot_product":
+        x = x.reshape(b, thw, d)
+    x = model.norm(x)
+    return _scenic_head(model, _scenic_pool(x, c.classifier))
+
+
+def flax_params(model):
+    """``model``'s (a bundled ViViT) parameters as the scenic parameter tree of numpy arrays
+    (Flax layouts: Dense ``(in, out)``, attention ``(in, heads, head_dim)`` / ``(heads,
+    head_dim, out)``, Conv ``(t, h, w, in, out)``), written independently of the loader."""
+    c = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def dense(prefix):
+        return {"kernel": sd[prefix + ".weight"].T.copy(), "bias": sd[prefix + ".bias"]}
+
+    def norm(prefix):
+        return {"scale": sd[prefix + ".weight"], "bias": sd[prefix + ".bias"]}
+
+    def mha(prefix, heads):
+        C = sd[prefix + ".proj.weight"].shape[0]
+        w, b = sd[prefix + ".qkv.weight"], sd[prefix + ".qkv.bias"]
+        out = {name: {"kernel": w[i * C:(i + 1) * C].T.reshape(C, heads, C // heads).copy(),
+                      "bias": b[i * C:(i + 1) * C].reshape(heads, C // heads)}
+               for i, name in enumerate(("query", "key", "value"))}
+        out["out"] = {"kernel": sd[prefix + ".proj.weight"].T.reshape(heads, C // heads, C).copy(),
+                      "bias": sd[prefix + ".proj.bias"]}
+        return out
+
+    def block(prefix, heads):
+        mlp = {"Dense_0": dense(prefix + ".mlp.fc1"), "Dense_1": dense(prefix + ".mlp.fc2")}
+        if c.variant == "factorised_self_attention":
+            return {"LayerNorm_space": norm(prefix + ".norm1"),
+                    "MultiHeadDotProductAttention_space": mha(prefix + ".attn", heads),
+                    "LayerNorm_time": norm(prefix + ".temporal_norm1"),
+                    "MultiHeadDotProductAttention_time": mha(prefix + ".temporal_attn", heads),
+                    "LayerNorm_mlp": norm(prefix + ".norm2"), "MlpBlock": mlp}
+        return {"LayerNorm_0": norm(prefix + ".norm1"), "MultiHeadDotProductAttention_0": mha(prefix + ".attn", heads),
+                "LayerNorm_1": norm(prefix + ".norm2"), "MlpBlock_0": mlp}
+
+    def encoder(blocks, depth, heads, pos, final_norm):
+        tree = {f"encoderblock_{i}": block(f"{blocks}.{i}", heads) for i in range(depth)}
+        tree["posembed_input"] = {"pos_embedding": sd[pos]}
+        tree["encoder_norm"] = norm(final_norm)
+        return tree
+
+    conv = sd["patch_embed.proj.weight"]
+    params = {"embedding": {"kernel": conv.transpose(2, 3, 4, 1, 0).copy(), "bias": sd["patch_embed.proj.bias"]}}
+    if c.variant == "factorised_encoder":
+        params["SpatialTransformer"] = encoder("blocks", c.depth, c.num_heads, "pos_embed", "spatial_norm")
+        params["TemporalTransformer"] = encoder("temporal_blocks", c.temporal_depth, c.temporal_num_heads,
+                                                "temporal_pos_embed", "norm")
+        if c.classifier == "token":
+            params["cls_SpatialTransformer"] = sd["cls_token"]
+            params["cls_TemporalTransformer"] = sd["temporal_cls_token"]
+    else:
+        params["Transformer"] = encoder("blocks", c.depth, c.num_heads, "pos_embed", "norm")
+        if c.classifier == "token":
+            params["cls"] = sd["cls_token"]
+    if c.representation_size is not None:
+        params["pre_logits"] = dense("pre_logits.fc")
+    if c.num_classes:
+        params["output_projection"] = dense("head")
+    return params
