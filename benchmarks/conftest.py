@@ -3,13 +3,16 @@
 ``pytest benchmarks/ --benchmark-only`` runs on the machine it finds: on a GPU the
 papers' shapes in fp16 and bf16 with every provider; on a CPU small stand-in shapes in
 fp32 (labelled CPU in every record), where the Triton kernels are recorded as
-unavailable (they run only in the interpreter there). Every case ends as a record in
-``benchmarks/results/<device>.json`` (see :mod:`divattn.bench.records`): timed,
-unavailable with the reason, or failed with the error.
+unavailable (they run only in the interpreter there). Every case ends as a record (see
+:mod:`divattn.bench.records`): timed, unavailable with the reason, or failed with the
+error. A plain run writes them to ``.benchmarks/divattn/<device>.json`` (untracked;
+the path is printed at the end); ``--bench-update-results`` writes the committed
+``benchmarks/results/<device>.json`` instead, ``--bench-out PATH`` any file.
 
 Options: ``--bench-device``, ``--bench-dtype``, ``--bench-batch``, ``--bench-shapes``,
 ``--bench-models``, ``--bench-providers``, ``--bench-sweep-providers``,
-``--bench-frames``, ``--bench-threads``, ``--bench-quick``, ``--bench-out``.
+``--bench-frames``, ``--bench-threads``, ``--bench-quick``, ``--bench-out``,
+``--bench-update-results``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 
 from divattn.bench import providers, records, roofline, shapes, suite, timing
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed records
+LOCAL = Path(__file__).resolve().parent.parent / ".benchmarks" / "divattn"  # a plain run's records (git-ignored)
 
 # The T sweep leaves FlexAttention out unless asked: it compiles once per frame count.
 SWEEP_DEFAULT_EXCLUDE = ("flex",)
@@ -42,7 +46,14 @@ def pytest_addoption(parser):
     g.addoption("--bench-frames", default=None, help="comma list of frame counts for the sweep (default: 1..96)")
     g.addoption("--bench-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     g.addoption("--bench-quick", action="store_true", help="shorter timing (fewer rounds)")
-    g.addoption("--bench-out", default=None, help="records JSON (default: benchmarks/results/<device>.json)")
+    g.addoption("--bench-out", default=None, help="records JSON (default: .benchmarks/divattn/<device>.json)")
+    g.addoption("--bench-update-results", action="store_true",
+                help="write the records to the committed benchmarks/results/<device>.json")
+
+
+def pytest_configure(config):
+    if config.getoption("--bench-out") and config.getoption("--bench-update-results"):
+        raise pytest.UsageError("--bench-out and --bench-update-results both say where the records go: pick one")
 
 
 def _csv(value):
@@ -77,7 +88,8 @@ class Session:
         self.peaks: dict = {}
         self.records: list = []
         out = config.getoption("--bench-out")
-        self.out = Path(out) if out else records.default_path(RESULTS, self.device)
+        root = RESULTS if config.getoption("--bench-update-results") else LOCAL
+        self.out = Path(out) if out else records.default_path(root, self.device)
 
     def peaks_for(self, dtype):
         if dtype not in self.peaks:
@@ -186,4 +198,8 @@ def pytest_sessionfinish(session, exitstatus):
         path = records.write(_SESSION[0].out, _SESSION[0].records)
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"divattn: {len(_SESSION[0].records)} benchmark records written to {path}")
+            note = ""
+            if path.parent == LOCAL:
+                note = (f" (untracked; render them with python benchmarks/render.py --results {LOCAL} --out {LOCAL}, "
+                        "or rerun with --bench-update-results to update the committed benchmarks/results/)")
+            reporter.write_line(f"divattn: {len(_SESSION[0].records)} benchmark records written to {path}{note}")
