@@ -74,12 +74,14 @@ class FlaxArray:
     """One array of a Flax msgpack checkpoint, kept as its bytes until :meth:`tensor` is called.
 
     ``shape`` and ``dtype`` (numpy's dtype name, e.g. ``"float32"``, ``"bfloat16"``)
-    as Flax wrote them; ``data`` the C-order little-endian bytes.
+    as Flax wrote them; ``data`` the C-order little-endian bytes; ``scalar`` True for a
+    numpy scalar (ext type 3) rather than an array.
     """
 
     shape: tuple
     dtype: str
     data: bytes
+    scalar: bool = False
 
     def tensor(self) -> torch.Tensor:
         """The array as a CPU tensor (a copy). ScenicCheckpointError for a dtype torch lacks."""
@@ -104,7 +106,7 @@ def _ext_hook(code: int, data: bytes):
     if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
         shape, dtype, buffer = msgpack.unpackb(data, raw=True)
         dtype = dtype.decode() if isinstance(dtype, bytes) else dtype
-        return FlaxArray(tuple(shape), dtype, bytes(buffer))
+        return FlaxArray(tuple(shape), dtype, bytes(buffer), scalar=code == _EXT_NPSCALAR)
     if code == _EXT_COMPLEX:
         real, imag = msgpack.unpackb(data)
         return complex(real, imag)

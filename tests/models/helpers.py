@@ -367,3 +367,40 @@ def flax_params(model):
     if c.num_classes:
         params["output_projection"] = dense("head")
     return params
+
+
+def to_numpy_tree(tree):
+    """A tree read by ``divattn.models.scenic.read_flax_msgpack`` with numpy leaves, as Flax
+    restores it (arrays, numpy scalars for ext type 3)."""
+    import numpy as np
+
+    from divattn.models.scenic import FlaxArray
+
+    if isinstance(tree, dict):
+        return {k: to_numpy_tree(v) for k, v in tree.items()}
+    if isinstance(tree, FlaxArray):
+        arr = np.frombuffer(tree.data, dtype=np.dtype(tree.dtype)).reshape(tree.shape)
+        return arr[()] if tree.scalar else arr
+    return tree
+
+
+def flax_msgpack_bytes(tree) -> bytes:
+    """``flax.serialization.to_bytes(tree)`` (what ``flax.training.checkpoints.save_checkpoint``
+    writes) restated with msgpack alone, for trees of dicts with numpy array / numpy scalar /
+    complex / plain leaves and no array over 1 GiB: arrays are ext type 1, numpy scalars ext
+    type 3, each a msgpack-packed ``(shape, dtype name, C-order bytes)``; complex numbers ext
+    type 2 ``(real, imag)``; dict keys in their order (``msgpack_serialize`` sorts them)."""
+    import msgpack
+    import numpy as np
+
+    def ext(x):
+        if isinstance(x, np.ndarray):
+            return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True))
+        if isinstance(x, np.generic):
+            a = np.asarray(x)
+            return msgpack.ExtType(3, msgpack.packb((a.shape, a.dtype.name, a.tobytes("C")), use_bin_type=True))
+        if isinstance(x, complex):
+            return msgpack.ExtType(2, msgpack.packb((x.real, x.imag)))
+        raise TypeError(f"cannot serialize a {type(x).__name__}")
+
+    return msgpack.packb(tree, default=ext, strict_types=True)
