@@ -342,18 +342,18 @@ def scenic_to_divattn(params: Mapping, model: nn.Module) -> ScenicConversion:
     for (prefix, leaf), got in sorted(attn_parts.items()):
         if set(got) != set(_QKV):
             have = ", ".join(p for p in _QKV if p in got)
-            problems.append(f"{prefix}: the checkpoint has {have} but not all of query, key, value "
-                            f"(under {next(iter(got.values()))[0].rsplit('/', 2)[0]})")
+            problems.append(f"{next(iter(got.values()))[0].rsplit('/', 2)[0]}: the checkpoint has {have} {leaf} "
+                            f"but not all of query, key, value")
             for path, t in got.values():
                 put(path, t, path)
             continue
         paths = [got[p][0] for p in _QKV]
         tensors = [got[p][1] for p in _QKV]
-        want = 3 if leaf == "kernel" else 2
-        if any(t.dim() != want for t in tensors) or len({tuple(t.shape) for t in tensors}) != 1:
+        layout = "(in, heads, head_dim)" if leaf == "kernel" else "(heads, head_dim)"
+        if any(t.dim() != layout.count(",") + 1 for t in tensors) or len({tuple(t.shape) for t in tensors}) != 1:
             shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
-            problems.append(f"{prefix} {leaf}: query / key / value must be {'(in, heads, head_dim)' if want == 3 else '(heads, head_dim)'}"
-                            f" of one shape, got {shapes}")
+            problems.append(f"{paths[0].rsplit('/', 2)[0]}: the query / key / value {leaf} must each be {layout}, "
+                            f"all of one shape, got {shapes}")
             for path, t in zip(paths, tensors):
                 put(path, t, path)
             continue
@@ -374,19 +374,31 @@ def _check_heads(model: nn.Module, prefix: str, path: str, heads: int, head_dim:
 
 
 _MODEL_KEY = re.compile(r"^(?P<blocks>blocks|temporal_blocks)\.(?P<i>\d+)\.(?P<mod>[a-z_0-9]+)\.(?P<rest>.+)$")
+_SCENIC_BLOCK = {"norm1": "LayerNorm_0", "attn": "MultiHeadDotProductAttention_0", "norm2": "LayerNorm_1",
+                 "mlp": "MlpBlock_0"}
+_SCENIC_BLOCK_3 = {"norm1": "LayerNorm_space", "attn": "MultiHeadDotProductAttention_space",
+                   "temporal_norm1": "LayerNorm_time", "temporal_attn": "MultiHeadDotProductAttention_time",
+                   "norm2": "LayerNorm_mlp", "mlp": "MlpBlock"}
+_SCENIC_LEAF = {"qkv.weight": "{query,key,value}/kernel", "qkv.bias": "{query,key,value}/bias",
+                "proj.weight": "out/kernel", "proj.bias": "out/bias", "fc1.weight": "Dense_0/kernel",
+                "fc1.bias": "Dense_0/bias", "fc2.weight": "Dense_1/kernel", "fc2.bias": "Dense_1/bias",
+                "weight": "scale", "bias": "bias"}
 
 
 def scenic_name(key: str, model: nn.Module) -> str:
     """The scenic parameter path a bundled ViViT key loads from (for error messages)."""
-    factorised = getattr(model.config, "variant", "") == "factorised_encoder"
-    encoders = {"blocks": "SpatialTransformer" if factorised else "Transformer", "temporal_blocks": "TemporalTransformer"}
+    variant = getattr(model.config, "variant", "")
+    factorised = variant == "factorised_encoder"
+    encoders = {"blocks": "SpatialTransformer" if factorised else "Transformer",
+                "temporal_blocks": "TemporalTransformer"}
     tops = {"cls_token": "cls_SpatialTransformer" if factorised else "cls",
             "temporal_cls_token": "cls_TemporalTransformer",
             "pos_embed": f"{encoders['blocks']}/posembed_input/pos_embedding",
             "temporal_pos_embed": "TemporalTransformer/posembed_input/pos_embedding"}
     if key in tops:
         return tops[key]
-    for norm, enc in (("spatial_norm", "SpatialTransformer"), ("norm", "TemporalTransformer" if factorised else "Transformer")):
+    for norm, enc in (("spatial_norm", "SpatialTransformer"), ("norm", encoders["temporal_blocks" if factorised
+                                                                                 else "blocks"])):
         if key in (f"{norm}.weight", f"{norm}.bias"):
             return f"{enc}/encoder_norm/{'scale' if key.endswith('weight') else 'bias'}"
     for dense, torch_name in _DENSE.items():
@@ -395,15 +407,6 @@ def scenic_name(key: str, model: nn.Module) -> str:
     m = _MODEL_KEY.match(key)
     if m is None:
         return key
-    model3 = getattr(model.config, "variant", "") == "factorised_self_attention"
-    mods = {"norm1": "LayerNorm_space" if model3 else "LayerNorm_0", "norm2": "LayerNorm_mlp" if model3 else "LayerNorm_1",
-            "temporal_norm1": "LayerNorm_time", "attn": "MultiHeadDotProductAttention_space" if model3 else
-            "MultiHeadDotProductAttention_0", "temporal_attn": "MultiHeadDotProductAttention_time",
-            "mlp": "MlpBlock" if model3 else "MlpBlock_0"}
+    mods = _SCENIC_BLOCK_3 if variant == "factorised_self_attention" else _SCENIC_BLOCK
     block = f"{encoders[m['blocks']]}/encoderblock_{m['i']}/{mods.get(m['mod'], m['mod'])}"
-    rest = {"qkv.weight": "{query,key,value}/kernel", "qkv.bias": "{query,key,value}/bias", "proj.weight": "out/kernel",
-            "proj.bias": "out/bias", "fc1.weight": "Dense_0/kernel", "fc1.bias": "Dense_0/bias",
-            "fc2.weight": "Dense_1/kernel", "fc2.bias": "Dense_1/bias"}.get(m["rest"])
-    if rest is None:
-        rest = {"weight": "scale", "bias": "bias"}.get(m["rest"], m["rest"])
-    return f"{block}/{rest}"
+    return f"{block}/{_SCENIC_LEAF.get(m['rest'], m['rest'])}"

@@ -206,7 +206,7 @@ def _flax_mlp(mlp, x):
     return mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh"))
 
 
-def _scenic_encoder_block(blk, inputs, attention_fn=_flax_dot_product_attention):
+def scenic_encoder_block(blk, inputs, attention_fn=_flax_dot_product_attention):
     """``EncoderBlock``: LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0."""
     x = blk.norm1(inputs)
     x = _flax_mha(blk.attn, x, attention_fn)
@@ -281,7 +281,7 @@ def scenic_vivit(model, video):
                 x = torch.cat([cls.expand(x.shape[0], 1, ch), x], 1)
             x = x + pos  # posembed_input
             for blk in blocks:
-                x = _scenic_encoder_block(blk, x)
+                x = scenic_encoder_block(blk, x)
             return _scenic_pool(norm(x), c.classifier)  # encoder_norm
 
         frames = torch.stack([vit_body(x[:, i], getattr(model, "cls_token", None), model.pos_embed, model.blocks,
@@ -300,9 +300,9 @@ def scenic_vivit(model, video):
         if c.variant == "factorised_self_attention":
             x = _scenic_factorized_self_attention_block(blk, x, t, c.attention_order)
         elif c.variant == "factorised_dot_product":
-            x = _scenic_encoder_block(blk, x, scenic_factorized_dot_product_attention)
+            x = scenic_encoder_block(blk, x, scenic_factorized_dot_product_attention)
         else:
-            x = _scenic_encoder_block(blk, x)
+            x = scenic_encoder_block(blk, x)
     if c.variant == "factorised_dot_product":
         x = x.reshape(b, thw, d)
     x = model.norm(x)

@@ -169,6 +169,22 @@ def test_strict_errors_name_scenic_parameters():
         assert expected in msg, expected
 
 
+def test_attention_parts_that_cannot_be_fused():
+    params = flax_params(randomize(tiny("vivit_base", num_frames=4)))
+    del params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]["key"]["kernel"]
+    attn1 = params["Transformer"]["encoderblock_1"]["MultiHeadDotProductAttention_0"]
+    attn1["query"]["bias"] = attn1["query"]["bias"].reshape(-1)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(tiny("vivit_base", num_frames=4), params)
+    msg = str(e.value)
+    assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_0: the checkpoint has query, value kernel but " \
+           "not all of query, key, value" in msg
+    assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_0: the query / key / value bias must each be " \
+           "(heads, head_dim), all of one shape, got (64,), (2, 32), (2, 32)" in msg
+    assert "blocks.0.attn.qkv.weight (scenic Transformer/encoderblock_0/MultiHeadDotProductAttention_0/" \
+           "{query,key,value}/kernel)" in msg
+
+
 def test_non_strict_loads_the_rest():
     source = randomize(tiny("vivit_base", num_frames=4, representation_size=6), seed=8)
     params = flax_params(source)

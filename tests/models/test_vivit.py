@@ -9,7 +9,7 @@ from divattn.layers.blocks import Block, FactorisedDotProductBlock, FactorisedSe
 from divattn.models import load_checkpoint
 
 from .helpers import (
-    _scenic_encoder_block,
+    scenic_encoder_block,
     randomize,
     reference_vivit,
     scenic_factorized_dot_product_attention,
@@ -170,7 +170,8 @@ def test_dot_product_heads_follow_scenic_split(heads):
     blk.num_frames = T
     x = torch.randn(B, T * N, C, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = _scenic_encoder_block(blk, x.view(B, T, N, C), scenic_factorized_dot_product_attention).reshape(B, T * N, C)
+        ref = scenic_encoder_block(blk, x.view(B, T, N, C), scenic_factorized_dot_product_attention)
+        ref = ref.reshape(B, T * N, C)
         torch.testing.assert_close(blk(x), ref, rtol=1e-5, atol=1e-5)
         other = _swap_head_halves(blk)
         assert (other(x) - ref).abs().max() > 1e-2
