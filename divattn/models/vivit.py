@@ -145,7 +145,8 @@ class ViViT(VideoModel):
     Build it with :func:`divattn.models.create_model` (``vivit_base``, ``vivit_large``,
     ``variant=...``) or from a :class:`ViViTConfig` / its fields. Clips with another
     frame count or resolution get their position embeddings resized
-    (``config.interpolation``).
+    (``config.interpolation``). :func:`divattn.models.load_checkpoint` loads scenic
+    checkpoints of all four variants (and ``transformers``' ``Vivit*``, model 1).
     """
 
     def __init__(self, config: Optional[ViViTConfig] = None, **kwargs):
@@ -205,7 +206,7 @@ class ViViT(VideoModel):
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """Tokens entering the first block: ``(B, [1 +] T'*N, C)`` in ``(t h w)`` order
-        (factorised_encoder: ``(B*T', 1 + N, C)``, one sequence per frame)."""
+        (factorised_encoder: ``(B*T', [1 +] N, C)``, one sequence per frame)."""
         c = self.config
         Tt, h, w = self._grid(video)
         g = self.patch_embed(video)  # (B, C, T', h, w)
