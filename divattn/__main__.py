@@ -15,6 +15,8 @@ COMMANDS = {
     "demo": ("divattn.cli.demo", "run the fused ops on a TimeSformer-shaped input and check them against the reference"),
     "train": ("divattn.train.cli", "train a video model (built-in default: a tiny TimeSformer on a synthetic motion task)"),
     "bench": ("divattn.bench.cli", "time divided and joint attention with every provider available here on one shape"),
+    "kernels": ("divattn.cli.kernels", "compile the GPU kernels ahead of time (no GPU) and report registers, spills, "
+                                       "shared memory, occupancy and tensor-core use"),
 }
 
 

@@ -4,7 +4,8 @@ For users who do not run pytest. The shape is a named one (``--shape``, see
 :mod:`divattn.bench.shapes`) or given by its sizes (``--frames --patches --heads
 --head-dim``); a model shape times a whole training step instead. Providers that
 cannot run on this machine are listed once with the reason. ``--json`` writes the
-records in the format of ``benchmarks/results``.
+records in the format of ``benchmarks/results``; ``--modelled`` writes modelled
+H100 records (:mod:`divattn.bench.modelled`) to a file of their own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--quick", action="store_true", help="shorter timing")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the records to PATH")
+    parser.add_argument("--modelled", default=None, metavar="PATH",
+                        help="also write modelled H100 records (counted traffic, no GPU) to PATH, a file of their own")
+    parser.add_argument("--modelled-only", action="store_true", help="with --modelled: write them and time nothing")
 
 
 def _csv(value):
@@ -118,6 +122,19 @@ def main(args) -> int:
             raise SystemExit(f"divattn bench: unknown pass {', '.join(bad)} (passes: {known})")
         plan = [(op, p) for op in ops for p in passes]
     env = records.environment(device)
+    if args.modelled:
+        if isinstance(shape, shapes.ModelShape):
+            raise SystemExit("divattn bench: --modelled takes an attention shape, not a model shape")
+        from . import modelled
+
+        recs = modelled.records(shape, plan, dtype, env)
+        print("modelled (not measured) H100, traffic counted under the Triton interpreter:")
+        print("\n".join(modelled.table(recs)))
+        print(f"modelled records written to {records.write(args.modelled, recs)}")
+        if args.modelled_only:
+            return 0
+    elif args.modelled_only:
+        raise SystemExit("divattn bench: --modelled-only needs --modelled PATH")
     peaks = roofline.measure_peaks(device, dtype)
     label = "CPU, " if device.type == "cpu" else ""
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"

@@ -1,0 +1,197 @@
+"""The GPU path without a GPU: every planned launch compiles for sm_80 / sm_90, fp16/bf16
+builds at D <= 128 do not spill, and the counted memory traffic of each pass stays near
+the least it can move.
+
+The launches come from the dispatch code (``plan_forward`` / ``plan_backward`` on the
+named benchmark shapes), never from a list kept here, so a new kernel or code path is
+compiled and counted as soon as the plans make it.
+"""
+
+import dataclasses
+import os
+import time
+
+import pytest
+import torch
+
+from divattn.bench.shapes import GPU_SHAPES
+from divattn.kernels_report import build, problems, traffic
+
+# The traffic goal (issue 9) at TimeSformer-B head geometry: counted bytes over the minimum.
+MAX_RATIO = {"fwd": 1.25, "bwd": 1.5}
+# Passes the committed kernels do not bring under MAX_RATIO yet (non-strict: they may).
+OVER_GOAL = {("spatial", "fwd"), ("spatial", "bwd"), ("spatial_cls", "fwd"), ("spatial_cls", "bwd")}
+
+LOW_PRECISION = ("fp16", "bf16")
+
+
+@pytest.fixture(scope="module")
+def builds():
+    """Every distinct build of the named GPU shapes' plans, compiled once (in a child process
+    without the interpreter when this one interprets)."""
+    start = time.perf_counter()
+    out = build.report(archs=problems.ARCHS, workers=max(1, min(2, os.cpu_count() or 1)))
+    print(f"\n{len(out)} builds compiled in {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def _where(b) -> str:
+    return (f"{b['kernel']} sm_{b['arch']} {b['dtype']} {b['constexprs']} warps={b['num_warps']} "
+            f"stages={b['num_stages']} (e.g. {b['problems'][0]})")
+
+
+def test_every_planned_launch_compiles(builds):
+    failed = [f"{_where(b)}: {b['error']}" for b in builds if b["error"]]
+    assert not failed, "compile errors:\n" + "\n".join(failed)
+
+
+def test_report_covers_every_problem_arch_and_dtype(builds):
+    wanted = {p.id for p in problems.gpu_problems()}
+    got = {pid for b in builds for pid in b["problems"]}
+    assert got == wanted
+    assert {(b["arch"], b["dtype"]) for b in builds} == {(a, d) for a in problems.ARCHS for d in problems.DTYPES}
+    assert all(b["registers"] and 0 < b["blocks_per_sm"] <= 32 for b in builds if not b["error"])
+
+
+def test_low_precision_dots_use_tensor_cores(builds):
+    """Where an fp16/bf16 kernel calls tl.dot, the SASS has HMMA (sm_80) or HMMA/HGMMA (sm_90)."""
+    for arch in problems.ARCHS:
+        mma = [b for b in builds if b["arch"] == arch and b["dtype"] in LOW_PRECISION and b["tensor_core_insts"]]
+        assert mma, f"no fp16/bf16 build uses tensor cores on sm_{arch}"
+        kinds = {k for b in mma for k in b["mma"].split("+")}
+        assert kinds <= ({"HMMA"} if arch == 80 else {"HMMA", "HGMMA"})
+
+
+def test_no_spill_in_low_precision_builds(builds):
+    spills = [f"{_where(b)}: {b['registers']} registers, {b['stack_bytes']} stack bytes, "
+              f"{b['local_insts']} local loads/stores"
+              for b in builds
+              if not b["error"] and b["dtype"] in LOW_PRECISION and min(b["head_dims"]) <= 128
+              and (b["stack_bytes"] or b["local_insts"])]
+    assert not spills, "spilling builds:\n" + "\n".join(spills)
+
+
+@pytest.mark.parametrize("arch,regs,threads,smem,blocks", [
+    (90, 255, 128, 0, 2),  # 255 -> 256 regs per thread: 8192 per warp, 8 warps fit
+    (90, 32, 128, 0, 16),  # the 2048-thread limit
+    (80, 32, 32, 0, 32),  # the 32-block limit
+    (80, 64, 128, 100 * 1024, 1),  # 100 KB + 1 KB reserved: one block in 164 KB
+    (90, 64, 128, 100 * 1024, 2),  # two in 228 KB
+    (80, 64, 128, 200 * 1024, 0),  # more than a block may have
+])
+def test_resident_blocks(arch, regs, threads, smem, blocks):
+    assert build.resident_blocks(arch, regs, threads, smem) == blocks
+
+
+# ------------------------------------------------------------------------------ traffic
+
+interpreting = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="counts traffic of test kernels under TRITON_INTERPRET=1")
+
+
+def _launch(kernel, grid, args, **constexprs):
+    from divattn.ops.triton_kernels import Launch
+
+    return Launch(kernel, grid, args, constexprs, 4, 1, "test")
+
+
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+    @triton.jit
+    def reread(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        a = tl.load(X + offs, mask=offs < n, other=0.0)
+        b = tl.load(X + offs, mask=offs < n, other=0.0)
+        tl.load(X + offs, mask=offs < 0, other=0.0)  # masked off: touches nothing
+        tl.store(Y + tl.program_id(0), tl.sum(a + b, 0))
+
+    return copy, reread
+
+
+@interpreting
+def test_counter_on_a_copy():
+    copy, _ = _kernels()
+    n = 1000
+    x = torch.randn(n, dtype=torch.float16)
+    y = torch.empty_like(x)
+    (t,) = traffic.count([_launch(copy, (4,), {"X": x, "Y": y, "n": n}, BLOCK=256)])
+    assert torch.equal(x, y)
+    # 3 programs of 256 halves (16 sectors) and one of 232 (464 bytes: 15 sectors)
+    assert (t.programs, t.load_sectors, t.store_sectors) == (4, 63, 63)
+    assert (t.unique_load_sectors, t.unique_store_sectors) == (63, 63)
+    assert t.bytes == 2 * 63 * 32
+
+
+@interpreting
+def test_counter_counts_distinct_sectors_per_program():
+    _, reread = _kernels()
+    x = torch.randn(64, dtype=torch.float32)  # 256 bytes: 8 sectors
+    y = torch.empty(3, dtype=torch.float32)
+    (t,) = traffic.count([_launch(reread, (3,), {"X": x, "Y": y, "n": 64}, BLOCK=64)])
+    assert torch.allclose(y, 2 * x.sum().expand(3))
+    # read twice in a program: once; read by three programs: three times (one distinct)
+    assert (t.programs, t.load_sectors, t.unique_load_sectors) == (3, 24, 8)
+    assert (t.store_sectors, t.unique_store_sectors) == (3, 1)
+
+
+def _goal_shape(**kw):
+    return dataclasses.replace(GPU_SHAPES["timesformer_8x224"], B=1, H=1, **kw)
+
+
+def test_minimum_is_every_input_read_and_every_output_written_once():
+    shape = _goal_shape()
+    elems = 8 * 196 * 64
+    assert traffic.minimum_bytes(problems.Problem(shape, "temporal", "fwd", "fp16")) == 4 * elems * 2
+    assert traffic.minimum_bytes(problems.Problem(shape, "spatial", "bwd", "fp32")) == 8 * elems * 4
+    assert traffic.minimum_bytes(problems.Problem(shape, "spatial_cls", "fwd", "fp16")) == 4 * (elems + 64) * 2
+    assert traffic.modelled_ms(3.35e9, 1.0) == pytest.approx(1.0)
+    assert traffic.modelled_ms(1.0, 989e9) == pytest.approx(1.0)
+
+
+PASS_CASES = [
+    pytest.param(op, pass_, id=f"{op}-{pass_}",
+                 marks=[pytest.mark.xfail(strict=False, reason="over the traffic goal on these kernels")]
+                 if (op, pass_) in OVER_GOAL else [])
+    for op in ("temporal", "spatial", "spatial_cls") for pass_ in ("fwd", "bwd")
+]
+
+
+@pytest.fixture(scope="module")
+def goal_traffic():
+    """Counted traffic at TimeSformer-B head geometry (T=8, N=196, D=64), B=1, H=1, fp16, sm_90 plans."""
+    probs = [problems.Problem(_goal_shape(), op, pass_, "fp16")
+             for op in ("temporal", "spatial", "spatial_cls") for pass_ in ("fwd", "bwd")]
+    start = time.perf_counter()
+    rows = traffic.measure(probs, target=90)
+    print(f"\ntraffic counted in {time.perf_counter() - start:.0f} s:")
+    for r in rows:
+        print(f"  {r['op']:<12} {r['pass_']}  {r['ratio']:.3f}x the minimum "
+              f"({' + '.join(t['kernel'] + 'x' + str(t['programs']) for t in r['launches'])})")
+    return {(r["op"], r["pass_"]): r for r in rows}
+
+
+@pytest.mark.parametrize("op,pass_", [(op, p) for op in ("temporal", "spatial", "spatial_cls") for p in ("fwd", "bwd")])
+def test_every_input_is_read_and_every_output_written(goal_traffic, op, pass_):
+    """Holds for any correct kernels: the distinct bytes cover the tensors of the minimum."""
+    r = goal_traffic[(op, pass_)]
+    assert r["launches"]
+    n_in, n_out = (3, 1) if pass_ == "fwd" else (5, 3)
+    per_tensor = r["min_bytes"] / (n_in + n_out)
+    loads = sum(t["unique_load_sectors"] for t in r["launches"]) * 32
+    stores = sum(t["unique_store_sectors"] for t in r["launches"]) * 32
+    assert stores >= n_out * per_tensor
+    # the backward may recompute o instead of reading it
+    assert loads >= (n_in - (pass_ == "bwd")) * per_tensor
+
+
+@pytest.mark.parametrize("op,pass_", PASS_CASES)
+def test_traffic_goal(goal_traffic, op, pass_):
+    r = goal_traffic[(op, pass_)]
+    assert r["ratio"] <= MAX_RATIO[pass_], f"{op} {pass_}: {r['ratio']:.2f}x the minimum traffic"
