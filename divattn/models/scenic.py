@@ -40,9 +40,11 @@ Names (scenic -> bundled), per variant:
 - ``pre_logits`` -> ``pre_logits.fc``, ``output_projection`` -> ``head``.
 
 Model 4's head order needs no permutation: the bundled block gives heads
-``[0, H/2)`` to time and ``[H/2, H)`` to space, as scenic does. Models 1 and 4 (and
-model 1 with ``gap`` pooling and model 4) have the same parameters, so the checkpoint
-cannot tell which of them it is: build the model with the variant it was trained as.
+``[0, H/2)`` to time and ``[H/2, H)`` to space, as scenic does. Model 1 pooled by
+``gap`` / ``gmp`` / ``gsp`` and model 4 have the same parameters, so such a checkpoint
+cannot tell which of them it is: build the model with the variant (and classifier,
+``representation_size``, model 2's temporal depth / heads / MLP width) it was trained
+with; anything else that differs is named by the strict load.
 """
 
 from __future__ import annotations
