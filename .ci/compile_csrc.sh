@@ -2,7 +2,10 @@
 # Compile every divattn/csrc/ source against the installed torch's headers: .cu files with nvcc
 # for sm_80 and sm_90, .cpp files with the host compiler, to object files in a temporary
 # directory. Nothing is linked or run (CI has no GPU and a CPU build of torch); a
-# compile error in any source fails this script.
+# compile error in any source fails this script. The .cu files compile with
+# -Xptxas -v: a table of every kernel per architecture follows (registers, spill
+# stores/loads, stack frame, static shared memory), and kernels that spill are named
+# (reported, not failed).
 #
 # Env: NVCC (compiler to use), DIVATTN_CUDA_ARCHS (default "80;90"), MAX_JOBS
 # (parallel compiles, default: CPU count), CXX (host compiler, default c++).
@@ -89,7 +92,7 @@ compile_one() {
   case "$src" in
     *.cu)
       # shellcheck disable=SC2086
-      if ! "$nvcc" -c "$src" -o "$obj" -std="$std" -O3 --use_fast_math -lineinfo -Xcompiler -fPIC \
+      if ! "$nvcc" -c "$src" -o "$obj" -std="$std" -O3 --use_fast_math -lineinfo -Xcompiler -fPIC -Xptxas -v \
         $nvcc_common $gencode $defines $includes >"$log" 2>&1; then
         cat "$log" >&2; echo "compile_csrc: FAILED $src" >&2; return 1
       fi
@@ -116,3 +119,74 @@ fi
 # The C++ binding first: it is the slowest compile (the full torch/extension.h).
 printf '%s\n' "${sources[@]}" | sort -t. -k2,2 | xargs -P "$jobs" -I{} bash -c 'compile_one "$@"' _ {}
 echo "compile_csrc: ${#sources[@]} sources compiled without errors in $(( $(date +%s) - start )) s (objects only: nothing linked or run)"
+
+# The resources ptxas reported for each kernel (-Xptxas -v), demangled when c++filt is there.
+python - "$out"/*.cu.o.log <<'PY'
+import re
+import shutil
+import subprocess
+import sys
+
+rows = []  # [source, mangled name, arch, registers, spill stores, spill loads, stack, smem]
+for log in sys.argv[1:]:
+    source = log.rsplit("/", 1)[-1][: -len(".o.log")]
+    current = None
+    for line in open(log, encoding="utf-8", errors="replace"):
+        m = re.search(r"Compiling entry function '([^']+)' for '(\w+)'", line)
+        if m:
+            current = [source, m.group(1), m.group(2), None, None, None, None, 0]
+            rows.append(current)
+            continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m and (current is None or current[1] != m.group(1)):
+            current = None  # a non-inlined device function, not a kernel
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current is not None:
+            current[6], current[4], current[5] = map(int, m.groups())
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current is not None:
+            current[3] = int(m.group(1))
+            smem = re.search(r"(\d+) bytes smem", line)
+            current[7] = int(smem.group(1)) if smem else 0
+if not rows:
+    print("compile_csrc: ptxas reported no kernels", file=sys.stderr)
+    sys.exit(1)
+names = {r[1]: r[1] for r in rows}
+if shutil.which("c++filt"):
+    mangled = list(names)
+    plain = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True).stdout.splitlines()
+    if len(plain) == len(mangled):
+        names = dict(zip(mangled, plain))
+
+
+def short(name):
+    """The demangled name without namespaces or parameter list (template arguments kept)."""
+    name = names[name].replace("(anonymous namespace)::", "")
+    name = re.sub(r"^void ", "", name).removeprefix("divattn::")
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            return name[:i]
+    return name
+
+
+header = ["kernel", "source", "arch", "regs", "spill st B", "spill ld B", "stack B", "smem B"]
+table = sorted([short(r[1]), r[0], r[2], *("?" if v is None else str(v) for v in r[3:])] for r in rows)
+widths = [max(len(t[i]) for t in table + [header]) for i in range(len(header))]
+fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
+print("compile_csrc: ptxas resources per kernel (-Xptxas -v)")
+print(fmt.format(*header))
+for t in table:
+    print(fmt.format(*t))
+spilling = [t for t in table if t[4] not in ("0", "?") or t[5] not in ("0", "?")]
+if spilling:
+    kernels = len({t[0] for t in spilling})
+    print(f"compile_csrc: {kernels} of {len({t[0] for t in table})} kernels spill registers (reported, not failed):")
+    for t in spilling:
+        print(f"  {t[0]} [{t[2]}]: {t[4]} B spill stores, {t[5]} B spill loads, {t[6]} B stack frame")
+else:
+    print("compile_csrc: no kernel spills registers")
+PY
