@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, reference
+from . import dispatch, torch_backend
 from .layout import patch_view
 
 MAX_HEAD_DIM = 256
@@ -78,7 +78,7 @@ def temporal_attention(q, k, v, *, scale: Optional[float] = None, backend: Optio
     scale = _scale(scale, q.shape[-1])
     be = dispatch.select("temporal", q.dtype, q.device, q.shape[-1], backend)
     if be.name == "torch":
-        buf = reference.temporal(q, k, v, scale)
+        buf = torch_backend.temporal(q, k, v, scale)
     else:
         from .functions import run
 
@@ -142,7 +142,7 @@ def _spatial(q, k, v, cls, scale, backend) -> torch.Tensor:
     cls = tuple(cls) if cls is not None else None
     be = dispatch.select("spatial" if cls is None else "spatial_cls", q.dtype, q.device, q.shape[-1], backend)
     if be.name == "torch":
-        return reference.spatial(q, k, v, scale, cls)
+        return torch_backend.spatial(q, k, v, scale, cls)
     from .functions import run
 
     return run("spatial", q, k, v, cls, scale, be.name)
@@ -179,7 +179,7 @@ def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional
     scale = _scale(scale, q.shape[-1])
     be = dispatch.select("joint", q.dtype, q.device, q.shape[-1], backend)
     if be.name == "torch":
-        return reference.joint(q, k, v, scale)
+        return torch_backend.joint(q, k, v, scale)
     from .functions import run
 
     return run("joint", q, k, v, None, scale, be.name)

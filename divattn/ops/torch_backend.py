@@ -1,0 +1,152 @@
+"""The divided attention ops composed from PyTorch's own attention (``backend="torch"``).
+
+This is the path of every CPU user and of GPUs without Triton: each op is one
+``F.scaled_dot_product_attention`` call on views of q/k/v, so PyTorch picks its fused
+kernel (on a CPU its flash kernel, which reads strided inputs and lays its output out
+like the query). Around that call the composition is chosen for fewest copies:
+
+- sequences go into SDPA as ``(B', L, H, D)`` views transposed to ``(B', H, L, D)``; a
+  view is copied only where two batch dims cannot be merged (the cls token between
+  batches, or the frames of ``(h w t)`` tokens);
+- the output buffer is SDPA's own output when its layout already is q's token order
+  (temporal over ``(h w t)`` tokens, spatial over ``(t h w)`` tokens, joint), otherwise
+  one copy into :func:`divattn.ops.layout.alloc_tokens`;
+- spatial attention with cls concatenates ``[cls] + N`` queries, keys and values per
+  frame (the official semantics, one softmax per frame) in one copy that also serves
+  as the batch merge, and averages the T cls outputs.
+
+Half precision on a CPU is computed in fp32 and cast back (faster there than half, and
+as accurate as :mod:`divattn.ops.reference`); fp64 stays fp64. Gradients come from
+autograd.
+
+Non-finite values: torch's CPU flash kernel drops a NaN query row when a sequence is
+shorter than its vector width and its backward recomputes probabilities that an
+``inf`` input made NaN in the plain softmax. So on a CPU, inputs holding NaN or inf
+(one sum per tensor tells) take :mod:`divattn.ops.reference`, whose propagation is the
+spec: a non-finite input or upstream gradient makes non-finite exactly what the plain
+softmax composition makes non-finite, and nothing in other sequences. (A NaN or inf
+upstream gradient with finite inputs propagates identically through the flash backward.)
+Under ``torch.compile`` the check, a data-dependent branch, is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .layout import alloc_tokens, is_hwt, patch_view
+
+
+def _fused(*xs: torch.Tensor) -> bool:
+    """Whether SDPA computes these inputs: not empty, and on a CPU all finite."""
+    if any(x.numel() == 0 for x in xs):
+        return False
+    if xs[0].device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    acc = torch.promote_types(xs[0].dtype, torch.float32)
+    # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
+    return bool(torch.isfinite(sum(x.sum(dtype=acc) for x in xs)))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over L for ``(B', L, H, D)`` views; returns ``(B', L, H, D)``."""
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    o = F.scaled_dot_product_attention(*(x.to(dtype).transpose(1, 2) for x in (q, k, v)), scale=scale)
+    return o.transpose(1, 2).to(q.dtype)
+
+
+def _as_buffer(o: torch.Tensor, shape: tuple):
+    """``o`` viewed as the token buffer ``shape`` when its memory already is that, else None."""
+    return o.view(shape) if o.is_contiguous() else None
+
+
+def temporal(q, k, v, scale: float) -> torch.Tensor:
+    """Attention over T for every (b, n, h): q, k, v ``(B, T, N, H, D)``.
+
+    Returns the token-major ``(B, T*N, H, D)`` output buffer in q's token order.
+    """
+    if not _fused(q, k, v):
+        return reference.temporal(q, k, v, scale)
+    B, T, N, H, D = q.shape
+    # (B, T, N, H, D) -> (B*N, T, H, D): a view when b and n merge, else one copy
+    o = _attend(*(x.transpose(1, 2).reshape(B * N, T, H, D) for x in (q, k, v)), scale)
+    if is_hwt(q) or min(T, N) == 1:
+        buf = _as_buffer(o, (B, N * T, H, D))
+        if buf is not None:
+            return buf
+    buf = alloc_tokens(q, has_cls=False)
+    patch_view(buf, q, has_cls=False).copy_(o.view(B, N, T, H, D).transpose(1, 2))
+    return buf
+
+
+def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
+    """Attention over N for every (b, t, h), optionally with a shared cls token.
+
+    Returns the token-major ``(B, [1 +] T*N, H, D)`` output buffer in q's token order,
+    with the mean cls output as token 0 when ``cls`` is given.
+    """
+    B, T, N, H, D = q.shape
+    if cls is None:
+        if not _fused(q, k, v):
+            return reference.spatial(q, k, v, scale)
+        # (B, T, N, H, D) -> (B*T, N, H, D)
+        o = _attend(*(x.reshape(B * T, N, H, D) for x in (q, k, v)), scale)
+        if not is_hwt(q):
+            buf = _as_buffer(o, (B, T * N, H, D))
+            if buf is not None:
+                return buf
+        buf = alloc_tokens(q, has_cls=False)
+        patch_view(buf, q, has_cls=False).copy_(o.view(B, T, N, H, D))
+        return buf
+    if not _fused(q, k, v, *cls):
+        return reference.spatial(q, k, v, scale, cls)
+    # The official block repeats the cls token in every frame: [cls] + N tokens per frame.
+    qq, kk, vv = (
+        torch.cat([c[:, None, None].expand(B, T, 1, H, D), x], 2).view(B * T, 1 + N, H, D)
+        for c, x in zip(cls, (q, k, v))
+    )
+    o = _attend(qq, kk, vv, scale).view(B, T, 1 + N, H, D)
+    buf = alloc_tokens(q, has_cls=True)
+    patch_view(buf, q, has_cls=True).copy_(o[:, :, 1:])
+    buf[:, 0].copy_(o[:, :, 0].mean(1))
+    return buf
+
+
+def joint(q, k, v, scale: float) -> torch.Tensor:
+    """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``; contiguous output."""
+    if not _fused(q, k, v):
+        return reference.joint(q, k, v, scale)
+    o = _attend(q, k, v, scale)
+    buf = _as_buffer(o, q.shape)
+    if buf is not None:
+        return buf
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out.copy_(o)
+    return out
+
+
+def _register_cpu_flash_flops() -> None:
+    """Teach FlopCounterMode torch's CPU flash attention ops (it knows only the GPU ones),
+    with torch's own SDPA formulas, so the ops above are counted on a CPU too."""
+    from torch.utils.flop_counter import (flop_registry, register_flop_formula, sdpa_backward_flop_count,
+                                          sdpa_flop_count)
+
+    aten = torch.ops.aten
+    fwd, bwd = (getattr(aten, name, None) for name in (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"))
+    if fwd is not None and fwd not in flop_registry:
+        @register_flop_formula(fwd)
+        def _fwd_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+    if bwd is not None and bwd not in flop_registry:
+        @register_flop_formula(bwd)
+        def _bwd_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_flash_flops()
+
+__all__ = ["temporal", "spatial", "joint"]

@@ -1,0 +1,198 @@
+"""backend="torch" (divattn.ops.torch_backend, SDPA compositions) against the fp64 reference.
+
+The reference ops (divattn.ops.reference) are swapped in behind the public API for the
+ground truth, so both run through the same validation and output views.
+"""
+
+import contextlib
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import divattn
+from divattn import flops
+from divattn.ops import api, reference, split_qkv, spatial_attention_tokens, tokens_major
+
+from .cases import ATOL, FACTOR, call, make_leaves, make_views, max_err, out_grads, plain_precision, run
+from .test_ops import CASES
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@contextlib.contextmanager
+def reference_path():
+    """backend="torch" computed by divattn.ops.reference (the ground truth)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "torch_backend", reference)
+        yield
+
+
+def _compare(case, got, ref, low, dtype):
+    names = [f"out{i}" for i in range(len(ref[0]))] + [f"grad{i}" for i in range(len(ref[1]))]
+    for name, g, lo, r in zip(names, got[0] + got[1], low[0] + low[1], ref[0] + ref[1]):
+        if case.layout == "sliced" and name.startswith("grad"):
+            pad = torch.zeros_like(g, dtype=torch.bool)
+            pad[:, 1 + case.N * case.T:] = True
+            pad[..., case.D:] = True
+            assert (g[pad] == 0).all(), f"{name}: gradient leaked into padding"
+            g, lo, r = (torch.where(pad, 0.0, x) for x in (g, lo, r))
+        assert torch.isfinite(g).all(), f"{case.id} {dtype}: {name} has non-finite values"
+        scale = max(1.0, r.abs().max().item() if r.numel() else 1.0)
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, r, msg=lambda m: f"{case.id} {name}: {m}")
+            continue
+        bound = FACTOR * max_err(lo, r) + ATOL[dtype] * scale
+        err = max_err(g, r)
+        assert err <= bound, f"{case.id} {dtype}: {name} max err {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_matches_reference(case, dtype):
+    gen = torch.Generator().manual_seed(0)
+    leaves64 = make_leaves(case, gen)
+    with reference_path():
+        q, k, v, cls = make_views(case, [x.requires_grad_(False) for x in leaves64])
+        grads64 = out_grads(call(case, q, k, v, cls, "torch"), gen)
+        ref = run(case, leaves64, grads64, "torch", torch.float64, device="cpu")[:2]
+        with plain_precision():
+            low = run(case, leaves64, grads64, "torch", dtype, device="cpu")[:2]
+    got = run(case, leaves64, grads64, "torch", dtype, device="cpu")[:2]
+    _compare(case, got, ref, low, dtype)
+
+
+def _op_grads(op, order, qkv, grad_out, T, N, backend="torch"):
+    """Outputs and the packed qkv gradient of ``op`` on views of ``qkv`` (B, 1 + N*T, 3, H, D)."""
+    qkv = qkv.detach().requires_grad_(True)
+    q, k, v, cls = split_qkv(qkv, T, N, order=order, has_cls=True)
+    if op == "temporal":
+        outs = [tokens_major(divattn.temporal_attention(q, k, v, backend=backend))]
+    elif op == "spatial":
+        outs = [tokens_major(divattn.spatial_attention(q, k, v, backend=backend))]
+    elif op == "spatial_cls":
+        outs = [spatial_attention_tokens(q, k, v, cls, backend=backend).flatten(2)]
+    else:
+        outs = [divattn.joint_attention(*qkv.unbind(2), backend=backend).flatten(2)]
+    (grad,) = torch.autograd.grad(outs[0], qkv, grad_out)
+    return outs[0].detach(), grad
+
+
+POISON = [
+    # (what, token index into the B x (1 + N*T) tokens or the upstream gradient, qkv slot)
+    ("q", 7, 0), ("k", 7, 1), ("v", 7, 2), ("k", 1, 1), ("v", -1, 2),
+    ("q_cls", 0, 0), ("k_cls", 0, 1), ("v_cls", 0, 2),
+    ("grad", 7, None), ("grad", 0, None),
+]
+# Short sequences (shorter than a CPU vector) and long ones (T=17 frames, N=20 patches).
+SIZES = {"T3-N5": (3, 5), "T17-N20": (17, 20)}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("what,token,slot", POISON, ids=[f"{w}{t}" for w, t, _ in POISON])
+@pytest.mark.parametrize("order", ["hwt", "thw"])
+@pytest.mark.parametrize("op", ["temporal", "spatial", "spatial_cls", "joint"])
+@pytest.mark.parametrize("dtype,size", [(torch.float32, "T3-N5"), (torch.float16, "T3-N5"), (torch.float32, "T17-N20")],
+                         ids=["float32-T3-N5", "float16-T3-N5", "float32-T17-N20"])
+def test_non_finite_exactly_where_the_reference_has_them(op, order, what, token, slot, value, dtype, size):
+    """One non-finite element of q, k, v (patch or cls token) or of the upstream gradient,
+    in batch 1 only, makes non-finite exactly the output and gradient elements that the
+    fp64 reference makes non-finite (and none in batch 0)."""
+    T, N = SIZES[size]
+    B, H, D = 2, 2, 8
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, 1 + N * T, 3, H, D, generator=gen, dtype=torch.float64)
+    L_out = 1 + N * T if op in ("spatial_cls", "joint") else N * T
+    grad_out = torch.randn(B, L_out, H * D, generator=gen, dtype=torch.float64)
+    if what == "grad":
+        grad_out[1, token, 3] = value
+    else:
+        qkv[1, token, slot, 1, 3] = value
+    with reference_path():
+        ref_o, ref_g = _op_grads(op, order, qkv, grad_out, T, N)
+    got_o, got_g = _op_grads(op, order, qkv.to(dtype), grad_out.to(dtype), T, N)
+    assert torch.isfinite(ref_o[0]).all() and torch.isfinite(ref_g[0]).all()
+    assert torch.equal(~torch.isfinite(got_o), ~torch.isfinite(ref_o)), "outputs"
+    assert torch.equal(~torch.isfinite(got_g), ~torch.isfinite(ref_g)), "gradients"
+
+
+@pytest.mark.parametrize("order", ["hwt", "thw"])
+def test_outputs_are_token_major_in_q_order(order):
+    qkv = torch.randn(2, 1 + 5 * 3, 3, 2, 16)
+    q, k, v, cls = split_qkv(qkv, 3, 5, order=order, has_cls=True)
+    for fn in (divattn.temporal_attention, divattn.spatial_attention):
+        o = fn(q, k, v, backend="torch")
+        flat = tokens_major(o)
+        assert flat.data_ptr() == o.data_ptr() and flat.is_contiguous()
+    o, o_cls = divattn.spatial_attention(q, k, v, cls, backend="torch")
+    assert o_cls.data_ptr() == o.data_ptr() - 2 * 16 * o.element_size()
+    assert divattn.joint_attention(*qkv.unbind(2), backend="torch").is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 2, 16), (2, 0, 5, 2, 16), (2, 3, 0, 2, 16), (2, 3, 5, 0, 16)],
+                         ids=["B0", "T0", "N0", "H0"])
+@pytest.mark.parametrize("op", ["temporal", "spatial", "joint"])
+def test_empty_inputs_give_empty_outputs_and_zero_grads(op, shape):
+    xs = [torch.randn(shape, requires_grad=True) for _ in range(3)]
+    if op == "joint":
+        B, T, N, H, D = shape
+        o = divattn.joint_attention(*(x.view(B, T * N, H, D) for x in xs), backend="torch")
+    else:
+        fn = divattn.temporal_attention if op == "temporal" else divattn.spatial_attention
+        o = fn(*xs, backend="torch")
+    assert o.numel() == 0
+    for g in torch.autograd.grad(o.sum(), xs, allow_unused=True):
+        assert g is None or not g.any()
+
+
+def test_spatial_cls_without_patches_attends_to_cls_only():
+    xs = [torch.randn(2, 3, 0, 2, 16, requires_grad=True) for _ in range(3)]
+    cls = [torch.randn(2, 2, 16, requires_grad=True) for _ in range(3)]
+    o, o_cls = divattn.spatial_attention(*xs, cls, backend="torch")
+    assert o.numel() == 0
+    torch.testing.assert_close(o_cls, cls[2])
+    g = torch.randn_like(o_cls)
+    dq, dk, dv = torch.autograd.grad((o_cls * g).sum(), cls)
+    assert not dq.any() and not dk.any()
+    torch.testing.assert_close(dv, g)
+
+
+@pytest.mark.parametrize("op,shape", [("temporal", (2, 5, 7, 3, 16)), ("spatial", (2, 5, 7, 3, 16)),
+                                      ("spatial_cls", (2, 5, 7, 3, 16)), ("joint", (2, 11, 3, 16))])
+def test_flop_counter_counts_the_attention(op, shape):
+    xs = [torch.randn(shape, requires_grad=True) for _ in range(3)]
+    with FlopCounterMode(display=False) as fc:
+        if op == "joint":
+            outs = [divattn.joint_attention(*xs, backend="torch")]
+        elif op == "spatial_cls":
+            cls = [torch.randn(shape[0], *shape[3:], requires_grad=True) for _ in range(3)]
+            outs = list(divattn.spatial_attention(*xs, cls, backend="torch"))
+        else:
+            fn = divattn.temporal_attention if op == "temporal" else divattn.spatial_attention
+            outs = [fn(*xs, backend="torch")]
+    assert fc.get_total_flops() == flops.attention_flops(op, shape, "fwd")
+    with FlopCounterMode(display=False) as fc:
+        sum(o.sum() for o in outs).backward()
+    assert fc.get_total_flops() == flops.attention_flops(op, shape, "bwd")
+
+
+@pytest.mark.parametrize("order", ["hwt", "thw"])
+def test_compiles_fullgraph(order, monkeypatch):
+    monkeypatch.undo()  # dynamo traces torch.empty itself, not the NaN-filling wrapper of conftest
+
+    def block(qkv):
+        q, k, v, cls = split_qkv(qkv, 3, 5, order=order, has_cls=True)
+        o = tokens_major(divattn.temporal_attention(q, k, v, backend="torch"))
+        s = tokens_major(divattn.spatial_attention(q, k, v, backend="torch"))
+        toks = spatial_attention_tokens(q, k, v, cls, backend="torch")
+        j = divattn.joint_attention(*qkv.unbind(2), backend="torch")
+        return o.sum() + s.square().sum() + toks.sum() * 0.5 + j.mean()
+
+    qkv = torch.randn(1, 1 + 5 * 3, 3, 2, 16, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    (g_eager,) = torch.autograd.grad(block(qkv), qkv)
+    out = compiled(qkv)
+    (g_comp,) = torch.autograd.grad(out, qkv)
+    torch.testing.assert_close(out, block(qkv))
+    torch.testing.assert_close(g_comp, g_eager)
