@@ -31,6 +31,8 @@ Under ``torch.compile`` the check, a data-dependent branch, is skipped.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,22 +47,40 @@ def _fused(*xs: torch.Tensor) -> bool:
     if xs[0].device.type != "cpu" or torch.compiler.is_compiling():
         return True
     acc = torch.promote_types(xs[0].dtype, torch.float32)
-    # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
-    return bool(torch.isfinite(sum(x.sum(dtype=acc) for x in xs)))
+    total = 0.0
+    with torch.no_grad():
+        # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
+        for x in _packed(xs[:3]) + (_packed(xs[3:]) if xs[3:] else []):
+            total += x.sum(dtype=acc).item()
+    return math.isfinite(total)
+
+
+def _packed(xs) -> list:
+    """q, k, v as one strided view when they are evenly spaced views of one tensor (slices
+    of a qkv projection), so that one pass reads them; else the three tensors."""
+    q, k, v = xs
+    step = k.storage_offset() - q.storage_offset()
+    if (step > 0 and v.storage_offset() - k.storage_offset() == step and q.stride() == k.stride() == v.stride()
+            and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()):
+        return [q.as_strided((3,) + q.shape, (step,) + q.stride())]
+    return [q, k, v]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over L for ``(B', L, H, D)`` views; returns ``(B', L, H, D)``."""
+    """softmax(q k^T * scale) v over L for ``(B1, B2, L, H, D)`` views; returns ``(B1, B2, L, H, D)``.
+
+    The batch dims merge into SDPA's one without a copy when the strides allow (packed
+    ``(t h w)`` tokens for spatial attention, ``(h w t)`` tokens without cls for temporal);
+    otherwise the view is copied once, to contiguous ``(B1, B2, L, H, D)`` in the compute
+    dtype. SDPA's output then has that same layout.
+    """
+    B1, B2, L, H, D = q.shape
     dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
-    o = F.scaled_dot_product_attention(*(x.to(dtype).transpose(1, 2) for x in (q, k, v)), scale=scale)
-    return o.transpose(1, 2).to(q.dtype)
-
-
-def _as_buffer(o: torch.Tensor, shape: tuple):
-    """``o`` viewed as the token buffer ``shape`` when its memory already is that, else None."""
-    return o.view(shape) if o.is_contiguous() else None
+    xs = (x.to(dtype).reshape(B1 * B2, L, H, D).transpose(1, 2) for x in (q, k, v))
+    o = F.scaled_dot_product_attention(*xs, scale=scale)
+    return o.transpose(1, 2).reshape(B1, B2, L, H, D).to(q.dtype)
 
 
 def temporal(q, k, v, scale: float) -> torch.Tensor:
@@ -71,14 +91,12 @@ def temporal(q, k, v, scale: float) -> torch.Tensor:
     if not _fused(q, k, v):
         return reference.temporal(q, k, v, scale)
     B, T, N, H, D = q.shape
-    # (B, T, N, H, D) -> (B*N, T, H, D): a view when b and n merge, else one copy
-    o = _attend(*(x.transpose(1, 2).reshape(B * N, T, H, D) for x in (q, k, v)), scale)
-    if is_hwt(q) or min(T, N) == 1:
-        buf = _as_buffer(o, (B, N * T, H, D))
-        if buf is not None:
-            return buf
+    # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
+    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale)
+    if (is_hwt(q) or min(T, N) == 1) and o.is_contiguous():
+        return o.view(B, N * T, H, D)
     buf = alloc_tokens(q, has_cls=False)
-    patch_view(buf, q, has_cls=False).copy_(o.view(B, N, T, H, D).transpose(1, 2))
+    patch_view(buf, q, has_cls=False).copy_(o.transpose(1, 2))
     return buf
 
 
@@ -92,23 +110,17 @@ def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     if cls is None:
         if not _fused(q, k, v):
             return reference.spatial(q, k, v, scale)
-        # (B, T, N, H, D) -> (B*T, N, H, D)
-        o = _attend(*(x.reshape(B * T, N, H, D) for x in (q, k, v)), scale)
-        if not is_hwt(q):
-            buf = _as_buffer(o, (B, T * N, H, D))
-            if buf is not None:
-                return buf
+        o = _attend(q, k, v, scale)
+        if not is_hwt(q) and o.is_contiguous():
+            return o.view(B, T * N, H, D)
         buf = alloc_tokens(q, has_cls=False)
-        patch_view(buf, q, has_cls=False).copy_(o.view(B, T, N, H, D))
+        patch_view(buf, q, has_cls=False).copy_(o)
         return buf
     if not _fused(q, k, v, *cls):
         return reference.spatial(q, k, v, scale, cls)
     # The official block repeats the cls token in every frame: [cls] + N tokens per frame.
-    qq, kk, vv = (
-        torch.cat([c[:, None, None].expand(B, T, 1, H, D), x], 2).view(B * T, 1 + N, H, D)
-        for c, x in zip(cls, (q, k, v))
-    )
-    o = _attend(qq, kk, vv, scale).view(B, T, 1 + N, H, D)
+    qq, kk, vv = (torch.cat([c[:, None, None].expand(B, T, 1, H, D), x], 2) for c, x in zip(cls, (q, k, v)))
+    o = _attend(qq, kk, vv, scale)
     buf = alloc_tokens(q, has_cls=True)
     patch_view(buf, q, has_cls=True).copy_(o[:, :, 1:])
     buf[:, 0].copy_(o[:, :, 0].mean(1))
@@ -119,13 +131,8 @@ def joint(q, k, v, scale: float) -> torch.Tensor:
     """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``; contiguous output."""
     if not _fused(q, k, v):
         return reference.joint(q, k, v, scale)
-    o = _attend(q, k, v, scale)
-    buf = _as_buffer(o, q.shape)
-    if buf is not None:
-        return buf
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    out.copy_(o)
-    return out
+    o = _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale).squeeze(1)
+    return o if o.is_contiguous() else o.contiguous()
 
 
 def _register_cpu_flash_flops() -> None:

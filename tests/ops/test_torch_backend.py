@@ -160,7 +160,8 @@ def test_spatial_cls_without_patches_attends_to_cls_only():
 
 @pytest.mark.parametrize("op,shape", [("temporal", (2, 5, 7, 3, 16)), ("spatial", (2, 5, 7, 3, 16)),
                                       ("spatial_cls", (2, 5, 7, 3, 16)), ("joint", (2, 11, 3, 16))])
-def test_flop_counter_counts_the_attention(op, shape):
+def test_flop_counter_counts_the_attention(op, shape, monkeypatch):
+    monkeypatch.undo()  # FlopCounterMode must not see (and remember) conftest's torch.empty wrapper
     xs = [torch.randn(shape, requires_grad=True) for _ in range(3)]
     with FlopCounterMode(display=False) as fc:
         if op == "joint":
@@ -179,7 +180,7 @@ def test_flop_counter_counts_the_attention(op, shape):
 
 @pytest.mark.parametrize("order", ["hwt", "thw"])
 def test_compiles_fullgraph(order, monkeypatch):
-    monkeypatch.undo()  # dynamo traces torch.empty itself, not the NaN-filling wrapper of conftest
+    monkeypatch.undo()  # dynamo traces torch.empty itself, not conftest's NaN-filling wrapper
 
     def block(qkv):
         q, k, v, cls = split_qkv(qkv, 3, 5, order=order, has_cls=True)
