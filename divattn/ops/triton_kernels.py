@@ -13,23 +13,46 @@ joint      (b, -, h)        L       q, k, v ``(B, L, H, D)``
 =========  ===============  ======  =====================================
 
 so q/k/v are read straight out of the qkv projection output in either token order
-and nothing is transposed. A program owns a tile of ``GROUP * SEQ`` rows: when the
-sequence is short (temporal attention, T <= SEQ) it packs ``GROUP`` whole sequences
-into one tile and masks the score tile block-diagonally, because ``tl.dot`` needs at
-least 16 rows; when it is long, ``GROUP == 1`` and the kernel is flash attention
-(online softmax in base 2, fp32 accumulators, log-sum-exp saved, no score matrix in
-memory). In spatial attention every frame's keys are ``[cls] + its N patches``: the
-cls key/value are read once per row from their own pointers (stride 0 over frames)
-and seed the online softmax; the cls query's per-frame attention, its mean over
-frames, and the cls gradients run in small kernels of their own, one program per
-(b, h), so the backward needs no atomics and is deterministic.
+and nothing is transposed.
 
-The log-sum-exp saved for the backward is in base 2 and includes the scale.
+**cls folded in.** With a cls token every frame's sequence is extended by one row:
+row ``L`` of the queries is the cls query and column ``L`` of the keys the cls key,
+both read from their own ``(B, H, D)`` pointers (stride 0 over frames). The cls
+query's per-frame output and log-sum-exp go to small fp32 ``(B, H, T, ·)`` buffers,
+and its per-frame gradients (and the cls key/value gradients of each frame) to
+``(B, H, T, D)`` partials; a tiny epilogue reduces them over frames in a fixed
+order. Spatial attention with cls therefore reads each frame's K/V once, like
+spatial attention without it, and the backward needs no atomics.
+
+**Tiles.** A program owns ``GROUP`` sequences and a range of ``SEQ``-row tiles of
+them (``GROUP * SEQ`` rows per tile). Regimes (chosen by :func:`tile_config`):
+
+- *packed* — short sequences (temporal attention, T <= SEQ): ``GROUP`` whole
+  sequences share one tile and the score tile is masked block-diagonally, because
+  ``tl.dot`` needs at least 16 rows. A product over the token dimension would let
+  ``0 * NaN`` carry a non-finite value from one sequence to its tile neighbours; the
+  packed products zero non-finite rows of their right operand and re-inject them,
+  per column, into their own sequence only (:func:`_dot_iso`), so every sequence
+  sees exactly the non-finite values a per-sequence product would give it.
+- *frame* — a sequence of up to ``FRAME_MAX`` rows (a frame's 196 patches and the
+  cls token) belongs to one program, which loops over its query tiles (forward) or
+  runs its key tiles and then its query tiles (backward); each of the frame's
+  q/k/v/o/dO rows comes from memory once per program, and the re-reads within the
+  program are cache hits.
+- *long* — longer sequences spread their tiles over programs, flash-attention
+  style: online softmax in base 2, fp32 accumulators, log-sum-exp saved, no score
+  matrix in memory.
+
+The backward recomputes the softmax from the saved log-sum-exp and ``rowsum(dO * O)``
+on the fly; it writes every gradient element once (dK/dV per key tile, dQ per query
+tile) and is deterministic. The log-sum-exp saved for the backward is in base 2 and
+includes the scale.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +60,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+FRAME_MAX = 256  # longest sequence (with cls) that one program keeps to itself
 
 
 @triton.jit
@@ -48,337 +72,303 @@ def _seq_offset(s, S1, S2, st0, st1, st2):
 
 
 @triton.jit
+def _cls_offset(s, S1, S2, sc0, sc2):
+    """Offset of sequence s's cls vector: its (i0, i2), stride 0 over i1 (frames)."""
+    return (s // (S1 * S2)) * sc0 + (s % S2) * sc2
+
+
+@triton.jit
+def _frame_index(s, S1, S2):
+    """Position of sequence s = (i0, i1, i2) in a contiguous (S0, S2, S1) buffer: (b, h, t)."""
+    i2 = s % S2
+    i1 = (s // S2) % S1
+    i0 = s // (S1 * S2)
+    return (i0 * S2 + i2) * S1 + i1
+
+
+@triton.jit
+def _load_rows(X, XC, s, pos, ok, d, d_ok, S1, S2, x0, x1, x2, xL, xc0, xc2, L,
+               HAS_CLS: tl.constexpr, GROUP: tl.constexpr):
+    """Rows ``pos`` of sequences ``s`` as a [rows, BLOCK_D] tile; row L is the cls vector (XC)."""
+    x = tl.load(X + (_seq_offset(s, S1, S2, x0, x1, x2) + pos * xL)[:, None] + d[None, :],
+                mask=(ok & (pos < L))[:, None] & d_ok[None, :], other=0.0)
+    if HAS_CLS:
+        is_cls = ok & (pos == L)
+        if GROUP == 1:  # one sequence: its cls vector, loaded once and placed in row L
+            xc = tl.load(XC + _cls_offset(s, S1, S2, xc0, xc2) + d, mask=d_ok, other=0.0)  # [BLOCK_D]
+            x = tl.where(is_cls[:, None], xc[None, :].to(x.dtype), x)
+        else:
+            xc = tl.load(XC + _cls_offset(s, S1, S2, xc0, xc2)[:, None] + d[None, :],
+                         mask=is_cls[:, None] & d_ok[None, :], other=0.0)
+            x = tl.where(is_cls[:, None], xc.to(x.dtype), x)
+    return x
+
+
+@triton.jit
+def _store_rows(X, XF, val, s, pos, ok, fr, d, d_ok, S1, S2, x0, x1, x2, xL, L, D, HAS_CLS: tl.constexpr):
+    """Store rows ``pos < L`` to X (in X's dtype) and the cls row ``pos == L`` to the fp32 XF[fr]."""
+    mask = (ok & (pos < L))[:, None] & d_ok[None, :]
+    tl.store(X + (_seq_offset(s, S1, S2, x0, x1, x2) + pos * xL)[:, None] + d[None, :],
+             val.to(X.dtype.element_ty), mask=mask)
+    if HAS_CLS:
+        is_cls = ok & (pos == L)
+        tl.store(XF + ((fr * D) + tl.zeros_like(pos))[:, None] + d[None, :], val, mask=is_cls[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _pair_mask(same, ok, GROUP: tl.constexpr):
+    """``ok`` restricted to (row, column) pairs of one sequence (all pairs when a tile holds one)."""
+    if GROUP == 1:
+        out = ok
+    else:
+        out = same & ok
+    return out
+
+
+@triton.jit
+def _dot_iso(a, b, same, PREC: tl.constexpr, ISOLATE: tl.constexpr):
+    """``a @ b`` over the token dim, where ``a`` is zero outside the block diagonal ``same``.
+
+    With ISOLATE (packed tiles), a non-finite entry of ``b`` reaches exactly the
+    outputs of its own sequence in its own column, as in a per-sequence product —
+    not, through ``0 * NaN``, the other sequences of the tile.
+    """
+    if ISOLATE:
+        bad = (b != b) | (tl.abs(b.to(tl.float32)) == float("inf"))
+        n_bad = tl.sum(tl.sum(bad.to(tl.int32), 1), 0)
+        out = tl.dot(a, tl.where(bad, tl.zeros_like(b), b), input_precision=PREC)
+        if n_bad > 0:
+            hits = tl.dot(same.to(b.dtype), bad.to(b.dtype), input_precision=PREC)
+            out = tl.where(hits > 0, float("nan"), out)
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KC, VC,
+    Q, K, V, O, LSE, QC, KC, VC, OCF, LSEC,
     sq0, sq1, sq2, sqL,
     sk0, sk1, sk2, skL,
     sv0, sv1, sv2, svL,
     so0, so1, so2, soL,
-    skc0, skc2, svc0, svc2,
-    S, S1, S2, L, D, qk_scale,
+    sqc0, sqc2, skc0, skc2, svc0, svc2,
+    S, S1, S2, L, D, n_tiles, tiles_per_prog, qk_scale,
     HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     BLOCK: tl.constexpr = GROUP * SEQ
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    E = L + HAS_CLS  # rows of a sequence, the cls row included
     r = tl.arange(0, BLOCK)
-    g = r // SEQ
-    s = (pid_s * GROUP + g).to(tl.int64)  # [BLOCK] sequence of each row
-    t = (pid_m * SEQ + r % SEQ).to(tl.int64)  # [BLOCK] row within its sequence
-    row_ok = (s < S) & (t < L)
+    if GROUP == 1:
+        s = tl.program_id(0).to(tl.int64)  # the program's one sequence
+        same = 0  # unused
+    else:
+        g = r // SEQ
+        s = (tl.program_id(0) * GROUP + g).to(tl.int64)  # [BLOCK] sequence of each row
+        same = g[:, None] == g[None, :]  # [BLOCK, BLOCK] row and column in one sequence
+    s_ok = (s + tl.zeros_like(r)) < S  # [BLOCK]
+    fr = _frame_index(s, S1, S2)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    row_mask = row_ok[:, None] & d_ok[None, :]
+    first = tl.program_id(1) * tiles_per_prog
+    last = tl.minimum(first + tiles_per_prog, n_tiles)
+    for mt in range(first, last):
+        t = (mt * SEQ + r % SEQ).to(tl.int64)  # [BLOCK] query row within its sequence
+        row_ok = s_ok & (t < E)
+        q = _load_rows(Q, QC, s, t, row_ok, d, d_ok, S1, S2, sq0, sq1, sq2, sqL, sqc0, sqc2, L, HAS_CLS, GROUP)
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        for kt in range(0, n_tiles):
+            tk = (kt * SEQ + r % SEQ).to(tl.int64)  # [BLOCK] key row of each column
+            col_ok = s_ok & (tk < E)
+            k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, L, HAS_CLS, GROUP)
+            v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, L, HAS_CLS, GROUP)
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK, BLOCK]
+            qk = tl.where(_pair_mask(same, col_ok[None, :], GROUP), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(qk - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot_iso(p.to(v.dtype), v, same, PREC, GROUP > 1)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        _store_rows(O, OCF, acc / l_safe[:, None], s, t, row_ok, fr, d, d_ok, S1, S2,
+                    so0, so1, so2, soL, L, D, HAS_CLS)
+        lse = m_i + tl.log2(l_safe)
+        tl.store(LSE + s * L + t, lse, mask=row_ok & (t < L))
+        if HAS_CLS:
+            tl.store(LSEC + fr + tl.zeros_like(t), lse, mask=row_ok & (t == L))
 
-    q = tl.load(Q + (_seq_offset(s, S1, S2, sq0, sq1, sq2) + t * sqL)[:, None] + d[None, :],
-                mask=row_mask, other=0.0)  # [BLOCK, BLOCK_D]
 
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+@triton.jit
+def _bwd_rows(
+    Q, O, DO, LSE, QC, DOC, OCF, LSEC, s, t, ok, fr, d, d_ok, S1, S2,
+    sq0, sq1, sq2, sqL, so0, so1, so2, soL, sdo0, sdo1, sdo2, sdoL, sqc0, sqc2, sdoc0, sdoc2,
+    L, D, inv_T, HAS_CLS: tl.constexpr, WITH_DELTA: tl.constexpr, GROUP: tl.constexpr,
+):
+    """q, dO (in q's dtype), lse and (WITH_DELTA) delta = rowsum(dO * O) of query rows ``t``.
+
+    The cls row's upstream gradient is d o_cls / T (o_cls is the mean over T frames);
+    its output and log-sum-exp come from the forward's per-frame fp32 buffers.
+    """
+    q = _load_rows(Q, QC, s, t, ok, d, d_ok, S1, S2, sq0, sq1, sq2, sqL, sqc0, sqc2, L, HAS_CLS, GROUP)
+    do = _load_rows(DO, DOC, s, t, ok, d, d_ok, S1, S2, sdo0, sdo1, sdo2, sdoL, sdoc0, sdoc2, L, HAS_CLS, GROUP)
+    main = ok & (t < L)
+    lse = tl.load(LSE + s * L + t, mask=main, other=0.0)
+    do_f = do.to(tl.float32)
     if HAS_CLS:
-        i0 = s // (S1 * S2)
-        i2 = s % S2
-        kc = tl.load(KC + (i0 * skc0 + i2 * skc2)[:, None] + d[None, :], mask=row_mask, other=0.0)
-        vc = tl.load(VC + (i0 * svc0 + i2 * svc2)[:, None] + d[None, :], mask=row_mask, other=0.0)
-        m_i = tl.sum(q.to(tl.float32) * kc.to(tl.float32), 1) * qk_scale
-        l_i += 1.0
-        acc += vc.to(tl.float32)
-
-    k_base = _seq_offset(s, S1, S2, sk0, sk1, sk2)
-    v_base = _seq_offset(s, S1, S2, sv0, sv1, sv2)
-    for start in range(0, L, SEQ):
-        tk = (start + r % SEQ).to(tl.int64)  # [BLOCK] key row of each column
-        col_ok = (s < S) & (tk < L)
-        col_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + (k_base + tk * skL)[:, None] + d[None, :], mask=col_mask, other=0.0)
-        v = tl.load(V + (v_base + tk * svL)[:, None] + d[None, :], mask=col_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK, BLOCK]
-        valid = (g[:, None] == g[None, :]) & col_ok[None, :]
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(qk - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    tl.store(O + (_seq_offset(s, S1, S2, so0, so1, so2) + t * soL)[:, None] + d[None, :],
-             o.to(O.dtype.element_ty), mask=row_mask)
-    tl.store(LSE + s * L + t, m_i + tl.log2(l_safe), mask=row_ok)
-
-
-@triton.jit
-def _cls_fwd_kernel(
-    QC, KC, VC, K, V, OC, OCF, LSEC,
-    sqc0, sqc2, skc0, skc2, svc0, svc2, soc0, soc2,
-    sk0, sk1, sk2, skL, sv0, sv1, sv2, svL,
-    T, H, N, D, qk_scale, inv_T,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)  # (b, h)
-    b = pid // H
-    h = pid % H
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    qc = tl.load(QC + b * sqc0 + h * sqc2 + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-    kc = tl.load(KC + b * skc0 + h * skc2 + d, mask=d_ok, other=0.0).to(tl.float32)
-    vc = tl.load(VC + b * svc0 + h * svc2 + d, mask=d_ok, other=0.0).to(tl.float32)
-    s_cls = tl.sum(qc * kc, 0) * qk_scale
-    mean = tl.zeros([BLOCK_D], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    for t in range(0, T):
-        m = s_cls
-        l = s_cls * 0.0 + 1.0
-        acc = vc
-        k_base = b * sk0 + t * sk1 + h * sk2
-        v_base = b * sv0 + t * sv1 + h * sv2
-        for start in range(0, N, BLOCK_N):
-            nk = (start + n).to(tl.int64)
-            ok = nk < N
-            mask = ok[:, None] & d_ok[None, :]
-            k = tl.load(K + (k_base + nk * skL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(V + (v_base + nk * svL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            sc = tl.where(ok, tl.sum(k * qc[None, :], 1) * qk_scale, float("-inf"))  # [BLOCK_N]
-            m_new = tl.maximum(m, tl.max(sc, 0))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(sc - m_new)
-            l = l * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            m = m_new
-        o_t = acc / l
-        tl.store(OCF + (pid * T + t) * D + d, o_t, mask=d_ok)
-        tl.store(LSEC + pid * T + t, m + tl.log2(l))
-        mean += o_t
-    tl.store(OC + b * soc0 + h * soc2 + d, (mean * inv_T).to(OC.dtype.element_ty), mask=d_ok)
-
-
-@triton.jit
-def _bwd_delta_kernel(
-    O, DO, DELTA,
-    so0, so1, so2, soL, sdo0, sdo1, sdo2, sdoL,
-    S, S1, S2, L, D,
-    GROUP: tl.constexpr, SEQ: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    BLOCK: tl.constexpr = GROUP * SEQ
-    r = tl.arange(0, BLOCK)
-    s = (tl.program_id(0) * GROUP + r // SEQ).to(tl.int64)
-    t = (tl.program_id(1) * SEQ + r % SEQ).to(tl.int64)
-    row_ok = (s < S) & (t < L)
-    d = tl.arange(0, BLOCK_D)
-    mask = row_ok[:, None] & (d < D)[None, :]
-    o = tl.load(O + (_seq_offset(s, S1, S2, so0, so1, so2) + t * soL)[:, None] + d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + (_seq_offset(s, S1, S2, sdo0, sdo1, sdo2) + t * sdoL)[:, None] + d[None, :],
-                 mask=mask, other=0.0)
-    tl.store(DELTA + s * L + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+        is_cls = ok & (t == L)
+        if GROUP == 1:
+            lse = tl.where(is_cls, tl.load(LSEC + fr), lse)
+        else:
+            lse = tl.where(is_cls, tl.load(LSEC + fr, mask=is_cls, other=0.0), lse)
+        do_f = tl.where(is_cls[:, None], do_f * inv_T, do_f)
+        do = do_f.to(do.dtype)
+    delta = tl.zeros_like(lse)
+    if WITH_DELTA:
+        o = tl.load(O + (_seq_offset(s, S1, S2, so0, so1, so2) + t * soL)[:, None] + d[None, :],
+                    mask=main[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_CLS:
+            is_cls = ok & (t == L)
+            if GROUP == 1:
+                oc = tl.load(OCF + fr * D + d, mask=d_ok, other=0.0)  # [BLOCK_D]
+                o = tl.where(is_cls[:, None], oc[None, :], o)
+            else:
+                oc = tl.load(OCF + (fr * D)[:, None] + d[None, :], mask=is_cls[:, None] & d_ok[None, :], other=0.0)
+                o = tl.where(is_cls[:, None], oc, o)
+        delta = tl.sum(do_f * o, 1)
+    return q, do, lse, delta
 
 
 @triton.jit
 def _attn_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, KC, VC, QC, GC, LSEC, DELTAC,
+    Q, K, V, O, DO, LSE, DQ, DK, DV,
+    QC, KC, VC, DOC, OCF, LSEC, DQCF, DKCF, DVCF,
     sq0, sq1, sq2, sqL,
     sk0, sk1, sk2, skL,
     sv0, sv1, sv2, svL,
+    so0, so1, so2, soL,
     sdo0, sdo1, sdo2, sdoL,
     sdq0, sdq1, sdq2, sdqL,
     sdk0, sdk1, sdk2, sdkL,
     sdv0, sdv1, sdv2, sdvL,
-    skc0, skc2, svc0, svc2, sqc0, sqc2,
-    S, S1, S2, L, D, qk_scale, scale,
+    sqc0, sqc2, skc0, skc2, svc0, svc2, sdoc0, sdoc2,
+    S, S1, S2, L, D, n_tiles, tiles_per_prog, qk_scale, scale, inv_T,
     HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
 ):
-    """dK, dV of one key tile (and dQ too when the whole sequence is one tile)."""
+    """dK, dV of this program's key tiles, then dQ of its query tiles (in the first pass when SINGLE)."""
     BLOCK: tl.constexpr = GROUP * SEQ
-    pid_s = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    ISOLATE: tl.constexpr = GROUP > 1
+    E = L + HAS_CLS
     r = tl.arange(0, BLOCK)
-    g = r // SEQ
-    s = (pid_s * GROUP + g).to(tl.int64)
-    tk = (pid_n * SEQ + r % SEQ).to(tl.int64)
-    col_ok = (s < S) & (tk < L)
+    if GROUP == 1:
+        s = tl.program_id(0).to(tl.int64)  # the program's one sequence
+        same = 0  # unused
+    else:
+        g = r // SEQ
+        s = (tl.program_id(0) * GROUP + g).to(tl.int64)  # [BLOCK] sequence of each row
+        same = g[:, None] == g[None, :]  # [BLOCK, BLOCK] row and column in one sequence
+    s_ok = (s + tl.zeros_like(r)) < S  # [BLOCK]
+    fr = _frame_index(s, S1, S2)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    col_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + (_seq_offset(s, S1, S2, sk0, sk1, sk2) + tk * skL)[:, None] + d[None, :],
-                mask=col_mask, other=0.0)  # [BLOCK, BLOCK_D]
-    v = tl.load(V + (_seq_offset(s, S1, S2, sv0, sv1, sv2) + tk * svL)[:, None] + d[None, :],
-                mask=col_mask, other=0.0)
-    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    i0 = s // (S1 * S2)
-    i2 = s % S2
-    if HAS_CLS:
-        # The cls query of frame i1 attends to these keys with weight p_c.
-        fr = (i0 * S2 + i2) * S1 + (s // S2) % S1  # (b, h, t) index of the key's frame
-        qc = tl.load(QC + (i0 * sqc0 + i2 * sqc2)[:, None] + d[None, :], mask=col_mask, other=0.0).to(tl.float32)
-        gc = tl.load(GC + (i0 * S2 + i2)[:, None] * D + d[None, :], mask=col_mask, other=0.0)
-        lse_c = tl.load(LSEC + fr, mask=col_ok, other=0.0)
-        delta_c = tl.load(DELTAC + fr, mask=col_ok, other=0.0)
-        kf = k.to(tl.float32)
-        p_c = tl.exp2(tl.where(col_ok, tl.sum(qc * kf, 1) * qk_scale - lse_c, float("-inf")))  # [BLOCK]
-        dv += p_c[:, None] * gc
-        ds_c = p_c * (tl.sum(gc * v.to(tl.float32), 1) - delta_c)
-        dk += ds_c[:, None] * qc
+    first = tl.program_id(1) * tiles_per_prog
+    last = tl.minimum(first + tiles_per_prog, n_tiles)
 
-    q_base = _seq_offset(s, S1, S2, sq0, sq1, sq2)
-    do_base = _seq_offset(s, S1, S2, sdo0, sdo1, sdo2)
-    for start in range(0, L, SEQ):
-        t = (start + r % SEQ).to(tl.int64)
-        row_ok = (s < S) & (t < L)
-        row_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + (q_base + t * sqL)[:, None] + d[None, :], mask=row_mask, other=0.0)
-        do = tl.load(DO + (do_base + t * sdoL)[:, None] + d[None, :], mask=row_mask, other=0.0)
-        lse = tl.load(LSE + s * L + t, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + s * L + t, mask=row_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [rows, cols]
-        valid = (g[:, None] == g[None, :]) & row_ok[:, None] & col_ok[None, :]
-        p = tl.exp2(tl.where(valid, qk - lse[:, None], float("-inf")))
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        if SINGLE:
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC)  # [rows, BLOCK_D]
-            if HAS_CLS:
-                kc = tl.load(KC + (i0 * skc0 + i2 * skc2)[:, None] + d[None, :], mask=row_mask, other=0.0)
-                vc = tl.load(VC + (i0 * svc0 + i2 * svc2)[:, None] + d[None, :], mask=row_mask, other=0.0)
-                kc = kc.to(tl.float32)
-                p_k = tl.exp2(tl.where(row_ok, tl.sum(q.to(tl.float32) * kc, 1) * qk_scale - lse, float("-inf")))
-                ds_k = p_k * (tl.sum(do.to(tl.float32) * vc.to(tl.float32), 1) - delta)
-                dq += ds_k[:, None] * kc
-            tl.store(DQ + (_seq_offset(s, S1, S2, sdq0, sdq1, sdq2) + t * sdqL)[:, None] + d[None, :],
-                     (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    for kt in range(first, last):
+        tk = (kt * SEQ + r % SEQ).to(tl.int64)
+        col_ok = s_ok & (tk < E)
+        k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, L, HAS_CLS, GROUP)
+        v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, L, HAS_CLS, GROUP)
+        dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        for mt in range(0, n_tiles):
+            t = (mt * SEQ + r % SEQ).to(tl.int64)
+            row_ok = s_ok & (t < E)
+            q, do, lse, delta = _bwd_rows(
+                Q, O, DO, LSE, QC, DOC, OCF, LSEC, s, t, row_ok, fr, d, d_ok, S1, S2,
+                sq0, sq1, sq2, sqL, so0, so1, so2, soL, sdo0, sdo1, sdo2, sdoL, sqc0, sqc2, sdoc0, sdoc2,
+                L, D, inv_T, HAS_CLS, not SINGLE, GROUP)
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [rows, cols]
+            valid = _pair_mask(same, row_ok[:, None] & col_ok[None, :], GROUP)
+            p = tl.exp2(tl.where(valid, qk - lse[:, None], float("-inf")))
+            dv += _dot_iso(tl.trans(p.to(do.dtype)), do, same, PREC, ISOLATE)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            if SINGLE:
+                # every key of these rows is in this tile: delta = rowsum(P * dP) = rowsum(dO * O),
+                # computed as the softmax backward does (a one-key row gets exactly zero)
+                delta = tl.sum(tl.where(valid, p * dp, 0.0), 1)
+            ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
+            dk += _dot_iso(tl.trans(ds.to(q.dtype)), q, same, PREC, ISOLATE)
+            if SINGLE:
+                dq = _dot_iso(ds.to(k.dtype), k, same, PREC, ISOLATE) * scale
+                _store_rows(DQ, DQCF, dq, s, t, row_ok, fr, d, d_ok, S1, S2,
+                            sdq0, sdq1, sdq2, sdqL, L, D, HAS_CLS)
+        _store_rows(DK, DKCF, dk * scale, s, tk, col_ok, fr, d, d_ok, S1, S2, sdk0, sdk1, sdk2, sdkL, L, D, HAS_CLS)
+        _store_rows(DV, DVCF, dv, s, tk, col_ok, fr, d, d_ok, S1, S2, sdv0, sdv1, sdv2, sdvL, L, D, HAS_CLS)
 
-    tl.store(DK + (_seq_offset(s, S1, S2, sdk0, sdk1, sdk2) + tk * sdkL)[:, None] + d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=col_mask)
-    tl.store(DV + (_seq_offset(s, S1, S2, sdv0, sdv1, sdv2) + tk * sdvL)[:, None] + d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_mask)
+    if not SINGLE:
+        for mt in range(first, last):
+            t = (mt * SEQ + r % SEQ).to(tl.int64)
+            row_ok = s_ok & (t < E)
+            q, do, lse, delta = _bwd_rows(
+                Q, O, DO, LSE, QC, DOC, OCF, LSEC, s, t, row_ok, fr, d, d_ok, S1, S2,
+                sq0, sq1, sq2, sqL, so0, so1, so2, soL, sdo0, sdo1, sdo2, sdoL, sqc0, sqc2, sdoc0, sdoc2,
+                L, D, inv_T, HAS_CLS, True, GROUP)
+            dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+            for kt in range(0, n_tiles):
+                tk = (kt * SEQ + r % SEQ).to(tl.int64)
+                col_ok = s_ok & (tk < E)
+                k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, L, HAS_CLS, GROUP)
+                v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, L, HAS_CLS, GROUP)
+                qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                valid = _pair_mask(same, row_ok[:, None] & col_ok[None, :], GROUP)
+                p = tl.exp2(tl.where(valid, qk - lse[:, None], float("-inf")))
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            _store_rows(DQ, DQCF, dq * scale, s, t, row_ok, fr, d, d_ok, S1, S2,
+                        sdq0, sdq1, sdq2, sdqL, L, D, HAS_CLS)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KC, VC,
-    sq0, sq1, sq2, sqL,
-    sk0, sk1, sk2, skL,
-    sv0, sv1, sv2, svL,
-    sdo0, sdo1, sdo2, sdoL,
-    sdq0, sdq1, sdq2, sdqL,
-    skc0, skc2, svc0, svc2,
-    S, S1, S2, L, D, qk_scale, scale,
-    HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-):
-    """dQ of one query tile, looping over key tiles (used when a sequence spans tiles)."""
-    BLOCK: tl.constexpr = GROUP * SEQ
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    r = tl.arange(0, BLOCK)
-    g = r // SEQ
-    s = (pid_s * GROUP + g).to(tl.int64)
-    t = (pid_m * SEQ + r % SEQ).to(tl.int64)
-    row_ok = (s < S) & (t < L)
+def _cls_mean_kernel(OCF, OC, soc0, soc2, H, T, D, inv_T, BLOCK_D: tl.constexpr):
+    """o_cls of one (b, h): the mean of its T per-frame outputs, summed in frame order."""
+    pid = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    row_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + (_seq_offset(s, S1, S2, sq0, sq1, sq2) + t * sqL)[:, None] + d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + (_seq_offset(s, S1, S2, sdo0, sdo1, sdo2) + t * sdoL)[:, None] + d[None, :],
-                 mask=row_mask, other=0.0)
-    lse = tl.load(LSE + s * L + t, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + s * L + t, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    if HAS_CLS:
-        i0 = s // (S1 * S2)
-        i2 = s % S2
-        kc = tl.load(KC + (i0 * skc0 + i2 * skc2)[:, None] + d[None, :], mask=row_mask, other=0.0).to(tl.float32)
-        vc = tl.load(VC + (i0 * svc0 + i2 * svc2)[:, None] + d[None, :], mask=row_mask, other=0.0).to(tl.float32)
-        p_k = tl.exp2(tl.where(row_ok, tl.sum(q.to(tl.float32) * kc, 1) * qk_scale - lse, float("-inf")))
-        ds_k = p_k * (tl.sum(do.to(tl.float32) * vc, 1) - delta)
-        dq += ds_k[:, None] * kc
-
-    k_base = _seq_offset(s, S1, S2, sk0, sk1, sk2)
-    v_base = _seq_offset(s, S1, S2, sv0, sv1, sv2)
-    for start in range(0, L, SEQ):
-        tk = (start + r % SEQ).to(tl.int64)
-        col_ok = (s < S) & (tk < L)
-        col_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + (k_base + tk * skL)[:, None] + d[None, :], mask=col_mask, other=0.0)
-        v = tl.load(V + (v_base + tk * svL)[:, None] + d[None, :], mask=col_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = (g[:, None] == g[None, :]) & row_ok[:, None] & col_ok[None, :]
-        p = tl.exp2(tl.where(valid, qk - lse[:, None], float("-inf")))
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + (_seq_offset(s, S1, S2, sdq0, sdq1, sdq2) + t * sdqL)[:, None] + d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for t in range(0, T):
+        acc += tl.load(OCF + (pid * T + t) * D + d, mask=d_ok, other=0.0)
+    tl.store(OC + (pid // H) * soc0 + (pid % H) * soc2 + d, (acc * inv_T).to(OC.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
-def _cls_bwd_kernel(
-    QC, KC, VC, Q, K, V, DO, LSE, DELTA, OCF, LSEC, GC, DQC, DKC, DVC,
-    sqc0, sqc2, skc0, skc2, svc0, svc2,
-    sdqc0, sdqc2, sdkc0, sdkc2, sdvc0, sdvc2,
-    sq0, sq1, sq2, sqL, sk0, sk1, sk2, skL, sv0, sv1, sv2, svL, sdo0, sdo1, sdo2, sdoL,
-    T, H, N, D, qk_scale, scale,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _cls_grad_kernel(
+    DQCF, DKCF, DVCF, DQC, DKC, DVC, sdqc0, sdqc2, sdkc0, sdkc2, sdvc0, sdvc2, H, T, D,
+    BLOCK_D: tl.constexpr,
 ):
-    """Gradients of the cls q/k/v of one (b, h), summed over frames in a fixed order."""
+    """The cls q/k/v gradients of one (b, h): its per-frame partials summed in frame order."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
     h = pid % H
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    qc = tl.load(QC + b * sqc0 + h * sqc2 + d, mask=d_ok, other=0.0).to(tl.float32)
-    kc = tl.load(KC + b * skc0 + h * skc2 + d, mask=d_ok, other=0.0).to(tl.float32)
-    vc = tl.load(VC + b * svc0 + h * svc2 + d, mask=d_ok, other=0.0).to(tl.float32)
-    gc = tl.load(GC + pid * D + d, mask=d_ok, other=0.0)  # d o_cls / T, fp32
-    dqc = tl.zeros([BLOCK_D], tl.float32)
-    dkc = tl.zeros([BLOCK_D], tl.float32)
-    dvc = tl.zeros([BLOCK_D], tl.float32)
-    s_cls = tl.sum(qc * kc, 0) * qk_scale
-    dp_cls = tl.sum(gc * vc, 0)
-    n = tl.arange(0, BLOCK_N)
+    dq = tl.zeros([BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_D], tl.float32)
     for t in range(0, T):
-        lse_t = tl.load(LSEC + pid * T + t)
-        o_t = tl.load(OCF + (pid * T + t) * D + d, mask=d_ok, other=0.0)
-        delta_t = tl.sum(gc * o_t, 0)
-        p0 = tl.exp2(s_cls - lse_t)
-        ds0 = p0 * (dp_cls - delta_t)
-        dqc += ds0 * kc
-        dkc += ds0 * qc
-        dvc += p0 * gc
-        seq = (b * T + t) * H + h  # spatial sequence (b, t, h)
-        q_base = b * sq0 + t * sq1 + h * sq2
-        k_base = b * sk0 + t * sk1 + h * sk2
-        v_base = b * sv0 + t * sv1 + h * sv2
-        do_base = b * sdo0 + t * sdo1 + h * sdo2
-        for start in range(0, N, BLOCK_N):
-            nk = (start + n).to(tl.int64)
-            ok = nk < N
-            mask = ok[:, None] & d_ok[None, :]
-            # the cls query against this frame's patch keys
-            k = tl.load(K + (k_base + nk * skL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(V + (v_base + nk * svL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp2(tl.where(ok, tl.sum(k * qc[None, :], 1) * qk_scale - lse_t, float("-inf")))
-            ds = p * (tl.sum(v * gc[None, :], 1) - delta_t)
-            dqc += tl.sum(ds[:, None] * k, 0)
-            # this frame's patch queries against the cls key
-            q = tl.load(Q + (q_base + nk * sqL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            do = tl.load(DO + (do_base + nk * sdoL)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            lse = tl.load(LSE + seq * N + nk, mask=ok, other=0.0)
-            delta = tl.load(DELTA + seq * N + nk, mask=ok, other=0.0)
-            pr = tl.exp2(tl.where(ok, tl.sum(q * kc[None, :], 1) * qk_scale - lse, float("-inf")))
-            dsr = pr * (tl.sum(do * vc[None, :], 1) - delta)
-            dkc += tl.sum(dsr[:, None] * q, 0)
-            dvc += tl.sum(pr[:, None] * do, 0)
-    tl.store(DQC + b * sdqc0 + h * sdqc2 + d, (dqc * scale).to(DQC.dtype.element_ty), mask=d_ok)
-    tl.store(DKC + b * sdkc0 + h * sdkc2 + d, (dkc * scale).to(DKC.dtype.element_ty), mask=d_ok)
-    tl.store(DVC + b * sdvc0 + h * sdvc2 + d, dvc.to(DVC.dtype.element_ty), mask=d_ok)
+        off = (pid * T + t) * D + d
+        dq += tl.load(DQCF + off, mask=d_ok, other=0.0)
+        dk += tl.load(DKCF + off, mask=d_ok, other=0.0)
+        dv += tl.load(DVCF + off, mask=d_ok, other=0.0)
+    tl.store(DQC + b * sdqc0 + h * sdqc2 + d, dq.to(DQC.dtype.element_ty), mask=d_ok)
+    tl.store(DKC + b * sdkc0 + h * sdkc2 + d, dk.to(DKC.dtype.element_ty), mask=d_ok)
+    tl.store(DVC + b * sdvc0 + h * sdvc2 + d, dv.to(DVC.dtype.element_ty), mask=d_ok)
 
 
 # ---------------------------------------------------------------------------- host side
@@ -419,6 +409,86 @@ def _target(device: torch.device, target):
     return major * 10 + minor
 
 
+# Tile configurations, as data: (regime, pass, head-dim bucket, precision) -> candidate
+# (rows, num_warps, num_stages), best first. "rows" is the tile height GROUP * SEQ. The
+# first candidate is what runs; on a GPU the candidates are the pruned tuning space
+# (see :func:`tile_candidates`). Chosen with `python -m divattn kernels`: no register
+# spill on sm_80 / sm_90, then the most resident blocks. The interpreter (CPU) runs
+# small tiles of its own.
+TILES = {
+    ("packed", "fwd", 64, "half"): [(64, 4, 2)],
+    ("packed", "fwd", 128, "half"): [(64, 8, 2), (32, 4, 2)],
+    ("packed", "fwd", 256, "half"): [(16, 8, 1)],
+    ("packed", "bwd", 64, "half"): [(32, 8, 1)],
+    ("packed", "bwd", 128, "half"): [(16, 4, 1)],
+    ("packed", "bwd", 256, "half"): [(16, 8, 1)],
+    ("frame", "fwd", 64, "half"): [(64, 8, 2)],
+    ("frame", "fwd", 128, "half"): [(32, 8, 2)],
+    ("frame", "fwd", 256, "half"): [(16, 8, 1)],
+    ("frame", "bwd", 64, "half"): [(64, 8, 1)],
+    ("frame", "bwd", 128, "half"): [(16, 8, 1)],
+    ("frame", "bwd", 256, "half"): [(16, 8, 1)],
+    ("long", "fwd", 64, "half"): [(64, 8, 2)],
+    ("long", "fwd", 128, "half"): [(32, 8, 2)],
+    ("long", "fwd", 256, "half"): [(16, 8, 1)],
+    ("long", "bwd", 64, "half"): [(64, 8, 1)],
+    ("long", "bwd", 128, "half"): [(16, 8, 1)],
+    ("long", "bwd", 256, "half"): [(16, 8, 1)],
+}
+INTERPRETER_ROWS = 32
+
+
+def _bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def _regime(E: int, rows: int) -> str:
+    if triton.next_power_of_2(max(E, 1)) <= rows:
+        return "packed"
+    return "frame" if E <= FRAME_MAX else "long"
+
+
+def tile_candidates(E: int, D: int, dtype: torch.dtype, target, pass_: str) -> list:
+    """Candidate ``(regime, rows, num_warps, num_stages)`` for sequences of E rows (cls included).
+
+    The regime follows from the first packed entry: sequences that fit its tile are
+    packed, longer ones up to FRAME_MAX rows take the frame regime, the rest the long
+    one. fp32 inputs take half the rows of the half-precision entries (twice the bytes
+    per element).
+    """
+    if target == "interpreter":
+        return [(_regime(E, INTERPRETER_ROWS), INTERPRETER_ROWS, 4, 1)]
+    bucket = _bucket(max(16, triton.next_power_of_2(D)))
+    shrink = 2 if dtype == torch.float32 else 1
+    first_packed = TILES[("packed", pass_, bucket, "half")][0][0] // shrink
+    regime = _regime(E, max(16, first_packed))
+    out = []
+    for rows, warps, stages in TILES[(regime, pass_, bucket, "half")]:
+        rows = max(16, rows // shrink)
+        if regime == "packed" and triton.next_power_of_2(max(E, 1)) > rows:
+            continue
+        if (regime, rows, warps, stages) not in out:
+            out.append((regime, rows, warps, stages))
+    return out
+
+
+def tile_config(E: int, D: int, dtype: torch.dtype, target, pass_: str, candidate=None):
+    """(regime, GROUP, SEQ, BLOCK_D, n_tiles, tiles_per_program, num_warps, num_stages).
+
+    ``candidate`` is one of :func:`tile_candidates`; by default the first.
+    """
+    regime, rows, warps, stages = candidate or tile_candidates(E, D, dtype, target, pass_)[0]
+    block_d = max(16, triton.next_power_of_2(D))
+    if regime == "packed":
+        seq = triton.next_power_of_2(max(E, 1))
+        group = rows // seq
+    else:
+        seq, group = rows, 1
+    n_tiles = triton.cdiv(max(E, 1), seq)
+    per_prog = n_tiles if regime != "long" else 1
+    return regime, group, seq, block_d, n_tiles, per_prog, warps, stages
+
+
 def _geometry(x: torch.Tensor, op: str):
     """(S0, S1, S2, L) and the matching strides (s0, s1, s2, sL) of a q/k/v/o-like tensor."""
     if op == "temporal":  # (B, T, N, H, D): sequences (b, n, h), rows t
@@ -431,18 +501,6 @@ def _geometry(x: torch.Tensor, op: str):
         B, L, H, _ = x.shape
         return (B, 1, H, L), (x.stride(0), 0, x.stride(2), x.stride(1))
     raise ValueError(f"unknown op {op!r}")
-
-
-def _config(L: int, D: int, target):
-    """(GROUP, SEQ, BLOCK_D, num_warps, num_stages, regime): a tile of GROUP*SEQ rows holds GROUP sequences."""
-    block = 32 if target == "interpreter" else (64 if D <= 128 else 32)
-    Lp = triton.next_power_of_2(max(L, 1))
-    if Lp <= block:
-        group, seq, regime = block // Lp, Lp, "packed"
-    else:
-        group, seq, regime = 1, block, "long"
-    block_d = max(16, triton.next_power_of_2(D))
-    return group, seq, block_d, 4, (1 if target == "interpreter" else 2), regime
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -458,47 +516,74 @@ def _cls_strides(c: torch.Tensor):
 def _named(kernel, values) -> dict:
     """Map positional kernel arguments to the kernel's (non-constexpr) parameter names."""
     fn = getattr(kernel, "fn", kernel)
-    names = list(inspect.signature(fn).parameters)
-    return dict(zip(names, values))
+    return dict(zip(inspect.signature(fn).parameters, values))
+
+
+_TUNED: dict = {}
+
+
+def _run(make_plan, op: str, pass_: str, q: torch.Tensor, has_cls: bool) -> None:
+    """Launch the plan with the first tile candidate or, on a GPU with several, the fastest.
+
+    On a GPU the table's candidates for a problem are timed once (``triton.testing.do_bench``)
+    and the winner is kept for that problem size; ``DIVATTN_AUTOTUNE=0`` always runs
+    the first. Every launch writes its outputs whole, so timing runs are harmless.
+    """
+    target = _target(q.device, None)
+    (S0, S1, S2, L), _ = _geometry(q, op)
+    E = L + int(has_cls)
+    candidates = tile_candidates(E, q.shape[-1], q.dtype, target, pass_)
+    choice = candidates[0] if candidates else None
+    if len(candidates) > 1 and target != "interpreter" and os.environ.get("DIVATTN_AUTOTUNE", "1") != "0":
+        key = (op, pass_, E, q.shape[-1], q.dtype, S0 * S1 * S2, target)
+        choice = _TUNED.get(key)
+        if choice is None:
+            from triton.testing import do_bench
+
+            times = [do_bench(lambda c=c: [launch.run() for launch in make_plan(c)], warmup=5, rep=20)
+                     for c in candidates]
+            choice = _TUNED[key] = candidates[times.index(min(times))]
+    for launch in make_plan(choice):
+        launch.run()
 
 
 def plan_forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None, lse_cls=None,
-                 target=None) -> list:
-    """The launches :func:`forward` makes for these arguments, on ``target`` (default: q's device)."""
+                 target=None, candidate=None) -> list:
+    """The launches :func:`forward` makes for these arguments, on ``target`` (default: q's device).
+
+    ``candidate``: a tile configuration from :func:`tile_candidates` (default: the first).
+    """
     target = _target(q.device, target)
     (S0, S1, S2, L), sq = _geometry(q, op)
-    _, sk = _geometry(k, op)
-    _, sv = _geometry(v, op)
-    _, so = _geometry(o, op)
     D = q.shape[-1]
     S = S0 * S1 * S2
-    group, seq, block_d, warps, stages, regime = _config(L, D, target)
-    qk_scale = scale * LOG2E
     has_cls = cls is not None
-    kc, vc = (cls[1], cls[2]) if has_cls else (k, v)
-    ckc = _cls_strides(kc) if has_cls else (0, 0)
-    cvc = _cls_strides(vc) if has_cls else (0, 0)
+    E = L + int(has_cls)
+    regime, group, seq, block_d, n_tiles, per_prog, warps, stages = tile_config(E, D, q.dtype, target, "fwd", candidate)
+    if has_cls:
+        qc, kc, vc = cls
+        cls_bufs = (qc, kc, vc, cls_frames, lse_cls)
+        cls_strides = (*_cls_strides(qc), *_cls_strides(kc), *_cls_strides(vc))
+    else:
+        cls_bufs = (q, k, v, lse, lse)
+        cls_strides = (0,) * 6
     plan = []
-    if S > 0 and L > 0:
+    if S > 0 and E > 0:
         plan.append(Launch(
-            _attn_fwd_kernel, (triton.cdiv(S, group), triton.cdiv(L, seq)),
-            _named(_attn_fwd_kernel, (q, k, v, o, lse, kc, vc, *sq, *sk, *sv, *so, *ckc, *cvc,
-                                      S, S1, S2, L, D, qk_scale)),
+            _attn_fwd_kernel, (triton.cdiv(S, group), triton.cdiv(n_tiles, per_prog)),
+            _named(_attn_fwd_kernel, (
+                q, k, v, o, lse, *cls_bufs,
+                *sq, *_geometry(k, op)[1], *_geometry(v, op)[1], *_geometry(o, op)[1], *cls_strides,
+                S, S1, S2, L, D, n_tiles, per_prog, scale * LOG2E)),
             dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype)),
             warps, stages, regime))
     if has_cls:
         B, T, N, H, _ = q.shape
         if B * H > 0:
-            qc = cls[0]
             plan.append(Launch(
-                _cls_fwd_kernel, (B * H,),
-                _named(_cls_fwd_kernel, (
-                    qc, kc, vc, k, v, o_cls, cls_frames, lse_cls,
-                    *_cls_strides(qc), *ckc, *cvc, *_cls_strides(o_cls),
-                    k.stride(0), k.stride(1), k.stride(3), k.stride(2),
-                    v.stride(0), v.stride(1), v.stride(3), v.stride(2),
-                    T, H, N, D, qk_scale, 1.0 / T)),
-                dict(BLOCK_N=32, BLOCK_D=block_d), warps, stages, "cls"))
+                _cls_mean_kernel, (B * H,),
+                _named(_cls_mean_kernel, (cls_frames, o_cls, *_cls_strides(o_cls), H, T, D, 1.0 / T)),
+                dict(BLOCK_D=block_d), 1, 1, "epilogue"))
     return plan
 
 
@@ -510,74 +595,52 @@ def forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None
     ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` of per-frame cls outputs and
     ``lse_cls`` a contiguous fp32 ``(B, H, T)``.
     """
-    for launch in plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
-                               cls_frames=cls_frames, lse_cls=lse_cls):
-        launch.run()
+    _run(lambda c: plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls, cls_frames=cls_frames,
+                                lse_cls=lse_cls, candidate=c), op, "fwd", q, cls is not None)
 
 
 def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-                  cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, target=None) -> list:
-    """The launches :func:`backward` makes (scratch buffers allocated on q's device)."""
+                  cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, target=None,
+                  candidate=None) -> list:
+    """The launches :func:`backward` makes (cls scratch buffers allocated on q's device)."""
     target = _target(q.device, target)
     (S0, S1, S2, L), sq = _geometry(q, op)
-    strides = {name: _geometry(x, op)[1] for name, x in
-               (("k", k), ("v", v), ("o", o), ("do", do), ("dq", dq), ("dk", dk), ("dv", dv))}
     D = q.shape[-1]
     S = S0 * S1 * S2
-    group, seq, block_d, warps, stages, regime = _config(L, D, target)
-    qk_scale = scale * LOG2E
-    prec = _prec(q.dtype)
     has_cls = cls is not None
-    delta = torch.empty_like(lse)
+    E = L + int(has_cls)
+    regime, group, seq, block_d, n_tiles, per_prog, warps, stages = tile_config(E, D, q.dtype, target, "bwd", candidate)
     if has_cls:
         B, T, N, H, _ = q.shape
         qc, kc, vc = cls
-        gc = (do_cls.float() / T).contiguous()  # (B, H, D)
-        delta_cls = (cls_frames * gc[:, :, None, :]).sum(-1).contiguous()  # (B, H, T)
-        cls_args = (kc, vc, qc, gc, lse_cls, delta_cls)
-        cls_strides = (*_cls_strides(kc), *_cls_strides(vc), *_cls_strides(qc))
+        # per-frame partial gradients of the cls q/k/v, summed over frames by the epilogue
+        partials = torch.empty((3, B, H, T, D), dtype=torch.float32, device=q.device)
+        cls_bufs = (qc, kc, vc, do_cls, cls_frames, lse_cls, *partials)
+        cls_strides = (*_cls_strides(qc), *_cls_strides(kc), *_cls_strides(vc), *_cls_strides(do_cls))
+        inv_T = 1.0 / T
     else:
-        cls_args = (k, v, q, lse, lse, lse)
-        cls_strides = (0,) * 6
+        cls_bufs = (q, k, v, do, lse, lse, lse, lse, lse)
+        cls_strides = (0,) * 8
+        inv_T = 1.0
     plan = []
-    if S > 0 and L > 0:
-        grid = (triton.cdiv(S, group), triton.cdiv(L, seq))
+    if S > 0 and E > 0:
+        strides = [_geometry(x, op)[1] for x in (k, v, o, do, dq, dk, dv)]
         plan.append(Launch(
-            _bwd_delta_kernel, grid,
-            _named(_bwd_delta_kernel, (o, do, delta, *strides["o"], *strides["do"], S, S1, S2, L, D)),
-            dict(GROUP=group, SEQ=seq, BLOCK_D=block_d), warps, stages, regime))
-        single = L <= seq
-        plan.append(Launch(
-            _attn_bwd_kernel, grid,
+            _attn_bwd_kernel, (triton.cdiv(S, group), triton.cdiv(n_tiles, per_prog)),
             _named(_attn_bwd_kernel, (
-                q, k, v, do, lse, delta, dq, dk, dv, *cls_args,
-                *sq, *strides["k"], *strides["v"], *strides["do"], *strides["dq"], *strides["dk"], *strides["dv"],
-                *cls_strides, S, S1, S2, L, D, qk_scale, scale)),
-            dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, SINGLE=single, PREC=prec),
+                q, k, v, o, do, lse, dq, dk, dv, *cls_bufs,
+                *sq, *[st for x in strides for st in x], *cls_strides,
+                S, S1, S2, L, D, n_tiles, per_prog, scale * LOG2E, scale, inv_T)),
+            dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype),
+                 SINGLE=n_tiles == 1),
             warps, stages, regime))
-        if not single:
-            plan.append(Launch(
-                _attn_bwd_dq_kernel, grid,
-                _named(_attn_bwd_dq_kernel, (
-                    q, k, v, do, lse, delta, dq, *cls_args[:2],
-                    *sq, *strides["k"], *strides["v"], *strides["do"], *strides["dq"], *cls_strides[:4],
-                    S, S1, S2, L, D, qk_scale, scale)),
-                dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=prec),
-                warps, stages, regime))
     if has_cls and B * H > 0:
         dqc, dkc, dvc = d_cls
         plan.append(Launch(
-            _cls_bwd_kernel, (B * H,),
-            _named(_cls_bwd_kernel, (
-                qc, kc, vc, q, k, v, do, lse, delta, cls_frames, lse_cls, gc, dqc, dkc, dvc,
-                *_cls_strides(qc), *_cls_strides(kc), *_cls_strides(vc),
-                *_cls_strides(dqc), *_cls_strides(dkc), *_cls_strides(dvc),
-                q.stride(0), q.stride(1), q.stride(3), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(3), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(3), v.stride(2),
-                do.stride(0), do.stride(1), do.stride(3), do.stride(2),
-                T, H, N, D, qk_scale, scale)),
-            dict(BLOCK_N=32, BLOCK_D=block_d), warps, stages, "cls"))
+            _cls_grad_kernel, (B * H,),
+            _named(_cls_grad_kernel, (*partials, dqc, dkc, dvc, *_cls_strides(dqc), *_cls_strides(dkc),
+                                      *_cls_strides(dvc), H, T, D)),
+            dict(BLOCK_D=block_d), 1, 1, "epilogue"))
     return plan
 
 
@@ -585,12 +648,12 @@ def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
              cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
     """Write dq, dk, dv (and the cls grads ``d_cls``) for the forward above.
 
-    Every element of dq/dk/dv/d_cls is written; nothing is accumulated, so the
-    result does not depend on launch order.
+    Every element of dq/dk/dv/d_cls is written once; nothing is accumulated across
+    programs, so the result does not depend on launch order.
     """
-    for launch in plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, cls=cls, d_cls=d_cls,
-                                do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls):
-        launch.run()
+    _run(lambda c: plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, cls=cls, d_cls=d_cls, do_cls=do_cls,
+                                 cls_frames=cls_frames, lse_cls=lse_cls, candidate=c), op, "bwd", q, cls is not None)
 
 
-__all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "LOG2E"]
+__all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "LOG2E", "TILES",
+           "tile_candidates", "tile_config"]
