@@ -46,41 +46,47 @@ def _fused(*xs: torch.Tensor) -> bool:
         return False
     if xs[0].device.type != "cpu" or torch.compiler.is_compiling():
         return True
-    acc = torch.promote_types(xs[0].dtype, torch.float32)
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
     total = 0.0
     with torch.no_grad():
         # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
-        for x in _packed(xs[:3]) + (_packed(xs[3:]) if xs[3:] else []):
+        for x in _packed(*xs[:3]) + (_packed(*xs[3:]) if xs[3:] else []):
             total += x.sum(dtype=acc).item()
     return math.isfinite(total)
 
 
-def _packed(xs) -> list:
+def _packed(q, k, v) -> list:
     """q, k, v as one strided view when they are evenly spaced views of one tensor (slices
     of a qkv projection), so that one pass reads them; else the three tensors."""
-    q, k, v = xs
-    step = k.storage_offset() - q.storage_offset()
-    if (step > 0 and v.storage_offset() - k.storage_offset() == step and q.stride() == k.stride() == v.stride()
-            and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()):
+    base, step = q._base, k.storage_offset() - q.storage_offset()
+    if (base is not None and base is k._base and base is v._base and step > 0
+            and v.storage_offset() - k.storage_offset() == step and q.stride() == k.stride() == v.stride()):
         return [q.as_strided((3,) + q.shape, (step,) + q.stride())]
     return [q, k, v]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: bool) -> torch.Tensor:
     """softmax(q k^T * scale) v over L for ``(B1, B2, L, H, D)`` views; returns ``(B1, B2, L, H, D)``.
 
     The batch dims merge into SDPA's one without a copy when the strides allow (packed
-    ``(t h w)`` tokens for spatial attention, ``(h w t)`` tokens without cls for temporal);
-    otherwise the view is copied once, to contiguous ``(B1, B2, L, H, D)`` in the compute
-    dtype. SDPA's output then has that same layout.
+    ``(t h w)`` tokens for spatial attention, ``(h w t)`` tokens without cls for temporal).
+    Otherwise each view is copied once, in the compute dtype: to contiguous
+    ``(B1, B2, L, H, D)`` when ``keep`` (SDPA's output then has that layout, which the
+    caller uses as its buffer), else to ``(B1*B2, H, L, D)``, the layout SDPA reads fastest.
     """
     B1, B2, L, H, D = q.shape
-    dtype = q.dtype
+    dtype = out_dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
-    xs = (x.to(dtype).reshape(B1 * B2, L, H, D).transpose(1, 2) for x in (q, k, v))
-    o = F.scaled_dot_product_attention(*xs, scale=scale)
-    return o.transpose(1, 2).reshape(B1, B2, L, H, D).to(q.dtype)
+    xs = []
+    for x in (q, k, v):
+        if keep or B1 == 1 or B2 == 1 or x.stride(0) == B2 * x.stride(1):
+            x = x.to(dtype).reshape(B1 * B2, L, H, D).transpose(1, 2)
+        else:
+            x = x.transpose(2, 3).to(dtype).reshape(B1 * B2, H, L, D)
+        xs.append(x)
+    o = F.scaled_dot_product_attention(*xs, scale=scale).transpose(1, 2).view(B1, B2, L, H, D)
+    return o if dtype == out_dtype else o.to(out_dtype)
 
 
 def temporal(q, k, v, scale: float) -> torch.Tensor:
@@ -92,8 +98,9 @@ def temporal(q, k, v, scale: float) -> torch.Tensor:
         return reference.temporal(q, k, v, scale)
     B, T, N, H, D = q.shape
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
-    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale)
-    if (is_hwt(q) or min(T, N) == 1) and o.is_contiguous():
+    keep = is_hwt(q) or min(T, N) == 1
+    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, keep)
+    if keep and o.is_contiguous():
         return o.view(B, N * T, H, D)
     buf = alloc_tokens(q, has_cls=False)
     patch_view(buf, q, has_cls=False).copy_(o.transpose(1, 2))
@@ -110,8 +117,9 @@ def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     if cls is None:
         if not _fused(q, k, v):
             return reference.spatial(q, k, v, scale)
-        o = _attend(q, k, v, scale)
-        if not is_hwt(q) and o.is_contiguous():
+        keep = not is_hwt(q)
+        o = _attend(q, k, v, scale, keep)
+        if keep and o.is_contiguous():
             return o.view(B, T * N, H, D)
         buf = alloc_tokens(q, has_cls=False)
         patch_view(buf, q, has_cls=False).copy_(o)
@@ -119,8 +127,12 @@ def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     if not _fused(q, k, v, *cls):
         return reference.spatial(q, k, v, scale, cls)
     # The official block repeats the cls token in every frame: [cls] + N tokens per frame.
-    qq, kk, vv = (torch.cat([c[:, None, None].expand(B, T, 1, H, D), x], 2) for c, x in zip(cls, (q, k, v)))
-    o = _attend(qq, kk, vv, scale)
+    # The cat copies to contiguous (B, T, H, 1 + N, D): SDPA then reads it without another copy.
+    qq, kk, vv = (
+        torch.cat([c[:, None, :, None].expand(B, T, H, 1, D), x.transpose(2, 3)], 3).transpose(2, 3)
+        for c, x in zip(cls, (q, k, v))
+    )
+    o = _attend(qq, kk, vv, scale, False)
     buf = alloc_tokens(q, has_cls=True)
     patch_view(buf, q, has_cls=True).copy_(o[:, :, 1:])
     buf[:, 0].copy_(o[:, :, 0].mean(1))
@@ -131,7 +143,7 @@ def joint(q, k, v, scale: float) -> torch.Tensor:
     """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``; contiguous output."""
     if not _fused(q, k, v):
         return reference.joint(q, k, v, scale)
-    o = _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale).squeeze(1)
+    o = _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True).squeeze(1)
     return o if o.is_contiguous() else o.contiguous()
 
 
