@@ -1,0 +1,96 @@
+"""Small cases of every attention kernel, forward and backward, checked against the fp64
+reference: the workload the GPU acceptance run puts under ``compute-sanitizer --tool memcheck``.
+
+One case per kernel family (temporal, spatial, spatial with cls, joint) on one backend,
+with odd sizes (T=3, N=7, D=40) so every masked tail is exercised, in fp16 and bf16 (on
+a GPU). Each case is checked with the op tests' own bar
+(:func:`tests.ops.cases.assert_close_to_reference`). Run it once without the sanitizer
+first to fill the Triton cache: under the sanitizer, compiling is the slow part.
+
+    python benchmarks/gpu/memcheck_ops.py --backend triton
+    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/gpu/memcheck_ops.py --backend triton
+
+Exit status: 0 every case matched, 1 a case failed, 3 the backend cannot run here.
+On a CPU machine (``--device cpu``) the Triton kernels run in the interpreter (fp32 / fp16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OPS = ("temporal", "spatial", "spatial_cls", "joint")
+# (op, B, T, N, H, D, order): odd sizes, both token orders.
+CASES = (
+    ("temporal", 1, 3, 7, 2, 40, "hwt"),
+    ("spatial", 1, 3, 7, 2, 40, "thw"),
+    ("spatial_cls", 2, 3, 7, 1, 40, "hwt"),
+    ("joint", 1, 3, 7, 2, 40, "hwt"),
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", required=True, choices=("triton", "cuda", "torch"), help="divattn backend to check")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
+    p.add_argument("--dtypes", default=None,
+                   help="comma list (default: float16,bfloat16 on a GPU; float32,float16 on a CPU)")
+    p.add_argument("--dry-run", action="store_true", help="list the cases and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise SystemExit(f"memcheck_ops: unknown op {', '.join(bad)} (ops: {', '.join(OPS)})")
+    cases = [c for c in CASES if c[0] in ops]
+    if args.dry_run:
+        for c in cases:
+            print("case", "op={} B={} T={} N={} H={} D={} order={}".format(*c))
+        return 0
+
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(ROOT))
+    from divattn.ops import BACKENDS
+    from tests.ops import cases as op_cases
+
+    if op_cases.DEVICE != device:  # the op tests' runner takes its device from tests/conftest.py
+        raise SystemExit(f"memcheck_ops: the op tests run on {op_cases.DEVICE} here, asked for {device}")
+    default = "float16,bfloat16" if device.type == "cuda" else "float32,float16"
+    dtypes = [getattr(torch, d.strip()) for d in (args.dtypes or default).split(",") if d.strip()]
+    failed = 0
+    for op, B, T, N, H, D, order in cases:
+        for dtype in dtypes:
+            case = op_cases.Case(op, B, T, N, H, D, order)
+            name = f"{args.backend} {case.id} {str(dtype).replace('torch.', '')}"
+            why = BACKENDS[args.backend].not_supported_reasons(op, dtype, device, D)
+            if why:
+                print(f"UNAVAILABLE {name}: {'; '.join(why)}", flush=True)
+                return 3
+            start = time.perf_counter()
+            try:
+                op_cases.assert_close_to_reference(case, args.backend, dtype)
+            except AssertionError as e:
+                failed += 1
+                print(f"FAIL {name}: {e}", flush=True)
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            print(f"ok {name} ({time.perf_counter() - start:.1f} s)", flush=True)
+    print(f"memcheck_ops: {len(cases) * len(dtypes) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
