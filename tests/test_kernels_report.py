@@ -8,6 +8,7 @@ compiled and counted as soon as the plans make it.
 """
 
 import dataclasses
+import json
 import os
 import time
 
@@ -195,3 +196,40 @@ def test_every_input_is_read_and_every_output_written(goal_traffic, op, pass_):
 def test_traffic_goal(goal_traffic, op, pass_):
     r = goal_traffic[(op, pass_)]
     assert r["ratio"] <= MAX_RATIO[pass_], f"{op} {pass_}: {r['ratio']:.2f}x the minimum traffic"
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def test_kernels_command_prints_the_report(capsys):
+    from divattn.__main__ import main
+
+    rc = main(["kernels", "--shapes", "timesformer_8x224", "--head-dims", "64", "--orders", "hwt", "--dtypes", "fp16",
+               "--passes", "fwd", "--arch", "sm_90", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert report["builds"] and report["traffic"] is None
+    assert {b["arch"] for b in report["builds"]} == {90}
+    assert all(b["problems"][0].startswith("timesformer_8x224-hwt-D64-") for b in report["builds"])
+
+
+def test_bench_writes_modelled_records_to_their_own_file(tmp_path, capsys):
+    from divattn.__main__ import main
+    from divattn.bench import modelled
+
+    path = tmp_path / "modelled.json"
+    rc = main(["bench", "--shape", "cpu_timesformer_8x112", "--patches", "16", "--ops", "temporal,spatial_cls", "--passes", "fwd,fwd+bwd",
+               "--dtype", "float16", "--modelled", str(path), "--modelled-only"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "modelled" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["modelled.json"]
+    recs = json.loads(path.read_text())
+    assert [(r["op"], r["pass"]) for r in recs] == [("temporal", "fwd"), ("temporal", "fwd+bwd"),
+                                                    ("spatial_cls", "fwd"), ("spatial_cls", "fwd+bwd")]
+    for r in recs:
+        assert set(r) == set(modelled.FIELDS) and r["kind"] == "modelled" and "status" not in r
+        assert r["bytes"] == pytest.approx(r["traffic_ratio"] * r["min_bytes"], rel=1e-3)
+        assert r["modelled_ms"] == pytest.approx(max(r["bytes"] / 3.35e12, r["flops"] / 989e12) * 1e3)
+        assert r["floor_ms"] <= r["modelled_ms"] or r["traffic_ratio"] < 1
+    table = modelled.markdown(recs).splitlines()
+    assert "modelled" in table[0] and len(table) == 2 + len(recs)

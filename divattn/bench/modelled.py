@@ -95,7 +95,7 @@ def markdown(recs: Sequence[dict]) -> str:
              "|---|---|---|---:|---:|---:|"]
     for r in recs:
         s = r["shape"]
-        lines.append(f"| {s['name']} (B={s['B']}, H={s['H']}, D={s['D']}) | {r['op']} | {r['pass']} "
+        lines.append(f"| {s['name']} (B={s['B']}, H={s['H']}, D={s['D']}, {r['dtype']}) | {r['op']} | {r['pass']} "
                      f"| {r['traffic_ratio']:.2f} | {r['modelled_ms']:.4f} | {r['floor_ms']:.4f} |")
     return "\n".join(lines)
 

@@ -71,7 +71,12 @@ def resident_blocks(arch: int, regs: int, threads: int, smem: int) -> int:
 
 @dataclass
 class Build:
-    """One compiled specialisation and what it uses; ``problems`` lists who launches it."""
+    """One compiled code path and what it uses; ``problems`` lists the problems that launch it.
+
+    ``stack_bytes``: the cubin's stack frame plus local memory (spills, in Triton code);
+    ``local_insts``: ``LDL``/``STL`` instructions in the SASS; ``shared_*``: bytes per
+    block; ``tensor_core_insts``: ``HMMA``/``HGMMA`` instructions, ``mma`` their kinds.
+    """
 
     kernel: str
     arch: int
@@ -95,10 +100,6 @@ class Build:
     tensor_core_insts: Optional[int] = None
     mma: Optional[str] = None
     seconds: Optional[float] = None
-
-    @property
-    def spills(self) -> bool:
-        return bool(self.stack_bytes) or bool(self.local_insts)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -158,17 +159,18 @@ class _Specialiser:
         bound, spec, opts = binder(**launch.args, **launch.constexprs, **kw)
         return kernel._pack_args(self.backend, kw, bound, spec, opts)
 
-    def key(self, launch, exact: bool = False) -> tuple:
-        """(key, signature, attrs): launches with one key compile to one binary (``exact``) or
-        differ at most in the divisibility hints of their integer and pointer arguments."""
+    def keys(self, launch) -> tuple:
+        """(path key, exact key, signature, attrs): launches with one exact key compile to one
+        binary; with one path key they differ at most in the divisibility hints of their
+        integer and pointer arguments."""
         options, signature, constexprs, attrs = self(launch)
         fn = _fn(launch.kernel)
         parts = [f"{fn.__module__}.{fn.__qualname__}", signature, sorted(map(repr, constexprs.items())),
                  launch.num_warps, launch.num_stages, self.target.arch]
-        if exact:
-            parts.append(sorted(map(repr, attrs.items())))
-        text = json.dumps(parts, sort_keys=True, default=repr)
-        return hashlib.sha1(text.encode()).hexdigest()[:16], signature, attrs
+        exact = parts + [sorted(map(repr, attrs.items()))]
+        path_key, exact_key = (hashlib.sha1(json.dumps(p, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+                               for p in (parts, exact))
+        return path_key, exact_key, signature, attrs
 
 
 def _signature_text(signature: dict, attrs: dict) -> str:
@@ -246,8 +248,9 @@ def collect(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, exact: bo
         spec = _Specialiser(arch)
         for problem in problems:
             for i, launch in enumerate(launches(problem, target=arch)):
-                key, signature, attrs = spec.key(launch, exact=exact)
-                exacts.setdefault(key, set()).add(spec.key(launch, exact=True)[0])
+                path_key, exact_key, signature, attrs = spec.keys(launch)
+                key = exact_key if exact else path_key
+                exacts.setdefault(key, set()).add(exact_key)
                 b = builds.get(key)
                 if b is None or _hints(attrs) < b._hints:
                     first = b is None
