@@ -58,8 +58,8 @@ def _acceptance():
     return module
 
 
-def _run(cmd, **kw):
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, **kw)
+def _run(cmd, env=None):
+    return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=300)
 
 
 def test_script_is_valid_bash():
@@ -120,10 +120,12 @@ def test_every_helper_script_accepts_its_arguments(plan):
     for name, cmd in _commands(plan):
         if len(cmd) > 1 and cmd[1].startswith(str(HELPERS)):
             assert Path(cmd[1]).is_file(), cmd[1]
-            out = _run([sys.executable, *cmd[1:], "--dry-run"])
+            args = cmd[1:]
+            args.insert(args.index("--") if "--" in args else len(args), "--dry-run")
+            out = _run([sys.executable, *args])
             assert out.returncode == 0, f"{name}: {cmd}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
             seen.add(Path(cmd[1]).name)
-    assert seen == {"probe.py", "build_cuda.py", "memcheck_ops.py", "bench_records.py"}
+    assert seen == {"probe.py", "build_cuda.py", "memcheck_ops.py", "bench_records.py", "pytest_shards.py"}
 
 
 def test_every_divattn_subcommand_accepts_its_options(plan):
@@ -150,15 +152,25 @@ def test_every_divattn_subcommand_accepts_its_options(plan):
     assert found == 3  # info, bench, kernels
 
 
-def test_pytest_steps_collect_their_selection(plan, tmp_path):
-    for name, cmd in _commands(plan):
-        if cmd[1:3] != ["-m", "pytest"]:
-            continue
-        args = cmd[3:]
-        args[args.index("--junitxml") + 1] = str(tmp_path / f"{name}.xml")
-        out = _run([sys.executable, "-m", "pytest", *args, "--collect-only"])
-        assert out.returncode == 0, f"{name}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
-        assert " collected" in out.stdout and "deselected" in out.stdout, out.stdout[-500:]
+def _collected(args, tmp_path) -> list:
+    out = _run([sys.executable, "-m", "pytest", *args, "--collect-only"],
+               env=dict(_env(), PYTHONPATH=str(HELPERS)))
+    assert out.returncode == 0, f"{args}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    return [ln for ln in out.stdout.splitlines() if "::" in ln]
+
+
+def test_pytest_steps_collect_their_selection_and_shards_cover_it(plan, tmp_path):
+    steps = {s["name"]: s["cmd"] for s in plan["steps"]}
+    cuda = steps["ops-cuda"][3:]
+    cuda[cuda.index("--junitxml") + 1] = str(tmp_path / "cuda.xml")
+    assert _collected(cuda, tmp_path)
+    triton = steps["ops-triton"]
+    assert triton[1].endswith("pytest_shards.py")
+    selection = triton[triton.index("--") + 1:]
+    whole = _collected(selection, tmp_path)
+    shards = [_collected([*selection, "-p", "pytest_shards", f"--shard={i}/3"], tmp_path) for i in (1, 2, 3)]
+    assert sorted(sum(shards, [])) == sorted(whole) and all(shards)
+    assert not set(whole) & set(_collected(cuda, tmp_path)), "a test in both the triton and the cuda step"
 
 
 def test_pip_knows_the_install_flags(plan):

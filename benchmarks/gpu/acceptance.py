@@ -11,8 +11,9 @@ Steps, in order (correctness first, so a short budget cuts benchmarks, not tests
 - ``build-cuda``: the CUDA extension for the visible GPU, ahead of time (just in time if
   that fails), in the background while the Triton tests run.
 - ``ops-triton``: the op test grid (``tests/ops``) on CUDA tensors, fp16 / bf16 / fp32,
-  everything but the ``cuda`` backend; ``ops-cuda``: the ``cuda`` backend's share, once
-  the extension is built.
+  everything but the ``cuda`` backend, as several pytest processes (Triton compiles on
+  the CPU), also in the background; ``ops-cuda``: the ``cuda`` backend's share, once the
+  extension is built.
 - ``memcheck-triton`` / ``memcheck-cuda``: one small case per kernel (temporal, spatial,
   spatial with cls, joint; forward and backward) under ``compute-sanitizer --tool
   memcheck``, after a run without it that fills the Triton cache.
@@ -24,12 +25,14 @@ Steps, in order (correctness first, so a short budget cuts benchmarks, not tests
   ``torch.compile``d (and with its attention swapped to divattn).
 - ``kernels``: ``python -m divattn kernels`` for the GPU's architecture (static report).
 
-Every step has its own time limit, cut to what is left of the run's budget
-(``--budget``, default 480 s); a step that fails or times out is recorded and the run goes
-on; a step that needs a tool or a step that is missing is recorded as unavailable or
-skipped, with the reason. Everything lands in ``benchmarks/results/gpu/<date>-<commit>/``
-and, when ``$OUT`` is set, in ``$OUT/<date>-<commit>/`` as well: ``acceptance.json`` (the
-environment and every step: command, limit, status, seconds, what it found),
+Benchmarks start once every background step has ended. Every step has its own time
+limit, cut to what is left of the run's budget (``--budget``, default 480 s); a step that
+fails or times out is recorded and the run goes on; a step that needs a tool or a step
+that is missing is recorded as unavailable or skipped, with the reason.
+
+Everything lands in ``benchmarks/results/gpu/<date>-<commit>/`` and, when ``$OUT`` is
+set, in ``$OUT/<date>-<commit>/`` as well: ``acceptance.json`` (the environment and every
+step: command, limit, status, seconds, what it found), ``summary.txt``,
 ``environment.json``, benchmark records (``bench_*.json``, the format of
 ``benchmarks/results``), the op tests' JUnit XML and one log per step.
 
@@ -152,6 +155,8 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
     no_pytest = None if have_pytest else "pytest is not installed in this Python (the op tests need it)"
     no_sanitizer = None if sanitizer else ("compute-sanitizer not found (looked on PATH, next to nvcc and in "
                                            "/usr/local/cuda*/ and /opt/nvidia/)")
+    # Triton compiles on the CPU: the grid runs as several processes, next to the build.
+    shards = max(1, min(4, jobs // 4))
     pytest_args = ["-q", "-rfE", "-p", "no:cacheprovider", "-o", "junit_family=xunit2"]
     sanitize = [sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", "--leak-check", "no",
                 "--print-limit", "20"]
@@ -169,9 +174,10 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
              300, "the CUDA extension for this GPU (ahead of time, else just in time)",
              background=True),
         Step("ops-triton", "correctness",
-             [py, "-m", "pytest", "tests/ops", "-k", "not cuda", *pytest_args, "--junitxml", out("ops-triton.xml")],
-             240, "op test grid on CUDA tensors (fp16, bf16, fp32): triton and torch backends",
-             unavailable=no_pytest, junit=out("ops-triton.xml")),
+             [py, script("pytest_shards.py"), "--shards", str(shards), "--junitxml", out("ops-triton.xml"), "--",
+              "tests/ops", "-k", "not cuda", *pytest_args],
+             240, f"op test grid on CUDA tensors (fp16, bf16, fp32): triton and torch backends (pytest processes: {shards})",
+             background=True, unavailable=no_pytest, junit=out("ops-triton.xml")),
         Step("memcheck-triton-warmup", "correctness", [py, script("memcheck_ops.py"), "--backend", "triton"],
              120, "the memcheck cases without the sanitizer (fills the Triton cache)"),
         Step("memcheck-triton", "correctness", [*sanitize, py, script("memcheck_ops.py"), "--backend", "triton"],
@@ -234,6 +240,10 @@ class Run:
         return None
 
     def start(self, step: Step) -> None:
+        if step.kind == "benchmark":  # timings get the GPU (and the CPU) to themselves
+            for other in self.order:
+                if other.proc is not None:
+                    self._wait(other)
         blocker = self._blocker(step)
         if step.unavailable or blocker:
             step.status = "unavailable" if step.unavailable and step.unavailable != NOT_CHOSEN else "skipped"
