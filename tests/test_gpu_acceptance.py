@@ -176,7 +176,7 @@ def test_pytest_steps_collect_their_selection_and_shards_cover_it(plan, tmp_path
 def test_pip_knows_the_install_flags(plan):
     steps = {s["name"]: s["cmd"] for s in plan["steps"]}
     help_text = _run([sys.executable, "-m", "pip", "install", "--help"]).stdout
-    for flag in ("--no-deps", "--no-build-isolation", "-e"):
+    for flag in ("--no-index", "--no-deps", "--no-build-isolation", "--disable-pip-version-check", "-e"):
         assert flag in steps["install"] and flag in help_text
 
 

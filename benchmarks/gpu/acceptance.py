@@ -157,7 +157,7 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
                                            "/usr/local/cuda*/ and /opt/nvidia/)")
     # Triton compiles on the CPU: the grid runs as several processes, next to the build.
     shards = max(1, min(4, jobs // 4))
-    pytest_args = ["-q", "-rfE", "-p", "no:cacheprovider", "-o", "junit_family=xunit2"]
+    pytest_args = ["-q", "-rfEs", "-p", "no:cacheprovider", "-o", "junit_family=xunit2"]
     sanitize = [sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", "--leak-check", "no",
                 "--print-limit", "20"]
     # Every tensor its own allocation, so a read past one is outside any allocation.
@@ -166,7 +166,8 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
         Step("probe", "info", [py, script("probe.py"), "--out", out("environment.json"),
                                *(["--nvcc", nvcc] if nvcc else []), *(["--sanitizer", sanitizer] if sanitizer else [])],
              60, "device, driver, versions, tools, commit, date"),
-        Step("install", "correctness", [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."],
+        Step("install", "correctness", [py, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+                                     "--disable-pip-version-check", "-e", "."],
              120, "the package, editable, from this checkout (no network)"),
         Step("info", "info", [py, "-m", "divattn", "info"], 60, "which backends can run, and why not"),
         Step("build-cuda", "correctness", [py, script("build_cuda.py"), "--jobs", str(jobs),

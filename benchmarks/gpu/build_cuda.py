@@ -33,7 +33,8 @@ def parse_args(argv=None):
 
 
 def _pip_command() -> list:
-    return [sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-build-isolation", "-e", str(ROOT)]
+    return [sys.executable, "-m", "pip", "install", "-v", "--no-index", "--no-deps", "--no-build-isolation",
+            "--disable-pip-version-check", "-e", str(ROOT)]
 
 
 def _run(cmd, env) -> int:
