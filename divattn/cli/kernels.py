@@ -92,9 +92,26 @@ def _traffic(args, archs) -> list:
     return traffic.measure(probs, target=max(archs))
 
 
+def _check(args) -> None:
+    from ..bench.shapes import GPU_SHAPES
+    from ..kernels_report import problems
+
+    for flag, values, known in (("--shapes", _csv(args.shapes), tuple(GPU_SHAPES)),
+                                ("--dtypes", _csv(args.dtypes), tuple(problems.DTYPES)),
+                                ("--orders", _csv(args.orders), problems.ORDERS),
+                                ("--passes", _csv(args.passes), problems.PASSES)):
+        bad = [v for v in values or () if v not in known]
+        if bad:
+            raise SystemExit(f"divattn kernels: unknown {flag} {', '.join(bad)} (choose from {', '.join(known)})")
+    dims = _csv(args.head_dims) or []
+    if not dims or not all(d.isdigit() and 1 <= int(d) <= 256 for d in dims):
+        raise SystemExit(f"divattn kernels: --head-dims takes head dims in [1, 256], got {args.head_dims!r}")
+
+
 def main(args) -> int:
     from ..kernels_report import build
 
+    _check(args)
     archs = _archs(args.arch)
     builds = build.report(shapes=_csv(args.shapes), head_dims=[int(d) for d in _csv(args.head_dims)],
                           orders=_csv(args.orders), dtypes=_csv(args.dtypes), passes=_csv(args.passes), archs=archs,
