@@ -152,7 +152,7 @@ def test_every_divattn_subcommand_accepts_its_options(plan):
     assert found == 3  # info, bench, kernels
 
 
-def _collected(args, tmp_path) -> list:
+def _collected(args) -> list:
     out = _run([sys.executable, "-m", "pytest", *args, "--collect-only"],
                env=dict(_env(), PYTHONPATH=str(HELPERS)))
     assert out.returncode == 0, f"{args}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
@@ -163,14 +163,15 @@ def test_pytest_steps_collect_their_selection_and_shards_cover_it(plan, tmp_path
     steps = {s["name"]: s["cmd"] for s in plan["steps"]}
     cuda = steps["ops-cuda"][3:]
     cuda[cuda.index("--junitxml") + 1] = str(tmp_path / "cuda.xml")
-    assert _collected(cuda, tmp_path)
+    cuda_ids = _collected(cuda)
+    assert cuda_ids
     triton = steps["ops-triton"]
     assert triton[1].endswith("pytest_shards.py")
     selection = triton[triton.index("--") + 1:]
-    whole = _collected(selection, tmp_path)
-    shards = [_collected([*selection, "-p", "pytest_shards", f"--shard={i}/3"], tmp_path) for i in (1, 2, 3)]
+    whole = _collected(selection)
+    shards = [_collected([*selection, "-p", "pytest_shards", f"--shard={i}/3"]) for i in (1, 2, 3)]
     assert sorted(sum(shards, [])) == sorted(whole) and all(shards)
-    assert not set(whole) & set(_collected(cuda, tmp_path)), "a test in both the triton and the cuda step"
+    assert not set(whole) & set(cuda_ids), "a test in both the triton and the cuda step"
 
 
 def test_pip_knows_the_install_flags(plan):
@@ -181,8 +182,8 @@ def test_pip_knows_the_install_flags(plan):
 
 
 def test_memcheck_workload_runs_in_the_interpreter():
-    out = _run([sys.executable, str(HELPERS / "memcheck_ops.py"), "--backend", "triton", "--ops", "temporal,spatial_cls",
-                "--dtypes", "float32"])
+    out = _run([sys.executable, str(HELPERS / "memcheck_ops.py"), "--backend", "triton",
+                "--ops", "temporal,spatial_cls", "--dtypes", "float32"])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.count("\nok triton") + out.stdout.startswith("ok triton") == 2, out.stdout
 
