@@ -31,13 +31,16 @@ Two implementations of the same architecture are counted (``implementation=``):
 For ViViT (all four variants) the two are the same.
 
 Shapes follow the ops: ``(B, T, N, H, D)`` for temporal / spatial, ``(B, L, H, D)``
-for joint.
+for joint. Temporal attention may be causal and may have fewer query frames than key
+frames (``kv_frames``, query frame i being frame ``Tk - Tq + i``); its count is then
+the pairs it really computes: query frame i against key frames ``0 .. Tk - Tq + i``,
+``Tq * (Tk - Tq) + Tq * (Tq + 1) / 2`` pairs per sequence instead of ``Tq * Tk``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 ATTENTION_OPS = ("temporal", "spatial", "spatial_cls", "joint")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -46,7 +49,7 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 _ATTN_PASS_FACTOR = {"fwd": 2, "bwd": 5, "fwd+bwd": 7}
 
 
-def _check_op(op: str, shape: Sequence[int]) -> tuple:
+def _check_op(op: str, shape: Sequence[int], causal: bool = False, kv_frames: Optional[int] = None) -> tuple:
     if op not in ATTENTION_OPS:
         raise ValueError(f"op must be one of {ATTENTION_OPS}, got {op!r}")
     shape = tuple(int(s) for s in shape)
@@ -54,62 +57,91 @@ def _check_op(op: str, shape: Sequence[int]) -> tuple:
     if len(shape) != want:
         layout = "(B, L, H, D)" if op == "joint" else "(B, T, N, H, D)"
         raise ValueError(f"{op} attention takes a q shape {layout}, got {shape}")
+    if (causal or kv_frames is not None) and op != "temporal":
+        raise ValueError(f"causal and kv_frames apply to temporal attention only, got op {op!r}")
+    if kv_frames is not None and not shape[1] <= int(kv_frames):
+        raise ValueError(f"kv_frames = {kv_frames} is fewer than the q frames Tq = {shape[1]} of shape {shape}")
     return shape
 
 
-def _sequences(op: str, shape: tuple) -> tuple:
+def _sequences(op: str, shape: tuple, kv_frames: Optional[int] = None) -> tuple:
     """(number of softmax rows' groups, query rows, key rows, head dim) of one op."""
     if op == "joint":
         B, L, H, D = shape
         return B * H, L, L, D
     B, T, N, H, D = shape
     if op == "temporal":
-        return B * N * H, T, T, D
+        return B * N * H, T, T if kv_frames is None else int(kv_frames), D
     if op == "spatial":
         return B * T * H, N, N, D
     # spatial_cls: every frame's queries and keys are [cls] + its N patches.
     return B * T * H, 1 + N, 1 + N, D
 
 
-def attention_macs(op: str, shape: Sequence[int], pass_: str = "fwd") -> int:
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def attention_pairs(lq: int, lk: int, causal: bool = False) -> int:
+    """(query, key) pairs of one sequence: ``lq * lk``, or with ``causal`` (query i being
+    position ``lk - lq + i``, seeing keys ``0 .. lk - lq + i``) ``lq * (lk - lq) + lq * (lq + 1) / 2``."""
+    if not causal:
+        return lq * lk
+    return lq * (lk - lq) + lq * (lq + 1) // 2
+
+
+def attention_macs(op: str, shape: Sequence[int], pass_: str = "fwd", *, causal: bool = False,
+                   kv_frames: Optional[int] = None) -> int:
     """MACs of one attention op on a q of ``shape``.
 
     ``op``: ``"temporal"``, ``"spatial"``, ``"spatial_cls"`` (spatial with the cls
     token) or ``"joint"``; ``pass_``: ``"fwd"``, ``"bwd"`` or ``"fwd+bwd"``. The
-    forward is ``q @ k^T`` and ``p @ v``: ``2 * groups * Lq * Lk * D`` MACs.
+    forward is ``q @ k^T`` and ``p @ v``: ``2 * groups * pairs * D`` MACs, with
+    ``Lq * Lk`` pairs per sequence. Temporal only: ``kv_frames`` is Tk when k and v
+    have more frames than q (default: q's T); ``causal`` counts only the pairs a
+    causal op computes (:func:`attention_pairs`). ValueError for these with another
+    op, or for ``kv_frames`` below q's T.
     """
-    shape = _check_op(op, shape)
+    shape = _check_op(op, shape, causal, kv_frames)
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
-    groups, lq, lk, d = _sequences(op, shape)
-    return _ATTN_PASS_FACTOR[pass_] * groups * lq * lk * d
+    groups, lq, lk, d = _sequences(op, shape, kv_frames)
+    return _ATTN_PASS_FACTOR[pass_] * groups * attention_pairs(lq, lk, causal) * d
 
 
-def attention_flops(op: str, shape: Sequence[int], pass_: str = "fwd") -> int:
+def attention_flops(op: str, shape: Sequence[int], pass_: str = "fwd", *, causal: bool = False,
+                    kv_frames: Optional[int] = None) -> int:
     """FLOPs (2 per MAC) of one attention op; see :func:`attention_macs`."""
-    return 2 * attention_macs(op, shape, pass_)
+    return 2 * attention_macs(op, shape, pass_, causal=causal, kv_frames=kv_frames)
 
 
-def attention_bytes(op: str, shape: Sequence[int], itemsize: int, pass_: str = "fwd") -> int:
+def attention_bytes(op: str, shape: Sequence[int], itemsize: int, pass_: str = "fwd", *,
+                    kv_frames: Optional[int] = None) -> int:
     """The least memory traffic of one attention op, in bytes.
 
     Forward: read q, k, v once and write o once. Backward: read q, k, v, o, do and write
     dq, dk, dv. With the cls token, its three ``(B, H, D)`` vectors are read and ``o_cls``
     written (backward: cls q/k/v, o_cls, do_cls read, their three gradients written).
-    Softmax statistics (the log-sum-exp) are not counted.
+    Temporal with ``kv_frames`` (Tk): k, v and their gradients have Tk frames, q, o, do
+    and dq the Tq of ``shape``. Softmax statistics (the log-sum-exp) are not counted;
+    causal attention moves the same bytes.
     """
-    shape = _check_op(op, shape)
+    shape = _check_op(op, shape, False, kv_frames)
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
-    n = 1
-    for s in shape:
-        n *= s
+    n = _numel(shape)
+    n_kv = n if kv_frames is None else _numel((shape[0], int(kv_frames), *shape[2:]))
     if op == "spatial_cls":
         B, _, _, H, D = shape
         n += B * H * D
-    per_pass = {"fwd": 4, "bwd": 8}
-    tensors = per_pass["fwd"] + per_pass["bwd"] if pass_ == "fwd+bwd" else per_pass[pass_]
-    return tensors * n * int(itemsize)
+        n_kv = n
+    # (tensors shaped like q, tensors shaped like k) per pass
+    per_pass = {"fwd": (2, 2), "bwd": (4, 4)}
+    passes = ("fwd", "bwd") if pass_ == "fwd+bwd" else (pass_,)
+    return sum(per_pass[p][0] * n + per_pass[p][1] * n_kv for p in passes) * int(itemsize)
 
 
 @dataclass
@@ -129,8 +161,9 @@ class MacCount:
     def total(self) -> int:
         return self.embed + self.linear + self.attention + self.head
 
-    def add_attention(self, op: str, shape: Sequence[int], times: int = 1) -> None:
-        m = times * attention_macs(op, shape)
+    def add_attention(self, op: str, shape: Sequence[int], times: int = 1, *, causal: bool = False,
+                      kv_frames: Optional[int] = None) -> None:
+        m = times * attention_macs(op, shape, causal=causal, kv_frames=kv_frames)
         self.attention += m
         self.by_op[op] = self.by_op.get(op, 0) + m
 
@@ -267,10 +300,14 @@ def train_step_flops(model, video_shape: Sequence[int], implementation: str = "b
     return count_macs(model, video_shape, implementation).train_step_flops()
 
 
-def _q_shape(geom: Sequence[int]) -> tuple:
-    """The shape of view 0 (q) in a ``divattn::attn_fwd`` geometry list."""
-    nd = geom[3]
-    return tuple(geom[4:4 + nd])
+def _view_shapes(geom: Sequence[int], count: int) -> list:
+    """The shapes of the first ``count`` views (q, k, ...) in a ``divattn::attn_fwd`` geometry list."""
+    shapes, pos = [], 1
+    for _ in range(count):
+        nd = geom[pos + 2]
+        shapes.append(tuple(geom[pos + 3:pos + 3 + nd]))
+        pos += 3 + 2 * nd
+    return shapes
 
 
 _OPS = ("temporal", "spatial", "joint")
@@ -281,19 +318,29 @@ def _op_name(op: int, has_cls: bool) -> str:
     return "spatial_cls" if name == "spatial" and has_cls else name
 
 
-def _fwd_formula(srcs, geom, op, has_cls, scale, backend, *args, out_val=None, **kwargs) -> int:
-    return attention_flops(_op_name(op, has_cls), _q_shape(geom), "fwd")
+def _count(geom, op, has_cls, causal, pass_) -> int:
+    name = _op_name(op, has_cls)
+    q_shape, k_shape = _view_shapes(geom, 2)
+    if name != "temporal":
+        return attention_flops(name, q_shape, pass_)
+    return attention_flops(name, q_shape, pass_, causal=bool(causal), kv_frames=k_shape[1])
 
 
-def _bwd_formula(srcs, geom, op, has_cls, scale, backend, *args, out_val=None, **kwargs) -> int:
-    return attention_flops(_op_name(op, has_cls), _q_shape(geom), "bwd")
+def _fwd_formula(srcs, geom, op, has_cls, scale, backend, causal, *args, out_val=None, **kwargs) -> int:
+    return _count(geom, op, has_cls, causal, "fwd")
+
+
+def _bwd_formula(srcs, geom, op, has_cls, scale, backend, causal, *args, out_val=None, **kwargs) -> int:
+    return _count(geom, op, has_cls, causal, "bwd")
 
 
 def register() -> None:
     """Teach ``torch.utils.flop_counter.FlopCounterMode`` the divattn custom ops (idempotent).
 
     ``divattn::attn_fwd`` counts :func:`attention_flops` ``(..., "fwd")`` and
-    ``divattn::attn_bwd`` the ``"bwd"`` count. Called when this module is imported.
+    ``divattn::attn_bwd`` the ``"bwd"`` count, of causal temporal attention and of
+    fewer query than key frames too (read from the op's arguments). Called when this
+    module is imported.
     """
     import torch
     from torch.utils import flop_counter
@@ -316,5 +363,6 @@ __all__ = [
     "attention_macs",
     "attention_flops",
     "attention_bytes",
+    "attention_pairs",
     "register",
 ]

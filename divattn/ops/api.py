@@ -16,8 +16,11 @@ def _describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}, strides {x.stride()}"
 
 
-def _validate(fn: str, named: dict, ndim: int, layout: str) -> None:
-    """Raise TypeError/ValueError naming the tensor, what was expected and what came."""
+def _validate(fn: str, named: dict, ndim: int, layout: str, kv_frames: bool = False) -> None:
+    """Raise TypeError/ValueError naming the tensor, what was expected and what came.
+
+    ``kv_frames``: k and v may have another frame count (dim 1) than q, the same as each other.
+    """
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -32,8 +35,24 @@ def _validate(fn: str, named: dict, ndim: int, layout: str) -> None:
         if x.device != q.device:
             raise ValueError(f"{fn}: {name} is on device {x.device}, expected {q.device} like {qn}")
     for name, x in list(named.items())[1:3]:
-        if x.shape != q.shape:
+        if kv_frames and x.dim() == ndim:
+            want = (*q.shape[:1], x.shape[1], *q.shape[2:])
+            if x.shape != want:
+                raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected {want} like {qn} {layout} "
+                                 f"in every dim but the frames (dim 1)")
+        elif x.shape != q.shape:
             raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected {tuple(q.shape)} like {qn} {layout}")
+    if kv_frames:
+        (kn, k), (vn, v) = list(named.items())[1:3]
+        if v.shape != k.shape:
+            raise ValueError(f"{fn}: {vn} has shape {tuple(v.shape)}, expected {tuple(k.shape)} like {kn} "
+                             f"(keys and values have the same frames)")
+        if q.shape[1] > k.shape[1]:
+            raise ValueError(
+                f"{fn}: {qn} has Tq = {q.shape[1]} frames, more than the Tk = {k.shape[1]} of {kn} and {vn} "
+                f"({qn} shape {tuple(q.shape)}, {kn} shape {tuple(k.shape)}); the queries are the last Tq "
+                f"of the Tk frames, so Tq <= Tk"
+            )
     D = q.shape[-1]
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{fn}: head dim (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {D}")
@@ -49,40 +68,55 @@ def _scale(scale: Optional[float], D: int) -> float:
     return D ** -0.5 if scale is None else float(scale)
 
 
-def temporal_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
-    """Attention over the T frames of every patch.
+def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """Attention over the frames of every patch, optionally causal.
 
     Args:
-        q, k, v: ``(B, T, N, H, D)`` with any strides and a contiguous last dim,
-            typically views of one qkv projection output in ``(h w t)`` or ``(t h w)``
-            token order (see :func:`divattn.ops.layout.split_qkv`).
+        q: ``(B, Tq, N, H, D)``; k, v: ``(B, Tk, N, H, D)`` with ``Tq <= Tk``; any
+            strides and a contiguous last dim, typically views of one qkv projection
+            output in ``(h w t)`` or ``(t h w)`` token order (see
+            :func:`divattn.ops.layout.split_qkv`). Query frame i is frame
+            ``Tk - Tq + i``: the queries are the last Tq frames (``Tq == Tk`` in a
+            full forward; ``Tq < Tk`` when generating the last frames against cached
+            keys and values of all frames so far).
+        causal: when True, query frame i attends to key frames ``0 .. Tk - Tq + i``
+            (frame t to frames 0..t); when False, to all Tk frames.
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``None`` (auto: first of triton, cuda, torch that fits; env
             ``DIVATTN_BACKEND`` sets it), ``"triton"``, ``"cuda"`` or ``"torch"``.
 
     Returns:
-        ``o`` of shape ``(B, T, N, H, D)``, stored token-major in q's token order, so
-        :func:`divattn.ops.layout.tokens_major` views it as ``(B, T*N, H*D)``.
+        ``o`` of shape ``(B, Tq, N, H, D)``, stored token-major in q's token order, so
+        :func:`divattn.ops.layout.tokens_major` views it as ``(B, Tq*N, H*D)``.
 
     Raises:
-        TypeError / ValueError for mismatched dtypes, devices or shapes, a last dim that
-        is not contiguous, or a head dim outside [1, 256]; BackendError when the
-        requested backend cannot run the inputs (listing every backend's reason).
+        TypeError / ValueError for mismatched dtypes, devices or shapes (k and v must
+        match q in B, N, H and D, and each other), ``Tq > Tk``, a last dim that is not
+        contiguous, or a head dim outside [1, 256]; BackendError when the requested
+        backend cannot run the inputs (listing every backend's reason; causal
+        attention and ``Tq < Tk`` are features a backend declares).
 
     Equivalent to::
 
         s = torch.einsum("btnhd,bsnhd->bnhts", q, k) * scale
+        if causal:
+            Tq, Tk = q.shape[1], k.shape[1]
+            keep = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+            s = s.masked_fill(~keep, -torch.inf)
         o = torch.einsum("bnhts,bsnhd->btnhd", s.softmax(-1), v)
     """
-    _validate("temporal_attention", {"q": q, "k": k, "v": v}, 5, "(B, T, N, H, D)")
+    _validate("temporal_attention", {"q": q, "k": k, "v": v}, 5, "(B, T, N, H, D)", kv_frames=True)
     scale = _scale(scale, q.shape[-1])
-    be = dispatch.select("temporal", q.dtype, q.device, q.shape[-1], backend)
+    causal = bool(causal)
+    features = (("causal",) if causal else ()) + (("fewer_queries",) if q.shape[1] != k.shape[1] else ())
+    be = dispatch.select("temporal", q.dtype, q.device, q.shape[-1], backend, features)
     if be.name == "torch":
-        buf = torch_backend.temporal(q, k, v, scale)
+        buf = torch_backend.temporal(q, k, v, scale, causal=causal)
     else:
         from .functions import run
 
-        buf = run("temporal", q, k, v, None, scale, be.name)
+        buf = run("temporal", q, k, v, None, scale, be.name, causal=causal)
     return patch_view(buf, q, has_cls=False)
 
 

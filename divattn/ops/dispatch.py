@@ -4,6 +4,11 @@
 the inputs. A forced backend that cannot run raises :class:`BackendError`, whose
 message lists the inputs and every backend's reasons; nothing falls back silently.
 The default can be set with the ``DIVATTN_BACKEND`` environment variable.
+
+Besides the op, a call may need *features* (:data:`FEATURES`) that only some backends
+implement: ``"causal"`` (temporal attention where frame t attends to frames 0..t) and
+``"fewer_queries"`` (queries for the last Tq of Tk key frames, Tq < Tk). A backend
+declares the ones it implements in :attr:`Backend.features`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import torch
 
 AUTO_ORDER = ("triton", "cuda", "torch")
 OPS = ("temporal", "spatial", "spatial_cls", "joint")
+FEATURES = {
+    "causal": "causal attention (frame t attends to frames 0..t)",
+    "fewer_queries": "queries for the last Tq of Tk key frames (Tq < Tk)",
+}
 
 
 class BackendError(RuntimeError):
@@ -64,7 +73,8 @@ class Backend:
     dtypes trusted under the interpreter; ``max_head_dim``: largest D;
     ``min_capability``: the oldest CUDA compute capability served;
     ``runtime_reason``: a callable returning why the backend cannot run at all, or None;
-    ``device_reason``: a callable returning why it cannot run on a given device, or None.
+    ``device_reason``: a callable returning why it cannot run on a given device, or None;
+    ``features``: the :data:`FEATURES` it implements.
     """
 
     name: str
@@ -72,6 +82,7 @@ class Backend:
     device_types: tuple
     max_head_dim: int
     ops: tuple = OPS
+    features: tuple = tuple(FEATURES)
     cpu_needs_interpreter: bool = False
     interpreter_dtypes: tuple = ()
     min_capability: tuple = (0, 0)
@@ -82,13 +93,19 @@ class Backend:
     def unavailable_reason(self) -> Optional[str]:
         return self.runtime_reason()
 
-    def not_supported_reasons(self, op: str, dtype: torch.dtype, device: torch.device, head_dim: int) -> list:
+    def not_supported_reasons(self, op: str, dtype: torch.dtype, device: torch.device, head_dim: int,
+                              features: tuple = ()) -> list:
         reasons = []
         why = self.unavailable_reason()
         if why:
             reasons.append(why)
         if op not in self.ops:
             reasons.append(f"op {op!r} is not implemented")
+        for feature in features:
+            if feature not in FEATURES:
+                raise ValueError(f"unknown feature {feature!r}; features are {', '.join(FEATURES)}")
+            if feature not in self.features:
+                reasons.append(f"{FEATURES[feature]} is not implemented")
         if dtype not in self.dtypes:
             reasons.append(f"dtype {dtype} is not supported (supported: {', '.join(map(str, self.dtypes))})")
         if device.type not in self.device_types:
@@ -133,6 +150,7 @@ BACKENDS = {
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda",),
         max_head_dim=128,
+        features=(),
         min_capability=(8, 0),
         runtime_reason=_cuda_runtime_reason,
         device_reason=_cuda_device_reason,
@@ -154,23 +172,26 @@ def default_backend() -> Optional[str]:
     return name
 
 
-def select(op: str, dtype: torch.dtype, device: torch.device, head_dim: int, backend: Optional[str] = None) -> Backend:
-    """The backend that runs ``op`` on these inputs, or BackendError with every reason."""
+def select(op: str, dtype: torch.dtype, device: torch.device, head_dim: int, backend: Optional[str] = None,
+           features: tuple = ()) -> Backend:
+    """The backend that runs ``op`` (with ``features``) on these inputs, or BackendError with every reason."""
     if backend is None:
         backend = default_backend()
     if backend is not None and backend not in BACKENDS:
         raise BackendError(f"backend={backend!r} is not a backend; choose one of None, {', '.join(map(repr, BACKENDS))}")
     names = (backend,) if backend is not None else AUTO_ORDER
     for name in names:
-        if not BACKENDS[name].not_supported_reasons(op, dtype, device, head_dim):
+        if not BACKENDS[name].not_supported_reasons(op, dtype, device, head_dim, features):
             return BACKENDS[name]
     lines = [
-        f"  {n}: " + "; ".join(BACKENDS[n].not_supported_reasons(op, dtype, device, head_dim) or ["available"])
+        f"  {n}: " + "; ".join(BACKENDS[n].not_supported_reasons(op, dtype, device, head_dim, features)
+                               or ["available"])
         for n in BACKENDS
     ]
     wanted = f"backend={backend!r}" if backend is not None else "any backend"
+    what = f"{op} attention" + (f" ({', '.join(features)})" if features else "")
     raise BackendError(
-        f"{wanted} cannot run {op} attention on inputs of dtype {dtype}, device {device}, "
+        f"{wanted} cannot run {what} on inputs of dtype {dtype}, device {device}, "
         f"head dim {head_dim}:\n" + "\n".join(lines)
     )
 

@@ -3,7 +3,11 @@
 The forward and backward are the custom ops ``divattn::attn_fwd`` and
 ``divattn::attn_bwd`` (with fake implementations), tied together with
 ``torch.library.register_autograd``, so they train, ``torch.compile`` (fullgraph)
-treats them as opaque calls, and ``FlopCounterMode`` can count them.
+treats them as opaque calls, and ``FlopCounterMode`` can count them. ``causal`` (temporal
+attention only) is passed to the launchers only when True: the dispatcher never hands
+causal work to a backend that does not declare it, so launchers without the argument
+keep working. Temporal q may have fewer frames (Tq) than k and v (Tk): the output and
+the log-sum-exp rows follow q.
 
 The ops take q/k/v (and the cls q/k/v) as *sources plus geometry*: when they are all
 views of one tensor — the qkv projection output — that tensor is the single source
@@ -117,7 +121,10 @@ def sources(views: Sequence[torch.Tensor]):
 
 
 def _outputs(op: str, has_cls: bool, q: torch.Tensor):
-    """Allocate (buf, lse, cls_frames, lse_cls); buf is token-major in q's token order."""
+    """Allocate (buf, lse, cls_frames, lse_cls); buf is token-major in q's token order.
+
+    Sizes follow q (temporal: B*Tq*N*H log-sum-exp rows when k and v have Tk frames).
+    """
     if op == "joint":
         B, L, H, D = q.shape
         buf = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
@@ -144,7 +151,7 @@ def _out_views(op: str, has_cls: bool, q: torch.Tensor, buf: torch.Tensor):
 
 @torch.library.custom_op("divattn::attn_fwd", mutates_args=())
 def attn_fwd(
-    srcs: list[torch.Tensor], geom: list[int], op: int, has_cls: bool, scale: float, backend: str
+    srcs: list[torch.Tensor], geom: list[int], op: int, has_cls: bool, scale: float, backend: str, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     views = _decode(srcs, geom)
     q, k, v = views[:3]
@@ -152,15 +159,19 @@ def attn_fwd(
     buf, lse, cls_frames, lse_cls = _outputs(name, has_cls, q)
     o, o_cls = _out_views(name, has_cls, q, buf)
     BACKENDS[backend].kernels().forward(
-        name, q, k, v, o, lse, scale,
+        name, q, k, v, o, lse, scale, **_causal(causal),
         cls=tuple(views[3:]) if has_cls else None, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls,
     )
     return buf, lse, cls_frames, lse_cls
 
 
 @attn_fwd.register_fake
-def _(srcs, geom, op, has_cls, scale, backend):
+def _(srcs, geom, op, has_cls, scale, backend, causal):
     return _outputs(OPS[op], has_cls, _decode(srcs, geom)[0])
+
+
+def _causal(causal: bool) -> dict:
+    return {"causal": True} if causal else {}
 
 
 _GAPS_ON_DEVICE: dict = {}
@@ -193,12 +204,15 @@ def _grads(srcs: Sequence[torch.Tensor], geom: Sequence[int]):
 
 @torch.library.custom_op("divattn::attn_bwd", mutates_args=())
 def attn_bwd(
-    srcs: list[torch.Tensor], geom: list[int], op: int, has_cls: bool, scale: float, backend: str,
+    srcs: list[torch.Tensor], geom: list[int], op: int, has_cls: bool, scale: float, backend: str, causal: bool,
     buf: torch.Tensor, d_buf: torch.Tensor, lse: torch.Tensor, cls_frames: torch.Tensor, lse_cls: torch.Tensor,
 ) -> list[torch.Tensor]:
     views = _decode(srcs, geom)
     q, k, v = views[:3]
     name = OPS[op]
+    if name == "temporal" and q.numel() == 0:
+        # no query frames (Tq = 0 < Tk): nothing read k and v, their gradients are zero
+        return [torch.zeros_like(s) for s in srcs]
     grads = _grads(srcs, geom)
     # Packed: the gradients are views into one buffer shaped like the source. Separate:
     # each gradient is its own dense tensor (a source may be expanded, with stride 0).
@@ -207,7 +221,7 @@ def attn_bwd(
     d_buf = d_buf.contiguous()
     do, do_cls = _out_views(name, has_cls, q, d_buf)
     BACKENDS[backend].kernels().backward(
-        name, q, k, v, o, do, lse, *dviews[:3], scale,
+        name, q, k, v, o, do, lse, *dviews[:3], scale, **_causal(causal),
         cls=tuple(views[3:]) if has_cls else None, d_cls=tuple(dviews[3:]) if has_cls else None,
         do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls,
     )
@@ -215,35 +229,35 @@ def attn_bwd(
 
 
 @attn_bwd.register_fake
-def _(srcs, geom, op, has_cls, scale, backend, buf, d_buf, lse, cls_frames, lse_cls):
+def _(srcs, geom, op, has_cls, scale, backend, causal, buf, d_buf, lse, cls_frames, lse_cls):
     return _grads(srcs, geom)
 
 
 def _setup_context(ctx, inputs, output):
-    srcs, geom, op, has_cls, scale, backend = inputs
+    srcs, geom, op, has_cls, scale, backend, causal = inputs
     buf, lse, cls_frames, lse_cls = output
     ctx.set_materialize_grads(False)  # lse & co. get no gradient: do not fill zeros for them
     ctx.n_srcs = len(srcs)
-    ctx.args = (geom, op, has_cls, scale, backend)
+    ctx.args = (geom, op, has_cls, scale, backend, causal)
     ctx.save_for_backward(*srcs, buf, lse, cls_frames, lse_cls)
 
 
 def _backward(ctx, d_buf, d_lse, d_cls_frames, d_lse_cls):
     saved = ctx.saved_tensors
     srcs, (buf, lse, cls_frames, lse_cls) = list(saved[:ctx.n_srcs]), saved[ctx.n_srcs:]
-    geom, op, has_cls, scale, backend = ctx.args
+    geom, op, has_cls, scale, backend, causal = ctx.args
     if d_buf is None:
         d_buf = torch.zeros_like(buf)
-    grads = attn_bwd(srcs, geom, op, has_cls, scale, backend, buf, d_buf, lse, cls_frames, lse_cls)
-    return grads, None, None, None, None, None
+    grads = attn_bwd(srcs, geom, op, has_cls, scale, backend, causal, buf, d_buf, lse, cls_frames, lse_cls)
+    return grads, None, None, None, None, None, None
 
 
 torch.library.register_autograd("divattn::attn_fwd", _backward, setup_context=_setup_context)
 
 
-def run(op: str, q, k, v, cls, scale: float, backend: str) -> torch.Tensor:
+def run(op: str, q, k, v, cls, scale: float, backend: str, *, causal: bool = False) -> torch.Tensor:
     """Call the kernel backend through the custom op; returns the token-major buffer."""
     views = [q, k, v, *cls] if cls is not None else [q, k, v]
     srcs, geom = sources(views)
-    return attn_fwd(srcs, geom, OPS.index(op), cls is not None, float(scale), backend)[0]
+    return attn_fwd(srcs, geom, OPS.index(op), cls is not None, float(scale), backend, bool(causal))[0]
 

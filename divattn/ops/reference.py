@@ -22,24 +22,39 @@ from .layout import alloc_tokens, patch_view
 UPCAST = True
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_mask(Tq: int, Tk: int, device=None) -> torch.Tensor:
+    """``(Tq, Tk)`` bool, True where query frame i may see key frame j: ``j <= Tk - Tq + i``.
+
+    Query frame i is absolute frame ``Tk - Tq + i`` (the queries are the last Tq of the
+    Tk frames, aligned bottom-right as in flash-attention).
+    """
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v over the second-to-last dim, computed in >= fp32.
 
+    ``mask`` (bool, broadcast against the scores) keeps the pairs where it is True.
     With ``UPCAST = False`` (tests only) half precision is computed in half precision:
     the plain low-precision baseline that kernel errors are measured against.
     """
     compute = torch.promote_types(q.dtype, torch.float32) if UPCAST else q.dtype
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, -torch.inf)
     return torch.matmul(torch.softmax(s, dim=-1), v.to(compute))
 
 
-def temporal(q, k, v, scale: float) -> torch.Tensor:
-    """Attention over T for every (b, n, h): q, k, v ``(B, T, N, H, D)``.
+def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
+    """Attention over T for every (b, n, h): q ``(B, Tq, N, H, D)``, k, v ``(B, Tk, N, H, D)``.
 
-    Returns the token-major ``(B, T*N, H, D)`` output buffer in q's token order.
+    Query frame i is frame ``Tk - Tq + i``; with ``causal`` it sees key frames
+    ``0 .. Tk - Tq + i`` (:func:`causal_mask`), otherwise all Tk.
+    Returns the token-major ``(B, Tq*N, H, D)`` output buffer in q's token order.
     """
+    mask = causal_mask(q.shape[1], k.shape[1], q.device) if causal else None
     # (B, T, N, H, D) -> (B, N, H, T, D)
-    o = _attend(*(x.permute(0, 2, 3, 1, 4) for x in (q, k, v)), scale)
+    o = _attend(*(x.permute(0, 2, 3, 1, 4) for x in (q, k, v)), scale, mask)
     buf = alloc_tokens(q, has_cls=False)
     patch_view(buf, q, has_cls=False).copy_(o.permute(0, 3, 1, 2, 4))
     return buf
@@ -75,4 +90,4 @@ def joint(q, k, v, scale: float) -> torch.Tensor:
     return out
 
 
-__all__ = ["temporal", "spatial", "joint"]
+__all__ = ["temporal", "spatial", "joint", "causal_mask"]

@@ -5,6 +5,8 @@ This is the path of every CPU user and of GPUs without Triton: each op is one
 kernel (on a CPU its flash kernel, which reads strided inputs and lays its output out
 like the query). Around that call the composition is chosen for fewest copies:
 
+- causal temporal attention is SDPA's ``is_causal`` when q and k have the same frames,
+  else an explicit bottom-right mask (query frame i is frame ``Tk - Tq + i``);
 - sequences go into SDPA as ``(B', L, H, D)`` views transposed to ``(B', H, L, D)``; a
   view is copied only where two batch dims cannot be merged (the cls token between
   batches, or the frames of ``(h w t)`` tokens);
@@ -65,8 +67,11 @@ def _packed(q, k, v) -> list:
     return [q, k, v]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: bool) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: bool,
+            causal: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v over L for ``(B1, B2, L, H, D)`` views; returns ``(B1, B2, L, H, D)``.
+
+    k and v may have another L than q; with ``causal`` query i sees keys ``0 .. Lk - Lq + i``.
 
     The batch dims merge into SDPA's one without a copy when the strides allow (packed
     ``(t h w)`` tokens for spatial attention, ``(h w t)`` tokens without cls for temporal).
@@ -74,32 +79,39 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kee
     ``(B1, B2, L, H, D)`` when ``keep`` (SDPA's output then has that layout, which the
     caller uses as its buffer), else to ``(B1*B2, H, L, D)``, the layout SDPA reads fastest.
     """
-    B1, B2, L, H, D = q.shape
+    B1, B2, Lq, H, D = q.shape
+    Lk = k.shape[2]
     dtype = out_dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     xs = []
     for x in (q, k, v):
+        L = x.shape[2]
         if keep or B1 == 1 or B2 == 1 or x.stride(0) == B2 * x.stride(1):
             x = x.to(dtype).reshape(B1 * B2, L, H, D).transpose(1, 2)
         else:
             x = x.transpose(2, 3).to(dtype).reshape(B1 * B2, H, L, D)
         xs.append(x)
-    o = F.scaled_dot_product_attention(*xs, scale=scale).transpose(1, 2).view(B1, B2, L, H, D)
+    mask = {}
+    if causal and Lq > 1:  # a single query is the last frame: it sees every key
+        mask = dict(is_causal=True) if Lq == Lk else dict(attn_mask=reference.causal_mask(Lq, Lk, q.device))
+    o = F.scaled_dot_product_attention(*xs, scale=scale, **mask).transpose(1, 2).view(B1, B2, Lq, H, D)
     return o if dtype == out_dtype else o.to(out_dtype)
 
 
-def temporal(q, k, v, scale: float) -> torch.Tensor:
-    """Attention over T for every (b, n, h): q, k, v ``(B, T, N, H, D)``.
+def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
+    """Attention over T for every (b, n, h): q ``(B, Tq, N, H, D)``, k, v ``(B, Tk, N, H, D)``.
 
-    Returns the token-major ``(B, T*N, H, D)`` output buffer in q's token order.
+    Query frame i is frame ``Tk - Tq + i``; with ``causal`` it sees key frames
+    ``0 .. Tk - Tq + i``. Returns the token-major ``(B, Tq*N, H, D)`` output buffer in
+    q's token order.
     """
     if not _fused(q, k, v):
-        return reference.temporal(q, k, v, scale)
+        return reference.temporal(q, k, v, scale, causal)
     B, T, N, H, D = q.shape
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
     keep = is_hwt(q) or min(T, N) == 1
-    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, keep)
+    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, keep, causal)
     if keep and o.is_contiguous():
         return o.view(B, N * T, H, D)
     buf = alloc_tokens(q, has_cls=False)
