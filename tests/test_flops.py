@@ -209,3 +209,55 @@ def test_bad_inputs_raise():
         flops.attention_macs("cross", (1, 2, 3, 4, 5))
     with pytest.raises(ValueError, match=r"\(B, L, H, D\)"):
         flops.attention_macs("joint", (1, 2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("tq,tk", [(1, 1), (3, 3), (8, 8), (13, 13), (1, 8), (3, 8), (0, 5)])
+def test_causal_pairs_are_the_unmasked_pairs(tq, tk):
+    from divattn.ops.reference import causal_mask
+
+    assert flops.attention_pairs(tq, tk, causal=True) == int(causal_mask(tq, tk).sum())
+    assert flops.attention_pairs(tq, tk) == tq * tk
+    B, N, H, D = 2, 7, 3, 16
+    assert flops.attention_macs("temporal", (B, tq, N, H, D), "fwd", causal=True, kv_frames=tk) == \
+        2 * B * N * H * int(causal_mask(tq, tk).sum()) * D
+
+
+def test_causal_and_kv_frames_counts():
+    shape = (2, 8, 196, 12, 64)
+    full = flops.attention_macs("temporal", shape, "fwd+bwd")
+    assert flops.attention_macs("temporal", shape, "fwd+bwd", causal=True) == full * 36 // 64  # T(T+1)/2 of T^2
+    # one new frame against 8 cached ones: causal or not, it sees all 8
+    one = (2, 1, 196, 12, 64)
+    assert flops.attention_macs("temporal", one, causal=True, kv_frames=8) == \
+        flops.attention_macs("temporal", one, kv_frames=8) == 2 * 2 * 196 * 12 * 8 * 64
+    n = 2 * 196 * 12 * 64
+    assert flops.attention_bytes("temporal", one, 2, "fwd", kv_frames=8) == (2 * n + 2 * 8 * n) * 2
+    assert flops.attention_bytes("temporal", one, 2, "bwd", kv_frames=8) == (4 * n + 4 * 8 * n) * 2
+    assert flops.attention_bytes("temporal", shape, 2, "fwd", kv_frames=8) == flops.attention_bytes(
+        "temporal", shape, 2, "fwd")
+    with pytest.raises(ValueError, match="temporal attention only"):
+        flops.attention_macs("spatial", shape, causal=True)
+    with pytest.raises(ValueError, match="temporal attention only"):
+        flops.attention_bytes("joint", (2, 11, 3, 16), 2, kv_frames=11)
+    with pytest.raises(ValueError, match="kv_frames = 4 is fewer than the q frames Tq = 8"):
+        flops.attention_macs("temporal", shape, kv_frames=4)
+
+
+@pytest.mark.parametrize("tq,tk,causal", [(5, 5, True), (2, 5, True), (2, 5, False)],
+                         ids=["causal", "last-frames-causal", "last-frames"])
+def test_causal_formulas_match_flop_counter(tq, tk, causal):
+    """The custom ops' formulas read causal and the key frames from the op's arguments."""
+    B, N, H, D = 2, 7, 3, 16
+    with FakeTensorMode():
+        with FlopCounterMode(display=False) as fc:
+            q = torch.randn(B, tq, N, H, D, requires_grad=True)
+            k, v = (torch.randn(B, tk, N, H, D, requires_grad=True) for _ in range(2))
+            divattn.temporal_attention(q, k, v, causal=causal, backend="triton").sum().backward()
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    kw = dict(causal=causal, kv_frames=tk)
+    assert counts == {
+        "divattn.attn_fwd": flops.attention_flops("temporal", (B, tq, N, H, D), "fwd", **kw),
+        "divattn.attn_bwd": flops.attention_flops("temporal", (B, tq, N, H, D), "bwd", **kw),
+    }
+    if causal:
+        assert counts["divattn.attn_fwd"] < flops.attention_flops("temporal", (B, tq, N, H, D), "fwd", kv_frames=tk)
