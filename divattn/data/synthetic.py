@@ -53,7 +53,8 @@ class SyntheticMotion(torch.utils.data.Dataset):
     draws fresh clips every epoch) is ``(video, label, index)`` with ``video`` a float32
     ``(C, T, H, W)`` tensor normalised to mean 0, std 1 per channel (approximately) and
     ``label`` an int in ``[0, num_classes)``. Without a per-item seed, item ``i`` is a
-    function of ``(seed, i)`` alone.
+    function of ``(seed, i)`` alone. With ``labels=False`` (next-frame prediction,
+    where the clip is its own target) the label is -1: the same clips, no label.
 
     Args:
         length: number of items.
@@ -67,6 +68,7 @@ class SyntheticMotion(torch.utils.data.Dataset):
         texture: (min, max) amplitude of each background grating.
         noise: standard deviation of per-frame pixel noise (pixels in [0, 1]).
         seed: base seed of the split (use different seeds for train and validation).
+        labels: False to return -1 for every label.
     """
 
     mean = (0.5, 0.5, 0.5)
@@ -75,7 +77,7 @@ class SyntheticMotion(torch.utils.data.Dataset):
     def __init__(self, length: int = 10000, *, num_frames: int = 8, img_size: int = 32,
                  num_directions: int = 4, num_speeds: int = 1, speed: Sequence[float] = (1.0, 2.0),
                  num_objects: int = 1, radius: Sequence[float] = (3.0, 5.0), contrast: float = 0.35,
-                 texture: Sequence[float] = (0.02, 0.08), noise: float = 0.04, seed: int = 0):
+                 texture: Sequence[float] = (0.02, 0.08), noise: float = 0.04, seed: int = 0, labels: bool = True):
         if num_directions < 2 or num_directions % 2:
             raise ValueError(f"num_directions must be an even number >= 2 (each direction needs its reverse), got {num_directions}")
         if num_speeds < 1:
@@ -98,6 +100,7 @@ class SyntheticMotion(torch.utils.data.Dataset):
         self.texture = (float(texture[0]), float(texture[1]))
         self.noise = float(noise)
         self.seed = int(seed)
+        self.labels = bool(labels)
 
     @property
     def num_classes(self) -> int:
@@ -215,4 +218,4 @@ class SyntheticMotion(torch.utils.data.Dataset):
         mean = torch.tensor(self.mean).view(3, 1, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1, 1)
         video = (frames.permute(3, 0, 1, 2) - mean) / std
-        return video.contiguous(), p.label, index
+        return video.contiguous(), p.label if self.labels else -1, index

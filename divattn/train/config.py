@@ -21,6 +21,9 @@ from typing import Iterable, Optional
 
 DEFAULTS = {
     "seed": 0,
+    # classify: cross-entropy on the clip's label; next_frame: regress frame t+1's pixels from
+    # frames <= t (MSE, reported beside the copy-the-last-frame baseline; an ST transformer)
+    "task": "classify",
     "device": "auto",  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     "model": {
         "name": "timesformer_base",
@@ -116,6 +119,7 @@ DEFAULTS = {
 }
 
 CHOICES = {
+    "task": ("classify", "next_frame"),
     "model.attention_type": ("divided_space_time", "joint_space_time", "space_only", None),
     "model.backend": ("auto", "torch", "triton", "cuda", None),
     "data.dataset": ("synthetic", "list", "kinetics", "ssv2", "ucf101"),

@@ -3,8 +3,9 @@
 :func:`train` builds the datasets, the model (``divattn.models.create_model``), the
 optimizer, schedule, AMP scaler and optional EMA from a config (see
 :mod:`divattn.train.config`), trains, evaluates top-1 / top-5 with the multi-view
-protocol, and writes into the output directory: ``config.yaml`` (resolved),
-``checkpoint.pt`` (atomic, every ``train.checkpoint_every`` steps and at every epoch
+protocol (``task: next_frame``: the MSE of next-frame prediction beside the
+copy-the-last-frame baseline, :func:`evaluate_next_frame`), and writes into the
+output directory: ``config.yaml`` (resolved), ``checkpoint.pt`` (atomic, every ``train.checkpoint_every`` steps and at every epoch
 end), ``train.log``, ``metrics.csv``, ``tb/`` (TensorBoard) and ``summary.json``.
 
 Exact resumption: the data order and every augmentation are functions of ``(seed,
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import EpochSampler, ShardSampler, build_datasets, collate_skipping
+from ..data import EpochSampler, ShardSampler, SyntheticMotion, build_datasets, collate_skipping
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import diff, dump
@@ -77,6 +78,8 @@ def build_model(cfg: dict, num_classes: int, backend) -> nn.Module:
               mlp_ratio=m["mlp_ratio"], qkv_bias=m["qkv_bias"], drop_path_rate=m["drop_path_rate"], backend=backend)
     if m["attention_type"] is not None:
         kw["attention_type"] = m["attention_type"]
+    if cfg.get("task", "classify") == "next_frame":
+        del kw["num_classes"]  # the model predicts pixels
     kw.update(m["kwargs"] or {})
     model = create_model(m["name"], **kw)
     reinit(model, m["reinit"] or {})
@@ -188,6 +191,54 @@ def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none"
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "count": int(n)}
 
 
+def next_frame_loss(pred: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """MSE between ``pred[:, :, t]`` and ``video[:, :, t + 1]`` over ``t < T - 1``, in fp32.
+
+    ``pred`` and ``video`` are ``(B, C, T, H, W)``; ``pred[:, :, t]`` is the model's
+    prediction of frame t + 1 from frames ``<= t``.
+    """
+    return F.mse_loss(pred[:, :, :-1].float(), video[:, :, 1:].float())
+
+
+@torch.no_grad()
+def evaluate_next_frame(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none") -> dict:
+    """Next-frame MSE over every item of ``loader`` on all ranks, and the copy-last-frame baseline.
+
+    ``mse`` (also ``loss``) is :func:`next_frame_loss` averaged over all predicted
+    pixels; ``baseline_mse`` is the same for predicting frame t + 1 as frame t. Views
+    ``(B, V, C, T, H, W)`` count as separate clips.
+    """
+    was_training = model.training
+    model.eval()
+    sq = base = count = pixels = 0.0
+    for batch in loader:
+        video = batch["video"].to(dist.device, non_blocking=True)
+        if video.numel() == 0:
+            continue
+        if video.ndim == 6:
+            video = video.flatten(0, 1)
+        with _autocast(dist.device, amp):
+            pred = model(video)
+        target = video[:, :, 1:].float()
+        sq += float((pred[:, :, :-1].float() - target).square().sum())
+        base += float((video[:, :, :-1].float() - target).square().sum())
+        pixels += target.numel()
+        count += len(batch["index"])
+    model.train(was_training)
+    sq, base, n, pixels = distributed.all_reduce_sum(dist, [sq, base, count, pixels]).tolist()
+    if n == 0:
+        raise RuntimeError("evaluation saw no items")
+    return {"mse": sq / pixels, "baseline_mse": base / pixels, "loss": sq / pixels, "count": int(n),
+            "top1": None, "top5": None}
+
+
+def _val_text(val: dict) -> str:
+    if val["top1"] is None:
+        return (f"val MSE {val['mse']:.4f} (copy-last-frame baseline {val['baseline_mse']:.4f}, "
+                f"{val['mse'] / val['baseline_mse']:.3f}x)")
+    return f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}%"
+
+
 def _describe_batch(dataset, indices) -> str:
     samples = getattr(dataset, "samples", None)
     if samples is not None:
@@ -219,6 +270,12 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
         raise ValueError(f"{resume}: not a divattn training checkpoint (format {ckpt.get('format')!r})")
 
     train_set, val_set, num_classes = build_datasets(cfg["data"])
+    next_frame = cfg.get("task", "classify") == "next_frame"
+    if next_frame:
+        for dataset in (train_set, val_set):
+            if isinstance(dataset, SyntheticMotion):
+                dataset.labels = False
+    run_eval = evaluate_next_frame if next_frame else evaluate
     backend, why = resolve_backend(cfg["model"]["backend"], dist.device)
     threads_why = None
     if dist.device.type == "cpu":
@@ -229,14 +286,15 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
     torch.manual_seed(seed + dist.rank)
     params = sum(p.numel() for p in model.parameters())
     resolved = {"device": str(dist.device), "backend": backend if backend is not None else "auto-dispatch",
-                "world_size": dist.world_size, "num_classes": num_classes, "train_items": len(train_set),
+                "world_size": dist.world_size, "num_classes": None if next_frame else num_classes,
+                "train_items": len(train_set),
                 "val_items": len(val_set), "parameters": params, "cpu_threads": torch.get_num_threads()}
     log.info(f"divattn train -> {output_dir}")
     log.info(f"device {dist.device}, {dist.world_size} process(es); {why}")
     if threads_why:
         log.info(threads_why)
     log.info(f"model {cfg['model']['name']} ({cfg['model']['attention_type']}), {params / 1e6:.2f} M parameters, "
-             f"{num_classes} classes; data {cfg['data']['dataset']}: {len(train_set)} train / {len(val_set)} val items")
+             f"{'next-frame prediction' if next_frame else f'{num_classes} classes'}; data {cfg['data']['dataset']}: {len(train_set)} train / {len(val_set)} val items")
     log.write_text("config.yaml", dump({**cfg, "resolved": resolved}))
 
     ema = None
@@ -340,7 +398,7 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
                 with sync:
                     with _autocast(dist.device, tcfg["amp"]):
                         logits = train_model(video)
-                    loss = F.cross_entropy(logits.float(), labels)
+                    loss = next_frame_loss(logits, video) if next_frame else F.cross_entropy(logits.float(), labels)
                     bad = float(not torch.isfinite(loss).item())
                     if dist.enabled:
                         bad = float(distributed.all_reduce_sum(dist, [bad]).item())
@@ -354,7 +412,8 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
                         (scaler.scale(scaled) if scaler is not None else scaled).backward()
                         step_used = True
                         state.epoch_loss += loss.item() * n
-                        state.epoch_correct += float((logits.argmax(-1) == labels).sum())
+                        if not next_frame:
+                            state.epoch_correct += float((logits.argmax(-1) == labels).sum())
                         state.epoch_items += n
                 epoch_clips += n
             if bar is not None:
@@ -434,12 +493,13 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
 
         val = None
         if (epoch + 1) % tcfg["eval_every"] == 0 or epoch + 1 == epochs:
-            val = evaluate(eval_model, val_loader, dist, tcfg["amp"])
+            val = run_eval(eval_model, val_loader, dist, tcfg["amp"])
         rate = epoch_clips * dist.world_size / max(epoch_time, 1e-9)
-        msg = (f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} top-1 {train_top1:.1f}%, "
+        msg = (f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}"
+               f"{'' if next_frame else f' top-1 {train_top1:.1f}%'}, "
                f"{rate:.1f} clips/s, {epoch_time:.1f} s")
         if val is not None:
-            msg += f"; val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% loss {val['loss']:.4f} ({val['count']} items)"
+            msg += f"; {_val_text(val)} loss {val['loss']:.4f} ({val['count']} items)"
         if skipped_here:
             msg += f"; {skipped_here} undecodable training files skipped"
         log.info(msg)
@@ -449,12 +509,12 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
                      "clips_per_s": rate, "skipped": skipped_here, "time_s": time.time() - t_start})
         log.scalars(state.step, {"epoch/train_loss": train_loss, "epoch/train_top1": train_top1,
                                  "val/top1": val and val["top1"], "val/top5": val and val["top5"],
-                                 "val/loss": val and val["loss"]})
+                                 "val/loss": val and val["loss"], "val/baseline_mse": val and val.get("baseline_mse")})
         checkpoint()
 
     if val is None:
         # resumed after the last epoch had finished: evaluate what the checkpoint holds
-        val = evaluate(eval_model, val_loader, dist, tcfg["amp"])
+        val = run_eval(eval_model, val_loader, dist, tcfg["amp"])
     summary = {
         "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"], "val_items": val["count"],
         "epochs": state.epoch, "steps": state.step, "skipped_steps": state.skipped_steps,
@@ -462,9 +522,11 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
         "clips_per_s": clips_done / train_time if train_time > 0 else None,
         "train_time_s": train_time, "wall_time_s": time.time() - t_start,
         "model": cfg["model"]["name"], "attention_type": cfg["model"]["attention_type"],
-        "ema": ema is not None, **resolved,
+        "ema": ema is not None, "task": cfg.get("task", "classify"), **resolved,
     }
+    if next_frame:
+        summary.update(val_mse=val["mse"], baseline_mse=val["baseline_mse"])
     log.write_json("summary.json", summary)
-    log.info(f"done: val top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%, "
+    log.info(f"done: {_val_text(val)}, "
              f"{summary['wall_time_s']:.0f} s -> {os.path.join(output_dir, 'summary.json')}")
     return summary
