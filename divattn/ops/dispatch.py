@@ -24,7 +24,7 @@ AUTO_ORDER = ("triton", "cuda", "torch")
 OPS = ("temporal", "spatial", "spatial_cls", "joint")
 FEATURES = {
     "causal": "causal attention (frame t attends to frames 0..t)",
-    "fewer_queries": "queries for the last Tq of Tk key frames (Tq < Tk)",
+    "fewer_queries": "attending from the last Tq of Tk frames only (Tq < Tk)",
 }
 
 
