@@ -2,7 +2,8 @@
 
 Every provider starts from the same input, the packed qkv projection output
 ``(B, [1 +] T*N, 3, H, D)`` in the shape's token order, and returns what the output
-projection reads next: ``(B, L_out, H*D)`` tokens in q's token order (spatial with cls:
+projection reads next (a ``causal`` shape's temporal attention: frame t sees frames
+``<= t``, as each provider spells it: ``causal=True``, a mask, ``is_causal=True``): ``(B, L_out, H*D)`` tokens in q's token order (spatial with cls:
 the mean cls output first, then the patches). Whatever layout work a provider needs to
 get there is part of its time.
 
@@ -91,7 +92,8 @@ def _divattn_build(backend: str):
                 return divattn_ops.joint_attention(q, k, v, backend=backend).flatten(2)
             q, k, v, cls = _views(qkv, shape)
             if op == "temporal":
-                return divattn_ops.tokens_major(divattn_ops.temporal_attention(q, k, v, backend=backend))
+                o = divattn_ops.temporal_attention(q, k, v, causal=shape.causal, backend=backend)
+                return divattn_ops.tokens_major(o)
             if op == "spatial":
                 return divattn_ops.tokens_major(divattn_ops.spatial_attention(q, k, v, backend=backend))
             return divattn_ops.spatial_attention_tokens(q, k, v, cls, backend=backend).flatten(2)
@@ -101,11 +103,15 @@ def _divattn_build(backend: str):
 
 # The official code: rearrange + eager attention ------------------------------------
 
-def _eager(qkv_rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """The official ``Attention.forward`` core on ``(B', L, 3, H, D)`` rows -> ``(B', L, H*D)``."""
+def _eager(qkv_rows: torch.Tensor, scale: float, causal: bool = False) -> torch.Tensor:
+    """The official ``Attention.forward`` core on ``(B', L, 3, H, D)`` rows -> ``(B', L, H*D)``
+    (``causal``: scores above the diagonal masked to -inf before the softmax)."""
     Bp, L, _, H, D = qkv_rows.shape
     q, k, v = qkv_rows.permute(2, 0, 3, 1, 4)
-    attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    attn = s.softmax(dim=-1)
     return (attn @ v).transpose(1, 2).reshape(Bp, L, H * D)
 
 
@@ -129,7 +135,7 @@ def _reference_build(op, shape, device):
         if op == "temporal":
             # '-> (b h w) t m'
             rows = frames.transpose(1, 2).reshape(B * N, T, 3, H, D)
-            o = _eager(rows, scale).reshape(B, N, T, H * D)
+            o = _eager(rows, scale, shape.causal).reshape(B, N, T, H * D)
             return (o if shape.order == "hwt" else o.transpose(1, 2)).reshape(B, T * N, H * D)
         # '-> (b t) (h w) m'
         rows = frames.reshape(B * T, N, 3, H, D)
@@ -191,9 +197,9 @@ def _sdpa_build(kind: str):
     def build(op, shape, device):
         B, T, N, H, D = shape.B, shape.T, shape.N, shape.H, shape.D
 
-        def attend(q, k, v):
+        def attend(q, k, v, causal=False):
             with _sdpa_kernel(kind):
-                return F.scaled_dot_product_attention(q, k, v)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         def fn(qkv):
             if op == "joint":
@@ -203,7 +209,7 @@ def _sdpa_build(kind: str):
             if op == "temporal":
                 # (B, T, N, H, D) -> (B*N, H, T, D)
                 q, k, v = (x.permute(0, 2, 3, 1, 4).contiguous().view(B * N, H, T, D) for x in (q, k, v))
-                o = attend(q, k, v).view(B, N, H, T, D).permute(0, 3, 1, 2, 4)
+                o = attend(q, k, v, shape.causal).view(B, N, H, T, D).permute(0, 3, 1, 2, 4)
                 return _to_tokens(o, shape)
             # (B, T, N, H, D) -> (B*T, H, N, D)
             q, k, v = (x.permute(0, 1, 3, 2, 4).contiguous() for x in (q, k, v))
@@ -249,8 +255,17 @@ def _compiled_flex():
 
 
 def _group_mask(op: str, shape: AttnShape):
-    """mask_mod over the patch tokens: same patch (temporal) or same frame (spatial)."""
+    """mask_mod over the patch tokens: same patch (temporal; causal: and a key frame no
+    later than the query's) or same frame (spatial)."""
     T, N = shape.T, shape.N
+    if op == "temporal" and shape.causal:
+        if shape.order == "hwt":
+            def mask(b, h, q_idx, kv_idx):
+                return (q_idx // T == kv_idx // T) & (kv_idx <= q_idx)
+        else:
+            def mask(b, h, q_idx, kv_idx):
+                return (q_idx % N == kv_idx % N) & (kv_idx <= q_idx)
+        return mask
     if (op == "temporal") == (shape.order == "hwt"):
         div = T if shape.order == "hwt" else N
 

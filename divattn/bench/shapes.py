@@ -3,6 +3,8 @@
 An :class:`AttnShape` is one attention layer's q/k/v: batch B, T frames (temporal
 tokens), N patches per frame, H heads of D, the token order of the qkv projection
 (``"hwt"``: TimeSformer, ``"thw"``: ViViT) and whether a cls token leads the tokens.
+A ``causal`` shape is the temporal attention of an ST transformer (frame t sees frames
+``<= t``); it has that one op.
 A :class:`ModelShape` is a bundled model and its input clip.
 """
 
@@ -27,6 +29,7 @@ class AttnShape:
     order: str = "hwt"
     cls: bool = True
     label: str = ""
+    causal: bool = False
 
     @property
     def tokens(self) -> int:
@@ -34,6 +37,8 @@ class AttnShape:
         return int(self.cls) + self.T * self.N
 
     def ops(self) -> tuple:
+        if self.causal:
+            return ("temporal",)
         return tuple(op for op in ATTENTION_OPS if op != "spatial_cls" or self.cls)
 
     def q_shape(self, op: str) -> tuple:
@@ -83,6 +88,8 @@ GPU_SHAPES = {
         _vit_b("timesformer_hr_16x448", 16, 784, "hwt", True, "TimeSformer-HR 16x448"),
         _vit_b("timesformer_l_96x224", 96, 196, "hwt", True, "TimeSformer-L 96x224"),
         _vit_b("vivit_b_32x224", 16, 196, "thw", False, "ViViT-B/16x2 32x224 (16 tubelets)"),
+        AttnShape("st_causal_16x256", B=8, T=16, N=256, H=12, D=64, order="thw", cls=False, causal=True,
+                  label="ST transformer (Genie-like) causal temporal, 16 frames x 16x16 tokens"),
     )
 }
 
@@ -93,6 +100,8 @@ CPU_SHAPES = {
                   label="CPU stand-in: TimeSformer-like 8x112, 4 heads of 32"),
         AttnShape("cpu_vivit_8x112", B=2, T=8, N=49, H=4, D=32, order="thw", cls=False,
                   label="CPU stand-in: ViViT-like 8 tubelets x 112, 4 heads of 32"),
+        AttnShape("cpu_st_causal_16x64", B=2, T=16, N=64, H=4, D=32, order="thw", cls=False, causal=True,
+                  label="CPU stand-in: ST transformer causal temporal, 16 frames x 8x8 tokens, 4 heads of 32"),
     )
 }
 

@@ -80,7 +80,8 @@ def _attention(case: Case) -> Prepared:
         def call():
             return torch.autograd.grad(fn(qkv), qkv, grad)
         existing = [qkv, grad]
-    return Prepared(call, flop_model.attention_flops(op, q_shape, case.pass_),
+    causal = op == "temporal" and shape.causal
+    return Prepared(call, flop_model.attention_flops(op, q_shape, case.pass_, causal=causal),
                     flop_model.attention_bytes(op, q_shape, itemsize, case.pass_), existing,
                     trackable=not provider.compiles)
 
