@@ -2,10 +2,10 @@
 
 Every provider starts from the same input, the packed qkv projection output
 ``(B, [1 +] T*N, 3, H, D)`` in the shape's token order, and returns what the output
-projection reads next (a ``causal`` shape's temporal attention: frame t sees frames
-``<= t``, as each provider spells it: ``causal=True``, a mask, ``is_causal=True``): ``(B, L_out, H*D)`` tokens in q's token order (spatial with cls:
+projection reads next: ``(B, L_out, H*D)`` tokens in q's token order (spatial with cls:
 the mean cls output first, then the patches). Whatever layout work a provider needs to
-get there is part of its time.
+get there is part of its time. A ``causal`` shape's temporal attention lets frame t see
+frames ``<= t``, as each provider spells it: ``causal=True``, a mask, ``is_causal=True``.
 
 Providers are data (:data:`PROVIDERS`): a name, the ops served, a function that says
 why the provider cannot run here (or None), and a builder. The model pass uses the

@@ -165,11 +165,11 @@ class STBlock(nn.Module):
         """
         q, k, _ = self._qkv(self.attn, self.norm1(x)).unbind(3)
         scale = self.attn.scale
-        spatial = (torch.matmul(q.transpose(2, 3).float(), k.transpose(2, 3).float().transpose(-1, -2)) * scale)
+        spatial = torch.matmul(q.transpose(2, 3).float(), k.transpose(2, 3).float().transpose(-1, -2)) * scale
         x = self.spatial(x)
         q, k, _ = self._qkv(self.temporal_attn, self.temporal_norm1(x)).unbind(3)
         # (B, T, N, H, D) -> (B, N, H, T, D)
-        s = torch.matmul(q.permute(0, 2, 3, 1, 4).float(), k.permute(0, 2, 3, 4, 1).float()) * scale
+        s = torch.matmul(q.permute(0, 2, 3, 1, 4).float(), k.permute(0, 2, 3, 4, 1).float()) * self.temporal_attn.scale
         T = x.shape[1]
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         return {"spatial": spatial.softmax(-1), "temporal": s.masked_fill(future, float("-inf")).softmax(-1)}

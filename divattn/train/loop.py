@@ -4,9 +4,10 @@
 optimizer, schedule, AMP scaler and optional EMA from a config (see
 :mod:`divattn.train.config`), trains, evaluates top-1 / top-5 with the multi-view
 protocol (``task: next_frame``: the MSE of next-frame prediction beside the
-copy-the-last-frame baseline, :func:`evaluate_next_frame`), and writes into the
-output directory: ``config.yaml`` (resolved), ``checkpoint.pt`` (atomic, every ``train.checkpoint_every`` steps and at every epoch
-end), ``train.log``, ``metrics.csv``, ``tb/`` (TensorBoard) and ``summary.json``.
+copy-the-last-frame baseline, :func:`evaluate_next_frame`), and writes into the output
+directory: ``config.yaml`` (resolved), ``checkpoint.pt`` (atomic, every
+``train.checkpoint_every`` steps and at every epoch end), ``train.log``,
+``metrics.csv``, ``tb/`` (TensorBoard) and ``summary.json``.
 
 Exact resumption: the data order and every augmentation are functions of ``(seed,
 epoch, position)`` (:class:`~divattn.data.EpochSampler`), checkpoints are taken at
@@ -287,14 +288,15 @@ def _train(cfg, output_dir, resume, model_fn, dist, log) -> dict:
     params = sum(p.numel() for p in model.parameters())
     resolved = {"device": str(dist.device), "backend": backend if backend is not None else "auto-dispatch",
                 "world_size": dist.world_size, "num_classes": None if next_frame else num_classes,
-                "train_items": len(train_set),
-                "val_items": len(val_set), "parameters": params, "cpu_threads": torch.get_num_threads()}
+                "train_items": len(train_set), "val_items": len(val_set), "parameters": params,
+                "cpu_threads": torch.get_num_threads()}
     log.info(f"divattn train -> {output_dir}")
     log.info(f"device {dist.device}, {dist.world_size} process(es); {why}")
     if threads_why:
         log.info(threads_why)
     log.info(f"model {cfg['model']['name']} ({cfg['model']['attention_type']}), {params / 1e6:.2f} M parameters, "
-             f"{'next-frame prediction' if next_frame else f'{num_classes} classes'}; data {cfg['data']['dataset']}: {len(train_set)} train / {len(val_set)} val items")
+             f"{'next-frame prediction' if next_frame else f'{num_classes} classes'}; "
+             f"data {cfg['data']['dataset']}: {len(train_set)} train / {len(val_set)} val items")
     log.write_text("config.yaml", dump({**cfg, "resolved": resolved}))
 
     ema = None
