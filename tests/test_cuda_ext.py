@@ -413,3 +413,72 @@ def test_build_info_after_use_names_the_architectures():
     divattn.temporal_attention(q, q, q, backend="cuda")
     text = "\n".join(cuda_ext.build_info())
     assert re.search(r"extension: built (ahead of time|just in time) \(.*\), compiled for sm_\d+", text), text
+
+
+# cls over many frames: one block per frame, per-frame buffers summed over t in order.
+CLS_FRAMES = [
+    Case("spatial_cls", 2, 8, 7, 3, 40, "hwt"),  # N = 7 rows: two frames share a block
+    Case("spatial_cls", 1, 8, 16, 2, 64, "thw"),
+    Case("spatial_cls", 2, 5, 49, 2, 72, "hwt"),
+    Case("spatial_cls", 1, 16, 1, 2, 128, "thw"),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CLS_FRAMES])
+def test_cls_over_many_frames_matches_reference(case, dtype):
+    assert_close_to_reference(case, "cuda", dtype)
+
+
+def cls_frames_call(B, T, N, H, D, order, device, seed=0):
+    """Forward (into NaN-filled buffers) and two backward passes of spatial attention with cls.
+
+    Returns the inputs, the forward buffers and the two qkv gradients.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1 + T * N, 3, H, D, generator=gen).to(device)
+    dqkv = torch.full_like(qkv, math.nan)
+    q, k, v, cls = split_qkv(qkv, T, N, order=order, has_cls=True)
+    dq, dk, dv, d_cls = split_qkv(dqkv, T, N, order=order, has_cls=True)
+    nan = dict(fill_value=math.nan, device=device)
+    out = dict(o=torch.full(q.shape, **nan), lse=torch.full((q.numel() // D,), **nan),
+               o_cls=torch.full((B, H, D), **nan), cls_frames=torch.full((B, H, T, D), **nan),
+               lse_cls=torch.full((B, H, T), **nan))
+    scale = D ** -0.5
+    cuda_ext.forward("spatial", q, k, v, out["o"], out["lse"], scale, cls=cls, o_cls=out["o_cls"],
+                     cls_frames=out["cls_frames"], lse_cls=out["lse_cls"])
+    do = torch.randn(q.shape, generator=gen).to(device)
+    do_cls = torch.randn(B, H, D, generator=gen).to(device)
+    grads = []
+    for _ in range(2):
+        dqkv.fill_(math.nan)
+        cuda_ext.backward("spatial", q, k, v, out["o"], do, out["lse"], dq, dk, dv, scale, cls=cls, d_cls=d_cls,
+                          do_cls=do_cls, cls_frames=out["cls_frames"], lse_cls=out["lse_cls"])
+        grads.append(dqkv.clone())
+    return (q, k, v, cls), out, grads
+
+
+def check_cls_frames(B, T, N, H, D, order, device):
+    (q, k, v, (qc, kc, vc)), out, grads = cls_frames_call(B, T, N, H, D, order, device)
+    for name, x in out.items():
+        assert not x.isnan().any(), f"{name} has unwritten (NaN) elements"
+    # every frame's cls query attends to [cls] + that frame's patches, softmax of its own
+    qc, kc, vc, k, v = (x.double() for x in (qc, kc, vc, k, v))
+    s_cls = (qc * kc).sum(-1)[:, :, None, None].expand(B, H, T, 1)
+    s = torch.cat([s_cls, torch.einsum("bhd,btnhd->bhtn", qc, k)], -1) * D ** -0.5
+    vals = torch.cat([vc[:, :, None, None].expand(B, H, T, 1, D), v.permute(0, 3, 1, 2, 4)], 3)
+    frames = torch.einsum("bhtn,bhtnd->bhtd", s.softmax(-1), vals)
+    assert (out["cls_frames"].double() - frames).abs().max().item() < 1e-4
+    assert (out["lse_cls"].double() - torch.logsumexp(s, -1) / math.log(2)).abs().max().item() < 1e-4
+    assert (out["o_cls"].double() - frames.mean(2)).abs().max().item() < 1e-4
+    assert not grads[0].isnan().any(), "a gradient element was not written"
+    assert torch.equal(grads[0], grads[1]), "two backward passes differ"
+
+
+@needs_gpu
+@pytest.mark.parametrize("T,N,order", [pytest.param(T, N, order, id=f"T{T}-N{N}-{order}")
+                                       for T, N, order in ((8, 7, "hwt"), (3, 49, "thw"), (16, 1, "hwt"),
+                                                           (1, 16, "thw"))])
+def test_cls_per_frame_buffers_and_deterministic_backward(T, N, order):
+    check_cls_frames(2, T, N, 3, 40, order, torch.device("cuda"))

@@ -270,7 +270,7 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
   const Tensor delta = at::empty({lse.numel()}, f32);
   p.delta = delta.data_ptr<float>();
 
-  Tensor gc, delta_cls;
+  Tensor gc, delta_cls, cls_grad_frames;
   if (set_cls_inputs(p, call.op, g, ck, q_cls, k_cls, v_cls, cls_frames, lse_cls)) {
     const std::vector<int64_t> bhd{g.B, g.H, g.D};
     ck.like("dq_cls", need(dq_cls, ck, "dq_cls"), bhd, true, " = (B, H, D)");
@@ -283,8 +283,10 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
     p.doc = cls_view_of(*do_cls);
     gc = at::empty({g.B, g.H, g.D}, f32);
     delta_cls = at::empty({g.B, g.H, g.T}, f32);
+    cls_grad_frames = at::empty({3, g.B, g.H, g.T, g.D}, f32);  // per-frame partials, summed over T
     p.gc = gc.data_ptr<float>();
     p.delta_cls = delta_cls.data_ptr<float>();
+    p.cls_grad_frames = cls_grad_frames.data_ptr<float>();
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();

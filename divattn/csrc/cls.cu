@@ -2,25 +2,36 @@
 // attends, in every frame t, to [cls] + that frame's N patch keys with a softmax of its
 // own, and o_cls is the mean of the T per-frame outputs.
 //
-// Design: one block of 8 warps per (b, h), so every cls quantity is produced by a single
-// block and summed in a fixed order (no atomics, deterministic).
-// - cls_fwd: warp w takes frames w, w + 8, ...; lanes own head-dim elements, each key's
-//   score is a warp reduction (keys are read straight from global memory, two at a time
-//   for independent shuffle chains), and an online softmax seeded with the cls key runs
-//   over the frame. The per-frame output (fp32) and its lse (base 2) are saved for the
-//   backward; after a barrier the block averages the frames in order into o_cls.
-// - cls_bwd_prep: gc = d o_cls / T and delta_cls[t] = cls_frames[t] . gc, which the patch
-//   key gradients (attn_bwd.cu) need too.
-// - cls_bwd: per frame, the cls query's gradient terms (against the cls key and every
-//   patch key) and the cls key/value's gradient terms (from every patch query, through
-//   the rows' saved lse and delta); per-warp partial sums are combined in warp order.
+// Design: the per-frame work runs in one block of 4 warps per frame (b, h, t), as many
+// blocks as the spatial attention kernels have sequences, so spatial attention with cls
+// spreads over the GPU like spatial attention does; no kernel walks the frames of a
+// (b, h) one after another. Per-frame results go to small fp32 (B, H, T, ·) buffers and
+// a tiny epilogue sums them over t in a fixed order: no atomics, deterministic. The
+// cls query is not a row of the attention kernels' tiles, so its forward reads each
+// frame's keys and values once more (once, in key order, next to the patch rows' pass).
+// - cls_fwd_frame: warp w takes keys w, w + 4, ... (two at a time, for independent
+//   shuffle chains; warp 0 seeds its online softmax with the cls key), lanes own
+//   head-dim elements and each score is a warp reduction. The 4 warps' (max, sum,
+//   output) merge in warp order into the frame's output (fp32) and its lse (base 2),
+//   both saved for the backward.
+// - cls_bwd_prep: one warp per frame: delta_cls[t] = cls_frames[t] . gc with
+//   gc = d o_cls / T (the t = 0 warp writes gc), which the patch key gradients
+//   (attn_bwd.cu) need too.
+// - cls_bwd_frame: per frame, the cls query's gradient terms (against the cls key and
+//   every patch key) and the cls key/value's gradient terms (from the frame's cls query
+//   and every patch query, through the rows' saved lse and delta); warp partials are
+//   combined in warp order into the frame's partial sums (3, B, H, T, D).
+// - cls_sum_frames: o_cls = sum_t cls_frames[t] / T, and dq/dk/dv_cls = the sums of the
+//   per-frame partials (times the scale for dq and dk), t in increasing order.
+// A non-finite value stays where PyTorch puts it: a frame's result depends only on that
+// frame's rows and the (b, h) cls vectors, and the sum over frames only on its (b, h).
 // Patch rows use the spatial view: i0 = b, i1 = t, i2 = h, rows n.
 #include "common.cuh"
 
 namespace divattn {
 namespace {
 
-constexpr int kClsWarps = 8;
+constexpr int kClsWarps = 4;
 
 template <int DCH>
 __device__ __forceinline__ float lanes_dot(const float (&a)[DCH], const float (&b)[DCH]) {
@@ -30,152 +41,181 @@ __device__ __forceinline__ float lanes_dot(const float (&a)[DCH], const float (&
   return acc;
 }
 
-template <typename T, int DCH>
-__global__ void __launch_bounds__(kClsWarps * kWarp) cls_fwd_kernel(const AttnParams p) {
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
-  const int D = p.D;
-  const int64_t N = p.L, T_ = p.T;
-  float qc[DCH], kc[DCH], vc[DCH];
-  load_lanes<T, DCH>(qc, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, b, h), true, D, lane);
-  load_lanes<T, DCH>(kc, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, b, h), true, D, lane);
-  load_lanes<T, DCH>(vc, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, b, h), true, D, lane);
-  const float s_cls = warp_sum(lanes_dot(qc, kc)) * p.qk_scale;
+// Frame f = (b * H + h) * T + t of the (B, H, T) cls buffers.
+struct Frame {
+  int64_t f, bh, b, h, t;
+};
 
-  const T* kptr = static_cast<const T*>(p.k.ptr);
-  const T* vptr = static_cast<const T*>(p.v.ptr);
-  for (int64_t t = warp; t < T_; t += kClsWarps) {
-    const T* kf = kptr + b * p.k.s0 + t * p.k.s1 + h * p.k.s2;
-    const T* vf = vptr + b * p.v.s0 + t * p.v.s1 + h * p.v.s2;
-    float m = s_cls, l = 1.f, acc[DCH];
+__device__ __forceinline__ Frame frame_of(const AttnParams& p) {
+  Frame fr;
+  fr.f = blockIdx.x;
+  fr.bh = fr.f / p.T;
+  fr.t = fr.f - fr.bh * p.T;
+  fr.b = fr.bh / p.H;
+  fr.h = fr.bh - fr.b * p.H;
+  return fr;
+}
+
+template <typename T, int DCH>
+__global__ void __launch_bounds__(kClsWarps * kWarp) cls_fwd_frame_kernel(const AttnParams p) {
+  constexpr int DP = DCH * kWarp;
+  __shared__ float red_m[kClsWarps], red_l[kClsWarps];
+  __shared__ float red_acc[kClsWarps][DP];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const Frame fr = frame_of(p);
+  const int D = p.D;
+  const int64_t N = p.L;
+  float qc[DCH];
+  load_lanes<T, DCH>(qc, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, fr.b, fr.h), true, D, lane);
+
+  float m = -INFINITY, l = 0.f, acc[DCH];
 #pragma unroll
-    for (int c = 0; c < DCH; ++c) acc[c] = vc[c];
-    for (int64_t n = 0; n < N; n += 2) {
-      const bool ok1 = n + 1 < N;
-      float k0[DCH], k1[DCH], v0[DCH], v1[DCH];
-      load_lanes<T, DCH>(k0, kf + n * p.k.sL, true, D, lane);
-      load_lanes<T, DCH>(k1, ok1 ? kf + (n + 1) * p.k.sL : kf, ok1, D, lane);
-      load_lanes<T, DCH>(v0, vf + n * p.v.sL, true, D, lane);
-      load_lanes<T, DCH>(v1, ok1 ? vf + (n + 1) * p.v.sL : vf, ok1, D, lane);
-      float a0 = lanes_dot(qc, k0), a1 = lanes_dot(qc, k1);
-#pragma unroll
-      for (int off = kWarp / 2; off > 0; off /= 2) {
-        a0 += __shfl_xor_sync(kFull, a0, off);
-        a1 += __shfl_xor_sync(kFull, a1, off);
-      }
-      const float s0 = a0 * p.qk_scale;
-      const float s1 = ok1 ? a1 * p.qk_scale : -INFINITY;
-      const float m_new = fmaxf(m, fmaxf(s0, s1));
-      const float alpha = exp2f(m - m_new), p0 = exp2f(s0 - m_new), p1 = exp2f(s1 - m_new);
-      l = l * alpha + p0 + p1;
-#pragma unroll
-      for (int c = 0; c < DCH; ++c) acc[c] = fmaf(p1, v1[c], fmaf(p0, v0[c], acc[c] * alpha));
-      m = m_new;
-    }
-    const float inv = 1.f / l;
-    float* out = p.cls_frames + (bh * T_ + t) * D;
-#pragma unroll
-    for (int c = 0; c < DCH; ++c) {
-      const int d = lane + c * kWarp;
-      if (d < D) out[d] = acc[c] * inv;
-    }
-    if (lane == 0) p.lse_cls[bh * T_ + t] = m + log2f(l);
+  for (int c = 0; c < DCH; ++c) acc[c] = 0.f;
+  if (warp == 0) {  // the cls key and value, in every frame
+    float kc[DCH];
+    load_lanes<T, DCH>(kc, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, fr.b, fr.h), true, D, lane);
+    load_lanes<T, DCH>(acc, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, fr.b, fr.h), true, D, lane);
+    m = warp_sum(lanes_dot(qc, kc)) * p.qk_scale;
+    l = 1.f;
   }
-  __syncthreads();  // the block's own global writes are visible to the block after this
-  T* oc = static_cast<T*>(p.oc.ptr) + cls_offset(p.oc, b, h);
-  const float inv_T = 1.f / static_cast<float>(T_);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+
+  const T* kf = static_cast<const T*>(p.k.ptr) + fr.b * p.k.s0 + fr.t * p.k.s1 + fr.h * p.k.s2;
+  const T* vf = static_cast<const T*>(p.v.ptr) + fr.b * p.v.s0 + fr.t * p.v.s1 + fr.h * p.v.s2;
+  for (int64_t n = warp; n < N; n += 2 * kClsWarps) {
+    const int64_t n1 = n + kClsWarps;
+    const bool ok1 = n1 < N;
+    float k0[DCH], k1[DCH], v0[DCH], v1[DCH];
+    load_lanes<T, DCH>(k0, kf + n * p.k.sL, true, D, lane);
+    load_lanes<T, DCH>(k1, ok1 ? kf + n1 * p.k.sL : kf, ok1, D, lane);
+    load_lanes<T, DCH>(v0, vf + n * p.v.sL, true, D, lane);
+    load_lanes<T, DCH>(v1, ok1 ? vf + n1 * p.v.sL : vf, ok1, D, lane);
+    float a0 = lanes_dot(qc, k0), a1 = lanes_dot(qc, k1);
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      a0 += __shfl_xor_sync(kFull, a0, off);
+      a1 += __shfl_xor_sync(kFull, a1, off);
+    }
+    const float s0 = a0 * p.qk_scale;
+    const float s1 = ok1 ? a1 * p.qk_scale : -INFINITY;
+    const float m_new = fmaxf(m, fmaxf(s0, s1));
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key scored yet: p = 0, not NaN
+    const float alpha = exp2f(m - m_use), p0 = exp2f(s0 - m_use), p1 = exp2f(s1 - m_use);
+    l = l * alpha + p0 + p1;
+#pragma unroll
+    for (int c = 0; c < DCH; ++c) acc[c] = fmaf(p1, v1[c], fmaf(p0, v0[c], acc[c] * alpha));
+    m = m_new;
+  }
+
+  if (lane == 0) {
+    red_m[warp] = m;
+    red_l[warp] = l;
+  }
+#pragma unroll
+  for (int c = 0; c < DCH; ++c) red_acc[warp][lane + c * kWarp] = acc[c];
+  __syncthreads();
+  // Warps without keys hold (-inf, 0, 0) and add nothing.
+  float m_all = red_m[0];
+#pragma unroll
+  for (int w = 1; w < kClsWarps; ++w) m_all = fmaxf(m_all, red_m[w]);
+  float scale_w[kClsWarps], l_all = 0.f;
+#pragma unroll
+  for (int w = 0; w < kClsWarps; ++w) {
+    scale_w[w] = exp2f(red_m[w] - m_all);
+    l_all = fmaf(red_l[w], scale_w[w], l_all);
+  }
+  const float inv = 1.f / l_all;
+  float* out = p.cls_frames + fr.f * D;
+  for (int d = threadIdx.x; d < D; d += kClsWarps * kWarp) {
     float sum = 0.f;
-    for (int64_t t = 0; t < T_; ++t) sum += p.cls_frames[(bh * T_ + t) * D + d];
-    oc[d] = from_float<T>(sum * inv_T);
+#pragma unroll
+    for (int w = 0; w < kClsWarps; ++w) sum = fmaf(red_acc[w][d], scale_w[w], sum);
+    out[d] = sum * inv;
   }
+  if (threadIdx.x == 0) p.lse_cls[fr.f] = m_all + log2f(l_all);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const AttnParams p) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int64_t f = static_cast<int64_t>(blockIdx.x) * kClsWarps + warp;
+  if (f >= p.B * p.H * p.T) return;
+  const int64_t bh = f / p.T, b = bh / p.H, h = bh - b * p.H;
   const int D = p.D;
   const T* doc = static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, b, h);
   const float inv_T = 1.f / static_cast<float>(p.T);
-  if (warp == 0) {
-    for (int d = lane; d < D; d += kWarp) p.gc[bh * D + d] = to_float(doc[d]) * inv_T;
+  const float* of = p.cls_frames + f * D;
+  const bool first = f - bh * p.T == 0;
+  float acc = 0.f;
+  for (int d = lane; d < D; d += kWarp) {
+    const float g = to_float(doc[d]) * inv_T;
+    acc = fmaf(of[d], g, acc);
+    if (first) p.gc[bh * D + d] = g;
   }
-  for (int64_t t = warp; t < p.T; t += kClsWarps) {
-    const float* of = p.cls_frames + (bh * p.T + t) * D;
-    float acc = 0.f;
-    for (int d = lane; d < D; d += kWarp) acc = fmaf(of[d], to_float(doc[d]) * inv_T, acc);
-    acc = warp_sum(acc);
-    if (lane == 0) p.delta_cls[bh * p.T + t] = acc;
-  }
+  acc = warp_sum(acc);
+  if (lane == 0) p.delta_cls[f] = acc;
 }
 
 template <typename T, int DCH>
-__global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   __shared__ float red[3][kClsWarps][DP];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const Frame fr = frame_of(p);
   const int D = p.D;
-  const int64_t N = p.L, T_ = p.T, H = p.H;
+  const int64_t N = p.L;
   float qc[DCH], kc[DCH], vc[DCH], gc[DCH];
-  load_lanes<T, DCH>(qc, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, b, h), true, D, lane);
-  load_lanes<T, DCH>(kc, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, b, h), true, D, lane);
-  load_lanes<T, DCH>(vc, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, b, h), true, D, lane);
-  load_lanes<float, DCH>(gc, p.gc + bh * D, true, D, lane);
-  const float s_cls = warp_sum(lanes_dot(qc, kc)) * p.qk_scale;
-  const float dp_cls = warp_sum(lanes_dot(gc, vc));
+  load_lanes<T, DCH>(qc, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, fr.b, fr.h), true, D, lane);
+  load_lanes<T, DCH>(kc, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, fr.b, fr.h), true, D, lane);
+  load_lanes<T, DCH>(vc, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, fr.b, fr.h), true, D, lane);
+  load_lanes<float, DCH>(gc, p.gc + fr.bh * D, true, D, lane);
+  const float lse_t = p.lse_cls[fr.f], delta_t = p.delta_cls[fr.f];
 
   float dqc[DCH], dkc[DCH], dvc[DCH];
 #pragma unroll
   for (int c = 0; c < DCH; ++c) dqc[c] = dkc[c] = dvc[c] = 0.f;
-
-  const T* qptr = static_cast<const T*>(p.q.ptr);
-  const T* kptr = static_cast<const T*>(p.k.ptr);
-  const T* vptr = static_cast<const T*>(p.v.ptr);
-  const T* dptr = static_cast<const T*>(p.dout.ptr);
-  for (int64_t t = warp; t < T_; t += kClsWarps) {
-    const float lse_t = p.lse_cls[bh * T_ + t], delta_t = p.delta_cls[bh * T_ + t];
-    // the cls query against the cls key
+  if (warp == 0) {  // the frame's cls query against the cls key
+    const float s_cls = warp_sum(lanes_dot(qc, kc)) * p.qk_scale;
+    const float dp_cls = warp_sum(lanes_dot(gc, vc));
     const float p0 = exp2f(s_cls - lse_t);
     const float ds0 = p0 * (dp_cls - delta_t);
 #pragma unroll
     for (int c = 0; c < DCH; ++c) {
-      dqc[c] = fmaf(ds0, kc[c], dqc[c]);
-      dkc[c] = fmaf(ds0, qc[c], dkc[c]);
-      dvc[c] = fmaf(p0, gc[c], dvc[c]);
+      dqc[c] = ds0 * kc[c];
+      dkc[c] = ds0 * qc[c];
+      dvc[c] = p0 * gc[c];
     }
-    const int64_t rows = ((b * T_ + t) * H + h) * N;  // lse / delta index of row 0 of (b, t, h)
-    const T* qf = qptr + b * p.q.s0 + t * p.q.s1 + h * p.q.s2;
-    const T* kf = kptr + b * p.k.s0 + t * p.k.s1 + h * p.k.s2;
-    const T* vf = vptr + b * p.v.s0 + t * p.v.s1 + h * p.v.s2;
-    const T* df = dptr + b * p.dout.s0 + t * p.dout.s1 + h * p.dout.s2;
-    for (int64_t n = 0; n < N; ++n) {
-      float kn[DCH], vn[DCH], qn[DCH], dn[DCH];
-      load_lanes<T, DCH>(kn, kf + n * p.k.sL, true, D, lane);
-      load_lanes<T, DCH>(vn, vf + n * p.v.sL, true, D, lane);
-      load_lanes<T, DCH>(qn, qf + n * p.q.sL, true, D, lane);
-      load_lanes<T, DCH>(dn, df + n * p.dout.sL, true, D, lane);
-      float a = lanes_dot(qc, kn), bb = lanes_dot(gc, vn), c2 = lanes_dot(qn, kc), d2 = lanes_dot(dn, vc);
+  }
+
+  const int64_t rows = ((fr.b * p.T + fr.t) * p.H + fr.h) * N;  // lse / delta index of row 0 of (b, t, h)
+  const T* qf = static_cast<const T*>(p.q.ptr) + fr.b * p.q.s0 + fr.t * p.q.s1 + fr.h * p.q.s2;
+  const T* kf = static_cast<const T*>(p.k.ptr) + fr.b * p.k.s0 + fr.t * p.k.s1 + fr.h * p.k.s2;
+  const T* vf = static_cast<const T*>(p.v.ptr) + fr.b * p.v.s0 + fr.t * p.v.s1 + fr.h * p.v.s2;
+  const T* df = static_cast<const T*>(p.dout.ptr) + fr.b * p.dout.s0 + fr.t * p.dout.s1 + fr.h * p.dout.s2;
+  for (int64_t n = warp; n < N; n += kClsWarps) {
+    float kn[DCH], vn[DCH], qn[DCH], dn[DCH];
+    load_lanes<T, DCH>(kn, kf + n * p.k.sL, true, D, lane);
+    load_lanes<T, DCH>(vn, vf + n * p.v.sL, true, D, lane);
+    load_lanes<T, DCH>(qn, qf + n * p.q.sL, true, D, lane);
+    load_lanes<T, DCH>(dn, df + n * p.dout.sL, true, D, lane);
+    float a = lanes_dot(qc, kn), bb = lanes_dot(gc, vn), c2 = lanes_dot(qn, kc), d2 = lanes_dot(dn, vc);
 #pragma unroll
-      for (int off = kWarp / 2; off > 0; off /= 2) {
-        a += __shfl_xor_sync(kFull, a, off);
-        bb += __shfl_xor_sync(kFull, bb, off);
-        c2 += __shfl_xor_sync(kFull, c2, off);
-        d2 += __shfl_xor_sync(kFull, d2, off);
-      }
-      // the cls query against patch key n of frame t
-      const float pc = exp2f(a * p.qk_scale - lse_t);
-      const float dsc = pc * (bb - delta_t);
-      // patch query n of frame t against the cls key
-      const float pr = exp2f(c2 * p.qk_scale - p.lse[rows + n]);
-      const float dsr = pr * (d2 - p.delta[rows + n]);
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      a += __shfl_xor_sync(kFull, a, off);
+      bb += __shfl_xor_sync(kFull, bb, off);
+      c2 += __shfl_xor_sync(kFull, c2, off);
+      d2 += __shfl_xor_sync(kFull, d2, off);
+    }
+    // the cls query against patch key n of the frame
+    const float pc = exp2f(a * p.qk_scale - lse_t);
+    const float dsc = pc * (bb - delta_t);
+    // patch query n of the frame against the cls key
+    const float pr = exp2f(c2 * p.qk_scale - p.lse[rows + n]);
+    const float dsr = pr * (d2 - p.delta[rows + n]);
 #pragma unroll
-      for (int c = 0; c < DCH; ++c) {
-        dqc[c] = fmaf(dsc, kn[c], dqc[c]);
-        dkc[c] = fmaf(dsr, qn[c], dkc[c]);
-        dvc[c] = fmaf(pr, dn[c], dvc[c]);
-      }
+    for (int c = 0; c < DCH; ++c) {
+      dqc[c] = fmaf(dsc, kn[c], dqc[c]);
+      dkc[c] = fmaf(dsr, qn[c], dkc[c]);
+      dvc[c] = fmaf(pr, dn[c], dvc[c]);
     }
   }
 #pragma unroll
@@ -185,28 +225,69 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_kernel(const AttnPa
     red[2][warp][lane + c * kWarp] = dvc[c];
   }
   __syncthreads();
-  T* dq = static_cast<T*>(p.dqc.ptr) + cls_offset(p.dqc, b, h);
-  T* dk = static_cast<T*>(p.dkc.ptr) + cls_offset(p.dkc, b, h);
-  T* dv = static_cast<T*>(p.dvc.ptr) + cls_offset(p.dvc, b, h);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float sq = 0.f, sk = 0.f, sv = 0.f;
+  const int64_t frames = p.B * p.H * p.T;
+  for (int i = threadIdx.x; i < 3 * D; i += kClsWarps * kWarp) {
+    const int which = i / D, d = i - which * D;
+    float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < kClsWarps; ++w) {
-      sq += red[0][w][d];
-      sk += red[1][w][d];
-      sv += red[2][w][d];
-    }
-    dq[d] = from_float<T>(sq * p.scale);
-    dk[d] = from_float<T>(sk * p.scale);
-    dv[d] = from_float<T>(sv);
+    for (int w = 0; w < kClsWarps; ++w) sum += red[which][w][d];
+    p.cls_grad_frames[(which * frames + fr.f) * D + d] = sum;
   }
 }
 
-// The cls kernels have no cls-less variant: the third parameter is always true.
+// dst[b, h, :] = factor * sum_t src[(b * H + h) * T + t, :] for blockIdx.y = 0, 1, 2 of
+// up to three (src, dst, factor) triples; one thread per (b, h, d), t in increasing order.
+struct SumJob {
+  const float* src;
+  ClsView dst;
+  float factor;
+};
+
+struct SumJobs {
+  SumJob job[3];
+};
+
+constexpr int kSumThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kSumThreads) cls_sum_frames_kernel(const SumJobs jobs, int64_t BH, int64_t H,
+                                                                        int64_t T_, int D) {
+  const SumJob job = blockIdx.y == 0 ? jobs.job[0] : (blockIdx.y == 1 ? jobs.job[1] : jobs.job[2]);
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kSumThreads + threadIdx.x;
+  if (i >= BH * D) return;
+  const int64_t bh = i / D, d = i - bh * D, b = bh / H, h = bh - b * H;
+  const float* src = job.src + bh * T_ * D + d;
+  float sum = 0.f;
+  for (int64_t t = 0; t < T_; ++t) sum += src[t * D];
+  static_cast<T*>(job.dst.ptr)[cls_offset(job.dst, b, h) + d] = from_float<T>(sum * job.factor);
+}
+
+template <typename T>
+cudaError_t sum_frames(const AttnParams& p, const SumJobs& jobs, int n_jobs, cudaStream_t stream) {
+  const int64_t BH = p.B * p.H;
+  const dim3 grid(static_cast<unsigned>((BH * p.D + kSumThreads - 1) / kSumThreads), static_cast<unsigned>(n_jobs));
+  cls_sum_frames_kernel<T><<<grid, kSumThreads, 0, stream>>>(jobs, BH, p.H, p.T, p.D);
+  return cudaGetLastError();
+}
+
+cudaError_t sum_frames_dtype(const AttnParams& p, const SumJobs& jobs, int n_jobs, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::f16:
+      return sum_frames<__half>(p, jobs, n_jobs, stream);
+    case DType::bf16:
+      return sum_frames<__nv_bfloat16>(p, jobs, n_jobs, stream);
+    default:
+      return sum_frames<float>(p, jobs, n_jobs, stream);
+  }
+}
+
+unsigned cls_frames_grid(const AttnParams& p) { return static_cast<unsigned>(p.B * p.H * p.T); }
+
+// The per-frame cls kernels have no cls-less variant: the third parameter is always true.
 template <typename T, int DCH, bool>
 struct ClsFwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    cls_fwd_kernel<T, DCH><<<static_cast<unsigned>(p.B * p.H), kClsWarps * kWarp, 0, stream>>>(p);
+    cls_fwd_frame_kernel<T, DCH><<<cls_frames_grid(p), kClsWarps * kWarp, 0, stream>>>(p);
     return cudaGetLastError();
   }
 };
@@ -214,7 +295,7 @@ struct ClsFwdLaunch {
 template <typename T, int DCH, bool>
 struct ClsBwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    cls_bwd_kernel<T, DCH><<<static_cast<unsigned>(p.B * p.H), kClsWarps * kWarp, 0, stream>>>(p);
+    cls_bwd_frame_kernel<T, DCH><<<cls_frames_grid(p), kClsWarps * kWarp, 0, stream>>>(p);
     return cudaGetLastError();
   }
 };
@@ -225,12 +306,16 @@ bool cls_empty(const AttnParams& p) { return !p.has_cls || p.B * p.H == 0 || p.T
 
 cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
-  return dispatch_dtype<ClsFwdLaunch, true>(p, stream);
+  const cudaError_t err = dispatch_dtype<ClsFwdLaunch, true>(p, stream);
+  if (err != cudaSuccess) return err;
+  SumJobs jobs{};
+  jobs.job[0] = {p.cls_frames, p.oc, 1.f / static_cast<float>(p.T)};
+  return sum_frames_dtype(p, jobs, 1, stream);
 }
 
 cudaError_t launch_cls_bwd_prep(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
-  const unsigned grid = static_cast<unsigned>(p.B * p.H);
+  const unsigned grid = static_cast<unsigned>((p.B * p.H * p.T + kClsWarps - 1) / kClsWarps);
   switch (p.dtype) {
     case DType::f16:
       cls_bwd_prep_kernel<__half><<<grid, kClsWarps * kWarp, 0, stream>>>(p);
@@ -246,7 +331,14 @@ cudaError_t launch_cls_bwd_prep(const AttnParams& p, cudaStream_t stream) {
 
 cudaError_t launch_cls_bwd(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
-  return dispatch_dtype<ClsBwdLaunch, true>(p, stream);
+  const cudaError_t err = dispatch_dtype<ClsBwdLaunch, true>(p, stream);
+  if (err != cudaSuccess) return err;
+  const int64_t frames = p.B * p.H * p.T;
+  SumJobs jobs{};
+  jobs.job[0] = {p.cls_grad_frames, p.dqc, p.scale};
+  jobs.job[1] = {p.cls_grad_frames + frames * p.D, p.dkc, p.scale};
+  jobs.job[2] = {p.cls_grad_frames + 2 * frames * p.D, p.dvc, 1.f};
+  return sum_frames_dtype(p, jobs, 3, stream);
 }
 
 }  // namespace divattn

@@ -45,6 +45,7 @@ struct AttnParams {
   float* lse_cls = nullptr;     // (B, H, T)
   float* gc = nullptr;          // (B, H, D) d o_cls / T, backward only
   float* delta_cls = nullptr;   // (B, H, T) rowsum(cls_frames * gc), backward only
+  float* cls_grad_frames = nullptr;  // (3, B, H, T, D) per-frame dq/dk/dv_cls partials, backward only
 };
 
 // Each launcher enqueues its kernels on `stream` and returns the launch status.
@@ -52,6 +53,7 @@ cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_dkdv(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_dq(const AttnParams& p, cudaStream_t stream);
+// cls (cls.cu): per-frame kernels, then a sum over frames into o_cls / dq, dk, dv_cls.
 cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_cls_bwd_prep(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_cls_bwd(const AttnParams& p, cudaStream_t stream);
