@@ -64,7 +64,8 @@ def records(shape: AttnShape, plan: Sequence[tuple], dtype, env: Optional[dict] 
         counted_min = sum(m["min_bytes"] for m in parts)
         ratio = sum(m["bytes"] for m in parts) / counted_min
         unique_ratio = sum(m["unique_bytes"] for m in parts) / counted_min
-        flops = sum(flop_model.attention_flops(op, q_shape, p) for p in PASSES[pass_])
+        causal = {"causal": True} if getattr(shape, "causal", False) and op == "temporal" else {}
+        flops = sum(flop_model.attention_flops(op, q_shape, p, **causal) for p in PASSES[pass_])
         nbytes = int(round(ratio * min_bytes))
         out.append({
             "kind": KIND, "device": DEVICE, "target": f"sm_{TARGET}", "op": op, "pass": pass_,

@@ -247,7 +247,15 @@ def collect(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, exact: bo
     for arch in archs:
         spec = _Specialiser(arch)
         for problem in problems:
-            for i, launch in enumerate(launches(problem, target=arch)):
+            try:
+                planned = launches(problem, target=arch)
+            except Exception as e:  # a plan that cannot be made is a failed build of that problem
+                key = f"plan-{arch}-{problem.id}"
+                builds[key] = Build(kernel="(plan)", arch=arch, dtype=problem.dtype, constexprs={}, signature="",
+                                    num_warps=0, num_stages=0, regime="", key=key, problems=[problem.id],
+                                    head_dims=[problem.shape.D], error=f"planning failed: {type(e).__name__}: {e}")
+                continue
+            for i, launch in enumerate(planned):
                 path_key, exact_key, signature, attrs = spec.keys(launch)
                 key = exact_key if exact else path_key
                 exacts.setdefault(key, set()).add(exact_key)
@@ -267,7 +275,7 @@ def collect(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, exact: bo
                 if problem.shape.D not in b.head_dims:
                     b.head_dims.append(problem.shape.D)
     for key, b in builds.items():
-        b.specialisations = len(exacts[key])
+        b.specialisations = len(exacts.get(key, ()))
     return list(builds.values()), jobs
 
 
@@ -315,6 +323,8 @@ def compile_all(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, worke
     """Every distinct build of ``problems`` on ``archs``, compiled once each (this process must not
     interpret); ``workers`` > 1 compiles in that many child processes."""
     builds, jobs = collect(problems, archs, exact=exact)
+    failed = [b for b in builds if b.key not in jobs]
+    builds = [b for b in builds if b.key in jobs]
     todo = [jobs[b.key] for b in builds]
     if workers > 1 and len(todo) > 1:
         chunks = [list(range(i, len(todo), workers)) for i in range(min(workers, len(todo)))]
@@ -329,7 +339,7 @@ def compile_all(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, worke
     for b, r in zip(builds, results):
         for k, v in r.items():
             setattr(b, k, v)
-    return builds
+    return failed + builds
 
 
 def _interpreted() -> bool:

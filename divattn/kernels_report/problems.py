@@ -54,6 +54,10 @@ class Problem:
         return self.op == "spatial_cls"
 
     @property
+    def causal(self) -> bool:
+        return bool(getattr(self.shape, "causal", False)) and self.op == "temporal"
+
+    @property
     def q_shape(self) -> tuple:
         return self.shape.q_shape(self.op)
 
@@ -133,13 +137,15 @@ def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int
         scale = s.D ** -0.5
         buf, lse, cls_frames, lse_cls = functions._outputs(op, problem.has_cls, q)
         o, o_cls = functions._out_views(op, problem.has_cls, q, buf)
+        # As the op passes it: only a causal call carries the flag.
+        extra = {"causal": True} if problem.causal else {}
         if problem.pass_ == "fwd":
             return triton_kernels.plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
-                                               cls_frames=cls_frames, lse_cls=lse_cls, target=target)
+                                               cls_frames=cls_frames, lse_cls=lse_cls, target=target, **extra)
         # The backward reads what the forward wrote: run it where that is possible.
         if device.type != "meta":
             for launch in triton_kernels.plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
-                                                      cls_frames=cls_frames, lse_cls=lse_cls):
+                                                      cls_frames=cls_frames, lse_cls=lse_cls, **extra):
                 launch.run()
         srcs, geom = functions.sources(views)
         grads = functions._grads(srcs, geom)
@@ -149,7 +155,7 @@ def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int
         return triton_kernels.plan_backward(
             op, q, k, v, o, do, lse, *dviews[:3], scale,
             cls=cls, d_cls=tuple(dviews[3:]) if cls is not None else None, do_cls=do_cls,
-            cls_frames=cls_frames, lse_cls=lse_cls, target=target)
+            cls_frames=cls_frames, lse_cls=lse_cls, target=target, **extra)
 
 
 __all__ = ["Problem", "problems", "gpu_problems", "variants", "launches", "PASSES", "DTYPES", "ARCHS",

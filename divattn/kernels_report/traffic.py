@@ -229,7 +229,8 @@ def count_problem(problem, target=90) -> PassTraffic:
     return PassTraffic(problem=problem.id, op=problem.op, pass_=problem.pass_, dtype=problem.dtype,
                        q_shape=tuple(problem.q_shape), target=target, launches=count(plan),
                        min_bytes=minimum_bytes(problem),
-                       flops=attention_flops(problem.op, problem.q_shape, problem.pass_))
+                       flops=attention_flops(problem.op, problem.q_shape, problem.pass_,
+                                             **({"causal": True} if problem.causal else {})))
 
 
 def interpreting() -> bool:
