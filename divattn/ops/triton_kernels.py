@@ -116,18 +116,52 @@ def _store_rows(X, XF, val, s, pos, ok, fr, d, d_ok, S1, S2, x0, x1, x2, xL, L, 
 
 
 @triton.jit
-def _pair_mask(same, ok, GROUP: tl.constexpr):
-    """``ok`` restricted to (row, column) pairs of one sequence (all pairs when a tile holds one)."""
+def _causal_mask(ok, t, tk, L, LK, CAUSAL: tl.constexpr):
+    """``ok``, and with CAUSAL only keys at or before the query's frame (query t is frame LK - L + t)."""
+    if CAUSAL:
+        ok = ok & (tk.to(tl.int32)[None, :] <= (t.to(tl.int32) + (LK - L))[:, None])
+    return ok
+
+
+@triton.jit
+def _key_tiles_seen(mt, n_k_tiles, L, LK, SEQ: tl.constexpr, CAUSAL: tl.constexpr, GROUP: tl.constexpr):
+    """How many key tiles query tile ``mt`` looks at: tiles above the causal diagonal are skipped.
+
+    (A packed tile holds whole sequences: there is one key tile and nothing to skip.)
+    """
+    n = n_k_tiles
+    if CAUSAL and GROUP == 1:
+        n = tl.minimum(n_k_tiles, ((mt + 1) * SEQ - 1 + (LK - L)) // SEQ + 1)
+    return n
+
+
+@triton.jit
+def _first_query_tile(kt, L, LK, SEQ: tl.constexpr, CAUSAL: tl.constexpr, GROUP: tl.constexpr):
+    """The first query tile that sees key tile ``kt`` (0 unless causal across several tiles)."""
+    first = 0
+    if CAUSAL and GROUP == 1:
+        first = tl.maximum(kt * SEQ - (LK - L), 0) // SEQ
+    return first
+
+
+@triton.jit
+def _pair_mask(g, ok, GROUP: tl.constexpr):
+    """``ok`` restricted to (row, column) pairs of one sequence (all pairs when a tile holds one).
+
+    ``g`` is the tile-local sequence of each row / column.
+    """
     if GROUP == 1:
         out = ok
     else:
-        out = same & ok
+        out = (g[:, None] == g[None, :]) & ok
     return out
 
 
 @triton.jit
-def _dot_iso(a, b, same, PREC: tl.constexpr, ISOLATE: tl.constexpr):
-    """``a @ b`` over the token dim, where ``a`` is zero outside the block diagonal ``same``.
+def _dot_iso(a, b, g, PREC: tl.constexpr, ISOLATE: tl.constexpr):
+    """``a @ b`` over the token dim, where ``a`` is zero outside its block diagonal.
+
+    ``g`` is the tile-local sequence of each row / column (the blocks).
 
     With ISOLATE (packed tiles), a non-finite entry of ``b`` reaches exactly the
     outputs of its own sequence in its own column, as in a per-sequence product —
@@ -138,6 +172,7 @@ def _dot_iso(a, b, same, PREC: tl.constexpr, ISOLATE: tl.constexpr):
         n_bad = tl.sum(tl.sum(bad.to(tl.int32), 1), 0)
         out = tl.dot(a, tl.where(bad, tl.zeros_like(b), b), input_precision=PREC)
         if n_bad > 0:
+            same = g[:, None] == g[None, :]
             hits = tl.dot(same.to(b.dtype), bad.to(b.dtype), input_precision=PREC)
             out = tl.where(hits > 0, float("nan"), out)
     else:
@@ -153,26 +188,25 @@ def _attn_fwd_kernel(
     sv0, sv1, sv2, svL,
     so0, so1, so2, soL,
     sqc0, sqc2, skc0, skc2, svc0, svc2,
-    S, S1, S2, L, D, n_tiles, tiles_per_prog, qk_scale,
+    S, S1, S2, L, LK, D, n_q_tiles, n_k_tiles, tiles_per_prog, qk_scale,
     HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     BLOCK: tl.constexpr = GROUP * SEQ
-    E = L + HAS_CLS  # rows of a sequence, the cls row included
+    E = L + HAS_CLS  # query rows of a sequence, the cls row included
+    EK = LK + HAS_CLS  # key rows
     r = tl.arange(0, BLOCK)
+    g = r // SEQ  # [BLOCK] sequence of each row (and column) within the tile
     if GROUP == 1:
         s = tl.program_id(0).to(tl.int64)  # the program's one sequence
-        same = 0  # unused
     else:
-        g = r // SEQ
         s = (tl.program_id(0) * GROUP + g).to(tl.int64)  # [BLOCK] sequence of each row
-        same = g[:, None] == g[None, :]  # [BLOCK, BLOCK] row and column in one sequence
     s_ok = (s + tl.zeros_like(r)) < S  # [BLOCK]
     fr = _frame_index(s, S1, S2)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     first = tl.program_id(1) * tiles_per_prog
-    last = tl.minimum(first + tiles_per_prog, n_tiles)
+    last = tl.minimum(first + tiles_per_prog, n_q_tiles)
     for mt in range(first, last):
         t = (mt * SEQ + r % SEQ).to(tl.int64)  # [BLOCK] query row within its sequence
         row_ok = s_ok & (t < E)
@@ -180,19 +214,20 @@ def _attn_fwd_kernel(
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        for kt in range(0, n_tiles):
+        for kt in range(0, _key_tiles_seen(mt, n_k_tiles, L, LK, SEQ, CAUSAL, GROUP)):
             tk = (kt * SEQ + r % SEQ).to(tl.int64)  # [BLOCK] key row of each column
-            col_ok = s_ok & (tk < E)
-            k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, L, HAS_CLS, GROUP)
-            v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, L, HAS_CLS, GROUP)
+            col_ok = s_ok & (tk < EK)
+            k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, LK, HAS_CLS, GROUP)
+            v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, LK, HAS_CLS, GROUP)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK, BLOCK]
-            qk = tl.where(_pair_mask(same, col_ok[None, :], GROUP), qk, float("-inf"))
+            visible = _causal_mask(col_ok[None, :], t, tk, L, LK, CAUSAL)
+            qk = tl.where(_pair_mask(g, visible, GROUP), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(qk - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot_iso(p.to(v.dtype), v, same, PREC, GROUP > 1)
+            acc = acc * alpha[:, None] + _dot_iso(p.to(v.dtype), v, g, PREC, GROUP > 1)
             m_i = m_new
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         _store_rows(O, OCF, acc / l_safe[:, None], s, t, row_ok, fr, d, d_ok, S1, S2,
@@ -256,37 +291,35 @@ def _attn_bwd_kernel(
     sdk0, sdk1, sdk2, sdkL,
     sdv0, sdv1, sdv2, sdvL,
     sqc0, sqc2, skc0, skc2, svc0, svc2, sdoc0, sdoc2,
-    S, S1, S2, L, D, n_tiles, tiles_per_prog, qk_scale, scale, inv_T,
+    S, S1, S2, L, LK, D, n_q_tiles, n_k_tiles, tiles_per_prog, qk_scale, scale, inv_T,
     HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """dK, dV of this program's key tiles, then dQ of its query tiles (in the first pass when SINGLE)."""
     BLOCK: tl.constexpr = GROUP * SEQ
     ISOLATE: tl.constexpr = GROUP > 1
     E = L + HAS_CLS
+    EK = LK + HAS_CLS
     r = tl.arange(0, BLOCK)
+    g = r // SEQ  # [BLOCK] sequence of each row (and column) within the tile
     if GROUP == 1:
         s = tl.program_id(0).to(tl.int64)  # the program's one sequence
-        same = 0  # unused
     else:
-        g = r // SEQ
         s = (tl.program_id(0) * GROUP + g).to(tl.int64)  # [BLOCK] sequence of each row
-        same = g[:, None] == g[None, :]  # [BLOCK, BLOCK] row and column in one sequence
     s_ok = (s + tl.zeros_like(r)) < S  # [BLOCK]
     fr = _frame_index(s, S1, S2)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     first = tl.program_id(1) * tiles_per_prog
-    last = tl.minimum(first + tiles_per_prog, n_tiles)
 
-    for kt in range(first, last):
+    for kt in range(first, tl.minimum(first + tiles_per_prog, n_k_tiles)):
         tk = (kt * SEQ + r % SEQ).to(tl.int64)
-        col_ok = s_ok & (tk < E)
-        k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, L, HAS_CLS, GROUP)
-        v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, L, HAS_CLS, GROUP)
+        col_ok = s_ok & (tk < EK)
+        k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, LK, HAS_CLS, GROUP)
+        v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, LK, HAS_CLS, GROUP)
         dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        for mt in range(0, n_tiles):
+        for mt in range(_first_query_tile(kt, L, LK, SEQ, CAUSAL, GROUP), n_q_tiles):
             t = (mt * SEQ + r % SEQ).to(tl.int64)
             row_ok = s_ok & (t < E)
             q, do, lse, delta = _bwd_rows(
@@ -294,25 +327,25 @@ def _attn_bwd_kernel(
                 sq0, sq1, sq2, sqL, so0, so1, so2, soL, sdo0, sdo1, sdo2, sdoL, sqc0, sqc2, sdoc0, sdoc2,
                 L, D, inv_T, HAS_CLS, not SINGLE, GROUP)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [rows, cols]
-            valid = _pair_mask(same, row_ok[:, None] & col_ok[None, :], GROUP)
+            valid = _pair_mask(g, _causal_mask(row_ok[:, None] & col_ok[None, :], t, tk, L, LK, CAUSAL), GROUP)
             p = tl.exp2(tl.where(valid, qk - lse[:, None], float("-inf")))
-            dv += _dot_iso(tl.trans(p.to(do.dtype)), do, same, PREC, ISOLATE)
+            dv += _dot_iso(tl.trans(p.to(do.dtype)), do, g, PREC, ISOLATE)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             if SINGLE:
                 # every key of these rows is in this tile: delta = rowsum(P * dP) = rowsum(dO * O),
                 # computed as the softmax backward does (a one-key row gets exactly zero)
                 delta = tl.sum(tl.where(valid, p * dp, 0.0), 1)
             ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
-            dk += _dot_iso(tl.trans(ds.to(q.dtype)), q, same, PREC, ISOLATE)
+            dk += _dot_iso(tl.trans(ds.to(q.dtype)), q, g, PREC, ISOLATE)
             if SINGLE:
-                dq = _dot_iso(ds.to(k.dtype), k, same, PREC, ISOLATE) * scale
+                dq = _dot_iso(ds.to(k.dtype), k, g, PREC, ISOLATE) * scale
                 _store_rows(DQ, DQCF, dq, s, t, row_ok, fr, d, d_ok, S1, S2,
                             sdq0, sdq1, sdq2, sdqL, L, D, HAS_CLS)
-        _store_rows(DK, DKCF, dk * scale, s, tk, col_ok, fr, d, d_ok, S1, S2, sdk0, sdk1, sdk2, sdkL, L, D, HAS_CLS)
-        _store_rows(DV, DVCF, dv, s, tk, col_ok, fr, d, d_ok, S1, S2, sdv0, sdv1, sdv2, sdvL, L, D, HAS_CLS)
+        _store_rows(DK, DKCF, dk * scale, s, tk, col_ok, fr, d, d_ok, S1, S2, sdk0, sdk1, sdk2, sdkL, LK, D, HAS_CLS)
+        _store_rows(DV, DVCF, dv, s, tk, col_ok, fr, d, d_ok, S1, S2, sdv0, sdv1, sdv2, sdvL, LK, D, HAS_CLS)
 
     if not SINGLE:
-        for mt in range(first, last):
+        for mt in range(first, tl.minimum(first + tiles_per_prog, n_q_tiles)):
             t = (mt * SEQ + r % SEQ).to(tl.int64)
             row_ok = s_ok & (t < E)
             q, do, lse, delta = _bwd_rows(
@@ -320,13 +353,13 @@ def _attn_bwd_kernel(
                 sq0, sq1, sq2, sqL, so0, so1, so2, soL, sdo0, sdo1, sdo2, sdoL, sqc0, sqc2, sdoc0, sdoc2,
                 L, D, inv_T, HAS_CLS, True, GROUP)
             dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-            for kt in range(0, n_tiles):
+            for kt in range(0, _key_tiles_seen(mt, n_k_tiles, L, LK, SEQ, CAUSAL, GROUP)):
                 tk = (kt * SEQ + r % SEQ).to(tl.int64)
-                col_ok = s_ok & (tk < E)
-                k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, L, HAS_CLS, GROUP)
-                v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, L, HAS_CLS, GROUP)
+                col_ok = s_ok & (tk < EK)
+                k = _load_rows(K, KC, s, tk, col_ok, d, d_ok, S1, S2, sk0, sk1, sk2, skL, skc0, skc2, LK, HAS_CLS, GROUP)
+                v = _load_rows(V, VC, s, tk, col_ok, d, d_ok, S1, S2, sv0, sv1, sv2, svL, svc0, svc2, LK, HAS_CLS, GROUP)
                 qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-                valid = _pair_mask(same, row_ok[:, None] & col_ok[None, :], GROUP)
+                valid = _pair_mask(g, _causal_mask(row_ok[:, None] & col_ok[None, :], t, tk, L, LK, CAUSAL), GROUP)
                 p = tl.exp2(tl.where(valid, qk - lse[:, None], float("-inf")))
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
@@ -409,31 +442,45 @@ def _target(device: torch.device, target):
     return major * 10 + minor
 
 
-# Tile configurations, as data: (regime, pass, head-dim bucket, precision) -> candidate
-# (rows, num_warps, num_stages), best first. "rows" is the tile height GROUP * SEQ. The
-# first candidate is what runs; on a GPU the candidates are the pruned tuning space
-# (see :func:`tile_candidates`). Chosen with `python -m divattn kernels`: no register
-# spill on sm_80 / sm_90, then the most resident blocks. The interpreter (CPU) runs
-# small tiles of its own.
+# Tile configurations, as data: (regime, pass, head-dim bucket, precision, arch) -> candidate
+# (rows, num_warps, num_stages), best first. "rows" is the tile height GROUP * SEQ; "arch"
+# is 80 (Ampere, mma.sync) or 90 (Hopper and newer). The first candidate is what runs; on a
+# GPU the candidates are the pruned tuning space (see :func:`_run`). Chosen with
+# `python -m divattn kernels`: no register spill in any fp16/bf16 build at D <= 128 on
+# sm_80 / sm_90, then the most resident blocks. The interpreter (CPU) runs small tiles of
+# its own.
+_HOPPER = {
+    ("packed", "fwd", 64): [(64, 4, 2)],
+    ("packed", "fwd", 128): [(32, 4, 2), (64, 8, 2)],
+    ("packed", "fwd", 256): [(16, 8, 1)],
+    ("packed", "bwd", 64): [(32, 8, 1)],
+    ("packed", "bwd", 128): [(16, 4, 1)],
+    ("packed", "bwd", 256): [(16, 8, 1)],
+    ("frame", "fwd", 64): [(64, 8, 2), (32, 8, 2)],
+    ("frame", "fwd", 128): [(32, 8, 2)],
+    ("frame", "fwd", 256): [(16, 8, 1)],
+    ("frame", "bwd", 64): [(64, 8, 1), (32, 8, 1)],
+    ("frame", "bwd", 128): [(16, 8, 1)],
+    ("frame", "bwd", 256): [(16, 8, 1)],
+    ("long", "fwd", 64): [(64, 8, 2), (32, 8, 2)],
+    ("long", "fwd", 128): [(32, 8, 2)],
+    ("long", "fwd", 256): [(16, 8, 1)],
+    ("long", "bwd", 64): [(32, 8, 1), (64, 8, 1)],
+    ("long", "bwd", 128): [(16, 8, 1)],
+    ("long", "bwd", 256): [(16, 8, 1)],
+}
+_AMPERE = {
+    **_HOPPER,
+    ("packed", "fwd", 128): [(32, 4, 2)],
+    ("frame", "fwd", 64): [(32, 8, 2)],
+    ("frame", "bwd", 64): [(32, 8, 1)],
+    ("long", "fwd", 64): [(32, 8, 2)],
+    ("long", "bwd", 64): [(32, 8, 1)],
+}
 TILES = {
-    ("packed", "fwd", 64, "half"): [(64, 4, 2)],
-    ("packed", "fwd", 128, "half"): [(64, 8, 2), (32, 4, 2)],
-    ("packed", "fwd", 256, "half"): [(16, 8, 1)],
-    ("packed", "bwd", 64, "half"): [(32, 8, 1)],
-    ("packed", "bwd", 128, "half"): [(16, 4, 1)],
-    ("packed", "bwd", 256, "half"): [(16, 8, 1)],
-    ("frame", "fwd", 64, "half"): [(64, 8, 2)],
-    ("frame", "fwd", 128, "half"): [(32, 8, 2)],
-    ("frame", "fwd", 256, "half"): [(16, 8, 1)],
-    ("frame", "bwd", 64, "half"): [(64, 8, 1)],
-    ("frame", "bwd", 128, "half"): [(16, 8, 1)],
-    ("frame", "bwd", 256, "half"): [(16, 8, 1)],
-    ("long", "fwd", 64, "half"): [(64, 8, 2)],
-    ("long", "fwd", 128, "half"): [(32, 8, 2)],
-    ("long", "fwd", 256, "half"): [(16, 8, 1)],
-    ("long", "bwd", 64, "half"): [(64, 8, 1)],
-    ("long", "bwd", 128, "half"): [(16, 8, 1)],
-    ("long", "bwd", 256, "half"): [(16, 8, 1)],
+    (regime, pass_, bucket, "half", arch): cands
+    for arch, table in ((80, _AMPERE), (90, _HOPPER))
+    for (regime, pass_, bucket), cands in table.items()
 }
 INTERPRETER_ROWS = 32
 
@@ -459,11 +506,12 @@ def tile_candidates(E: int, D: int, dtype: torch.dtype, target, pass_: str) -> l
     if target == "interpreter":
         return [(_regime(E, INTERPRETER_ROWS), INTERPRETER_ROWS, 4, 1)]
     bucket = _bucket(max(16, triton.next_power_of_2(D)))
+    arch = 90 if int(target) >= 90 else 80
     shrink = 2 if dtype == torch.float32 else 1
-    first_packed = TILES[("packed", pass_, bucket, "half")][0][0] // shrink
+    first_packed = TILES[("packed", pass_, bucket, "half", arch)][0][0] // shrink
     regime = _regime(E, max(16, first_packed))
     out = []
-    for rows, warps, stages in TILES[(regime, pass_, bucket, "half")]:
+    for rows, warps, stages in TILES[(regime, pass_, bucket, "half", arch)]:
         rows = max(16, rows // shrink)
         if regime == "packed" and triton.next_power_of_2(max(E, 1)) > rows:
             continue
@@ -522,7 +570,7 @@ def _named(kernel, values) -> dict:
 _TUNED: dict = {}
 
 
-def _run(make_plan, op: str, pass_: str, q: torch.Tensor, has_cls: bool) -> None:
+def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool) -> None:
     """Launch the plan with the first tile candidate or, on a GPU with several, the fastest.
 
     On a GPU the table's candidates for a problem are timed once (``triton.testing.do_bench``)
@@ -531,10 +579,10 @@ def _run(make_plan, op: str, pass_: str, q: torch.Tensor, has_cls: bool) -> None
     """
     target = _target(q.device, None)
     (S0, S1, S2, L), _ = _geometry(q, op)
-    E = L + int(has_cls)
+    E = max(L, _geometry(k, op)[0][3]) + int(has_cls)
     candidates = tile_candidates(E, q.shape[-1], q.dtype, target, pass_)
     choice = candidates[0] if candidates else None
-    if len(candidates) > 1 and target != "interpreter" and os.environ.get("DIVATTN_AUTOTUNE", "1") != "0":
+    if len(candidates) > 1 and q.device.type == "cuda" and os.environ.get("DIVATTN_AUTOTUNE", "1") != "0":
         key = (op, pass_, E, q.shape[-1], q.dtype, S0 * S1 * S2, target)
         choice = _TUNED.get(key)
         if choice is None:
@@ -547,19 +595,23 @@ def _run(make_plan, op: str, pass_: str, q: torch.Tensor, has_cls: bool) -> None
         launch.run()
 
 
-def plan_forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None, lse_cls=None,
-                 target=None, candidate=None) -> list:
+def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None,
+                 lse_cls=None, target=None, candidate=None) -> list:
     """The launches :func:`forward` makes for these arguments, on ``target`` (default: q's device).
 
     ``candidate``: a tile configuration from :func:`tile_candidates` (default: the first).
     """
     target = _target(q.device, target)
     (S0, S1, S2, L), sq = _geometry(q, op)
+    LK = _geometry(k, op)[0][3]
     D = q.shape[-1]
     S = S0 * S1 * S2
     has_cls = cls is not None
-    E = L + int(has_cls)
-    regime, group, seq, block_d, n_tiles, per_prog, warps, stages = tile_config(E, D, q.dtype, target, "fwd", candidate)
+    E, EK = L + int(has_cls), LK + int(has_cls)
+    regime, group, seq, block_d, _, per_prog, warps, stages = tile_config(max(E, EK), D, q.dtype, target, "fwd",
+                                                                           candidate)
+    n_q, n_k = triton.cdiv(max(E, 1), seq), triton.cdiv(max(EK, 1), seq)
+    per_prog = max(n_q, n_k) if regime != "long" else 1
     if has_cls:
         qc, kc, vc = cls
         cls_bufs = (qc, kc, vc, cls_frames, lse_cls)
@@ -570,12 +622,12 @@ def plan_forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames
     plan = []
     if S > 0 and E > 0:
         plan.append(Launch(
-            _attn_fwd_kernel, (triton.cdiv(S, group), triton.cdiv(n_tiles, per_prog)),
+            _attn_fwd_kernel, (triton.cdiv(S, group), triton.cdiv(n_q, per_prog)),
             _named(_attn_fwd_kernel, (
                 q, k, v, o, lse, *cls_bufs,
                 *sq, *_geometry(k, op)[1], *_geometry(v, op)[1], *_geometry(o, op)[1], *cls_strides,
-                S, S1, S2, L, D, n_tiles, per_prog, scale * LOG2E)),
-            dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype)),
+                S, S1, S2, L, LK, D, n_q, n_k, per_prog, scale * LOG2E)),
+            dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype), CAUSAL=bool(causal)),
             warps, stages, regime))
     if has_cls:
         B, T, N, H, _ = q.shape
@@ -587,7 +639,7 @@ def plan_forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames
     return plan
 
 
-def forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
+def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
     """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
 
     ``q, k, v, o`` are views in the op's layout (any strides, head dim contiguous);
@@ -595,21 +647,25 @@ def forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None
     ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` of per-frame cls outputs and
     ``lse_cls`` a contiguous fp32 ``(B, H, T)``.
     """
-    _run(lambda c: plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls, cls_frames=cls_frames,
-                                lse_cls=lse_cls, candidate=c), op, "fwd", q, cls is not None)
+    _run(lambda c: plan_forward(op, q, k, v, o, lse, scale, causal=causal, cls=cls, o_cls=o_cls,
+                                cls_frames=cls_frames, lse_cls=lse_cls, candidate=c), op, "fwd", q, k, cls is not None)
 
 
 def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-                  cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, target=None,
+                  causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, target=None,
                   candidate=None) -> list:
     """The launches :func:`backward` makes (cls scratch buffers allocated on q's device)."""
     target = _target(q.device, target)
     (S0, S1, S2, L), sq = _geometry(q, op)
+    LK = _geometry(k, op)[0][3]
     D = q.shape[-1]
     S = S0 * S1 * S2
     has_cls = cls is not None
-    E = L + int(has_cls)
-    regime, group, seq, block_d, n_tiles, per_prog, warps, stages = tile_config(E, D, q.dtype, target, "bwd", candidate)
+    E, EK = L + int(has_cls), LK + int(has_cls)
+    regime, group, seq, block_d, _, per_prog, warps, stages = tile_config(max(E, EK), D, q.dtype, target, "bwd",
+                                                                           candidate)
+    n_q, n_k = triton.cdiv(max(E, 1), seq), triton.cdiv(max(EK, 1), seq)
+    per_prog = max(n_q, n_k) if regime != "long" else 1
     if has_cls:
         B, T, N, H, _ = q.shape
         qc, kc, vc = cls
@@ -626,13 +682,13 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
     if S > 0 and E > 0:
         strides = [_geometry(x, op)[1] for x in (k, v, o, do, dq, dk, dv)]
         plan.append(Launch(
-            _attn_bwd_kernel, (triton.cdiv(S, group), triton.cdiv(n_tiles, per_prog)),
+            _attn_bwd_kernel, (triton.cdiv(S, group), triton.cdiv(max(n_q, n_k), per_prog)),
             _named(_attn_bwd_kernel, (
                 q, k, v, o, do, lse, dq, dk, dv, *cls_bufs,
                 *sq, *[st for x in strides for st in x], *cls_strides,
-                S, S1, S2, L, D, n_tiles, per_prog, scale * LOG2E, scale, inv_T)),
+                S, S1, S2, L, LK, D, n_q, n_k, per_prog, scale * LOG2E, scale, inv_T)),
             dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype),
-                 SINGLE=n_tiles == 1),
+                 SINGLE=n_q == 1 and n_k == 1, CAUSAL=bool(causal)),
             warps, stages, regime))
     if has_cls and B * H > 0:
         dqc, dkc, dvc = d_cls
@@ -645,14 +701,15 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
 
 
 def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-             cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
+             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
     """Write dq, dk, dv (and the cls grads ``d_cls``) for the forward above.
 
     Every element of dq/dk/dv/d_cls is written once; nothing is accumulated across
     programs, so the result does not depend on launch order.
     """
-    _run(lambda c: plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, cls=cls, d_cls=d_cls, do_cls=do_cls,
-                                 cls_frames=cls_frames, lse_cls=lse_cls, candidate=c), op, "bwd", q, cls is not None)
+    _run(lambda c: plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, causal=causal, cls=cls, d_cls=d_cls,
+                                 do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls, candidate=c),
+         op, "bwd", q, k, cls is not None)
 
 
 __all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "LOG2E", "TILES",
