@@ -61,7 +61,7 @@ def _packed(q, k, v) -> list:
     """q, k, v as one strided view when they are evenly spaced views of one tensor (slices
     of a qkv projection), so that one pass reads them; else the three tensors."""
     base, step = q._base, k.storage_offset() - q.storage_offset()
-    if (base is not None and base is k._base and base is v._base and step > 0
+    if (base is not None and base is k._base and base is v._base and step > 0 and q.shape == k.shape == v.shape
             and v.storage_offset() - k.storage_offset() == step and q.stride() == k.stride() == v.stride()):
         return [q.as_strided((3,) + q.shape, (step,) + q.stride())]
     return [q, k, v]

@@ -197,3 +197,28 @@ def test_compiles_fullgraph(order, monkeypatch):
     (g_comp,) = torch.autograd.grad(out, qkv)
     torch.testing.assert_close(out, block(qkv))
     torch.testing.assert_close(g_comp, g_eager)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_non_finite_key_frame_that_no_query_frame_is(value, causal):
+    """With queries for the last frames only, a non-finite value in an earlier key frame
+    still propagates exactly as in the reference (the finiteness check covers all of k)."""
+    B, T, N, H, D = 2, 17, 3, 2, 8
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(B, N * T, 3, H, D, generator=gen, dtype=torch.float64)
+    qkv[1, 0, 1, 1, 3] = value  # thw: token 0 is frame 0 of patch 0; slot 1 is k
+    grad_out = torch.randn(B, 3, N, H, D, generator=gen, dtype=torch.float64)
+
+    def outs():
+        x = qkv.to(torch.float32).requires_grad_(True)
+        q, k, v = split_qkv(x, T, N, order="thw", has_cls=False)
+        o = divattn.temporal_attention(q[:, -3:], k, v, causal=causal, backend="torch")
+        (g,) = torch.autograd.grad(o, x, grad_out.to(o.dtype))
+        return o.detach(), g
+
+    with reference_path():
+        ref = outs()
+    got = outs()
+    for a, b in zip(got, ref):
+        assert torch.equal(~torch.isfinite(a), ~torch.isfinite(b))
