@@ -20,8 +20,7 @@ from divattn.kernels_report import build, problems, traffic
 
 # The traffic goal (issue 9) at TimeSformer-B head geometry: counted bytes over the minimum.
 MAX_RATIO = {"fwd": 1.25, "bwd": 1.5}
-# Passes the committed kernels do not bring under MAX_RATIO yet (non-strict: they may).
-OVER_GOAL = {("spatial", "fwd"), ("spatial", "bwd"), ("spatial_cls", "fwd"), ("spatial_cls", "bwd")}
+DIVIDED = [(op, pass_) for op in ("temporal", "spatial", "spatial_cls") for pass_ in ("fwd", "bwd")]
 
 LOW_PRECISION = ("fp16", "bf16")
 
@@ -158,19 +157,10 @@ def test_minimum_is_every_input_read_and_every_output_written_once():
     assert traffic.modelled_ms(1.0, 989e9) == pytest.approx(1.0)
 
 
-PASS_CASES = [
-    pytest.param(op, pass_, id=f"{op}-{pass_}",
-                 marks=[pytest.mark.xfail(strict=False, reason="over the traffic goal on these kernels")]
-                 if (op, pass_) in OVER_GOAL else [])
-    for op in ("temporal", "spatial", "spatial_cls") for pass_ in ("fwd", "bwd")
-]
-
-
 @pytest.fixture(scope="module")
 def goal_traffic():
     """Counted traffic at TimeSformer-B head geometry (T=8, N=196, D=64), B=1, H=1, fp16, sm_90 plans."""
-    probs = [problems.Problem(_goal_shape(), op, pass_, "fp16")
-             for op in ("temporal", "spatial", "spatial_cls") for pass_ in ("fwd", "bwd")]
+    probs = [problems.Problem(_goal_shape(), op, pass_, "fp16") for op, pass_ in DIVIDED]
     start = time.perf_counter()
     rows = traffic.measure(probs, target=90)
     print(f"\ntraffic counted in {time.perf_counter() - start:.0f} s:")
@@ -180,7 +170,7 @@ def goal_traffic():
     return {(r["op"], r["pass_"]): r for r in rows}
 
 
-@pytest.mark.parametrize("op,pass_", [(op, p) for op in ("temporal", "spatial", "spatial_cls") for p in ("fwd", "bwd")])
+@pytest.mark.parametrize("op,pass_", DIVIDED)
 def test_every_input_is_read_and_every_output_written(goal_traffic, op, pass_):
     """Holds for any correct kernels: the distinct bytes cover the tensors of the minimum."""
     r = goal_traffic[(op, pass_)]
@@ -194,7 +184,7 @@ def test_every_input_is_read_and_every_output_written(goal_traffic, op, pass_):
     assert loads >= (n_in - (pass_ == "bwd")) * per_tensor
 
 
-@pytest.mark.parametrize("op,pass_", PASS_CASES)
+@pytest.mark.parametrize("op,pass_", DIVIDED)
 def test_traffic_goal(goal_traffic, op, pass_):
     r = goal_traffic[(op, pass_)]
     assert r["ratio"] <= MAX_RATIO[pass_], f"{op} {pass_}: {r['ratio']:.2f}x the minimum traffic"
