@@ -67,8 +67,12 @@ def _packed(q, k, v) -> list:
     return [q, k, v]
 
 
+# Largest batch that inference over uncopied views splits into per-element SDPA calls.
+MAX_SPLIT_BATCH = 8
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: bool,
-            causal: bool = False) -> torch.Tensor:
+            causal: bool = False, split: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v over L for ``(B1, B2, L, H, D)`` views; returns ``(B1, B2, L, H, D)``.
 
     k and v may have another L than q; with ``causal`` query i sees keys ``0 .. Lk - Lq + i``.
@@ -78,23 +82,33 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kee
     Otherwise each view is copied once, in the compute dtype: to contiguous
     ``(B1, B2, L, H, D)`` when ``keep`` (SDPA's output then has that layout, which the
     caller uses as its buffer), else to ``(B1*B2, H, L, D)``, the layout SDPA reads fastest.
+    With ``split``, when autograd does not record and B1 is small, such views instead go
+    to SDPA one batch element at a time, uncopied (faster for temporal attention; in
+    training the copies make the backward cheaper).
     """
     B1, B2, Lq, H, D = q.shape
     Lk = k.shape[2]
     dtype = out_dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
+    merges = [B1 == 1 or B2 == 1 or x.stride(0) == B2 * x.stride(1) for x in (q, k, v)]
+    mask = {}
+    if causal and Lq > 1:  # a single query is the last frame: it sees every key
+        mask = dict(is_causal=True) if Lq == Lk else dict(attn_mask=reference.causal_mask(Lq, Lk, q.device))
+    if (split and not all(merges) and dtype == out_dtype and B1 <= MAX_SPLIT_BATCH
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return torch.stack([
+            F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in xs), scale=scale, **mask).transpose(1, 2)
+            for xs in zip(q.unbind(0), k.unbind(0), v.unbind(0))
+        ])
     xs = []
-    for x in (q, k, v):
+    for x, merge in zip((q, k, v), merges):
         L = x.shape[2]
-        if keep or B1 == 1 or B2 == 1 or x.stride(0) == B2 * x.stride(1):
+        if keep or merge:
             x = x.to(dtype).reshape(B1 * B2, L, H, D).transpose(1, 2)
         else:
             x = x.transpose(2, 3).to(dtype).reshape(B1 * B2, H, L, D)
         xs.append(x)
-    mask = {}
-    if causal and Lq > 1:  # a single query is the last frame: it sees every key
-        mask = dict(is_causal=True) if Lq == Lk else dict(attn_mask=reference.causal_mask(Lq, Lk, q.device))
     o = F.scaled_dot_product_attention(*xs, scale=scale, **mask).transpose(1, 2).view(B1, B2, Lq, H, D)
     return o if dtype == out_dtype else o.to(out_dtype)
 
@@ -111,7 +125,7 @@ def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
     B, T, N, H, D = q.shape
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
     keep = is_hwt(q) or min(T, N) == 1
-    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, keep, causal)
+    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, keep, causal, split=True)
     if keep and o.is_contiguous():
         return o.view(B, N * T, H, D)
     buf = alloc_tokens(q, has_cls=False)

@@ -222,3 +222,23 @@ def test_non_finite_key_frame_that_no_query_frame_is(value, causal):
     got = outs()
     for a, b in zip(got, ref):
         assert torch.equal(~torch.isfinite(a), ~torch.isfinite(b))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("order,has_cls", [("hwt", True), ("hwt", False), ("thw", True), ("thw", False)],
+                         ids=["hwt-cls", "hwt", "thw-cls", "thw"])
+def test_temporal_inference_matches_reference(order, has_cls, causal):
+    """Without autograd, temporal attention over views that do not merge runs per batch element."""
+    B, T, N, H, D = 3, 5, 7, 2, 16
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, int(has_cls) + N * T, 3, H, D, generator=gen, dtype=torch.float64)
+    q, k, v, *_ = split_qkv(qkv, T, N, order=order, has_cls=has_cls)
+    with reference_path():
+        ref = divattn.temporal_attention(q, k, v, causal=causal, backend="torch")
+    q, k, v, *_ = split_qkv(qkv.float(), T, N, order=order, has_cls=has_cls)
+    with torch.no_grad():
+        got = divattn.temporal_attention(q, k, v, causal=causal, backend="torch")
+        last = divattn.temporal_attention(q[:, -2:], k, v, causal=causal, backend="torch")
+    assert tokens_major(got).is_contiguous()
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=ATOL[torch.float32])
+    torch.testing.assert_close(last.double(), ref[:, -2:], rtol=0, atol=ATOL[torch.float32])
