@@ -97,10 +97,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kee
         mask = dict(is_causal=True) if Lq == Lk else dict(attn_mask=reference.causal_mask(Lq, Lk, q.device))
     if (split and not all(merges) and dtype == out_dtype and B1 <= MAX_SPLIT_BATCH
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
-        return torch.stack([
-            F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in xs), scale=scale, **mask).transpose(1, 2)
-            for xs in zip(q.unbind(0), k.unbind(0), v.unbind(0))
-        ])
+        # stacked as (B1, B2, L) when keep, else as (B1, L, B2): the caller's buffer either way
+        outs = [F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in xs), scale=scale, **mask).transpose(1, 2)
+                for xs in zip(q.unbind(0), k.unbind(0), v.unbind(0))]
+        return torch.stack(outs) if keep else torch.stack([o.transpose(0, 1) for o in outs]).transpose(1, 2)
     xs = []
     for x, merge in zip((q, k, v), merges):
         L = x.shape[2]
@@ -128,6 +128,8 @@ def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
     o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, keep, causal, split=True)
     if keep and o.is_contiguous():
         return o.view(B, N * T, H, D)
+    if not keep and o.transpose(1, 2).is_contiguous():
+        return o.transpose(1, 2).view(B, T * N, H, D)
     buf = alloc_tokens(q, has_cls=False)
     patch_view(buf, q, has_cls=False).copy_(o.transpose(1, 2))
     return buf
