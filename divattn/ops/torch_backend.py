@@ -9,7 +9,8 @@ like the query). Around that call the composition is chosen for fewest copies:
   else an explicit bottom-right mask (query frame i is frame ``Tk - Tq + i``);
 - sequences go into SDPA as ``(B', L, H, D)`` views transposed to ``(B', H, L, D)``; a
   view is copied only where two batch dims cannot be merged (the cls token between
-  batches, or the frames of ``(h w t)`` tokens);
+  batches, or the frames of ``(h w t)`` tokens), and in inference temporal attention
+  then runs one SDPA call per batch element on the views instead;
 - the output buffer is SDPA's own output when its layout already is q's token order
   (temporal over ``(h w t)`` tokens, spatial over ``(t h w)`` tokens, joint), otherwise
   one copy into :func:`divattn.ops.layout.alloc_tokens`;
@@ -24,11 +25,12 @@ autograd.
 Non-finite values: torch's CPU flash kernel drops a NaN query row when a sequence is
 shorter than its vector width and its backward recomputes probabilities that an
 ``inf`` input made NaN in the plain softmax. So on a CPU, inputs holding NaN or inf
-(one sum per tensor tells) take :mod:`divattn.ops.reference`, whose propagation is the
+(one sum over them tells) take :mod:`divattn.ops.reference`, whose propagation is the
 spec: a non-finite input or upstream gradient makes non-finite exactly what the plain
 softmax composition makes non-finite, and nothing in other sequences. (A NaN or inf
 upstream gradient with finite inputs propagates identically through the flash backward.)
-Under ``torch.compile`` the check, a data-dependent branch, is skipped.
+Under ``torch.compile`` the check, a data-dependent branch, is skipped, and on GPUs
+(where it would synchronise) SDPA's fused kernels decide.
 """
 
 from __future__ import annotations
