@@ -442,7 +442,7 @@ def _target(device: torch.device, target):
     return major * 10 + minor
 
 
-# Tile configurations, as data: (regime, pass, head-dim bucket, precision, arch) -> candidate
+# Tile configurations, as data: (regime, pass, head-dim bucket, precision, arch, cls) -> candidate
 # (rows, num_warps, num_stages), best first. "rows" is the tile height GROUP * SEQ; "arch"
 # is 80 (Ampere, mma.sync) or 90 (Hopper and newer). The first candidate is what runs; on a
 # GPU the candidates are the pruned tuning space (see :func:`_run`). Chosen with
@@ -460,13 +460,13 @@ _HOPPER = {
     ("frame", "fwd", 128): [(32, 8, 2)],
     ("frame", "fwd", 256): [(16, 8, 1)],
     ("frame", "bwd", 64): [(64, 8, 1), (32, 8, 1)],
-    ("frame", "bwd", 128): [(16, 8, 1)],
+    ("frame", "bwd", 128): [(32, 8, 1), (16, 4, 1)],
     ("frame", "bwd", 256): [(16, 8, 1)],
     ("long", "fwd", 64): [(64, 8, 2), (32, 8, 2)],
     ("long", "fwd", 128): [(32, 8, 2)],
     ("long", "fwd", 256): [(16, 8, 1)],
     ("long", "bwd", 64): [(32, 8, 1), (64, 8, 1)],
-    ("long", "bwd", 128): [(16, 8, 1)],
+    ("long", "bwd", 128): [(32, 8, 1), (16, 4, 1)],
     ("long", "bwd", 256): [(16, 8, 1)],
 }
 _AMPERE = {
@@ -477,10 +477,18 @@ _AMPERE = {
     ("long", "fwd", 64): [(32, 8, 2)],
     ("long", "bwd", 64): [(32, 8, 1)],
 }
+# With a cls token the backward holds more per row (the cls row's merged loads): fewer rows.
+_CLS = {
+    ("frame", "bwd", 64): [(32, 8, 1)],
+    ("frame", "bwd", 128): [(16, 8, 1)],
+    ("long", "bwd", 64): [(32, 8, 1)],
+    ("long", "bwd", 128): [(16, 8, 1)],
+}
 TILES = {
-    (regime, pass_, bucket, "half", arch): cands
+    (regime, pass_, bucket, "half", arch, cls): (_CLS.get((regime, pass_, bucket)) if cls else None) or cands
     for arch, table in ((80, _AMPERE), (90, _HOPPER))
     for (regime, pass_, bucket), cands in table.items()
+    for cls in (False, True)
 }
 INTERPRETER_ROWS = 32
 
@@ -495,7 +503,7 @@ def _regime(E: int, rows: int) -> str:
     return "frame" if E <= FRAME_MAX else "long"
 
 
-def tile_candidates(E: int, D: int, dtype: torch.dtype, target, pass_: str) -> list:
+def tile_candidates(E: int, D: int, dtype: torch.dtype, target, pass_: str, has_cls: bool = False) -> list:
     """Candidate ``(regime, rows, num_warps, num_stages)`` for sequences of E rows (cls included).
 
     The regime follows from the first packed entry: sequences that fit its tile are
@@ -508,10 +516,10 @@ def tile_candidates(E: int, D: int, dtype: torch.dtype, target, pass_: str) -> l
     bucket = _bucket(max(16, triton.next_power_of_2(D)))
     arch = 90 if int(target) >= 90 else 80
     shrink = 2 if dtype == torch.float32 else 1
-    first_packed = TILES[("packed", pass_, bucket, "half", arch)][0][0] // shrink
+    first_packed = TILES[("packed", pass_, bucket, "half", arch, has_cls)][0][0] // shrink
     regime = _regime(E, max(16, first_packed))
     out = []
-    for rows, warps, stages in TILES[(regime, pass_, bucket, "half", arch)]:
+    for rows, warps, stages in TILES[(regime, pass_, bucket, "half", arch, has_cls)]:
         rows = max(16, rows // shrink)
         if regime == "packed" and triton.next_power_of_2(max(E, 1)) > rows:
             continue
@@ -520,12 +528,12 @@ def tile_candidates(E: int, D: int, dtype: torch.dtype, target, pass_: str) -> l
     return out
 
 
-def tile_config(E: int, D: int, dtype: torch.dtype, target, pass_: str, candidate=None):
+def tile_config(E: int, D: int, dtype: torch.dtype, target, pass_: str, candidate=None, has_cls: bool = False):
     """(regime, GROUP, SEQ, BLOCK_D, n_tiles, tiles_per_program, num_warps, num_stages).
 
     ``candidate`` is one of :func:`tile_candidates`; by default the first.
     """
-    regime, rows, warps, stages = candidate or tile_candidates(E, D, dtype, target, pass_)[0]
+    regime, rows, warps, stages = candidate or tile_candidates(E, D, dtype, target, pass_, has_cls)[0]
     block_d = max(16, triton.next_power_of_2(D))
     if regime == "packed":
         seq = triton.next_power_of_2(max(E, 1))
@@ -580,7 +588,7 @@ def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_c
     target = _target(q.device, None)
     (S0, S1, S2, L), _ = _geometry(q, op)
     E = max(L, _geometry(k, op)[0][3]) + int(has_cls)
-    candidates = tile_candidates(E, q.shape[-1], q.dtype, target, pass_)
+    candidates = tile_candidates(E, q.shape[-1], q.dtype, target, pass_, has_cls)
     choice = candidates[0] if candidates else None
     if len(candidates) > 1 and q.device.type == "cuda" and os.environ.get("DIVATTN_AUTOTUNE", "1") != "0":
         key = (op, pass_, E, q.shape[-1], q.dtype, S0 * S1 * S2, target)
@@ -609,7 +617,7 @@ def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=No
     has_cls = cls is not None
     E, EK = L + int(has_cls), LK + int(has_cls)
     regime, group, seq, block_d, _, per_prog, warps, stages = tile_config(max(E, EK), D, q.dtype, target, "fwd",
-                                                                           candidate)
+                                                                           candidate, has_cls)
     n_q, n_k = triton.cdiv(max(E, 1), seq), triton.cdiv(max(EK, 1), seq)
     per_prog = max(n_q, n_k) if regime != "long" else 1
     if has_cls:
@@ -663,7 +671,7 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
     has_cls = cls is not None
     E, EK = L + int(has_cls), LK + int(has_cls)
     regime, group, seq, block_d, _, per_prog, warps, stages = tile_config(max(E, EK), D, q.dtype, target, "bwd",
-                                                                           candidate)
+                                                                           candidate, has_cls)
     n_q, n_k = triton.cdiv(max(E, 1), seq), triton.cdiv(max(EK, 1), seq)
     per_prog = max(n_q, n_k) if regime != "long" else 1
     if has_cls:
