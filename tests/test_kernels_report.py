@@ -62,8 +62,6 @@ def test_low_precision_dots_use_tensor_cores(builds):
         assert kinds <= ({"HMMA"} if arch == 80 else {"HMMA", "HGMMA"})
 
 
-@pytest.mark.xfail(strict=True, reason="the committed kernels spill at D = 128 and 72 (sm_80, sm_90) and in some "
-                                       "sm_80 D = 64 backward builds")
 def test_no_spill_in_low_precision_builds(builds):
     spills = [f"{_where(b)}: {b['registers']} registers, {b['stack_bytes']} stack bytes, "
               f"{b['local_insts']} local loads/stores"
