@@ -98,14 +98,15 @@ def _model_id(p):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name,kw,shape", MODELS, ids=[_model_id(p) for p in MODELS])
 def test_forward_matches_flop_counter(name, kw, shape, backend):
-    """On the reference backend FlopCounterMode sees aten matmuls; on the kernel backend it
-    sees the divattn::attn_fwd custom op and counts it with the registered formula."""
+    """On the torch backend FlopCounterMode sees SDPA (its CPU flash op, whose formula divattn
+    registers); on the kernel backend it sees the divattn::attn_fwd custom op and counts it
+    with the registered formula."""
     model = meta_model(name, backend=backend, **kw)
     counts = counted(model, shape)
     expect = flops.count_macs(model, shape, implementation="bundled")
     assert sum(counts.values()) == 2 * expect.total
     assert counts["aten.convolution"] == 2 * expect.embed
-    attention_op = "aten.bmm" if backend == "torch" else "divattn.attn_fwd"
+    attention_op = "aten._scaled_dot_product_flash_attention_for_cpu" if backend == "torch" else "divattn.attn_fwd"
     assert counts[attention_op] == 2 * expect.attention
     assert expect.attention == sum(expect.by_op.values())
 

@@ -105,6 +105,23 @@ def call(case: Case, q, k, v, cls, backend: str):
 
 
 @contextlib.contextmanager
+def reference_backend():
+    """``backend="torch"`` computed by :mod:`divattn.ops.reference`, the ground truth.
+
+    The torch backend proper is the fast SDPA composition; the tests compare against the
+    plain softmax reference, in fp64 and (for the low-precision baseline) in the dtype.
+    """
+    from divattn.ops import api
+
+    old = api.torch_backend
+    api.torch_backend = reference
+    try:
+        yield
+    finally:
+        api.torch_backend = old
+
+
+@contextlib.contextmanager
 def plain_precision():
     """The reference computed in the input dtype: the baseline for low-precision error."""
     old = reference.UPCAST
@@ -142,11 +159,11 @@ def assert_close_to_reference(case: Case, backend: str, dtype: torch.dtype, seed
     gen = torch.Generator().manual_seed(seed)
     leaves64 = make_leaves(case, gen)
     q, k, v, cls = make_views(case, [x.requires_grad_(False) for x in leaves64])
-    grads64 = out_grads(call(case, q, k, v, cls, "torch"), gen)
-
-    ref_o, ref_g, _ = run(case, leaves64, grads64, "torch", torch.float64, device="cpu")
-    with plain_precision():
-        low_o, low_g, _ = run(case, leaves64, grads64, "torch", dtype)
+    with reference_backend():
+        grads64 = out_grads(call(case, q, k, v, cls, "torch"), gen)
+        ref_o, ref_g, _ = run(case, leaves64, grads64, "torch", torch.float64, device="cpu")
+        with plain_precision():
+            low_o, low_g, _ = run(case, leaves64, grads64, "torch", dtype)
     got_o, got_g, raw = run(case, leaves64, grads64, backend, dtype)
 
     names = [f"out{i}" for i in range(len(ref_o))] + [f"grad{i}" for i in range(len(ref_g))]
