@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import divattn
-from divattn.ops import cuda_ext, dispatch, split_qkv
+from divattn.ops import cuda_ext, dispatch, reference, split_qkv
 
 from .ops.cases import Case, assert_close_to_reference
 
@@ -482,3 +482,91 @@ def check_cls_frames(B, T, N, H, D, order, device):
                                                            (1, 16, "thw"))])
 def test_cls_per_frame_buffers_and_deterministic_backward(T, N, order):
     check_cls_frames(2, T, N, 3, 40, order, torch.device("cuda"))
+
+
+# ------------------------------------------------------------------ causal temporal attention
+
+# Query frames are the last Tq of Tk; T over 1 .. 40 (two 32-row tiles), N and D awkward.
+CAUSAL = [(T, tq, N, D, order) for T, tq, N, D, order in (
+    (1, 1, 7, 40, "thw"), (13, 13, 3, 72, "hwt"), (8, 3, 5, 64, "thw"), (13, 1, 49, 128, "hwt"),
+    (40, 40, 2, 40, "hwt"), (40, 9, 3, 64, "thw"), (40, 33, 2, 80, "hwt"),
+)]
+
+
+def causal_call(B, T, tq, N, H, D, order, causal, device, dtype=torch.float32):
+    """Forward (into NaN-filled buffers) and two backward passes of temporal attention from
+    the last ``tq`` of ``T`` frames, straight through the launchers.
+
+    Returns (q, k, v), o, lse, do and the two qkv gradients (NaN where nothing was written).
+    """
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, 1 + T * N, 3, H, D, generator=gen).to(device, dtype)
+    dqkv = torch.full_like(qkv, math.nan)
+    q, k, v, _ = split_qkv(qkv, T, N, order=order, has_cls=True)
+    dq, dk, dv, _ = split_qkv(dqkv, T, N, order=order, has_cls=True)
+    q, dq = q[:, T - tq:], dq[:, T - tq:]
+    o = torch.full(q.shape, math.nan, dtype=dtype, device=device)
+    lse = torch.full((q.numel() // D,), math.nan, device=device)
+    scale = D ** -0.5
+    cuda_ext.forward("temporal", q, k, v, o, lse, scale, causal=causal)
+    do = torch.randn(q.shape, generator=gen).to(device, dtype)
+    grads = []
+    for _ in range(2):
+        dqkv.fill_(math.nan)
+        cuda_ext.backward("temporal", q, k, v, o, do, lse, dq, dk, dv, scale, causal=causal)
+        grads.append(dqkv.clone())
+    return (q, k, v), o, lse, do, grads
+
+
+def check_causal(T, tq, N, D, order, device, causal=True, dtype=torch.float32, B=2, H=2):
+    """Every output written, the fp64 masked reference matched, and a deterministic backward."""
+    (q, k, v), o, lse, do, grads = causal_call(B, T, tq, N, H, D, order, causal, device, dtype)
+    assert not o.isnan().any() and not lse.isnan().any(), "an output element was not written"
+    q, k, v, do = (x.detach().double().cpu().requires_grad_() for x in (q, k, v, do))
+    s = torch.einsum("btnhd,bsnhd->bnhts", q, k) * D ** -0.5
+    if causal:
+        s = s.masked_fill(~reference.causal_mask(tq, T), -math.inf)
+    ref = torch.einsum("bnhts,bsnhd->btnhd", s.softmax(-1), v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2}[dtype]
+    assert (o.double().cpu() - ref).abs().max().item() < tol * (1 + ref.abs().max().item())
+    expected = (torch.logsumexp(s, -1) / math.log(2)).reshape(-1)
+    assert (lse.double().cpu() - expected).abs().max().item() < tol * (1 + expected.abs().max().item())
+    g = grads[0].double().cpu()
+    gq, gk, gv, _ = split_qkv(g, T, N, order=order, has_cls=True)
+    for name, got, want in zip("qkv", (gq[:, T - tq:], gk, gv), ref_grads):
+        assert not got.isnan().any(), f"d{name}: an element was not written"
+        assert (got - want).abs().max().item() < tol * (1 + want.abs().max().item()), f"d{name}"
+    if tq < T:
+        assert torch.isnan(gq[:, :T - tq]).all(), "dq written outside the query frames"
+    assert torch.equal(grads[0].nan_to_num(7.0), grads[1].nan_to_num(7.0)), "two backward passes differ"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T,tq,N,D,order", [pytest.param(*c, id=f"T{c[0]}-Tq{c[1]}-N{c[2]}-D{c[3]}-{c[4]}")
+                                            for c in CAUSAL])
+def test_causal_and_fewer_queries_write_every_output_and_match_reference(T, tq, N, D, order, causal, dtype):
+    check_causal(T, tq, N, D, order, torch.device("cuda"), causal, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("tq", [13, 4, 1], ids=lambda t: f"Tq{t}")
+def test_causal_through_the_public_op_matches_reference(tq, dtype):
+    from .ops.test_causal import C, _assert_close_to_reference
+
+    _assert_close_to_reference(C(13, tq, 49, 2, 72, "hwt", "transposed"), "cuda", dtype)
+
+
+@needs_gpu
+def test_binding_refuses_causal_spatial_and_more_query_frames():
+    q, o, lse = _direct_inputs()
+    with pytest.raises(RuntimeError, match="causal is only supported by temporal attention"):
+        cuda_ext.forward("spatial", q, q, q, o, lse, 0.25, causal=True)
+    with pytest.raises(RuntimeError, match=r"k must have shape \(B, Tk, N, H, D\) with Tk >= the Tq = 2"):
+        cuda_ext.forward("temporal", q, q[:, :1], q[:, :1], o, lse, 0.25, causal=True)
+    k = torch.randn(1, 5, 3, 2, 16, device=q.device)
+    with pytest.raises(RuntimeError, match="dk must have shape"):
+        cuda_ext.backward("temporal", q, k, k, o, o, lse, torch.empty_like(q), torch.empty_like(q), k.clone(), 0.25)

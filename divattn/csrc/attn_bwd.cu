@@ -11,6 +11,9 @@
 //   cls query of the key's frame adds its term first (p from the saved per-frame lse).
 // - bwd_dq: the mirror image, a warp owns 4 query rows and streams key/value tiles,
 //   accumulating ds_ij k_j; with a cls token the cls key's term is added first.
+// - Keys may outnumber queries (Lk > L) and attention may be causal (see attn_fwd.cu): a
+//   dk/dv block starts at the first query tile that sees its keys, a dq block stops after
+//   the last key tile its queries see, and both mask the diagonal.
 // Recomputing the probabilities in both passes costs a second read of q/k/v/do but
 // needs no score matrix in memory and no cross-block reduction. Block shapes, the
 // packing of short sequences and the padded row pitch follow attn_fwd.cu.
@@ -60,7 +63,7 @@ __global__ void __launch_bounds__(kWarps * kWarp) bwd_dkdv_kernel(const AttnPara
   float* del_t = lse_t + kSlots;              // [kSlots]
   __shared__ GroupBases gb;
 
-  const RowWarp w = row_warp(p);
+  const RowWarp w = row_warp(p, p.Lk);
   const int warp = w.warp, lane = w.lane, g = w.g;
   const int64_t key0 = w.row0;  // this warp's key rows
   const int D = p.D, D4 = (D + 3) / 4;
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(kWarps * kWarp) bwd_dkdv_kernel(const AttnPara
   bool key_ok[kRows];
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
-    key_ok[j] = w.seq_ok && key0 + j < p.L;
+    key_ok[j] = w.seq_ok && key0 + j < p.Lk;
     load_row<T, DP>(Kr + j * DP, key_ok[j] ? k + (key0 + j) * p.k.sL : k, key_ok[j], D, lane);
     load_row<T, DP>(Vr + j * DP, key_ok[j] ? v + (key0 + j) * p.v.sL : v, key_ok[j], D, lane);
   }
@@ -121,7 +124,9 @@ __global__ void __launch_bounds__(kWarps * kWarp) bwd_dkdv_kernel(const AttnPara
   const float* Dg = Dt + g * w.grp.slots * QP;
   float* Pr = Pw + warp * kRows * kSlots;
   float* Sr = Sw + warp * kRows * kSlots;
-  for (int64_t start = 0; start < p.L; start += w.grp.slots) {
+  const int64_t shift = p.Lk - p.L;  // query row i is key row i + shift
+  const int64_t qbeg = causal_query_begin(p, static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block);
+  for (int64_t start = qbeg; start < p.L; start += w.grp.slots) {
     __syncthreads();
     load_tile_pair<T, DP>(Qt, QP, Dt, QP, qptr, dptr, p.q, p.dout, gb, start, p.L, w.grp.slots, D, warp, lane);
     if (threadIdx.x < kSlots) {
@@ -134,14 +139,15 @@ __global__ void __launch_bounds__(kWarps * kWarp) bwd_dkdv_kernel(const AttnPara
       del_t[slot] = ok ? p.delta[s_row * p.L + row] : 0.f;
     }
     __syncthreads();
-    const bool q_ok = w.seq_ok && lane < w.grp.slots && start + lane < p.L;
+    const int64_t qry = start + lane;
+    const bool q_ok = w.seq_ok && lane < w.grp.slots && qry < p.L;
     const float* qrow = Qt + irow * QP;
     const float* drow = Dt + irow * QP;
     const float lse_i = lse_t[irow], del_i = del_t[irow];
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
       float pr = 0.f, ds = 0.f;
-      if (q_ok) {
+      if (q_ok && (!p.causal || key0 + j <= qry + shift)) {
         pr = exp2f(dot_smem(qrow, Kr + j * DP, D4) * p.qk_scale - lse_i);
         ds = pr * (dot_smem(drow, Vr + j * DP, D4) - del_i);
       }
@@ -189,7 +195,7 @@ __global__ void __launch_bounds__(kWarps * kWarp) bwd_dq_kernel(const AttnParams
   float* Sw = Dw + kWarps * kRows * DP;      // [kWarps][kRows][kSlots] ds of (query, key)
   __shared__ GroupBases gb;
 
-  const RowWarp w = row_warp(p);
+  const RowWarp w = row_warp(p, p.L);
   const int warp = w.warp, lane = w.lane, g = w.g;
   const int64_t row0 = w.row0;
   const int D = p.D, D4 = (D + 3) / 4;
@@ -245,24 +251,28 @@ __global__ void __launch_bounds__(kWarps * kWarp) bwd_dq_kernel(const AttnParams
   const int jrow = g * w.grp.slots + (lane & (w.grp.slots - 1));
   const float* Kg = Kt + g * w.grp.slots * KP;
   float* Sr = Sw + warp * kRows * kSlots;
-  for (int64_t start = 0; start < p.L; start += w.grp.slots) {
+  const int64_t shift = p.Lk - p.L;  // query row i is key row i + shift
+  const int64_t kend = causal_key_end(p, static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block,
+                                      w.grp.rows_per_block);
+  for (int64_t start = 0; start < kend; start += w.grp.slots) {
     __syncthreads();
-    load_tile_pair<T, DP>(Kt, KP, Vt, KP, kptr, vptr, p.k, p.v, gb, start, p.L, w.grp.slots, D, warp, lane);
+    load_tile_pair<T, DP>(Kt, KP, Vt, KP, kptr, vptr, p.k, p.v, gb, start, kend, w.grp.slots, D, warp, lane);
     __syncthreads();
-    const bool key_ok = w.seq_ok && lane < w.grp.slots && start + lane < p.L;
+    const int64_t key = start + lane;
+    const bool key_ok = w.seq_ok && lane < w.grp.slots && key < kend;
     const float* krow = Kt + jrow * KP;
     const float* vrow = Vt + jrow * KP;
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       float ds = 0.f;
-      if (key_ok && row_ok[i]) {
+      if (key_ok && row_ok[i] && (!p.causal || key <= row0 + i + shift)) {
         const float pr = exp2f(dot_smem(Qr + i * DP, krow, D4) * p.qk_scale - lse[i]);
         ds = pr * (dot_smem(Dr + i * DP, vrow, D4) - del[i]);
       }
       Sr[i * kSlots + lane] = ds;
     }
     __syncwarp();
-    const int n = static_cast<int>(p.L - start < w.grp.slots ? p.L - start : w.grp.slots);
+    const int n = static_cast<int>(kend - start < w.grp.slots ? kend - start : w.grp.slots);
     accumulate_tile<DCH>(dq, Sr, Kg, KP, n, lane);
   }
 
@@ -282,14 +292,16 @@ __global__ void __launch_bounds__(kWarps * kWarp) bwd_dq_kernel(const AttnParams
 template <typename T, int DCH, bool CLS>
 struct DkdvLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(bwd_dkdv_kernel<T, DCH, CLS>, dkdv_smem_floats<DCH * kWarp>() * sizeof(float), p, stream);
+    return launch_rows(bwd_dkdv_kernel<T, DCH, CLS>, dkdv_smem_floats<DCH * kWarp>() * sizeof(float), p, p.Lk,
+                       stream);
   }
 };
 
 template <typename T, int DCH, bool CLS>
 struct DqLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(bwd_dq_kernel<T, DCH, CLS>, dq_smem_floats<DCH * kWarp>() * sizeof(float), p, stream);
+    return launch_rows(bwd_dq_kernel<T, DCH, CLS>, dq_smem_floats<DCH * kWarp>() * sizeof(float), p, p.L,
+                       stream);
   }
 };
 
@@ -317,7 +329,7 @@ cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream) {
 }
 
 cudaError_t launch_bwd_dkdv(const AttnParams& p, cudaStream_t stream) {
-  if (p.S == 0 || p.L == 0) return cudaSuccess;
+  if (p.S == 0 || p.Lk == 0) return cudaSuccess;  // with no queries (L = 0) dk, dv are written as zeros
   return dispatch<DkdvLaunch>(p, stream);
 }
 

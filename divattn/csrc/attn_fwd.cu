@@ -17,6 +17,9 @@
 // - With a cls token every spatial row's softmax starts from the cls key (m = q . k_cls,
 //   l = 1, acc = v_cls), read once per row from its own pointer: the same vectors serve
 //   every frame without being repeated in memory.
+// - Keys may outnumber queries (temporal attention from the last L of Lk frames). Causal
+//   attention is bottom-right aligned (query row i sees keys 0 .. i + Lk - L): a block
+//   stops streaming key tiles after the last key its rows see, and masks the diagonal.
 // - Every load is guarded on sequence, row and head dim; addresses are 64-bit; every
 //   output row is written exactly once, with its log-sum-exp (base 2, scale included).
 #include "common.cuh"
@@ -40,7 +43,7 @@ __global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnPara
   float* Ps = Qs + kWarps * kRows * DP;  // [kWarps][kRows][kSlots]
   __shared__ GroupBases gb;
 
-  const RowWarp w = row_warp(p);
+  const RowWarp w = row_warp(p, p.L);
   const int warp = w.warp, lane = w.lane, g = w.g;
   const int64_t row0 = w.row0;
   const int D = p.D, D4 = (D + 3) / 4;
@@ -86,15 +89,20 @@ __global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnPara
   const int jrow = g * w.grp.slots + (lane & (w.grp.slots - 1));  // this lane's key row in the tile
   const float* Vg = Vs + g * w.grp.slots * DP;
   float* Pw = Ps + warp * kRows * kSlots;
-  for (int64_t start = 0; start < p.L; start += w.grp.slots) {
+  const int64_t shift = p.Lk - p.L;  // query row i is key row i + shift
+  const int64_t kend = causal_key_end(p, static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block,
+                                      w.grp.rows_per_block);
+  for (int64_t start = 0; start < kend; start += w.grp.slots) {
     __syncthreads();  // the previous tile is consumed
-    load_tile_pair<T, DP>(Ks, KP, Vs, DP, kptr, vptr, p.k, p.v, gb, start, p.L, w.grp.slots, D, warp, lane);
+    load_tile_pair<T, DP>(Ks, KP, Vs, DP, kptr, vptr, p.k, p.v, gb, start, kend, w.grp.slots, D, warp, lane);
     __syncthreads();
-    const bool key_ok = w.seq_ok && lane < w.grp.slots && start + lane < p.L;
+    const int64_t key = start + lane;
+    const bool key_ok = w.seq_ok && lane < w.grp.slots && key < kend;
     const float* krow = Ks + jrow * KP;
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
-      const float sc = key_ok ? dot_smem(Qw + i * DP, krow, D4) * p.qk_scale : -INFINITY;
+      const bool seen = key_ok && (!p.causal || key <= row0 + i + shift);
+      const float sc = seen ? dot_smem(Qw + i * DP, krow, D4) * p.qk_scale : -INFINITY;
       const float m_new = fmaxf(m[i], warp_max(sc));
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       const float alpha = exp2f(m[i] - m_use);
@@ -106,7 +114,7 @@ __global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnPara
       m[i] = m_new;
     }
     __syncwarp();
-    const int n = static_cast<int>(p.L - start < w.grp.slots ? p.L - start : w.grp.slots);
+    const int n = static_cast<int>(kend - start < w.grp.slots ? kend - start : w.grp.slots);
     accumulate_tile<DCH>(acc, Pw, Vg, DP, n, lane);
   }
 
@@ -131,7 +139,8 @@ __global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnPara
 template <typename T, int DCH, bool CLS>
 struct FwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float), p, stream);
+    return launch_rows(attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float), p, p.L,
+                       stream);
   }
 };
 

@@ -79,7 +79,7 @@ struct Checker {
 };
 
 struct Geometry {
-  int64_t S0 = 0, S1 = 1, S2 = 0, L = 0;
+  int64_t S0 = 0, S1 = 1, S2 = 0, L = 0, Lk = 0;  // L query rows, Lk key rows per sequence
   int64_t B = 0, T = 0, N = 0, H = 0, D = 0;
 };
 
@@ -111,6 +111,7 @@ Geometry geometry(Op op, const Tensor& q, const Checker& ck) {
       g.S0 = g.B, g.S1 = g.T, g.S2 = g.H, g.L = g.N;
     }
   }
+  g.Lk = g.L;
   const int64_t S = g.S0 * g.S1 * g.S2;
   // Grid limits of the row kernels: ceil(S / G) blocks in x, ceil(L / 16) in y.
   TORCH_CHECK(S <= std::numeric_limits<int32_t>::max(), ck.fn, ": ", S,
@@ -166,6 +167,7 @@ AttnParams base_params(Op op, const Geometry& g, const Tensor& q, double scale) 
   p.S1 = g.S1;
   p.S2 = g.S2;
   p.L = g.L;
+  p.Lk = g.Lk;
   p.B = g.B;
   p.T = g.T;
   p.H = g.H;
@@ -206,18 +208,34 @@ struct Call {
   AttnParams p;
 };
 
+// Temporal k and v may have more frames (Tk) than q (Tq): q's frames are the last Tq.
+// Every other dim, and every dim for spatial and joint attention, must match q.
 Call begin(const char* fn, const std::string& op_name, const Tensor& q, const Tensor& k, const Tensor& v,
-           const Tensor& o, const Tensor& lse, double scale, bool o_written) {
+           const Tensor& o, const Tensor& lse, double scale, bool causal, bool o_written) {
   const Op op = parse_op(op_name);
   Checker ck{std::string(fn) + "(" + op_name + ")", q.defined() ? q.scalar_type() : at::kFloat,
              q.defined() ? q.device() : at::Device(at::kCPU)};
-  const Geometry g = geometry(op, q, ck);
-  ck.like("k", k, q.sizes(), false);
-  ck.like("v", v, q.sizes(), false);
+  Geometry g = geometry(op, q, ck);
+  TORCH_CHECK(!causal || op == Op::temporal, ck.fn, ": causal is only supported by temporal attention");
+  std::vector<int64_t> kshape(q.sizes().begin(), q.sizes().end());
+  const char* kwhat = " like q";
+  if (op == Op::temporal) {
+    ck.defined("k", k);
+    TORCH_CHECK(k.dim() == 5, ck.fn, ": k must be 5-D (B, Tk, N, H, D), got ", describe(k));
+    TORCH_CHECK(k.size(1) >= g.L, ck.fn, ": k must have shape (B, Tk, N, H, D) with Tk >= the Tq = ", g.L,
+                " frames of q (q's frames are the last Tq of k's), got ", describe(k));
+    kshape[1] = g.Lk = k.size(1);
+    TORCH_CHECK((g.Lk + 15) / 16 <= 65535, ck.fn, ": sequence length ", g.Lk,
+                " is more than the kernels' grid allows (65535 * 16), k: ", describe(k));
+    kwhat = " = q's shape with k's Tk frames";
+  }
+  ck.like("k", k, kshape, false, kwhat);
+  ck.like("v", v, kshape, false, kwhat);
   ck.like("o", o, q.sizes(), o_written);
   ck.f32("lse", lse, {g.S0 * g.S1 * g.S2 * g.L});
   TORCH_CHECK(std::isfinite(scale), ck.fn, ": scale must be finite, got ", scale);
   AttnParams p = base_params(op, g, q, scale);
+  p.causal = causal;
   p.k = view_of(op, k);
   p.v = view_of(op, v);
   p.o = view_of(op, o);
@@ -226,11 +244,11 @@ Call begin(const char* fn, const std::string& op_name, const Tensor& q, const Te
 }
 
 void forward(const std::string& op_name, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
-             const Tensor& lse, double scale, const std::optional<Tensor>& q_cls,
+             const Tensor& lse, double scale, bool causal, const std::optional<Tensor>& q_cls,
              const std::optional<Tensor>& k_cls, const std::optional<Tensor>& v_cls,
              const std::optional<Tensor>& o_cls, const std::optional<Tensor>& cls_frames,
              const std::optional<Tensor>& lse_cls) {
-  Call call = begin("divattn._C.forward", op_name, q, k, v, o, lse, scale, true);
+  Call call = begin("divattn._C.forward", op_name, q, k, v, o, lse, scale, causal, true);
   const Checker& ck = call.ck;
   const Geometry& g = call.g;
   AttnParams& p = call.p;
@@ -247,19 +265,19 @@ void forward(const std::string& op_name, const Tensor& q, const Tensor& k, const
 
 void backward(const std::string& op_name, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
               const Tensor& dout, const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv,
-              double scale, const std::optional<Tensor>& q_cls, const std::optional<Tensor>& k_cls,
+              double scale, bool causal, const std::optional<Tensor>& q_cls, const std::optional<Tensor>& k_cls,
               const std::optional<Tensor>& v_cls, const std::optional<Tensor>& dq_cls,
               const std::optional<Tensor>& dk_cls, const std::optional<Tensor>& dv_cls,
               const std::optional<Tensor>& do_cls, const std::optional<Tensor>& cls_frames,
               const std::optional<Tensor>& lse_cls) {
-  Call call = begin("divattn._C.backward", op_name, q, k, v, o, lse, scale, false);
+  Call call = begin("divattn._C.backward", op_name, q, k, v, o, lse, scale, causal, false);
   const Checker& ck = call.ck;
   const Geometry& g = call.g;
   AttnParams& p = call.p;
   ck.like("do", dout, q.sizes(), false);
   ck.like("dq", dq, q.sizes(), true);
-  ck.like("dk", dk, q.sizes(), true);
-  ck.like("dv", dv, q.sizes(), true);
+  ck.like("dk", dk, k.sizes(), true, " like k");
+  ck.like("dv", dv, k.sizes(), true, " like k");
   p.dout = view_of(call.op, dout);
   p.dq = view_of(call.op, dq);
   p.dk = view_of(call.op, dk);
@@ -316,11 +334,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "divattn CUDA kernels: strided temporal, spatial (+cls) and joint attention";
   m.def("forward", &forward, "Attention forward; see divattn.ops.triton_kernels.forward", py::arg("op"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("scale"),
-        py::arg("q_cls") = py::none(), py::arg("k_cls") = py::none(), py::arg("v_cls") = py::none(),
-        py::arg("o_cls") = py::none(), py::arg("cls_frames") = py::none(), py::arg("lse_cls") = py::none());
+        py::arg("causal") = false, py::arg("q_cls") = py::none(), py::arg("k_cls") = py::none(),
+        py::arg("v_cls") = py::none(), py::arg("o_cls") = py::none(), py::arg("cls_frames") = py::none(),
+        py::arg("lse_cls") = py::none());
   m.def("backward", &backward, "Attention backward; see divattn.ops.triton_kernels.backward", py::arg("op"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("do"), py::arg("lse"), py::arg("dq"),
-        py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("q_cls") = py::none(),
+        py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal") = false, py::arg("q_cls") = py::none(),
         py::arg("k_cls") = py::none(), py::arg("v_cls") = py::none(), py::arg("dq_cls") = py::none(),
         py::arg("dk_cls") = py::none(), py::arg("dv_cls") = py::none(), py::arg("do_cls") = py::none(),
         py::arg("cls_frames") = py::none(), py::arg("lse_cls") = py::none());

@@ -118,11 +118,12 @@ struct RowWarp {
   SeqIndex ix;
 };
 
-__device__ __forceinline__ RowWarp row_warp(const AttnParams& p) {
+// `rows`: how many rows per sequence the kernel's warps own (p.L queries or p.Lk keys).
+__device__ __forceinline__ RowWarp row_warp(const AttnParams& p, int64_t rows) {
   RowWarp w;
   w.warp = threadIdx.x / kWarp;
   w.lane = threadIdx.x % kWarp;
-  w.grp = make_groups(p.L);
+  w.grp = make_groups(rows);
   w.g = w.warp / w.grp.warps_per_group;
   w.s = static_cast<int64_t>(blockIdx.x) * w.grp.G + w.g;
   w.seq_ok = w.s < p.S;
@@ -194,6 +195,21 @@ __device__ __forceinline__ void load_tile_pair(float* ta, int pitch_a, float* tb
   }
 }
 
+// Causal bounds of a block whose warps own rows [first, first + rows_per_block):
+// the end (exclusive) of the key rows its query rows see, and the first query row that
+// sees any of its key rows. Without causal: all keys, all queries.
+__device__ __forceinline__ int64_t causal_key_end(const AttnParams& p, int64_t first, int rows_per_block) {
+  if (!p.causal) return p.Lk;
+  const int64_t last = first + rows_per_block < p.L ? first + rows_per_block : p.L;
+  return last + (p.Lk - p.L);
+}
+
+__device__ __forceinline__ int64_t causal_query_begin(const AttnParams& p, int64_t first) {
+  if (!p.causal) return 0;
+  const int64_t q0 = first - (p.Lk - p.L);
+  return q0 > 0 ? q0 : 0;
+}
+
 template <typename Kernel>
 inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
@@ -201,14 +217,15 @@ inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
                               static_cast<int>(bytes));
 }
 
-// Launch a row kernel (attn_fwd.cu, attn_bwd.cu): one block per G sequences x rows_per_block rows.
+// Launch a row kernel (attn_fwd.cu, attn_bwd.cu): one block per G sequences x rows_per_block
+// of the `rows` rows (p.L queries or p.Lk keys) its warps own.
 template <typename Kernel>
-cudaError_t launch_rows(Kernel kernel, size_t smem, const AttnParams& p, cudaStream_t stream) {
+cudaError_t launch_rows(Kernel kernel, size_t smem, const AttnParams& p, int64_t rows, cudaStream_t stream) {
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const Groups grp = make_groups(p.L);
+  const Groups grp = make_groups(rows);
   const dim3 grid(static_cast<unsigned>((p.S + grp.G - 1) / grp.G),
-                  static_cast<unsigned>((p.L + grp.rows_per_block - 1) / grp.rows_per_block));
+                  static_cast<unsigned>((rows + grp.rows_per_block - 1) / grp.rows_per_block));
   kernel<<<grid, kWarps * kWarp, smem, stream>>>(p);
   return cudaGetLastError();
 }

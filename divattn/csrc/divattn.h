@@ -31,7 +31,10 @@ struct AttnParams {
   int D = 0;
   float scale = 1.f;     // softmax scale
   float qk_scale = 1.f;  // scale * log2(e): scores in base 2
-  int64_t S = 0, S1 = 1, S2 = 1, L = 0;
+  // S sequences; each has L query rows (q, o, lse) and Lk >= L key rows (k, v).
+  int64_t S = 0, S1 = 1, S2 = 1, L = 0, Lk = 0;
+  // Causal, bottom-right aligned: query row i sees key rows 0 .. i + (Lk - L).
+  bool causal = false;
 
   View q, k, v, o, dout, dq, dk, dv;
   float* lse = nullptr;    // (S * L,), base 2, scale included

@@ -229,34 +229,39 @@ def _lib():
         return _module
 
 
-def forward(op, q, k, v, o, lse, scale, *, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
+def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
     """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
 
     Same contract as :func:`divattn.ops.triton_kernels.forward`: ``op`` is
     ``"temporal"``, ``"spatial"`` or ``"joint"``; ``q, k, v, o`` are views in the op's
     layout (any strides, head dim contiguous, D <= 128); ``lse`` a contiguous fp32
-    ``(S*L,)`` in base 2 with the scale included; with ``cls = (q_cls, k_cls, v_cls)``
-    (each ``(B, H, D)``), ``o_cls`` is ``(B, H, D)``, ``cls_frames`` a contiguous fp32
-    ``(B, H, T, D)`` and ``lse_cls`` a contiguous fp32 ``(B, H, T)``.
+    ``(S*L,)`` in base 2 with the scale included, one row per query; with
+    ``cls = (q_cls, k_cls, v_cls)`` (each ``(B, H, D)``), ``o_cls`` is ``(B, H, D)``,
+    ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` and ``lse_cls`` a contiguous fp32
+    ``(B, H, T)``. Temporal ``q`` and ``o`` may have fewer frames (Tq) than ``k`` and
+    ``v`` (Tk): query frame i is frame ``Tk - Tq + i``, and with ``causal=True`` it
+    attends to key frames ``0 .. Tk - Tq + i`` (temporal attention only).
     """
     if cls is None:
-        _lib().forward(op, q, k, v, o, lse, float(scale))
+        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal))
     else:
-        _lib().forward(op, q, k, v, o, lse, float(scale), *cls, o_cls, cls_frames, lse_cls)
+        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal), *cls, o_cls, cls_frames, lse_cls)
 
 
 def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-             cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
+             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
     """Write dq, dk, dv (and the cls grads ``d_cls``) for :func:`forward`.
 
+    ``q, o, do, dq`` have the query frames (Tq), ``k, v, dk, dv`` the key frames (Tk).
     Every element is written, nothing accumulated, no atomics: the result is
     deterministic. Same contract as :func:`divattn.ops.triton_kernels.backward`.
     """
     lib = _lib()
     if cls is None:
-        lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale))
+        lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal))
     else:
-        lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), *cls, *d_cls, do_cls, cls_frames, lse_cls)
+        lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal), *cls, *d_cls, do_cls,
+                     cls_frames, lse_cls)
 
 
 def _nvcc_version(nvcc: str) -> str:
