@@ -149,7 +149,7 @@ def test_every_divattn_subcommand_accepts_its_options(plan):
             # unknown options or bad values fail here; --list then exits before any timing
             out = _run([sys.executable, "-m", "divattn", *cmd[3:], "--list"])
             assert out.returncode == 0, out.stderr[-2000:]
-    assert found == 3  # info, bench, kernels
+    assert found == 4  # info, bench (headline and causal), kernels
 
 
 def _collected(args) -> list:

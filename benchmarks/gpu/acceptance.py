@@ -19,6 +19,9 @@ Steps, in order (correctness first, so a short budget cuts benchmarks, not tests
   memcheck``, after a run without it that fills the Triton cache.
 - ``bench-headline``: ``divattn bench`` on TimeSformer-B 8x224, temporal and spatial with
   cls, forward and forward + backward, every provider but FlexAttention, bf16.
+- ``bench-causal``: causal temporal attention at the ST transformer's shape (16 frames,
+  256 patches), forward and forward + backward, against the copy-based eager code and SDPA
+  with ``is_causal=True``, bf16.
 - ``bench-sweep``: frames 1..96, divided (temporal, spatial with cls) against joint.
 - ``bench-train-step`` / ``bench-train-step-compiled``: the TimeSformer-B training step on
   the bundled model per divattn backend against ``transformers`` eager and
@@ -199,6 +202,11 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
               "--passes", "fwd,fwd+bwd", "--dtype", "bfloat16", "--providers", ",".join(HEADLINE_PROVIDERS),
               "--quick", "--json", out("bench_headline.json")],
              150, "TimeSformer-B 8x224 temporal and spatial+cls, fwd and fwd+bwd, bf16, every provider but flex"),
+        Step("bench-causal", "benchmark",
+             [py, "-m", "divattn", "bench", "--shape", "st_causal_16x256", "--ops", "temporal",
+              "--passes", "fwd,fwd+bwd", "--dtype", "bfloat16", "--providers", ",".join(HEADLINE_PROVIDERS),
+              "--quick", "--json", out("bench_causal.json")],
+             60, "causal temporal attention (ST transformer, 16 frames of 256 patches), fwd and fwd+bwd, bf16"),
         Step("bench-sweep", "benchmark",
              [py, script("bench_records.py"), "sweep", "--shape", "timesformer_8x224",
               "--frames", "1,2,4,8,16,32,64,96",
