@@ -16,7 +16,10 @@
 //   so short sequences do not leave most of a block idle.
 // - With a cls token every spatial row's softmax starts from the cls key (m = q . k_cls,
 //   l = 1, acc = v_cls), read once per row from its own pointer: the same vectors serve
-//   every frame without being repeated in memory.
+//   every frame without being repeated in memory. The cls query is one more row of every
+//   frame (row 0, the patches are rows 1 .. N): it streams through the frame's key tiles
+//   with the patch rows, so each frame's keys and values are read once, and its output and
+//   lse go to the per-frame fp32 buffers (cls_frames, lse_cls) that cls.cu averages.
 // - Keys may outnumber queries (temporal attention from the last L of Lk frames). Causal
 //   attention is bottom-right aligned (query row i sees keys 0 .. i + Lk - L): a block
 //   stops streaming key tiles after the last key its rows see, and masks the diagonal.
@@ -43,7 +46,9 @@ __global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnPara
   float* Ps = Qs + kWarps * kRows * DP;  // [kWarps][kRows][kSlots]
   __shared__ GroupBases gb;
 
-  const RowWarp w = row_warp(p, p.L);
+  constexpr int kCls = CLS ? 1 : 0;  // query row r is patch row r - kCls; with cls, row 0 is the cls query
+  const int64_t rows = p.L + kCls;
+  const RowWarp w = row_warp(p, rows);
   const int warp = w.warp, lane = w.lane, g = w.g;
   const int64_t row0 = w.row0;
   const int D = p.D, D4 = (D + 3) / 4;
@@ -53,8 +58,14 @@ __global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnPara
   bool row_ok[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
-    row_ok[i] = w.seq_ok && row0 + i < p.L;
-    load_row<T, DP>(Qw + i * DP, row_ok[i] ? q + (row0 + i) * p.q.sL : q, row_ok[i], D, lane);
+    const int64_t r = row0 + i;
+    row_ok[i] = w.seq_ok && r < rows;
+    const T* src = q;
+    if (row_ok[i]) {
+      src = CLS && i == 0 && row0 == 0 ? static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, w.ix.i0, w.ix.i2)
+                                        : q + (r - kCls) * p.q.sL;
+    }
+    load_row<T, DP>(Qw + i * DP, src, row_ok[i], D, lane);
   }
   group_bases(gb, p.k, p.v, p, w.grp.G);
   __syncthreads();
@@ -124,14 +135,25 @@ __global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnPara
     const float lt = warp_sum(l[i]);
     const float l_safe = lt == 0.f ? 1.f : lt;
     const float inv = 1.f / l_safe;
-    if (row_ok[i]) {
-      T* orow = o + (row0 + i) * p.o.sL;
+    const int64_t r = row0 + i;
+    if (CLS && i == 0 && row0 == 0 && row_ok[i]) {
+      // frame (b, h, t) of the (B, H, T) cls buffers; this sequence is (b, t, h)
+      const int64_t frame = (w.ix.i0 * p.S2 + w.ix.i2) * p.S1 + w.ix.i1;
+      float* out = p.cls_frames + frame * D;
+#pragma unroll
+      for (int c = 0; c < DCH; ++c) {
+        const int d = lane + c * kWarp;
+        if (d < D) out[d] = acc[i][c] * inv;
+      }
+      if (lane == 0) p.lse_cls[frame] = m[i] + log2f(l_safe);
+    } else if (row_ok[i]) {
+      T* orow = o + (r - kCls) * p.o.sL;
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {
         const int d = lane + c * kWarp;
         if (d < D) orow[d] = from_float<T>(acc[i][c] * inv);
       }
-      if (lane == 0) p.lse[w.s * p.L + row0 + i] = m[i] + log2f(l_safe);
+      if (lane == 0) p.lse[w.s * p.L + r - kCls] = m[i] + log2f(l_safe);
     }
   }
 }
@@ -139,15 +161,15 @@ __global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnPara
 template <typename T, int DCH, bool CLS>
 struct FwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float), p, p.L,
-                       stream);
+    return launch_rows(attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float), p,
+                       p.L + (CLS ? 1 : 0), stream);
   }
 };
 
 }  // namespace
 
 cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream) {
-  if (p.S == 0 || p.L == 0) return cudaSuccess;
+  if (p.S == 0 || p.L + (p.has_cls ? 1 : 0) == 0) return cudaSuccess;
   return dispatch<FwdLaunch>(p, stream);
 }
 

@@ -2,18 +2,13 @@
 // attends, in every frame t, to [cls] + that frame's N patch keys with a softmax of its
 // own, and o_cls is the mean of the T per-frame outputs.
 //
-// Design: the per-frame work runs in one block of 4 warps per frame (b, h, t), as many
-// blocks as the spatial attention kernels have sequences, so spatial attention with cls
-// spreads over the GPU like spatial attention does; no kernel walks the frames of a
-// (b, h) one after another. Per-frame results go to small fp32 (B, H, T, ·) buffers and
-// a tiny epilogue sums them over t in a fixed order: no atomics, deterministic. The
-// cls query is not a row of the attention kernels' tiles, so its forward reads each
-// frame's keys and values once more (once, in key order, next to the patch rows' pass).
-// - cls_fwd_frame: warp w takes keys w, w + 4, ... (two at a time, for independent
-//   shuffle chains; warp 0 seeds its online softmax with the cls key), lanes own
-//   head-dim elements and each score is a warp reduction. The 4 warps' (max, sum,
-//   output) merge in warp order into the frame's output (fp32) and its lse (base 2),
-//   both saved for the backward.
+// Design: the forward's per-frame outputs come from attn_fwd.cu, where the cls query is
+// row 0 of every frame's spatial attention (each frame's keys and values are read once),
+// into small fp32 (B, H, T, ·) buffers; here a tiny epilogue sums them over t in a fixed
+// order: no atomics, deterministic. The backward's per-frame work runs in one block of 4
+// warps per frame (b, h, t), as many blocks as the spatial attention kernels have
+// sequences, so it spreads over the GPU like spatial attention does; no kernel walks the
+// frames of a (b, h) one after another.
 // - cls_bwd_prep: one warp per frame: delta_cls[t] = cls_frames[t] . gc with
 //   gc = d o_cls / T (the t = 0 warp writes gc), which the patch key gradients
 //   (attn_bwd.cu) need too.
@@ -54,84 +49,6 @@ __device__ __forceinline__ Frame frame_of(const AttnParams& p) {
   fr.b = fr.bh / p.H;
   fr.h = fr.bh - fr.b * p.H;
   return fr;
-}
-
-template <typename T, int DCH>
-__global__ void __launch_bounds__(kClsWarps * kWarp) cls_fwd_frame_kernel(const AttnParams p) {
-  constexpr int DP = DCH * kWarp;
-  __shared__ float red_m[kClsWarps], red_l[kClsWarps];
-  __shared__ float red_acc[kClsWarps][DP];
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const Frame fr = frame_of(p);
-  const int D = p.D;
-  const int64_t N = p.L;
-  float qc[DCH];
-  load_lanes<T, DCH>(qc, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, fr.b, fr.h), true, D, lane);
-
-  float m = -INFINITY, l = 0.f, acc[DCH];
-#pragma unroll
-  for (int c = 0; c < DCH; ++c) acc[c] = 0.f;
-  if (warp == 0) {  // the cls key and value, in every frame
-    float kc[DCH];
-    load_lanes<T, DCH>(kc, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, fr.b, fr.h), true, D, lane);
-    load_lanes<T, DCH>(acc, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, fr.b, fr.h), true, D, lane);
-    m = warp_sum(lanes_dot(qc, kc)) * p.qk_scale;
-    l = 1.f;
-  }
-
-  const T* kf = static_cast<const T*>(p.k.ptr) + fr.b * p.k.s0 + fr.t * p.k.s1 + fr.h * p.k.s2;
-  const T* vf = static_cast<const T*>(p.v.ptr) + fr.b * p.v.s0 + fr.t * p.v.s1 + fr.h * p.v.s2;
-  for (int64_t n = warp; n < N; n += 2 * kClsWarps) {
-    const int64_t n1 = n + kClsWarps;
-    const bool ok1 = n1 < N;
-    float k0[DCH], k1[DCH], v0[DCH], v1[DCH];
-    load_lanes<T, DCH>(k0, kf + n * p.k.sL, true, D, lane);
-    load_lanes<T, DCH>(k1, ok1 ? kf + n1 * p.k.sL : kf, ok1, D, lane);
-    load_lanes<T, DCH>(v0, vf + n * p.v.sL, true, D, lane);
-    load_lanes<T, DCH>(v1, ok1 ? vf + n1 * p.v.sL : vf, ok1, D, lane);
-    float a0 = lanes_dot(qc, k0), a1 = lanes_dot(qc, k1);
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off /= 2) {
-      a0 += __shfl_xor_sync(kFull, a0, off);
-      a1 += __shfl_xor_sync(kFull, a1, off);
-    }
-    const float s0 = a0 * p.qk_scale;
-    const float s1 = ok1 ? a1 * p.qk_scale : -INFINITY;
-    const float m_new = fmaxf(m, fmaxf(s0, s1));
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key scored yet: p = 0, not NaN
-    const float alpha = exp2f(m - m_use), p0 = exp2f(s0 - m_use), p1 = exp2f(s1 - m_use);
-    l = l * alpha + p0 + p1;
-#pragma unroll
-    for (int c = 0; c < DCH; ++c) acc[c] = fmaf(p1, v1[c], fmaf(p0, v0[c], acc[c] * alpha));
-    m = m_new;
-  }
-
-  if (lane == 0) {
-    red_m[warp] = m;
-    red_l[warp] = l;
-  }
-#pragma unroll
-  for (int c = 0; c < DCH; ++c) red_acc[warp][lane + c * kWarp] = acc[c];
-  __syncthreads();
-  // Warps without keys hold (-inf, 0, 0) and add nothing.
-  float m_all = red_m[0];
-#pragma unroll
-  for (int w = 1; w < kClsWarps; ++w) m_all = fmaxf(m_all, red_m[w]);
-  float scale_w[kClsWarps], l_all = 0.f;
-#pragma unroll
-  for (int w = 0; w < kClsWarps; ++w) {
-    scale_w[w] = exp2f(red_m[w] - m_all);
-    l_all = fmaf(red_l[w], scale_w[w], l_all);
-  }
-  const float inv = 1.f / l_all;
-  float* out = p.cls_frames + fr.f * D;
-  for (int d = threadIdx.x; d < D; d += kClsWarps * kWarp) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kClsWarps; ++w) sum = fmaf(red_acc[w][d], scale_w[w], sum);
-    out[d] = sum * inv;
-  }
-  if (threadIdx.x == 0) p.lse_cls[fr.f] = m_all + log2f(l_all);
 }
 
 template <typename T>
@@ -283,15 +200,7 @@ cudaError_t sum_frames_dtype(const AttnParams& p, const SumJobs& jobs, int n_job
 
 unsigned cls_frames_grid(const AttnParams& p) { return static_cast<unsigned>(p.B * p.H * p.T); }
 
-// The per-frame cls kernels have no cls-less variant: the third parameter is always true.
-template <typename T, int DCH, bool>
-struct ClsFwdLaunch {
-  static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    cls_fwd_frame_kernel<T, DCH><<<cls_frames_grid(p), kClsWarps * kWarp, 0, stream>>>(p);
-    return cudaGetLastError();
-  }
-};
-
+// The per-frame cls kernel has no cls-less variant: the third parameter is always true.
 template <typename T, int DCH, bool>
 struct ClsBwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
@@ -306,8 +215,6 @@ bool cls_empty(const AttnParams& p) { return !p.has_cls || p.B * p.H == 0 || p.T
 
 cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
-  const cudaError_t err = dispatch_dtype<ClsFwdLaunch, true>(p, stream);
-  if (err != cudaSuccess) return err;
   SumJobs jobs{};
   jobs.job[0] = {p.cls_frames, p.oc, 1.f / static_cast<float>(p.T)};
   return sum_frames_dtype(p, jobs, 1, stream);

@@ -56,7 +56,8 @@ cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_dkdv(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_dq(const AttnParams& p, cudaStream_t stream);
-// cls (cls.cu): per-frame kernels, then a sum over frames into o_cls / dq, dk, dv_cls.
+// cls (cls.cu): the mean over frames of the per-frame cls outputs launch_attn_fwd wrote
+// into o_cls; per-frame backward kernels, then their sum over frames into dq, dk, dv_cls.
 cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_cls_bwd_prep(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_cls_bwd(const AttnParams& p, cudaStream_t stream);
