@@ -214,8 +214,11 @@ def test_values_must_have_the_key_frames():
         divattn.temporal_attention(q, k, torch.randn(1, 2, 4, 2, 8), causal=True, backend="torch")
 
 
-def test_cuda_backend_refuses_causal_and_fewer_queries_with_a_sentence():
-    """The CUDA kernels declare neither feature: a forced backend="cuda" names them."""
+def test_backend_without_the_features_refuses_with_a_sentence(monkeypatch):
+    """A forced backend that declares neither feature names them (every backend serves both today)."""
+    for name in BACKENDS:
+        assert {"causal", "fewer_queries"} <= set(BACKENDS[name].features), name
+    monkeypatch.setitem(BACKENDS, "cuda", dataclasses.replace(BACKENDS["cuda"], features=()))
     q, k, v = _qkv()
     with pytest.raises(BackendError) as e:
         divattn.temporal_attention(q, k, v, causal=True, backend="cuda")
