@@ -528,21 +528,50 @@ def tile_candidates(E: int, D: int, dtype: torch.dtype, target, pass_: str, has_
     return out
 
 
-def tile_config(E: int, D: int, dtype: torch.dtype, target, pass_: str, candidate=None, has_cls: bool = False):
-    """(regime, GROUP, SEQ, BLOCK_D, n_tiles, tiles_per_program, num_warps, num_stages).
+@dataclass(frozen=True)
+class Tiling:
+    """How one problem is tiled: its sequences (S of them, indexed by (i0, i1, i2) with
+    S1, S2), query rows L and key rows LK (the cls row excluded), and the tile
+    configuration: GROUP sequences of SEQ rows per tile, n_q / n_k query / key tiles per
+    sequence, tiles_per_prog of them per program."""
+
+    S: int
+    S1: int
+    S2: int
+    L: int
+    LK: int
+    has_cls: bool
+    regime: str
+    group: int
+    seq: int
+    block_d: int
+    n_q: int
+    n_k: int
+    tiles_per_prog: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(op: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target, pass_: str,
+                candidate=None) -> Tiling:
+    """The tiling of ``op`` on q, k (sequences of E = L + cls rows) for ``target``.
 
     ``candidate`` is one of :func:`tile_candidates`; by default the first.
     """
-    regime, rows, warps, stages = candidate or tile_candidates(E, D, dtype, target, pass_, has_cls)[0]
-    block_d = max(16, triton.next_power_of_2(D))
+    (S0, S1, S2, L), _ = _geometry(q, op)
+    LK = _geometry(k, op)[0][3]
+    E, EK = L + int(has_cls), LK + int(has_cls)
+    regime, rows, warps, stages = candidate or tile_candidates(max(E, EK), q.shape[-1], q.dtype, target, pass_,
+                                                               has_cls)[0]
     if regime == "packed":
-        seq = triton.next_power_of_2(max(E, 1))
+        seq = triton.next_power_of_2(max(E, EK, 1))
         group = rows // seq
     else:
         seq, group = rows, 1
-    n_tiles = triton.cdiv(max(E, 1), seq)
-    per_prog = n_tiles if regime != "long" else 1
-    return regime, group, seq, block_d, n_tiles, per_prog, warps, stages
+    n_q, n_k = triton.cdiv(max(E, 1), seq), triton.cdiv(max(EK, 1), seq)
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    return Tiling(S0 * S1 * S2, S1, S2, L, LK, has_cls, regime, group, seq, block_d,
+                  n_q, n_k, max(n_q, n_k) if regime != "long" else 1, warps, stages)
 
 
 def _geometry(x: torch.Tensor, op: str):
@@ -589,7 +618,7 @@ def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_c
     (S0, S1, S2, L), _ = _geometry(q, op)
     E = max(L, _geometry(k, op)[0][3]) + int(has_cls)
     candidates = tile_candidates(E, q.shape[-1], q.dtype, target, pass_, has_cls)
-    choice = candidates[0] if candidates else None
+    choice = candidates[0]
     if len(candidates) > 1 and q.device.type == "cuda" and os.environ.get("DIVATTN_AUTOTUNE", "1") != "0":
         key = (op, pass_, E, q.shape[-1], q.dtype, S0 * S1 * S2, target)
         choice = _TUNED.get(key)
@@ -609,17 +638,9 @@ def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=No
 
     ``candidate``: a tile configuration from :func:`tile_candidates` (default: the first).
     """
-    target = _target(q.device, target)
-    (S0, S1, S2, L), sq = _geometry(q, op)
-    LK = _geometry(k, op)[0][3]
-    D = q.shape[-1]
-    S = S0 * S1 * S2
     has_cls = cls is not None
-    E, EK = L + int(has_cls), LK + int(has_cls)
-    regime, group, seq, block_d, _, per_prog, warps, stages = tile_config(max(E, EK), D, q.dtype, target, "fwd",
-                                                                           candidate, has_cls)
-    n_q, n_k = triton.cdiv(max(E, 1), seq), triton.cdiv(max(EK, 1), seq)
-    per_prog = max(n_q, n_k) if regime != "long" else 1
+    t = tile_config(op, q, k, has_cls, _target(q.device, target), "fwd", candidate)
+    D = q.shape[-1]
     if has_cls:
         qc, kc, vc = cls
         cls_bufs = (qc, kc, vc, cls_frames, lse_cls)
@@ -628,22 +649,22 @@ def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=No
         cls_bufs = (q, k, v, lse, lse)
         cls_strides = (0,) * 6
     plan = []
-    if S > 0 and E > 0:
+    if t.S > 0 and t.L + has_cls > 0:
         plan.append(Launch(
-            _attn_fwd_kernel, (triton.cdiv(S, group), triton.cdiv(n_q, per_prog)),
+            _attn_fwd_kernel, (triton.cdiv(t.S, t.group), triton.cdiv(t.n_q, t.tiles_per_prog)),
             _named(_attn_fwd_kernel, (
-                q, k, v, o, lse, *cls_bufs,
-                *sq, *_geometry(k, op)[1], *_geometry(v, op)[1], *_geometry(o, op)[1], *cls_strides,
-                S, S1, S2, L, LK, D, n_q, n_k, per_prog, scale * LOG2E)),
-            dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype), CAUSAL=bool(causal)),
-            warps, stages, regime))
+                q, k, v, o, lse, *cls_bufs, *[st for x in (q, k, v, o) for st in _geometry(x, op)[1]], *cls_strides,
+                t.S, t.S1, t.S2, t.L, t.LK, D, t.n_q, t.n_k, t.tiles_per_prog, scale * LOG2E)),
+            dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
+                 CAUSAL=bool(causal)),
+            t.num_warps, t.num_stages, t.regime))
     if has_cls:
         B, T, N, H, _ = q.shape
         if B * H > 0:
             plan.append(Launch(
                 _cls_mean_kernel, (B * H,),
                 _named(_cls_mean_kernel, (cls_frames, o_cls, *_cls_strides(o_cls), H, T, D, 1.0 / T)),
-                dict(BLOCK_D=block_d), 1, 1, "epilogue"))
+                dict(BLOCK_D=t.block_d), 1, 1, "epilogue"))
     return plan
 
 
@@ -663,17 +684,9 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
                   causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, target=None,
                   candidate=None) -> list:
     """The launches :func:`backward` makes (cls scratch buffers allocated on q's device)."""
-    target = _target(q.device, target)
-    (S0, S1, S2, L), sq = _geometry(q, op)
-    LK = _geometry(k, op)[0][3]
-    D = q.shape[-1]
-    S = S0 * S1 * S2
     has_cls = cls is not None
-    E, EK = L + int(has_cls), LK + int(has_cls)
-    regime, group, seq, block_d, _, per_prog, warps, stages = tile_config(max(E, EK), D, q.dtype, target, "bwd",
-                                                                           candidate, has_cls)
-    n_q, n_k = triton.cdiv(max(E, 1), seq), triton.cdiv(max(EK, 1), seq)
-    per_prog = max(n_q, n_k) if regime != "long" else 1
+    t = tile_config(op, q, k, has_cls, _target(q.device, target), "bwd", candidate)
+    D = q.shape[-1]
     if has_cls:
         B, T, N, H, _ = q.shape
         qc, kc, vc = cls
@@ -687,24 +700,23 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
         cls_strides = (0,) * 8
         inv_T = 1.0
     plan = []
-    if S > 0 and E > 0:
-        strides = [_geometry(x, op)[1] for x in (k, v, o, do, dq, dk, dv)]
+    if t.S > 0 and t.L + has_cls > 0:
         plan.append(Launch(
-            _attn_bwd_kernel, (triton.cdiv(S, group), triton.cdiv(max(n_q, n_k), per_prog)),
+            _attn_bwd_kernel, (triton.cdiv(t.S, t.group), triton.cdiv(max(t.n_q, t.n_k), t.tiles_per_prog)),
             _named(_attn_bwd_kernel, (
                 q, k, v, o, do, lse, dq, dk, dv, *cls_bufs,
-                *sq, *[st for x in strides for st in x], *cls_strides,
-                S, S1, S2, L, LK, D, n_q, n_k, per_prog, scale * LOG2E, scale, inv_T)),
-            dict(HAS_CLS=has_cls, GROUP=group, SEQ=seq, BLOCK_D=block_d, PREC=_prec(q.dtype),
-                 SINGLE=n_q == 1 and n_k == 1, CAUSAL=bool(causal)),
-            warps, stages, regime))
+                *[st for x in (q, k, v, o, do, dq, dk, dv) for st in _geometry(x, op)[1]], *cls_strides,
+                t.S, t.S1, t.S2, t.L, t.LK, D, t.n_q, t.n_k, t.tiles_per_prog, scale * LOG2E, scale, inv_T)),
+            dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
+                 SINGLE=t.n_q == 1 and t.n_k == 1, CAUSAL=bool(causal)),
+            t.num_warps, t.num_stages, t.regime))
     if has_cls and B * H > 0:
         dqc, dkc, dvc = d_cls
         plan.append(Launch(
             _cls_grad_kernel, (B * H,),
             _named(_cls_grad_kernel, (*partials, dqc, dkc, dvc, *_cls_strides(dqc), *_cls_strides(dkc),
                                       *_cls_strides(dvc), H, T, D)),
-            dict(BLOCK_D=block_d), 1, 1, "epilogue"))
+            dict(BLOCK_D=t.block_d), 1, 1, "epilogue"))
     return plan
 
 
@@ -720,5 +732,5 @@ def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
          op, "bwd", q, k, cls is not None)
 
 
-__all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "LOG2E", "TILES",
+__all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "Tiling", "LOG2E", "TILES",
            "tile_candidates", "tile_config"]
