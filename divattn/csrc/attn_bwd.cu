@@ -49,7 +49,7 @@ constexpr size_t dkdv_smem_floats() {
 }
 
 template <typename T, int DCH, bool CLS>
-__global__ void __launch_bounds__(kWarps * kWarp) bwd_dkdv_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int QP = DP + 4;
   extern __shared__ __align__(16) float smem[];
@@ -184,7 +184,7 @@ constexpr size_t dq_smem_floats() {
 }
 
 template <typename T, int DCH, bool CLS>
-__global__ void __launch_bounds__(kWarps * kWarp) bwd_dq_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int KP = DP + 4;
   extern __shared__ __align__(16) float smem[];

@@ -36,7 +36,7 @@ constexpr size_t fwd_smem_floats() {
 }
 
 template <typename T, int DCH, bool CLS>
-__global__ void __launch_bounds__(kWarps * kWarp) attn_fwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int KP = DP + 4;
   extern __shared__ __align__(16) float smem[];

@@ -43,11 +43,15 @@ struct Frame {
 
 __device__ __forceinline__ Frame frame_of(const AttnParams& p) {
   Frame fr;
-  fr.f = blockIdx.x;
-  fr.bh = fr.f / p.T;
-  fr.t = fr.f - fr.bh * p.T;
-  fr.b = fr.bh / p.H;
-  fr.h = fr.bh - fr.b * p.H;
+  // B * H * T frames is the spatial problem's sequence count, at most 2^31 - 1 (checked
+  // on the host): 32-bit division, inlined (see seq_index).
+  const uint32_t f = blockIdx.x, nT = static_cast<uint32_t>(p.T), nH = static_cast<uint32_t>(p.H);
+  const uint32_t bh = f / nT, b = bh / nH;
+  fr.f = f;
+  fr.bh = bh;
+  fr.t = f - bh * nT;
+  fr.b = b;
+  fr.h = bh - b * nH;
   return fr;
 }
 
@@ -56,7 +60,8 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const A
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t f = static_cast<int64_t>(blockIdx.x) * kClsWarps + warp;
   if (f >= p.B * p.H * p.T) return;
-  const int64_t bh = f / p.T, b = bh / p.H, h = bh - b * p.H;
+  const uint32_t nT = static_cast<uint32_t>(p.T), nH = static_cast<uint32_t>(p.H);  // 32-bit: see frame_of
+  const int64_t bh = static_cast<uint32_t>(f) / nT, b = static_cast<uint32_t>(bh) / nH, h = bh - b * p.H;
   const int D = p.D;
   const T* doc = static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, b, h);
   const float inv_T = 1.f / static_cast<float>(p.T);

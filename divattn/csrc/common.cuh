@@ -16,6 +16,14 @@ constexpr int kWarp = 32;
 constexpr int kWarps = 4;        // warps per block of the row kernels
 constexpr int kRows = 4;         // rows (queries or keys) owned by one warp
 constexpr int kSlots = 32;       // rows per shared-memory tile: one per lane
+// Blocks per SM the row kernels are compiled for (__launch_bounds__'s minimum), which caps
+// their registers at 65536 / (128 * n): 96 for the forward, 128 for the backward. Without a
+// minimum, ptxas aimed at about 72 registers and spilled (up to 40 bytes in the dK/dV
+// kernel with cls); with these caps no build for sm_80 or sm_90 spills
+// (.ci/compile_csrc.sh fails if one does). At D = 128 shared memory holds an SM to as few
+// blocks or fewer anyway (about 44 KB a block for the forward, 54 KB for the dK/dV kernel).
+constexpr int kFwdMinBlocks = 5;
+constexpr int kBwdMinBlocks = 4;
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -48,9 +56,14 @@ struct SeqIndex {
   int64_t i0, i1, i2;
 };
 
+// The host refuses more than 2^31 - 1 sequences (bindings.cpp), so s, S1 and S2 fit 32
+// bits. The division is done in 32 bits: 64-bit integer division is a called subroutine,
+// and the calling convention around it made the row kernels spill registers.
 __device__ __forceinline__ SeqIndex seq_index(int64_t s, int64_t S1, int64_t S2) {
-  const int64_t r = s / S2;
-  return {r / S1, r % S1, s - r * S2};
+  const uint32_t s32 = static_cast<uint32_t>(s), S1u = static_cast<uint32_t>(S1), S2u = static_cast<uint32_t>(S2);
+  const uint32_t r = s32 / S2u;
+  const uint32_t i0 = r / S1u;
+  return {static_cast<int64_t>(i0), static_cast<int64_t>(r - i0 * S1u), static_cast<int64_t>(s32 - r * S2u)};
 }
 
 __device__ __forceinline__ int64_t seq_offset(const View& v, const SeqIndex& ix) {
