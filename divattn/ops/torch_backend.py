@@ -9,8 +9,8 @@ like the query). Around that call the composition is chosen for fewest copies:
   else an explicit bottom-right mask (query frame i is frame ``Tk - Tq + i``);
 - sequences go into SDPA as ``(B', L, H, D)`` views transposed to ``(B', H, L, D)``; a
   view is copied only where two batch dims cannot be merged (the cls token between
-  batches, or the frames of ``(h w t)`` tokens), and in inference temporal attention
-  then runs one SDPA call per batch element on the views instead;
+  batches, or the frames of ``(h w t)`` tokens), and in inference such views instead
+  go to one SDPA call per batch element uncopied, the outputs stacked into q's order;
 - the output buffer is SDPA's own output when its layout already is q's token order
   (temporal over ``(h w t)`` tokens, spatial over ``(t h w)`` tokens, joint), otherwise
   one copy into :func:`divattn.ops.layout.alloc_tokens`;
@@ -22,13 +22,21 @@ Half precision on a CPU is computed in fp32 and cast back (faster there than hal
 as accurate as :mod:`divattn.ops.reference`); fp64 stays fp64. Gradients come from
 autograd.
 
-Non-finite values: torch's CPU flash kernel drops a NaN query row when a sequence is
-shorter than its vector width and its backward recomputes probabilities that an
-``inf`` input made NaN in the plain softmax. So on a CPU, inputs holding NaN or inf
-(one sum over them tells) take :mod:`divattn.ops.reference`, whose propagation is the
-spec: a non-finite input or upstream gradient makes non-finite exactly what the plain
-softmax composition makes non-finite, and nothing in other sequences. (A NaN or inf
-upstream gradient with finite inputs propagates identically through the flash backward.)
+Non-finite values: torch's CPU flash kernel differs from the plain softmax where q or k
+holds NaN or inf. Its forward writes 0 instead of NaN for a query row whose scores are
+all NaN or -inf: a NaN query in a sequence shorter than its vector width (16 fp32, 8
+fp64 elements), an inf in q or k whose scores in a row are all -inf (likely in short
+sequences), and with a causal mask any row whose visible scores are. Its backward
+recomputes probabilities that an ``inf`` in q or k made NaN in the plain softmax, at
+every length. So on a CPU, inputs holding NaN or inf (one sum over them tells) take
+:mod:`divattn.ops.reference`, whose propagation is the spec: a non-finite input or
+upstream gradient makes non-finite exactly what the plain softmax composition makes
+non-finite, and nothing in other sequences. A NaN or inf in v alone propagates as in
+the plain softmax through the forward (see :func:`_fused`), and a NaN or inf upstream
+gradient with finite inputs through the non-causal backward; in a causal backward it
+also reaches the gradients of the key frames after its query frame, which the plain
+composition's mask keeps finite (a known difference, not yet handled).
+
 Under ``torch.compile`` the check, a data-dependent branch, is skipped, and on GPUs
 (where it would synchronise) SDPA's fused kernels decide.
 """
@@ -44,31 +52,58 @@ from . import reference
 from .layout import alloc_tokens, is_hwt, patch_view
 
 
-def _fused(*xs: torch.Tensor) -> bool:
-    """Whether SDPA computes these inputs: not empty, and on a CPU all finite."""
-    if any(x.numel() == 0 for x in xs):
-        return False
-    if xs[0].device.type != "cpu" or torch.compiler.is_compiling():
+_FAKE = torch._subclasses.FakeTensor
+
+
+def _fused(q, k, v, cls=None, causal: bool = False) -> bool:
+    """Whether SDPA computes these inputs: not empty, and on a CPU q, k (and v) all finite.
+
+    v is left unread only in a forward that autograd does not record and that is not
+    causal: with q and k finite every row's maximum is finite and its sum at least 1,
+    so a NaN or inf in v reaches exactly the outputs it reaches in the plain softmax
+    composition (a probability times a non-finite value stays non-finite, 0 * inf is
+    NaN in both). A backward needs v checked (the flash backward differs), and so does
+    a causal forward (the plain composition multiplies masked-out v by 0).
+    """
+    xs = (q, k, v) if cls is None else (q, k, v, *cls)
+    for x in xs:
+        if x.numel() == 0:
+            return False
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
         return True
-    if any(isinstance(x, torch._subclasses.FakeTensor) for x in xs):
-        return True  # shapes only (FlopCounterMode, tracing): there are no values to check
-    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    total = 0.0
+    for x in xs:
+        if isinstance(x, _FAKE):
+            return True  # shapes only (FlopCounterMode, tracing): there are no values to check
+    with_v = causal or (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
-        for x in _packed(*xs[:3]) + (_packed(*xs[3:]) if xs[3:] else []):
-            total += x.sum(dtype=acc).item()
-    return math.isfinite(total)
+        total = None
+        for group in ((q, k, v), cls):
+            if group is None:
+                continue
+            for x in _packed(*(group if with_v else group[:2])):
+                s = x.sum(dtype=acc)
+                total = s if total is None else total + s
+        return math.isfinite(total.item())
 
 
-def _packed(q, k, v) -> list:
-    """q, k, v as one strided view when they are evenly spaced views of one tensor (slices
-    of a qkv projection), so that one pass reads them; else the three tensors."""
-    base, step = q._base, k.storage_offset() - q.storage_offset()
-    if (base is not None and base is k._base and base is v._base and step > 0 and q.shape == k.shape == v.shape
-            and v.storage_offset() - k.storage_offset() == step and q.stride() == k.stride() == v.stride()):
-        return [q.as_strided((3,) + q.shape, (step,) + q.stride())]
-    return [q, k, v]
+def _packed(*xs: torch.Tensor) -> tuple:
+    """The views as one strided view when they are evenly spaced views of one tensor
+    with the same shape and strides (q, k, v slices of a qkv projection), so that one
+    pass reads them; else the views themselves."""
+    q = xs[0]
+    base = q._base
+    if base is None:
+        return xs
+    shape, stride, off = q.shape, q.stride(), q.storage_offset()
+    step = xs[1].storage_offset() - off
+    if step <= 0:
+        return xs
+    for i, x in enumerate(xs[1:], 1):
+        if x._base is not base or x.storage_offset() - off != i * step or x.shape != shape or x.stride() != stride:
+            return xs
+    return (q.as_strided((len(xs),) + shape, (step,) + stride),)
 
 
 # Largest batch that inference over uncopied views splits into per-element SDPA calls.
@@ -87,8 +122,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kee
     ``(B1, B2, L, H, D)`` when ``keep`` (SDPA's output then has that layout, which the
     caller uses as its buffer), else to ``(B1*B2, H, L, D)``, the layout SDPA reads fastest.
     With ``split``, when autograd does not record and B1 is small, such views instead go
-    to SDPA one batch element at a time, uncopied (faster for temporal attention; in
-    training the copies make the backward cheaper).
+    to SDPA one batch element at a time, uncopied (faster than the copies in a forward;
+    in training the copies make the backward cheaper).
     """
     B1, B2, Lq, H, D = q.shape
     Lk = k.shape[2]
@@ -124,7 +159,7 @@ def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
     ``0 .. Tk - Tq + i``. Returns the token-major ``(B, Tq*N, H, D)`` output buffer in
     q's token order.
     """
-    if not _fused(q, k, v):
+    if not _fused(q, k, v, causal=causal):
         return reference.temporal(q, k, v, scale, causal)
     B, T, N, H, D = q.shape
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
@@ -150,13 +185,15 @@ def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
         if not _fused(q, k, v):
             return reference.spatial(q, k, v, scale)
         keep = not is_hwt(q)
-        o = _attend(q, k, v, scale, keep)
+        o = _attend(q, k, v, scale, keep, split=True)
         if keep and o.is_contiguous():
             return o.view(B, T * N, H, D)
+        if not keep and o.transpose(1, 2).is_contiguous():
+            return o.transpose(1, 2).view(B, N * T, H, D)
         buf = alloc_tokens(q, has_cls=False)
         patch_view(buf, q, has_cls=False).copy_(o)
         return buf
-    if not _fused(q, k, v, *cls):
+    if not _fused(q, k, v, cls):
         return reference.spatial(q, k, v, scale, cls)
     # The official block repeats the cls token in every frame: [cls] + N tokens per frame.
     # The cat copies to contiguous (B, T, H, 1 + N, D): SDPA then reads it without another copy.

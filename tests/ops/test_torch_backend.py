@@ -117,6 +117,70 @@ def test_non_finite_exactly_where_the_reference_has_them(op, order, what, token,
     assert torch.equal(~torch.isfinite(got_g), ~torch.isfinite(ref_g)), "gradients"
 
 
+def _op_outputs(op, order, qkv, T, N, backend="torch"):
+    """The outputs of ``op`` on views of ``qkv`` without autograd (inference)."""
+    q, k, v, cls = split_qkv(qkv, T, N, order=order, has_cls=True)
+    with torch.no_grad():
+        if op == "temporal":
+            return tokens_major(divattn.temporal_attention(q, k, v, backend=backend))
+        if op == "spatial":
+            return tokens_major(divattn.spatial_attention(q, k, v, backend=backend))
+        if op == "spatial_cls":
+            return spatial_attention_tokens(q, k, v, cls, backend=backend).flatten(2)
+        return divattn.joint_attention(*qkv.unbind(2), backend=backend).flatten(2)
+
+
+POISON_INFERENCE = [("q", 7, 0), ("k", 1, 1), ("v", 7, 2), ("v", -1, 2), ("q_cls", 0, 0), ("v_cls", 0, 2)]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("what,token,slot", POISON_INFERENCE, ids=[f"{w}{t}" for w, t, _ in POISON_INFERENCE])
+@pytest.mark.parametrize("order", ["hwt", "thw"])
+@pytest.mark.parametrize("op", ["temporal", "spatial", "spatial_cls", "joint"])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_inference_non_finite_exactly_where_the_reference_has_them(op, order, what, token, slot, value, size,
+                                                                   monkeypatch):
+    """Without autograd only q and k are checked for NaN and inf: a non-finite v goes
+    through SDPA and still makes non-finite exactly what the fp64 reference does."""
+    T, N = SIZES[size]
+    B, H, D = 2, 2, 8
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(B, 1 + N * T, 3, H, D, generator=gen, dtype=torch.float64)
+    qkv[1, token, slot, 1, 3] = value
+    with reference_path():
+        ref = _op_outputs(op, order, qkv, T, N)
+    calls = []
+    for name in ("temporal", "spatial", "joint"):
+        fn = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, fn=fn, **kw: calls.append(fn) or fn(*a, **kw))
+    got = _op_outputs(op, order, qkv.float(), T, N)
+    assert torch.isfinite(ref[0]).all()
+    assert torch.equal(~torch.isfinite(got), ~torch.isfinite(ref)), "outputs"
+    ok = torch.isfinite(ref)
+    torch.testing.assert_close(got.double()[ok], ref[ok], rtol=0, atol=ATOL[torch.float32])
+    # only a poisoned q or k that the op reads takes the reference; a poisoned v runs on SDPA
+    read = op in ("spatial_cls", "joint") or not what.endswith("_cls")
+    assert bool(calls) == (what[0] in "qk" and read), calls
+
+
+@pytest.mark.parametrize("order", ["hwt", "thw"])
+@pytest.mark.parametrize("B", [1, 3, 9], ids=lambda b: f"B{b}")
+def test_spatial_inference_matches_reference(order, B):
+    """Without autograd, spatial attention over (h w t) views runs per batch element
+    (up to MAX_SPLIT_BATCH) and writes the token-major output in q's order."""
+    T, N, H, D = 5, 7, 2, 16
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(B, 1 + N * T, 3, H, D, generator=gen, dtype=torch.float64)
+    q, k, v, _ = split_qkv(qkv, T, N, order=order, has_cls=True)
+    with reference_path():
+        ref = divattn.spatial_attention(q, k, v, backend="torch")
+    q, k, v, _ = split_qkv(qkv.float(), T, N, order=order, has_cls=True)
+    with torch.no_grad():
+        got = divattn.spatial_attention(q, k, v, backend="torch")
+    assert tokens_major(got).is_contiguous()
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=ATOL[torch.float32])
+
+
 @pytest.mark.parametrize("order", ["hwt", "thw"])
 def test_outputs_are_token_major_in_q_order(order):
     qkv = torch.randn(2, 1 + 5 * 3, 3, 2, 16)
