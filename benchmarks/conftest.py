@@ -84,6 +84,8 @@ class Session:
         if threads is not None and self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.env = records.environment(self.device)
+        if self.device.type == "cpu":
+            self.env["malloc"] = timing.pin_malloc()
         self.budget = timing.Budget.for_device(self.device, quick=config.getoption("--bench-quick"))
         self.peaks: dict = {}
         self.records: list = []

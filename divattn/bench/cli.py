@@ -122,6 +122,8 @@ def main(args) -> int:
             raise SystemExit(f"divattn bench: unknown pass {', '.join(bad)} (passes: {known})")
         plan = [(op, p) for op in ops for p in passes]
     env = records.environment(device)
+    if device.type == "cpu":
+        env["malloc"] = timing.pin_malloc()
     if args.modelled:
         if isinstance(shape, shapes.ModelShape):
             raise SystemExit("divattn bench: --modelled takes an attention shape, not a model shape")

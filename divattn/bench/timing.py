@@ -8,8 +8,10 @@ and autotune). The reported number is the median over rounds.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -17,6 +19,33 @@ from typing import Callable, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+
+# glibc's mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def pin_malloc() -> Optional[str]:
+    """Fix glibc malloc's thresholds for a CPU benchmark run; what was set, or None.
+
+    glibc serves an allocation above its mmap threshold (128 KiB at start) with fresh
+    pages, and raises the threshold (at most to 32 MiB on 64-bit) each time it frees
+    such a chunk. Whether a case ran before or after those raises decided whether its
+    buffers were page-faulted in on every call: a CPU case's median moved by up to 1.3x
+    between runs of the same code. The thresholds are pinned where glibc's own
+    adjustment ends, the state a long-running process reaches.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return None
+    if mallopt(_M_MMAP_THRESHOLD, 32 << 20) != 1 or mallopt(_M_TRIM_THRESHOLD, 64 << 20) != 1:
+        return None
+    return "glibc mmap threshold 32 MiB, trim threshold 64 MiB"
 
 
 def synchronize(device: torch.device) -> None:
