@@ -48,6 +48,8 @@ def _machine_title(rs: list, sep: str = "; ") -> str:
     where = "CPU stand-in shapes, not GPU numbers" if r["device_type"] == "cpu" else "GPU"
     if r.get("load_avg_1m") is not None:
         where += f" (load average {r['load_avg_1m']:g} at the start)"
+    if r.get("malloc"):
+        where += f", {r['malloc']}"
     dirty = " (uncommitted changes)" if r.get("dirty") else ""
     return (f"{r['device']} — {where}{sep}torch {r['torch']}, triton {r['triton']}, "
             f"commit {r['commit']}{dirty}, {r['date']}")
