@@ -4,7 +4,6 @@ interpreter on CPU; tests/conftest.py sets TRITON_INTERPRET=1) as on the referen
 import pytest
 import torch
 
-import divattn.ops.functions
 from divattn.models import create_model
 
 from .helpers import randomize
@@ -19,19 +18,6 @@ CASES = [
     pytest.param("vivit_base", dict(variant="factorised_self_attention"), True, id="vivit-3"),
     pytest.param("vivit_base", dict(variant="factorised_dot_product"), True, id="vivit-4"),
 ]
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    real = divattn.ops.functions.run
-
-    def run(op, *args, **kwargs):
-        calls.append(op)
-        return real(op, *args, **kwargs)
-
-    monkeypatch.setattr(divattn.ops.functions, "run", run)
-    return calls
 
 
 def outputs_and_grads(model, x):

@@ -6,9 +6,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import divattn.ops.functions
 from divattn.layers.st import KVCache, STBlock
 from divattn.models import STTransformer, create_model, list_models
 
@@ -178,19 +176,6 @@ def test_bad_configs_and_clips():
         model(clip(size=20))
     with pytest.raises(TypeError, match="classifier"):
         model.reset_classifier(3)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    real = divattn.ops.functions.run
-
-    def run(op, *args, **kwargs):
-        calls.append(op)
-        return real(op, *args, **kwargs)
-
-    monkeypatch.setattr(divattn.ops.functions, "run", run)
-    return calls
 
 
 def test_triton_matches_torch(kernel_calls):

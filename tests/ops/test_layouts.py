@@ -130,29 +130,31 @@ def test_nan_past_the_end_never_reaches_outputs(op):
 @pytest.mark.parametrize("shape", [(0, 3, 5, 2, 16), (2, 0, 5, 2, 16), (2, 3, 0, 2, 16), (2, 3, 5, 0, 16)],
                          ids=["B0", "T0", "N0", "H0"])
 @pytest.mark.parametrize("op", ["temporal", "spatial", "joint"])
-def test_empty_inputs_give_empty_outputs_and_zero_grads(op, shape):
-    _needs(op)
+@pytest.mark.parametrize("backend", [BACKEND, "torch"])
+def test_empty_inputs_give_empty_outputs_and_zero_grads(op, shape, backend):
+    _needs(op, backend=backend)
     B, T, N, H, D = shape
     xs = [torch.randn(B, T, N, H, D, device=DEVICE, requires_grad=True) for _ in range(3)]
     if op == "joint":
         q, k, v = (x.view(B, T * N, H, D) for x in xs)
-        o = divattn.joint_attention(q, k, v, backend=BACKEND)
+        o = divattn.joint_attention(q, k, v, backend=backend)
     else:
         fn = divattn.temporal_attention if op == "temporal" else divattn.spatial_attention
-        o = fn(*xs, backend=BACKEND)
+        o = fn(*xs, backend=backend)
     assert o.numel() == 0 and o.shape == xs[0].shape[:1] + o.shape[1:]
     grads = torch.autograd.grad(o.sum(), xs, allow_unused=True)
     for g, x in zip(grads, xs):
         assert g is None or (g.shape == x.shape and not g.any())
 
 
-def test_spatial_cls_without_patches_attends_to_cls_only():
+@pytest.mark.parametrize("backend", [BACKEND, "torch"])
+def test_spatial_cls_without_patches_attends_to_cls_only(backend):
     """N = 0: every frame's only key is the cls token, so o_cls == v_cls."""
-    _needs("spatial_cls")
+    _needs("spatial_cls", backend=backend)
     B, T, H, D = 2, 3, 2, 16
     xs = [torch.randn(B, T, 0, H, D, device=DEVICE, requires_grad=True) for _ in range(3)]
     cls = [torch.randn(B, H, D, device=DEVICE, requires_grad=True) for _ in range(3)]
-    o, o_cls = divattn.spatial_attention(*xs, cls, backend=BACKEND)
+    o, o_cls = divattn.spatial_attention(*xs, cls, backend=backend)
     assert o.numel() == 0
     torch.testing.assert_close(o_cls, cls[2])
     g = torch.randn_like(o_cls)
