@@ -152,6 +152,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kee
     return o if dtype == out_dtype else o.to(out_dtype)
 
 
+def _token_buffer(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``o`` ``(B, T, N, H, D)`` as the ``(B, T*N, H, D)`` output buffer in q's token order:
+    a view of ``o`` when it is laid out so, else one copy into a new buffer."""
+    B, T, N, H, D = o.shape
+    x = o.transpose(1, 2) if is_hwt(q) else o
+    if x.is_contiguous():
+        return x.view(B, T * N, H, D)
+    buf = alloc_tokens(q, has_cls=False)
+    patch_view(buf, q, has_cls=False).copy_(o)
+    return buf
+
+
 def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
     """Attention over T for every (b, n, h): q ``(B, Tq, N, H, D)``, k, v ``(B, Tk, N, H, D)``.
 
@@ -161,17 +173,10 @@ def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
     """
     if not _fused(q, k, v, causal=causal):
         return reference.temporal(q, k, v, scale, causal)
-    B, T, N, H, D = q.shape
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
-    keep = is_hwt(q) or min(T, N) == 1
+    keep = is_hwt(q) or min(q.shape[1], q.shape[2]) == 1
     o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, keep, causal, split=True)
-    if keep and o.is_contiguous():
-        return o.view(B, N * T, H, D)
-    if not keep and o.transpose(1, 2).is_contiguous():
-        return o.transpose(1, 2).view(B, T * N, H, D)
-    buf = alloc_tokens(q, has_cls=False)
-    patch_view(buf, q, has_cls=False).copy_(o.transpose(1, 2))
-    return buf
+    return _token_buffer(o.transpose(1, 2), q)
 
 
 def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
@@ -184,15 +189,7 @@ def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     if cls is None:
         if not _fused(q, k, v):
             return reference.spatial(q, k, v, scale)
-        keep = not is_hwt(q)
-        o = _attend(q, k, v, scale, keep, split=True)
-        if keep and o.is_contiguous():
-            return o.view(B, T * N, H, D)
-        if not keep and o.transpose(1, 2).is_contiguous():
-            return o.transpose(1, 2).view(B, N * T, H, D)
-        buf = alloc_tokens(q, has_cls=False)
-        patch_view(buf, q, has_cls=False).copy_(o)
-        return buf
+        return _token_buffer(_attend(q, k, v, scale, not is_hwt(q), split=True), q)
     if not _fused(q, k, v, cls):
         return reference.spatial(q, k, v, scale, cls)
     # The official block repeats the cls token in every frame: [cls] + N tokens per frame.
@@ -212,8 +209,7 @@ def joint(q, k, v, scale: float) -> torch.Tensor:
     """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``; contiguous output."""
     if not _fused(q, k, v):
         return reference.joint(q, k, v, scale)
-    o = _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True).squeeze(1)
-    return o if o.is_contiguous() else o.contiguous()
+    return _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True).squeeze(1).contiguous()
 
 
 def _register_cpu_flash_flops() -> None:
