@@ -41,32 +41,28 @@ struct Frame {
   int64_t f, bh, b, h, t;
 };
 
-__device__ __forceinline__ Frame frame_of(const AttnParams& p) {
-  Frame fr;
-  // B * H * T frames is the spatial problem's sequence count, at most 2^31 - 1 (checked
-  // on the host): 32-bit division, inlined (see seq_index).
-  const uint32_t f = blockIdx.x, nT = static_cast<uint32_t>(p.T), nH = static_cast<uint32_t>(p.H);
+// Frame f's indices. B * H * T frames is the spatial problem's sequence count, at most
+// 2^31 - 1 (checked on the host): 32-bit division, inlined (see seq_index).
+__device__ __forceinline__ Frame frame_at(uint32_t f, const AttnParams& p) {
+  const uint32_t nT = static_cast<uint32_t>(p.T), nH = static_cast<uint32_t>(p.H);
   const uint32_t bh = f / nT, b = bh / nH;
-  fr.f = f;
-  fr.bh = bh;
-  fr.t = f - bh * nT;
-  fr.b = b;
-  fr.h = bh - b * nH;
-  return fr;
+  return {f, bh, b, bh - b * nH, f - bh * nT};
 }
+
+__device__ __forceinline__ Frame frame_of(const AttnParams& p) { return frame_at(blockIdx.x, p); }
 
 template <typename T>
 __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const AttnParams p) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t f = static_cast<int64_t>(blockIdx.x) * kClsWarps + warp;
   if (f >= p.B * p.H * p.T) return;
-  const uint32_t nT = static_cast<uint32_t>(p.T), nH = static_cast<uint32_t>(p.H);  // 32-bit: see frame_of
-  const int64_t bh = static_cast<uint32_t>(f) / nT, b = static_cast<uint32_t>(bh) / nH, h = bh - b * p.H;
+  const Frame fr = frame_at(static_cast<uint32_t>(f), p);
+  const int64_t bh = fr.bh;
   const int D = p.D;
-  const T* doc = static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, b, h);
+  const T* doc = static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, fr.b, fr.h);
   const float inv_T = 1.f / static_cast<float>(p.T);
   const float* of = p.cls_frames + f * D;
-  const bool first = f - bh * p.T == 0;
+  const bool first = fr.t == 0;
   float acc = 0.f;
   for (int d = lane; d < D; d += kWarp) {
     const float g = to_float(doc[d]) * inv_T;
