@@ -16,36 +16,11 @@ def _describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}, strides {x.stride()}"
 
 
-def _fits(xs: tuple, ndim: int, kv_frames: bool) -> bool:
-    """Whether :func:`_validate` passes these tensors (q, k, v first): its checks in one
-    expression for the common case, so that only inputs it would refuse pay for the
-    per-tensor messages."""
-    q, k, v = xs[0], xs[1], xs[2]
-    Tensor = torch.Tensor
-    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
-        return False
-    shape, dtype, device = q.shape, q.dtype, q.device
-    if len(shape) != ndim or not q.is_floating_point() or not 1 <= shape[-1] <= MAX_HEAD_DIM:
-        return False
-    if kv_frames:
-        ks = k.shape
-        if len(ks) != ndim or v.shape != ks or ks[0] != shape[0] or ks[2:] != shape[2:] or shape[1] > ks[1]:
-            return False
-    elif k.shape != shape or v.shape != shape:
-        return False
-    for x in xs:
-        if not isinstance(x, Tensor) or x.dtype != dtype or x.device != device or (x.shape[-1] > 1 and x.stride(-1) != 1):
-            return False
-    return True
-
-
 def _validate(fn: str, named: dict, ndim: int, layout: str, kv_frames: bool = False) -> None:
     """Raise TypeError/ValueError naming the tensor, what was expected and what came.
 
     ``kv_frames``: k and v may have another frame count (dim 1) than q, the same as each other.
     """
-    if _fits(tuple(named.values()), ndim, kv_frames):
-        return
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
