@@ -24,40 +24,46 @@ def _validate(fn: str, named: dict, ndim: int, layout: str, kv_frames: bool = Fa
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    (qn, q), *rest = named.items()
+    items = tuple(named.items())
+    qn, q = items[0]
     if q.dim() != ndim:
         raise ValueError(f"{fn}: {qn} must be {ndim}-D {layout}, got {q.dim()}-D ({_describe(q)})")
     if not q.is_floating_point():
         raise TypeError(f"{fn}: {qn} must be a floating-point tensor, got dtype {q.dtype}")
-    for name, x in rest:
-        if x.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} has dtype {x.dtype}, expected {q.dtype} like {qn}")
-        if x.device != q.device:
-            raise ValueError(f"{fn}: {name} is on device {x.device}, expected {q.device} like {qn}")
-    for name, x in list(named.items())[1:3]:
-        if kv_frames and x.dim() == ndim:
-            want = (*q.shape[:1], x.shape[1], *q.shape[2:])
-            if x.shape != want:
-                raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected {want} like {qn} {layout} "
+    dtype, device = q.dtype, q.device
+    for name, x in items[1:]:
+        if x.dtype != dtype:
+            raise TypeError(f"{fn}: {name} has dtype {x.dtype}, expected {dtype} like {qn}")
+        if x.device != device:
+            raise ValueError(f"{fn}: {name} is on device {x.device}, expected {device} like {qn}")
+    qs = tuple(q.shape)
+    for name, x in items[1:3]:
+        xs = tuple(x.shape)
+        if xs == qs:
+            continue
+        if kv_frames and len(xs) == ndim:
+            want = (qs[0], xs[1], *qs[2:])
+            if xs != want:
+                raise ValueError(f"{fn}: {name} has shape {xs}, expected {want} like {qn} {layout} "
                                  f"in every dim but the frames (dim 1)")
-        elif x.shape != q.shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}, expected {tuple(q.shape)} like {qn} {layout}")
+        else:
+            raise ValueError(f"{fn}: {name} has shape {xs}, expected {qs} like {qn} {layout}")
     if kv_frames:
-        (kn, k), (vn, v) = list(named.items())[1:3]
+        (kn, k), (vn, v) = items[1:3]
         if v.shape != k.shape:
             raise ValueError(f"{fn}: {vn} has shape {tuple(v.shape)}, expected {tuple(k.shape)} like {kn} "
                              f"(keys and values have the same frames)")
-        if q.shape[1] > k.shape[1]:
+        if qs[1] > k.shape[1]:
             raise ValueError(
-                f"{fn}: {qn} has Tq = {q.shape[1]} frames, more than the Tk = {k.shape[1]} of {kn} and {vn} "
-                f"({qn} shape {tuple(q.shape)}, {kn} shape {tuple(k.shape)}); the queries are the last Tq "
+                f"{fn}: {qn} has Tq = {qs[1]} frames, more than the Tk = {k.shape[1]} of {kn} and {vn} "
+                f"({qn} shape {qs}, {kn} shape {tuple(k.shape)}); the queries are the last Tq "
                 f"of the Tk frames, so Tq <= Tk"
             )
-    D = q.shape[-1]
+    D = qs[-1]
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{fn}: head dim (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {D}")
-    for name, x in named.items():
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
+    for name, x in items:
+        if x.stride(-1) != 1 and x.shape[-1] > 1:
             raise ValueError(
                 f"{fn}: {name} must have a contiguous last dim (stride(-1) == 1), got {_describe(x)}; "
                 f"pass {name}.contiguous() if a copy is acceptable"
@@ -117,7 +123,7 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
         from .functions import run
 
         buf = run("temporal", q, k, v, None, scale, be.name, causal=causal)
-    return patch_view(buf, q, has_cls=False)
+    return _patches(buf, q)
 
 
 def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -151,8 +157,15 @@ def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backe
     """
     _check_spatial(q, k, v, cls)
     buf = _spatial(q, k, v, cls, scale, backend)
-    o = patch_view(buf, q, has_cls=cls is not None)
-    return o if cls is None else (o, buf[:, 0])
+    if cls is None:
+        return _patches(buf, q)
+    return patch_view(buf, q, has_cls=True), buf[:, 0]
+
+
+def _patches(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The ``(B, T, N, H, D)`` output from a backend's ``(B, T*N, H, D)`` token buffer; the
+    torch backend may hand back that view itself (it makes it without autograd nodes)."""
+    return out if out.dim() == 5 else patch_view(out, q, has_cls=False)
 
 
 def _check_spatial(q, k, v, cls) -> None:

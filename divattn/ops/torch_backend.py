@@ -1,26 +1,29 @@
-"""The divided attention ops composed from PyTorch's own attention (``backend="torch"``).
+"""The divided attention ops on PyTorch's own attention kernels (``backend="torch"``).
 
-This is the path of every CPU user and of GPUs without Triton: each op is one
-``F.scaled_dot_product_attention`` call on views of q/k/v, so PyTorch picks its fused
-kernel (on a CPU its flash kernel, which reads strided inputs and lays its output out
-like the query). Around that call the composition is chosen for fewest copies:
+This is the path of every CPU user and of GPUs without Triton. Each op is one call of a
+fused attention kernel on views of q/k/v, laid out for fewest copies:
 
-- causal temporal attention is SDPA's ``is_causal`` when q and k have the same frames,
-  else an explicit bottom-right mask (query frame i is frame ``Tk - Tq + i``);
-- sequences go into SDPA as ``(B', L, H, D)`` views transposed to ``(B', H, L, D)``; a
-  view is copied only where two batch dims cannot be merged (the cls token between
-  batches, or the frames of ``(h w t)`` tokens), and in inference such views instead
-  go to one SDPA call per batch element uncopied, the outputs stacked into q's order;
-- the output buffer is SDPA's own output when its layout already is q's token order
+- sequences go to the kernel as ``(B', H, L, D)`` views of the ``(B, T, N, H, D)``
+  inputs; a view is copied only where two batch dims cannot be merged (the cls token
+  between batches, or the frames of ``(h w t)`` tokens), and in inference such views
+  instead go to one kernel call per batch element uncopied;
+- the output is the kernel's own output when its layout already is q's token order
   (temporal over ``(h w t)`` tokens, spatial over ``(t h w)`` tokens, joint), otherwise
   one copy into :func:`divattn.ops.layout.alloc_tokens`;
+- causal temporal attention is the kernel's causal mask when q and k have the same
+  frames, else an explicit bottom-right mask (query frame i is frame ``Tk - Tq + i``);
 - spatial attention with cls concatenates ``[cls] + N`` queries, keys and values per
   frame (the official semantics, one softmax per frame) in one copy that also serves
   as the batch merge, and averages the T cls outputs.
 
-Half precision on a CPU is computed in fp32 and cast back (faster there than half, and
-as accurate as :mod:`divattn.ops.reference`); fp64 stays fp64. Gradients come from
-autograd.
+On a CPU the kernel is torch's flash attention called directly, and each op is one
+autograd node (:class:`_FlashOp`) whose backward calls the flash backward: composed
+from public ops an op is a dozen view, copy and SDPA nodes, and at the small shapes a
+CPU runs their per-call cost is a fifth of the time. Elsewhere (GPUs, ``torch.compile``,
+tracing) the ops are composed from ``F.scaled_dot_product_attention``, which picks the
+fused kernel, and autograd differentiates them. Half precision on a CPU is computed in
+fp32 and cast back (faster there than half, and as accurate as
+:mod:`divattn.ops.reference`); fp64 stays fp64.
 
 Non-finite values: torch's CPU flash kernel differs from the plain softmax where q or k
 holds NaN or inf. Its forward writes 0 instead of NaN for a query row whose scores are
@@ -28,11 +31,11 @@ all NaN or -inf: a NaN query in a sequence shorter than its vector width (16 fp3
 fp64 elements), an inf in q or k whose scores in a row are all -inf (likely in short
 sequences), and with a causal mask any row whose visible scores are. Its backward
 recomputes probabilities that an ``inf`` in q or k made NaN in the plain softmax, at
-every length. So on a CPU, inputs holding NaN or inf (one sum over them tells) take
-:mod:`divattn.ops.reference`, whose propagation is the spec: a non-finite input or
-upstream gradient makes non-finite exactly what the plain softmax composition makes
-non-finite, and nothing in other sequences. A NaN or inf in v alone propagates as in
-the plain softmax through the forward (see :func:`_fused`), and a NaN or inf upstream
+every length. So on a CPU, inputs holding NaN or inf (one sum over them tells, see
+:func:`_route`) take :mod:`divattn.ops.reference`, whose propagation is the spec: a
+non-finite input or upstream gradient makes non-finite exactly what the plain softmax
+composition makes non-finite, and nothing in other sequences. A NaN or inf in v alone
+propagates as in the plain softmax through the forward, and a NaN or inf upstream
 gradient with finite inputs through the non-causal backward; in a causal backward it
 also reaches the gradients of the key frames after its query frame, which the plain
 composition's mask keeps finite (a known difference, not yet handled).
@@ -43,6 +46,7 @@ Under ``torch.compile`` the check, a data-dependent branch, is skipped, and on G
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -55,55 +59,79 @@ from .layout import alloc_tokens, is_hwt, patch_view
 _FAKE = torch._subclasses.FakeTensor
 
 
-def _fused(q, k, v, cls=None, causal: bool = False) -> bool:
-    """Whether SDPA computes these inputs: not empty, and on a CPU q, k (and v) all finite.
+def _route(q, k, v, cls=None, causal: bool = False) -> str:
+    """Which path computes these inputs: ``"reference"`` (empty, or on a CPU not all
+    finite), ``"flash"`` (a CPU: torch's flash kernel called directly, see
+    :class:`_FlashOp`) or ``"sdpa"`` (``F.scaled_dot_product_attention`` composed from
+    public ops: other devices, ``torch.compile``, shape-only tensors).
 
-    v is left unread only in a forward that autograd does not record and that is not
-    causal: with q and k finite every row's maximum is finite and its sum at least 1,
-    so a NaN or inf in v reaches exactly the outputs it reaches in the plain softmax
-    composition (a probability times a non-finite value stays non-finite, 0 * inf is
-    NaN in both). A backward needs v checked (the flash backward differs), and so does
+    The finiteness check needs v only in a forward that autograd records or that is
+    causal (it may read more than it needs, see :func:`_summands`): with q and k finite every row's maximum is finite and its sum
+    at least 1, so a NaN or inf in v reaches exactly the outputs it reaches in the plain
+    softmax composition (a probability times a non-finite value stays non-finite, 0 * inf
+    is NaN in both). A backward needs v checked (the flash backward differs), and so does
     a causal forward (the plain composition multiplies masked-out v by 0).
     """
     xs = (q, k, v) if cls is None else (q, k, v, *cls)
+    grad = False
     for x in xs:
         if x.numel() == 0:
-            return False
-    if q.device.type != "cpu" or torch.compiler.is_compiling():
-        return True
-    for x in xs:
-        if isinstance(x, _FAKE):
-            return True  # shapes only (FlopCounterMode, tracing): there are no values to check
-    with_v = causal or (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
-        # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
-        total = None
-        for group in ((q, k, v), cls):
-            if group is None:
-                continue
-            for x in _packed(*(group if with_v else group[:2])):
-                s = x.sum(dtype=acc)
-                total = s if total is None else total + s
-        return math.isfinite(total.item())
+            return "reference"
+        grad = grad or x.requires_grad
+    if not q.is_cpu or torch.compiler.is_compiling() or isinstance(q, _FAKE):
+        return "sdpa"  # on GPUs SDPA's kernels decide; fake tensors (tracing) have no values to check
+    recording = torch.is_grad_enabled()
+    checked = xs if causal or (grad and recording) else (q, k) if cls is None else (q, k, *cls[:2])
+    acc = {"dtype": torch.float32} if q.dtype in (torch.float16, torch.bfloat16) else {}
+    total = None
+    # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
+    for x in _summands(checked):
+        if recording and x.requires_grad:
+            x = x.detach()
+        total = x.sum(**acc) if total is None else total + x.sum(**acc)
+    if not math.isfinite(total.item()):
+        return "reference"
+    if _FLASH is None or (q.shape[-1] == 1 and any(x.stride(-1) != 1 for x in xs)):
+        return "sdpa"  # the flash kernel wants a unit-stride last dim; SDPA copies for it
+    return "flash"
 
 
-def _packed(*xs: torch.Tensor) -> tuple:
-    """The views as one strided view when they are evenly spaced views of one tensor
-    with the same shape and strides (q, k, v slices of a qkv projection), so that one
-    pass reads them; else the views themselves."""
+def _summands(xs) -> tuple:
+    """What the finiteness check sums to read every tensor in ``xs``: their common base
+    when they are all views of one tensor at most twice their size (the qkv projection
+    output: one contiguous pass, and other entries of it, such as v or the cls token,
+    only send a non-finite input to the reference, which computes the same), else
+    :func:`_packed` views."""
+    base = xs[0]._base
+    if base is not None:
+        n = 0
+        for x in xs:
+            if x._base is not base:
+                return _packed(xs)
+            n += x.numel()
+        if base.numel() <= 2 * n:
+            return (base,)
+    return _packed(xs)
+
+
+def _packed(xs) -> tuple:
+    """The views as one strided view ``(len(xs), ...)`` when they are evenly spaced views of
+    one tensor with the same shape and strides (q, k, v slices of a qkv projection), so that
+    one pass reads them; else the views themselves."""
     q = xs[0]
     base = q._base
     if base is None:
         return xs
-    shape, stride, off = q.shape, q.stride(), q.storage_offset()
+    off = q.storage_offset()
     step = xs[1].storage_offset() - off
     if step <= 0:
         return xs
-    for i, x in enumerate(xs[1:], 1):
-        if x._base is not base or x.storage_offset() - off != i * step or x.shape != shape or x.stride() != stride:
+    shape, stride = q.shape, q.stride()
+    for i in range(1, len(xs)):
+        x = xs[i]
+        if x._base is not base or x.storage_offset() - off != i * step or x.stride() != stride or x.shape != shape:
             return xs
-    return (q.as_strided((len(xs),) + shape, (step,) + stride),)
+    return (q.as_strided((len(xs), *shape), (step, *stride), off),)
 
 
 # Largest batch that inference over uncopied views splits into per-element SDPA calls.
@@ -169,36 +197,57 @@ def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
 
     Query frame i is frame ``Tk - Tq + i``; with ``causal`` it sees key frames
     ``0 .. Tk - Tq + i``. Returns the token-major ``(B, Tq*N, H, D)`` output buffer in
-    q's token order.
+    q's token order, or on the flash path its ``(B, Tq, N, H, D)`` view.
     """
-    if not _fused(q, k, v, causal=causal):
+    route = _route(q, k, v, causal=causal)
+    if route == "flash":
+        return _flash_op("temporal", scale, causal, q, k, v)
+    if route == "reference":
         return reference.temporal(q, k, v, scale, causal)
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
-    keep = is_hwt(q) or min(q.shape[1], q.shape[2]) == 1
-    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, keep, causal, split=True)
+    o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, _temporal_keep(q), causal, split=True)
     return _token_buffer(o.transpose(1, 2), q)
+
+
+def _temporal_keep(q: torch.Tensor) -> bool:
+    return is_hwt(q) or min(q.shape[1], q.shape[2]) == 1
 
 
 def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     """Attention over N for every (b, t, h), optionally with a shared cls token.
 
     Returns the token-major ``(B, [1 +] T*N, H, D)`` output buffer in q's token order,
-    with the mean cls output as token 0 when ``cls`` is given.
+    with the mean cls output as token 0 when ``cls`` is given; without cls, on the flash
+    path, its ``(B, T, N, H, D)`` view.
     """
-    B, T, N, H, D = q.shape
-    if cls is None:
-        if not _fused(q, k, v):
-            return reference.spatial(q, k, v, scale)
-        return _token_buffer(_attend(q, k, v, scale, not is_hwt(q), split=True), q)
-    if not _fused(q, k, v, cls):
+    route = _route(q, k, v, cls)
+    if route == "flash":
+        return _flash_op("spatial", scale, False, q, k, v, *(cls or ()))
+    if route == "reference":
         return reference.spatial(q, k, v, scale, cls)
-    # The official block repeats the cls token in every frame: [cls] + N tokens per frame.
-    # The cat copies to contiguous (B, T, H, 1 + N, D): SDPA then reads it without another copy.
-    qq, kk, vv = (
-        torch.cat([c[:, None, :, None].expand(B, T, H, 1, D), x.transpose(2, 3)], 3).transpose(2, 3)
-        for c, x in zip(cls, (q, k, v))
-    )
-    o = _attend(qq, kk, vv, scale, False)
+    if cls is None:
+        return _token_buffer(_attend(q, k, v, scale, not is_hwt(q), split=True), q)
+    o = _attend(*_with_cls(q, k, v, cls, q.dtype), scale, False)
+    return _cls_buffer(o, q)
+
+
+def _with_cls(q, k, v, cls, dtype) -> tuple:
+    """``[cls] + N`` tokens per frame, as ``(B, T, 1 + N, H, D)`` views of contiguous
+    ``(B, T, H, 1 + N, D)`` copies in ``dtype``: the official block repeats the cls token
+    in every frame, and the copy doubles as the batch merge (SDPA reads it as is)."""
+    B, T, N, H, D = q.shape
+    out = []
+    for c, x in zip(cls, (q, k, v)):
+        y = torch.empty((B, T, H, 1 + N, D), dtype=dtype, device=x.device)
+        y[:, :, :, 0].copy_(c[:, None])
+        y[:, :, :, 1:].copy_(x.transpose(2, 3))
+        out.append(y.transpose(2, 3))
+    return out
+
+
+def _cls_buffer(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The ``(B, 1 + T*N, H, D)`` buffer from per-frame outputs ``o`` ``(B, T, 1 + N, H, D)``:
+    patch outputs in q's token order, the mean of the T cls outputs as token 0."""
     buf = alloc_tokens(q, has_cls=True)
     patch_view(buf, q, has_cls=True).copy_(o[:, :, 1:])
     buf[:, 0].copy_(o[:, :, 0].mean(1))
@@ -207,9 +256,250 @@ def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
 
 def joint(q, k, v, scale: float) -> torch.Tensor:
     """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``; contiguous output."""
-    if not _fused(q, k, v):
+    route = _route(q, k, v)
+    if route == "flash":
+        return _flash_op("joint", scale, False, q, k, v)
+    if route == "reference":
         return reference.joint(q, k, v, scale)
     return _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True).squeeze(1).contiguous()
+
+
+# CPU: torch's flash kernel called directly, one autograd node per op ---------------
+#
+# The forward lays q/k/v out as flash sequences and calls the kernel, keeping its
+# log-sum-exp; the backward hands the flash backward the gradient in the same layout and
+# returns the gradients as views of what that kernel wrote. The same kernels that
+# F.scaled_dot_product_attention picks on a CPU, so the same numbers.
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+if _FLASH is not None and _FLASH_BWD is not None:
+    _FLASH, _FLASH_BWD = _FLASH.default, _FLASH_BWD.default
+else:  # a torch without them: the public composition serves CPUs too
+    _FLASH = _FLASH_BWD = None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# The dims of a (B, T, N, H, D) view that make the flash kernel's batch (b1, b2) and sequence (l).
+_DIMS = {"temporal": (0, 2, 1), "spatial": (0, 1, 2)}
+
+
+def _seqs(x: torch.Tensor, dims: tuple, ct: torch.dtype, keep: bool) -> torch.Tensor:
+    """The dims ``(b1, b2, l)`` of a 5-D view (H and D last) as the flash kernel's
+    ``(B1*B2, H, L, D)`` input in dtype ``ct``: a view when b1 and b2 merge and no cast is
+    needed, else a copy laid out ``(B1, B2, L, H, D)`` when ``keep`` (the kernel's output
+    then is too), else ``(B1, B2, H, L, D)``."""
+    b1, b2, l = dims
+    sh, st = x.shape, x.stride()
+    B1, B2, L, H, D = sh[b1], sh[b2], sh[l], sh[3], sh[4]
+    if x.dtype == ct and (B1 == 1 or B2 == 1 or st[b1] == B2 * st[b2]):
+        return x.as_strided((B1 * B2, H, L, D), (st[b1] if B2 == 1 else st[b2], st[3], st[l], st[4]),
+                            x.storage_offset())
+    if keep:
+        y = torch.empty((B1, B2, L, H, D), dtype=ct)
+        y.copy_(x.permute(b1, b2, l, 3, 4))
+        return y.view(B1 * B2, L, H, D).transpose(1, 2)
+    y = torch.empty((B1, B2, H, L, D), dtype=ct)
+    y.copy_(x.permute(b1, b2, 3, l, 4))
+    return y.view(B1 * B2, H, L, D)
+
+
+def _as_patches(o: torch.Tensor, B1: int, dims: tuple, offset: int = 0) -> tuple:
+    """(shape, strides, storage offset) of the flash output ``o`` ``(B1*B2, H, L, D)``
+    (or its rows from ``offset`` on) as a ``(B, T, N, H, D)`` tensor, its dims placed as ``dims``."""
+    Bp, H, L, D = o.shape
+    sB, sH, sL, sD = o.stride()
+    B2 = Bp // B1
+    shape, strides = [B1, 0, 0, H, D], [B2 * sB, 0, 0, sH, sD]
+    shape[dims[1]], strides[dims[1]] = B2, sB
+    shape[dims[2]], strides[dims[2]] = L - offset, sL
+    return shape, strides, o.storage_offset() + offset * sL
+
+
+def _is_token_major(shape, strides, hwt: bool) -> bool:
+    """Whether a ``(B, T, N, H, D)`` layout is dense token-major in (h w t) or (t h w) order."""
+    want = 1
+    for d in ((4, 3, 1, 2, 0) if hwt else (4, 3, 2, 1, 0)):
+        if shape[d] != 1 and strides[d] != want:
+            return False
+        want *= shape[d]
+    return True
+
+
+def _patches_of(o: torch.Tensor, B1: int, dims: tuple, q: torch.Tensor) -> torch.Tensor:
+    """The op's ``(B, T, N, H, D)`` output, token-major in q's order, from the flash output:
+    a view of ``o`` when it is laid out so, else a view of one copy into a new buffer."""
+    shape, strides, offset = _as_patches(o, B1, dims)
+    if o.dtype == q.dtype and _is_token_major(shape, strides, is_hwt(q)):
+        return o.as_strided(shape, strides, offset)
+    out = patch_view(alloc_tokens(q, has_cls=False), q, has_cls=False)
+    out.copy_(o.as_strided(shape, strides, offset))
+    return out
+
+
+def _cls_buffer_of(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The ``(B, 1 + T*N, H, D)`` output buffer from the per-frame flash output ``o``
+    ``(B*T, H, 1 + N, D)``: patches in q's token order, the mean of the T cls rows as token 0."""
+    B, T, N, H, D = q.shape
+    buf = alloc_tokens(q, has_cls=True)
+    patch_view(buf, q, has_cls=True).copy_(o.as_strided(*_as_patches(o, B, _DIMS["spatial"], 1)))
+    sB, sH, _, sD = o.stride()
+    buf[:, 0].copy_(o.as_strided((B, T, H, D), (T * sB, sB, sH, sD), o.storage_offset()).mean(1))
+    return buf
+
+
+@functools.lru_cache(maxsize=64)
+def _additive_mask(Lq: int, Lk: int, dtype: torch.dtype) -> torch.Tensor:
+    """The bottom-right causal mask as the flash kernel takes it: 0 or -inf, in q's dtype."""
+    keep = reference.causal_mask(Lq, Lk)
+    return torch.zeros(Lq, Lk, dtype=dtype).masked_fill_(~keep, -math.inf)
+
+
+def _mask_args(Lq: int, Lk: int, causal: bool, dtype: torch.dtype) -> tuple:
+    """(is_causal, attn_mask) for the flash kernel; a single query is the last frame and sees every key."""
+    if not causal or Lq <= 1:
+        return False, None
+    if Lq == Lk:
+        return True, None
+    return False, _additive_mask(Lq, Lk, dtype)
+
+
+def _flash(qs, ks, vs, scale: float, causal: bool):
+    is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, qs.dtype)
+    return _FLASH(qs, ks, vs, 0.0, is_causal, attn_mask=mask, scale=scale)
+
+
+def _flash_split(q, k, v, dims: tuple, scale: float, causal: bool) -> torch.Tensor:
+    """Inference over views whose batch dims do not merge: one flash call per batch
+    element b, on uncopied views, each output placed in q's token order by the stack."""
+    b1, b2, l = dims
+    hwt = is_hwt(q)
+    B, T, N, H, D = q.shape
+    outs = []
+    for b in range(q.shape[0]):
+        xs = []
+        for x in (q, k, v):
+            st = x.stride()
+            xs.append(x.as_strided((x.shape[b2], H, x.shape[l], D), (st[b2], st[3], st[l], st[4]),
+                                   x.storage_offset() + b * st[0]))
+        o = _flash(*xs, scale, causal)[0]
+        sB, sH, sL, sD = o.stride()
+        # o's rows are (b2, l); the buffer's tokens are (N, T) when hwt, else (T, N)
+        first_is_b2 = (b2 == 2) == hwt
+        shape = (o.shape[0], o.shape[2]) if first_is_b2 else (o.shape[2], o.shape[0])
+        strides = (sB, sL) if first_is_b2 else (sL, sB)
+        outs.append(o.as_strided((*shape, H, D), (*strides, sH, sD), o.storage_offset()))
+    out = torch.stack(outs)  # (B, N, T, H, D) when hwt, else (B, T, N, H, D)
+    return out.transpose(1, 2) if hwt else out
+
+
+def _cls_seqs(q, k, v, cls, ct: torch.dtype) -> list:
+    """The official block repeats the cls token in every frame: ``[cls] + N`` queries, keys
+    and values per frame, as flash inputs ``(B*T, H, 1 + N, D)`` in dtype ``ct``, from one
+    concatenation when q, k, v (and the cls vectors) are evenly spaced views of one tensor."""
+    B, T, N, H, D = q.shape
+    xs, cs = _packed((q, k, v)), _packed(tuple(cls))
+    if len(xs) == 1 and len(cs) == 1:
+        y = torch.cat([cs[0].view(3, B, 1, H, 1, D).expand(3, B, T, H, 1, D), xs[0].transpose(3, 4)], 4)
+        return list((y if y.dtype == ct else y.to(ct)).view(3, B * T, H, 1 + N, D).unbind(0))
+    return [torch.cat([c.view(B, 1, H, 1, D).expand(B, T, H, 1, D), x.transpose(2, 3)], 3).to(ct)
+            .view(B * T, H, 1 + N, D) for c, x in zip(cls, (q, k, v))]
+
+
+def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bool):
+    """(out, saved): the op's output, and what the backward needs (the flash inputs, output
+    and log-sum-exp) when ``record``. ``out`` is the ``(B, T, N, H, D)`` patch view of the
+    token buffer for temporal and spatial attention, the ``(B, 1 + T*N, H, D)`` buffer with
+    cls, and ``(B, L, H, D)`` for joint attention."""
+    ct = _compute_dtype(q.dtype)
+    if op == "joint":
+        seqs = [x.transpose(1, 2) if x.dtype == ct else x.to(ct).transpose(1, 2) for x in (q, k, v)]
+        o, lse = _flash(*seqs, scale, causal)
+        buf = o.transpose(1, 2)
+        buf = buf if buf.dtype == q.dtype and buf.is_contiguous() else buf.to(q.dtype, memory_format=torch.contiguous_format)
+        return buf, ((*seqs, o, lse) if record else ())
+    if cls:
+        seqs = _cls_seqs(q, k, v, cls, ct)
+        o, lse = _flash(*seqs, scale, False)
+        return _cls_buffer_of(o, q), ((*seqs, o, lse) if record else ())
+    dims = _DIMS[op]
+    keep = _temporal_keep(q) if op == "temporal" else not is_hwt(q)
+    if not record and ct == q.dtype and q.shape[0] <= MAX_SPLIT_BATCH:
+        b1, b2, _ = dims
+        if not all(x.shape[b1] == 1 or x.shape[b2] == 1 or x.stride(b1) == x.shape[b2] * x.stride(b2)
+                   for x in (q, k, v)):
+            return _flash_split(q, k, v, dims, scale, causal), ()
+    seqs = [_seqs(x, dims, ct, keep) for x in (q, k, v)]
+    o, lse = _flash(*seqs, scale, causal)
+    return _patches_of(o, q.shape[0], dims, q), ((*seqs, o, lse) if record else ())
+
+
+def _grad_patches(d_buf: torch.Tensor, q_shape, hwt: bool) -> torch.Tensor:
+    """The patch tokens of the ``(B, 1 + T*N, H, D)`` output buffer's gradient as ``(B, T, N, H, D)``."""
+    B, T, N, H, D = q_shape
+    patches = d_buf[:, 1:]
+    if hwt:
+        return patches.reshape(B, N, T, H, D).transpose(1, 2)
+    return patches.reshape(B, T, N, H, D)
+
+
+def _grads_of(x: torch.Tensor, B1: int, dims: tuple, dtype: torch.dtype, cls: bool) -> list:
+    """A flash gradient ``(B1*B2, H, L, D)`` as the gradient of the op's ``(B, T, N, H, D)``
+    input (and of its cls vector, the sum over frames, when ``cls``)."""
+    g = x.as_strided(*_as_patches(x, B1, dims, int(cls)))
+    out = [g]
+    if cls:
+        Bp, H, _, D = x.shape
+        sB, sH, _, sD = x.stride()
+        T = Bp // B1
+        out.append(x.as_strided((B1, T, H, D), (T * sB, sB, sH, sD), x.storage_offset()).sum(1))
+    return [y if y.dtype == dtype else y.to(dtype) for y in out]
+
+
+class _FlashOp(torch.autograd.Function):
+    """One op on the CPU flash kernel, forward and backward (see the section comment)."""
+
+    @staticmethod
+    def forward(ctx, op: str, scale: float, causal: bool, q, k, v, *cls):
+        buf, saved = _flash_forward(op, scale, causal, q, k, v, cls, record=True)
+        ctx.args = (op, scale, causal, q.shape, q.dtype, op != "joint" and is_hwt(q), bool(cls))
+        ctx.save_for_backward(*saved)
+        return buf
+
+    @staticmethod
+    def backward(ctx, d_buf):
+        op, scale, causal, q_shape, dtype, hwt, cls = ctx.args
+        qs, ks, vs, o, lse = ctx.saved_tensors
+        ct = qs.dtype
+        if d_buf.dtype != ct:
+            d_buf = d_buf.to(ct)
+        if op == "joint":
+            go = d_buf.transpose(1, 2)
+        elif cls:
+            B, T, N, H, D = q_shape
+            go = torch.empty((B, T, H, 1 + N, D), dtype=ct)
+            go[:, :, :, 0] = d_buf[:, None, 0] / T  # the cls output is the mean over frames
+            go[:, :, :, 1:] = _grad_patches(d_buf, q_shape, hwt).transpose(2, 3)
+            go = go.view(B * T, H, 1 + N, D)
+        else:  # the gradient of the (B, T, N, H, D) output
+            go = _seqs(d_buf, _DIMS[op], ct, True)
+        is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, ct)
+        dxs = _FLASH_BWD(go, qs, ks, vs, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+        if op == "joint":
+            return (None, None, None, *(x.transpose(1, 2) if x.dtype == dtype else x.transpose(1, 2).to(dtype)
+                                        for x in dxs))
+        grads = [_grads_of(x, q_shape[0], _DIMS["spatial" if cls else op], dtype, cls) for x in dxs]
+        return (None, None, None, *(g[0] for g in grads), *(g[1] for g in grads if cls))
+
+
+def _flash_op(op: str, scale: float, causal: bool, q, k, v, *cls) -> torch.Tensor:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or any(c.requires_grad for c in cls)):
+        return _FlashOp.apply(op, scale, causal, q, k, v, *cls)
+    return _flash_forward(op, scale, causal, q, k, v, cls, record=False)[0]
 
 
 def _register_cpu_flash_flops() -> None:

@@ -117,9 +117,13 @@ def test_non_finite_exactly_where_the_reference_has_them(op, order, what, token,
     assert torch.equal(~torch.isfinite(got_g), ~torch.isfinite(ref_g)), "gradients"
 
 
-def _op_outputs(op, order, qkv, T, N, backend="torch"):
-    """The outputs of ``op`` on views of ``qkv`` without autograd (inference)."""
+def _op_outputs(op, order, qkv, T, N, backend="torch", separate=False):
+    """The outputs of ``op`` on views of ``qkv`` without autograd (inference); with
+    ``separate``, on copies of the views (tensors of their own)."""
     q, k, v, cls = split_qkv(qkv, T, N, order=order, has_cls=True)
+    joint = qkv.unbind(2)
+    if separate:
+        q, k, v, cls, joint = q.clone(), k.clone(), v.clone(), [c.clone() for c in cls], [x.clone() for x in joint]
     with torch.no_grad():
         if op == "temporal":
             return tokens_major(divattn.temporal_attention(q, k, v, backend=backend))
@@ -127,21 +131,24 @@ def _op_outputs(op, order, qkv, T, N, backend="torch"):
             return tokens_major(divattn.spatial_attention(q, k, v, backend=backend))
         if op == "spatial_cls":
             return spatial_attention_tokens(q, k, v, cls, backend=backend).flatten(2)
-        return divattn.joint_attention(*qkv.unbind(2), backend=backend).flatten(2)
+        return divattn.joint_attention(*joint, backend=backend).flatten(2)
 
 
 POISON_INFERENCE = [("q", 7, 0), ("k", 1, 1), ("v", 7, 2), ("v", -1, 2), ("q_cls", 0, 0), ("v_cls", 0, 2)]
 
 
+@pytest.mark.parametrize("separate", [False, True], ids=["views", "separate"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("what,token,slot", POISON_INFERENCE, ids=[f"{w}{t}" for w, t, _ in POISON_INFERENCE])
 @pytest.mark.parametrize("order", ["hwt", "thw"])
 @pytest.mark.parametrize("op", ["temporal", "spatial", "spatial_cls", "joint"])
 @pytest.mark.parametrize("size", list(SIZES))
 def test_inference_non_finite_exactly_where_the_reference_has_them(op, order, what, token, slot, value, size,
-                                                                   monkeypatch):
-    """Without autograd only q and k are checked for NaN and inf: a non-finite v goes
-    through SDPA and still makes non-finite exactly what the fp64 reference does."""
+                                                                   separate, monkeypatch):
+    """Without autograd only q and k need checking for NaN and inf: a non-finite v goes
+    through the flash kernel and still makes non-finite exactly what the fp64 reference
+    does (separate tensors). Views of one qkv are checked in one pass over all of it, so
+    any non-finite entry takes the reference."""
     T, N = SIZES[size]
     B, H, D = 2, 2, 8
     gen = torch.Generator().manual_seed(6)
@@ -153,14 +160,14 @@ def test_inference_non_finite_exactly_where_the_reference_has_them(op, order, wh
     for name in ("temporal", "spatial", "joint"):
         fn = getattr(reference, name)
         monkeypatch.setattr(reference, name, lambda *a, fn=fn, **kw: calls.append(fn) or fn(*a, **kw))
-    got = _op_outputs(op, order, qkv.float(), T, N)
+    got = _op_outputs(op, order, qkv.float(), T, N, separate=separate)
     assert torch.isfinite(ref[0]).all()
     assert torch.equal(~torch.isfinite(got), ~torch.isfinite(ref)), "outputs"
     ok = torch.isfinite(ref)
     torch.testing.assert_close(got.double()[ok], ref[ok], rtol=0, atol=ATOL[torch.float32])
-    # only a poisoned q or k that the op reads takes the reference; a poisoned v runs on SDPA
+    # separate: only a poisoned q or k that the op reads takes the reference; a poisoned v runs on flash
     read = op in ("spatial_cls", "joint") or not what.endswith("_cls")
-    assert bool(calls) == (what[0] in "qk" and read), calls
+    assert bool(calls) == (not separate or (what[0] in "qk" and read)), calls
 
 
 @pytest.mark.parametrize("order", ["hwt", "thw"])
