@@ -77,9 +77,10 @@ class Budget:
     @classmethod
     def for_device(cls, device: torch.device, quick: bool = False) -> "Budget":
         if device.type == "cpu":
-            # Up to 300 rounds: 30 rounds of a 1-2 ms op sample 50 ms, and on a shared CPU
-            # a disturbance that long moved a case's median by 1.3-2x between runs.
-            return cls(target_s=0.2 if quick else 0.5, min_rounds=3, max_rounds=300, warmup=3)
+            # Up to 2000 rounds, so that a case spans about target_s even for a 60 us op (300
+            # rounds were 20 ms of it): disturbances of tens of ms on a shared CPU moved the
+            # median of whole small-op cases by up to 1.8x between otherwise equal runs.
+            return cls(target_s=0.2 if quick else 0.5, min_rounds=3, max_rounds=2000, warmup=3)
         return cls(target_s=0.2 if quick else 1.0, min_rounds=10, max_rounds=200, warmup=3, min_round_s=2e-3)
 
 

@@ -108,18 +108,19 @@ class Backend:
                 reasons.append(f"{FEATURES[feature]} is not implemented")
         if dtype not in self.dtypes:
             reasons.append(f"dtype {dtype} is not supported (supported: {', '.join(map(str, self.dtypes))})")
-        if device.type not in self.device_types:
-            reasons.append(f"device type {device.type!r} is not supported (supported: {', '.join(self.device_types)})")
-        elif device.type == "cuda" and not torch.cuda.is_available():
+        kind = device.type
+        if kind not in self.device_types:
+            reasons.append(f"device type {kind!r} is not supported (supported: {', '.join(self.device_types)})")
+        elif kind == "cuda" and not torch.cuda.is_available():
             reasons.append("no CUDA device is available (torch.cuda.is_available() is False)")
-        elif device.type == "cuda" and not why:
+        elif kind == "cuda" and not why:
             cap = tuple(torch.cuda.get_device_capability(device))
             if cap < self.min_capability:
                 reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
                                f"{self.min_capability[0]}.{self.min_capability[1]} it needs")
             elif self.device_reason(device):
                 reasons.append(self.device_reason(device))
-        elif device.type == "cpu" and self.cpu_needs_interpreter:
+        elif kind == "cpu" and self.cpu_needs_interpreter:
             if not interpreting():
                 reasons.append("CPU tensors run only under TRITON_INTERPRET=1")
             elif dtype not in self.interpreter_dtypes:

@@ -81,11 +81,12 @@ def _route(q, k, v, cls=None, causal: bool = False) -> str:
     if not q.is_cpu or torch.compiler.is_compiling() or isinstance(q, _FAKE):
         return "sdpa"  # on GPUs SDPA's kernels decide; fake tensors (tracing) have no values to check
     recording = torch.is_grad_enabled()
-    checked = xs if causal or (grad and recording) else (q, k) if cls is None else (q, k, *cls[:2])
+    need = slice(None) if causal or (grad and recording) else slice(2)
+    groups = ((q, k, v)[need],) if cls is None else ((q, k, v)[need], tuple(cls)[need])
     acc = {"dtype": torch.float32} if q.dtype in (torch.float16, torch.bfloat16) else {}
     total = None
     # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
-    for x in _summands(checked):
+    for x in _summands(groups):
         if recording and x.requires_grad:
             x = x.detach()
         total = x.sum(**acc) if total is None else total + x.sum(**acc)
@@ -96,22 +97,29 @@ def _route(q, k, v, cls=None, causal: bool = False) -> str:
     return "flash"
 
 
-def _summands(xs) -> tuple:
-    """What the finiteness check sums to read every tensor in ``xs``: their common base
-    when they are all views of one tensor at most twice their size (the qkv projection
-    output: one contiguous pass, and other entries of it, such as v or the cls token,
-    only send a non-finite input to the reference, which computes the same), else
-    :func:`_packed` views."""
-    base = xs[0]._base
+def _summands(groups) -> tuple:
+    """What the finiteness check sums to read every tensor in the groups: their common
+    base when they are views that cover nearly all of it, or it is small (the qkv
+    projection output: one contiguous pass; what else it holds only sends a non-finite
+    input to the reference, which computes the same), else each group's :func:`_packed`
+    views (q and k alone are two thirds of a qkv: reading them strided beats reading it
+    all once it is larger than the caches' worth of a few calls)."""
+    base = groups[0][0]._base
     if base is not None:
         n = 0
-        for x in xs:
-            if x._base is not base:
-                return _packed(xs)
-            n += x.numel()
-        if base.numel() <= 2 * n:
+        for group in groups:
+            for x in group:
+                if x._base is not base:
+                    base = None
+                    break
+                n += x.numel()
+        if base is not None and (4 * base.numel() <= 5 * n or base.numel() <= _SMALL):
             return (base,)
-    return _packed(xs)
+    return tuple(x for group in groups for x in _packed(group))
+
+
+# Elements up to which one pass over the whole base beats the packed views' extra calls.
+_SMALL = 1 << 16
 
 
 def _packed(xs) -> tuple:

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import divattn
 from divattn import flops
-from divattn.ops import api, reference, split_qkv, spatial_attention_tokens, tokens_major
+from divattn.ops import api, reference, split_qkv, spatial_attention_tokens, tokens_major, torch_backend
 
 from .cases import ATOL, FACTOR, call, make_leaves, make_views, max_err, out_grads, plain_precision, run
 from .test_ops import CASES
@@ -137,18 +137,21 @@ def _op_outputs(op, order, qkv, T, N, backend="torch", separate=False):
 POISON_INFERENCE = [("q", 7, 0), ("k", 1, 1), ("v", 7, 2), ("v", -1, 2), ("q_cls", 0, 0), ("v_cls", 0, 2)]
 
 
-@pytest.mark.parametrize("separate", [False, True], ids=["views", "separate"])
+@pytest.mark.parametrize("check", ["base", "packed", "separate"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("what,token,slot", POISON_INFERENCE, ids=[f"{w}{t}" for w, t, _ in POISON_INFERENCE])
 @pytest.mark.parametrize("order", ["hwt", "thw"])
 @pytest.mark.parametrize("op", ["temporal", "spatial", "spatial_cls", "joint"])
 @pytest.mark.parametrize("size", list(SIZES))
 def test_inference_non_finite_exactly_where_the_reference_has_them(op, order, what, token, slot, value, size,
-                                                                   separate, monkeypatch):
+                                                                   check, monkeypatch):
     """Without autograd only q and k need checking for NaN and inf: a non-finite v goes
     through the flash kernel and still makes non-finite exactly what the fp64 reference
-    does (separate tensors). Views of one qkv are checked in one pass over all of it, so
-    any non-finite entry takes the reference."""
+    does. ``separate``: q, k, v are tensors of their own, and only q and k are read;
+    ``packed``: views of one qkv, q and k read through one strided view; ``base``: views
+    of a small qkv, all of it read in one pass, so any non-finite entry takes the reference."""
+    if check == "packed":
+        monkeypatch.setattr(torch_backend, "_SMALL", 0)
     T, N = SIZES[size]
     B, H, D = 2, 2, 8
     gen = torch.Generator().manual_seed(6)
@@ -160,14 +163,14 @@ def test_inference_non_finite_exactly_where_the_reference_has_them(op, order, wh
     for name in ("temporal", "spatial", "joint"):
         fn = getattr(reference, name)
         monkeypatch.setattr(reference, name, lambda *a, fn=fn, **kw: calls.append(fn) or fn(*a, **kw))
-    got = _op_outputs(op, order, qkv.float(), T, N, separate=separate)
+    got = _op_outputs(op, order, qkv.float(), T, N, separate=check == "separate")
     assert torch.isfinite(ref[0]).all()
     assert torch.equal(~torch.isfinite(got), ~torch.isfinite(ref)), "outputs"
     ok = torch.isfinite(ref)
     torch.testing.assert_close(got.double()[ok], ref[ok], rtol=0, atol=ATOL[torch.float32])
-    # separate: only a poisoned q or k that the op reads takes the reference; a poisoned v runs on flash
+    # only a poisoned q or k that the op reads takes the reference; a poisoned v runs on flash
     read = op in ("spatial_cls", "joint") or not what.endswith("_cls")
-    assert bool(calls) == (not separate or (what[0] in "qk" and read)), calls
+    assert bool(calls) == (check == "base" or (what[0] in "qk" and read)), calls
 
 
 @pytest.mark.parametrize("order", ["hwt", "thw"])
