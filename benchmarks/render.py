@@ -50,6 +50,9 @@ def _machine_title(rs: list, sep: str = "; ") -> str:
         where += f" (load average {r['load_avg_1m']:g} at the start)"
     if r.get("malloc"):
         where += f", {r['malloc']}"
+    again = sum(1 for x in rs if (x.get("attempts") or 1) > 1)
+    if again:
+        where += f", {again} disturbed cases timed again (the lower median kept)"
     dirty = " (uncommitted changes)" if r.get("dirty") else ""
     return (f"{r['device']} — {where}{sep}torch {r['torch']}, triton {r['triton']}, "
             f"commit {r['commit']}{dirty}, {r['date']}")

@@ -66,13 +66,15 @@ class Plan:
 @dataclass
 class Budget:
     """Time to spend per case. ``min_round_s``: a round shorter than this (a GPU
-    kernel of tens of microseconds) repeats the call ``inner`` times."""
+    kernel of tens of microseconds) repeats the call ``inner`` times. ``retime_s``: what a
+    run may spend at its end timing its disturbed cases again (see :func:`disturbed`)."""
 
     target_s: float = 1.0
     min_rounds: int = 5
     max_rounds: int = 100
     warmup: int = 2
     min_round_s: float = 0.0
+    retime_s: float = 0.0
 
     @classmethod
     def for_device(cls, device: torch.device, quick: bool = False) -> "Budget":
@@ -80,8 +82,13 @@ class Budget:
             # Up to 2000 rounds, so that a case spans about target_s even for a 60 us op (300
             # rounds were 20 ms of it): disturbances of tens of ms on a shared CPU moved the
             # median of whole small-op cases by up to 1.8x between otherwise equal runs.
-            return cls(target_s=0.2 if quick else 0.5, min_rounds=3, max_rounds=2000, warmup=3)
-        return cls(target_s=0.2 if quick else 1.0, min_rounds=10, max_rounds=200, warmup=3, min_round_s=2e-3)
+            # Disturbances also last seconds (a 256x256 matmul's median moved 1.0-1.2x from
+            # one second to the next on a shared 2-core machine): up to 90 s go to timing
+            # the cases they hit again, at the end of the run.
+            return cls(target_s=0.2 if quick else 0.5, min_rounds=3, max_rounds=2000, warmup=3,
+                       retime_s=0.0 if quick else 90.0)
+        return cls(target_s=0.2 if quick else 1.0, min_rounds=10, max_rounds=200, warmup=3, min_round_s=2e-3,
+                   retime_s=0.0 if quick else 30.0)
 
 
 def timed(fn: Callable[[], object], device: torch.device, inner: int = 1) -> Callable[[], None]:
@@ -113,6 +120,17 @@ class Timing:
     max_ms: float
     rounds: int
     inner: int
+    spread: float  # median over the 10th percentile: about 1.0 in a calm run
+
+
+# A timing whose median is more than this over its 10th percentile was disturbed.
+CALM_SPREAD = 1.10
+
+
+def disturbed(spread: Optional[float]) -> bool:
+    """Whether a timing's rounds say something else ran meanwhile (the median well above
+    the fast rounds); such a case is worth timing again."""
+    return spread is not None and spread > CALM_SPREAD
 
 
 def measure(fn: Callable[[], object], device: torch.device, budget: Optional[Budget] = None) -> Timing:
@@ -130,8 +148,11 @@ def measure(fn: Callable[[], object], device: torch.device, budget: Optional[Bud
 
 def from_seconds(times, p: Plan) -> Timing:
     """A :class:`Timing` from per-call times in seconds."""
-    ms = [t * 1e3 for t in times]
-    return Timing(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), rounds=len(ms), inner=p.inner)
+    ms = sorted(t * 1e3 for t in times)
+    median = statistics.median(ms)
+    p10 = ms[len(ms) // 10]
+    return Timing(median_ms=median, min_ms=ms[0], max_ms=ms[-1], rounds=len(ms), inner=p.inner,
+                  spread=median / p10 if p10 > 0 else 1.0)
 
 
 class _LiveStorages(TorchDispatchMode):
