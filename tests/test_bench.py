@@ -341,3 +341,25 @@ def test_disturbed_cases_are_timed_again_and_keep_the_lower_median(retime_s):
     assert ran == 3
     assert hit["median_ms"] == 2.5 and hit["spread"] == 1.0 and hit["attempts"] == 2
     assert worse["median_ms"] == 4.0 and worse["spread"] == 1.3 and worse["attempts"] == 3
+
+
+def test_a_case_whose_probe_was_slow_is_timed_again():
+    """All rounds of a case can be slow (a disturbance longer than the case): the fixed
+    probe timed around it, slower than the run's fastest, says so."""
+    budget = timing.Budget(retime_s=60.0)
+
+    def measure_with(items):
+        queue = list(items)
+
+        def measure(fn, device, budget):
+            ms, probe = queue.pop(0)
+            return timing.Timing(median_ms=ms, min_ms=ms, max_ms=ms, rounds=1, inner=1, spread=1.0, probe_ms=probe)
+        return measure
+
+    cases = [suite.Case("reference", op, "fwd", HWT, torch.float32, CPU) for op in ("temporal", "spatial")]
+    first = measure_with([(2.0, 0.10), (3.0, 0.15)])  # spatial ran while the probe took 1.5x as long
+    timed = [(c, suite.run(c, ENV, PEAKS, budget, first)) for c in cases]
+    ran = suite.retime(timed, ENV, lambda dtype: PEAKS, budget, measure_with([(2.2, 0.10)]))
+    assert ran == 1
+    assert timed[0][1]["attempts"] == 1 and timed[1][1]["median_ms"] == 2.2 and timed[1][1]["attempts"] == 2
+    assert timing.probe_ms(CPU) > 0 and timing.probe_ms(torch.device("meta")) is None

@@ -20,7 +20,7 @@ import torch
 
 FIELDS = (
     "device", "device_type", "provider", "op", "pass", "shape", "dtype", "status", "error",
-    "median_ms", "min_ms", "max_ms", "rounds", "inner", "spread", "attempts", "flops", "tflops", "bytes", "gbps", "floor_ms",
+    "median_ms", "min_ms", "max_ms", "rounds", "inner", "spread", "probe_ms", "attempts", "flops", "tflops", "bytes", "gbps", "floor_ms",
     "roofline_fraction", "peak_copy_gbps", "peak_matmul_tflops", "attention_flops", "peak_mem_mb", "peak_mem_method",
     "torch", "triton", "commit", "dirty", "date",
 )

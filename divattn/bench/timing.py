@@ -121,16 +121,39 @@ class Timing:
     rounds: int
     inner: int
     spread: float  # median over the 10th percentile: about 1.0 in a calm run
+    probe_ms: Optional[float] = None  # the slower of the probes before and after (CPU)
 
 
-# A timing whose median is more than this over its 10th percentile was disturbed.
-CALM_SPREAD = 1.10
+# A timing whose median is more than this over its 10th percentile, or whose probe took
+# more than this times the run's fastest probe, was disturbed.
+CALM = 1.10
+
+_PROBE: dict = {}
 
 
-def disturbed(spread: Optional[float]) -> bool:
-    """Whether a timing's rounds say something else ran meanwhile (the median well above
-    the fast rounds); such a case is worth timing again."""
-    return spread is not None and spread > CALM_SPREAD
+def probe_ms(device: torch.device) -> Optional[float]:
+    """On a CPU, the median time of a fixed small matmul (about 0.1 ms): a workload that
+    never changes, timed before and after each case, so that a case timed while something
+    else held the machine is recognised even when all of its rounds were slow. None elsewhere."""
+    if device.type != "cpu":
+        return None
+    x = _PROBE.get("x")
+    if x is None:
+        x = _PROBE["x"] = torch.randn(160, 160, generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(11):
+        start = time.perf_counter()
+        torch.mm(x, x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def disturbed(spread: Optional[float], probe: Optional[float] = None, best_probe: Optional[float] = None) -> bool:
+    """Whether a timing says something else ran meanwhile: its median well above its fast
+    rounds, or its probe slower than the run's fastest; such a case is worth timing again."""
+    if spread is not None and spread > CALM:
+        return True
+    return probe is not None and best_probe is not None and probe > CALM * best_probe
 
 
 def measure(fn: Callable[[], object], device: torch.device, budget: Optional[Budget] = None) -> Timing:
@@ -138,21 +161,26 @@ def measure(fn: Callable[[], object], device: torch.device, budget: Optional[Bud
     budget = budget or Budget.for_device(device)
     p = plan(fn, device, budget)
     call = timed(fn, device, p.inner)
+    before = probe_ms(device)
     times = []
     for _ in range(p.rounds):
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) / p.inner)
-    return from_seconds(times, p)
+    return from_seconds(times, p, _slower(before, probe_ms(device)))
 
 
-def from_seconds(times, p: Plan) -> Timing:
-    """A :class:`Timing` from per-call times in seconds."""
+def _slower(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else max(a, b)
+
+
+def from_seconds(times, p: Plan, probe: Optional[float] = None) -> Timing:
+    """A :class:`Timing` from per-call times in seconds (``probe``: see :func:`probe_ms`)."""
     ms = sorted(t * 1e3 for t in times)
     median = statistics.median(ms)
     p10 = ms[len(ms) // 10]
     return Timing(median_ms=median, min_ms=ms[0], max_ms=ms[-1], rounds=len(ms), inner=p.inner,
-                  spread=median / p10 if p10 > 0 else 1.0)
+                  spread=median / p10 if p10 > 0 else 1.0, probe_ms=probe)
 
 
 class _LiveStorages(TorchDispatchMode):
