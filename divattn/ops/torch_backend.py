@@ -63,7 +63,7 @@ def _route(q, k, v, cls=None, causal: bool = False) -> str:
     """Which path computes these inputs: ``"reference"`` (empty, or on a CPU not all
     finite), ``"flash"`` (a CPU: torch's flash kernel called directly, see
     :class:`_FlashOp`) or ``"sdpa"`` (``F.scaled_dot_product_attention`` composed from
-    public ops: other devices, ``torch.compile``, shape-only tensors).
+    public ops: other devices, ``torch.compile``, shape-only tensors, ``torch.func``).
 
     The finiteness check needs v only in a forward that autograd records or that is
     causal (it may read more than it needs, see :func:`_summands`): with q and k finite every row's maximum is finite and its sum
@@ -94,6 +94,8 @@ def _route(q, k, v, cls=None, causal: bool = False) -> str:
         return "reference"
     if _FLASH is None or (q.shape[-1] == 1 and any(x.stride(-1) != 1 for x in xs)):
         return "sdpa"  # the flash kernel wants a unit-stride last dim; SDPA copies for it
+    if torch._C._are_functorch_transforms_active():
+        return "sdpa"  # torch.func transforms differentiate the composition, not _FlashOp
     return "flash"
 
 

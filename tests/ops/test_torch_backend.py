@@ -290,3 +290,21 @@ def test_temporal_inference_matches_reference(order, has_cls, causal):
     assert tokens_major(got).is_contiguous()
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=ATOL[torch.float32])
     torch.testing.assert_close(last.double(), ref[:, -2:], rtol=0, atol=ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("order", ["hwt", "thw"])
+def test_torch_func_grad_matches_autograd(order):
+    """Under torch.func transforms the ops are composed from SDPA (the flash path's
+    autograd.Function has no functorch rule); the gradients are autograd's."""
+    qkv = torch.randn(2, 1 + 5 * 3, 3, 2, 8, generator=torch.Generator().manual_seed(4))
+
+    def loss(x):
+        q, k, v, cls = split_qkv(x, 3, 5, order=order, has_cls=True)
+        t = tokens_major(divattn.temporal_attention(q, k, v, backend="torch"))
+        s = spatial_attention_tokens(q, k, v, cls, backend="torch")
+        j = divattn.joint_attention(*x.unbind(2), backend="torch")
+        return t.square().sum() + s.sum() + j.mean()
+
+    x = qkv.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(loss(x), x)
+    torch.testing.assert_close(torch.func.grad(loss)(qkv), expected)
