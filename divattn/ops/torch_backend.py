@@ -66,11 +66,12 @@ def _route(q, k, v, cls=None, causal: bool = False) -> str:
     public ops: other devices, ``torch.compile``, shape-only tensors, ``torch.func``).
 
     The finiteness check needs v only in a forward that autograd records or that is
-    causal (it may read more than it needs, see :func:`_summands`): with q and k finite every row's maximum is finite and its sum
-    at least 1, so a NaN or inf in v reaches exactly the outputs it reaches in the plain
-    softmax composition (a probability times a non-finite value stays non-finite, 0 * inf
-    is NaN in both). A backward needs v checked (the flash backward differs), and so does
-    a causal forward (the plain composition multiplies masked-out v by 0).
+    causal (it may read more than it needs, see :func:`_summands`): with q and k finite
+    every row's maximum is finite and its sum at least 1, so a NaN or inf in v reaches
+    exactly the outputs it reaches in the plain softmax composition (a probability times a
+    non-finite value stays non-finite, 0 * inf is NaN in both). A backward needs v checked
+    (the flash backward differs), and so does a causal forward (the plain composition
+    multiplies masked-out v by 0).
     """
     xs = (q, k, v) if cls is None else (q, k, v, *cls)
     grad = False
