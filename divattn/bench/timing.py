@@ -79,9 +79,9 @@ class Budget:
     @classmethod
     def for_device(cls, device: torch.device, quick: bool = False) -> "Budget":
         if device.type == "cpu":
-            # Up to 2000 rounds, so that a case spans about target_s even for a 60 us op (300
-            # rounds were 20 ms of it): disturbances of tens of ms on a shared CPU moved the
-            # median of whole small-op cases by up to 1.8x between otherwise equal runs.
+            # Up to 2000 rounds: a 60 us op's case then spans 0.12 s (300 rounds were 20 ms of
+            # it), and disturbances of tens of ms on a shared CPU moved the median of whole
+            # small-op cases by up to 1.8x between otherwise equal runs.
             # Disturbances also last seconds (a 256x256 matmul's median moved 1.0-1.2x from
             # one second to the next on a shared 2-core machine): up to 90 s go to timing
             # the cases they hit again, at the end of the run.
