@@ -108,10 +108,8 @@ class Session:
                 fn()
                 return None
             p = timing.plan(fn, device, budget)
-            before = timing.probe_ms(device)
-            benchmark.pedantic(timing.timed(fn, device, p.inner), rounds=p.rounds, iterations=1, warmup_rounds=0)
-            after = timing.probe_ms(device)
-            probe = None if before is None else max(before, after)
+            _, probe = timing.with_probe(device, lambda: benchmark.pedantic(
+                timing.timed(fn, device, p.inner), rounds=p.rounds, iterations=1, warmup_rounds=0))
             return timing.from_seconds([t / p.inner for t in benchmark.stats.stats.data], p, probe)
 
         rec = suite.run(case, self.env, self.peaks_for(case.dtype), self.budget, measure)

@@ -185,7 +185,8 @@ def run(case: Case, env: dict, peaks: Optional[Peaks], budget: Optional[timing.B
             torch.cuda.empty_cache()
     rates = roofline(peaks, n_flops, n_bytes, t.median_ms)
     return records.make(env, median_ms=t.median_ms, min_ms=t.min_ms, max_ms=t.max_ms, rounds=t.rounds,
-                        inner=t.inner, spread=round(t.spread, 4), probe_ms=t.probe_ms, attempts=1, flops=n_flops, bytes=n_bytes, attention_flops=n_attention, peak_mem_mb=mem,
+                        inner=t.inner, spread=round(t.spread, 4), probe_ms=t.probe_ms, attempts=1, flops=n_flops,
+                        bytes=n_bytes, attention_flops=n_attention, peak_mem_mb=mem,
                         peak_mem_method=method,
                         **rates, **common)
 
@@ -203,13 +204,9 @@ def retime(timed: list, env: dict, peaks_for: Callable, budget: timing.Budget, m
     while True:
         probes = [rec["probe_ms"] for _, rec in timed if rec["status"] == "ok" and rec["probe_ms"]]
         best = min(probes) if probes else None
-
-        def how_disturbed(rec) -> float:
-            return max(rec["spread"] or 1.0, (rec["probe_ms"] / best) if best and rec["probe_ms"] else 1.0)
-
         todo = sorted(((case, rec) for case, rec in timed if rec["status"] == "ok" and rec["attempts"] < max_attempts
                        and timing.disturbed(rec["spread"], rec["probe_ms"], best)),
-                      key=lambda item: -how_disturbed(item[1]))
+                      key=lambda item: -timing.disturbance(item[1]["spread"], item[1]["probe_ms"], best))
         if not todo or time.perf_counter() >= deadline:
             return ran
         for case, rec in todo:

@@ -148,12 +148,27 @@ def probe_ms(device: torch.device) -> Optional[float]:
     return statistics.median(times) * 1e3
 
 
+def with_probe(device: torch.device, run: Callable[[], object]) -> tuple:
+    """``(run(), the slower of the probes before and after it)``; the probe is None off a CPU."""
+    before = probe_ms(device)
+    result = run()
+    after = probe_ms(device)
+    return result, (None if before is None else max(before, after))
+
+
+def disturbance(spread: Optional[float], probe: Optional[float] = None, best_probe: Optional[float] = None) -> float:
+    """How disturbed a timing looks, 1.0 when calm: the larger of its spread and its probe
+    over the run's fastest probe."""
+    d = spread or 1.0
+    if probe and best_probe:
+        d = max(d, probe / best_probe)
+    return d
+
+
 def disturbed(spread: Optional[float], probe: Optional[float] = None, best_probe: Optional[float] = None) -> bool:
-    """Whether a timing says something else ran meanwhile: its median well above its fast
-    rounds, or its probe slower than the run's fastest; such a case is worth timing again."""
-    if spread is not None and spread > CALM:
-        return True
-    return probe is not None and best_probe is not None and probe > CALM * best_probe
+    """Whether a timing says something else ran meanwhile (its median well above its fast
+    rounds, or its probe slower than the run's fastest); such a case is worth timing again."""
+    return disturbance(spread, probe, best_probe) > CALM
 
 
 def measure(fn: Callable[[], object], device: torch.device, budget: Optional[Budget] = None) -> Timing:
@@ -161,17 +176,17 @@ def measure(fn: Callable[[], object], device: torch.device, budget: Optional[Bud
     budget = budget or Budget.for_device(device)
     p = plan(fn, device, budget)
     call = timed(fn, device, p.inner)
-    before = probe_ms(device)
-    times = []
-    for _ in range(p.rounds):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) / p.inner)
-    return from_seconds(times, p, _slower(before, probe_ms(device)))
 
+    def rounds():
+        times = []
+        for _ in range(p.rounds):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) / p.inner)
+        return times
 
-def _slower(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or b is None else max(a, b)
+    times, probe = with_probe(device, rounds)
+    return from_seconds(times, p, probe)
 
 
 def from_seconds(times, p: Plan, probe: Optional[float] = None) -> Timing:

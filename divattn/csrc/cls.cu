@@ -57,7 +57,6 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const A
   const int64_t f = static_cast<int64_t>(blockIdx.x) * kClsWarps + warp;
   if (f >= p.B * p.H * p.T) return;
   const Frame fr = frame_at(static_cast<uint32_t>(f), p);
-  const int64_t bh = fr.bh;
   const int D = p.D;
   const T* doc = static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, fr.b, fr.h);
   const float inv_T = 1.f / static_cast<float>(p.T);
@@ -67,7 +66,7 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const A
   for (int d = lane; d < D; d += kWarp) {
     const float g = to_float(doc[d]) * inv_T;
     acc = fmaf(of[d], g, acc);
-    if (first) p.gc[bh * D + d] = g;
+    if (first) p.gc[fr.bh * D + d] = g;
   }
   acc = warp_sum(acc);
   if (lane == 0) p.delta_cls[f] = acc;

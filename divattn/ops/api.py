@@ -163,8 +163,8 @@ def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backe
 
 
 def _patches(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The ``(B, T, N, H, D)`` output from a backend's ``(B, T*N, H, D)`` token buffer; the
-    torch backend may hand back that view itself (it makes it without autograd nodes)."""
+    """The ``(B, T, N, H, D)`` output from a kernel backend's ``(B, T*N, H, D)`` token
+    buffer; the torch backend hands back that view itself (without autograd view nodes)."""
     return out if out.dim() == 5 else patch_view(out, q, has_cls=False)
 
 

@@ -145,6 +145,11 @@ def _packed(xs) -> tuple:
     return (q.as_strided((len(xs), *shape), (step, *stride), off),)
 
 
+def _merges(x: torch.Tensor, b1: int, b2: int) -> bool:
+    """Whether dims b1 and b2 of ``x`` merge into one batch dim without a copy."""
+    return x.shape[b1] == 1 or x.shape[b2] == 1 or x.stride(b1) == x.shape[b2] * x.stride(b2)
+
+
 # Largest batch that inference over uncopied views splits into per-element SDPA calls.
 MAX_SPLIT_BATCH = 8
 
@@ -169,7 +174,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kee
     dtype = out_dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
-    merges = [B1 == 1 or B2 == 1 or x.stride(0) == B2 * x.stride(1) for x in (q, k, v)]
+    merges = [_merges(x, 0, 1) for x in (q, k, v)]
     mask = {}
     if causal and Lq > 1:  # a single query is the last frame: it sees every key
         mask = dict(is_causal=True) if Lq == Lk else dict(attn_mask=reference.causal_mask(Lq, Lk, q.device))
@@ -191,33 +196,31 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kee
     return o if dtype == out_dtype else o.to(out_dtype)
 
 
-def _token_buffer(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``o`` ``(B, T, N, H, D)`` as the ``(B, T*N, H, D)`` output buffer in q's token order:
-    a view of ``o`` when it is laid out so, else one copy into a new buffer."""
-    B, T, N, H, D = o.shape
-    x = o.transpose(1, 2) if is_hwt(q) else o
-    if x.is_contiguous():
-        return x.view(B, T * N, H, D)
-    buf = alloc_tokens(q, has_cls=False)
-    patch_view(buf, q, has_cls=False).copy_(o)
-    return buf
+def _in_q_order(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``o`` ``(B, T, N, H, D)`` as the op's output, token-major in q's token order: ``o``
+    itself when it lies so (and has q's dtype), else a copy into a new token buffer."""
+    if o.dtype == q.dtype and _is_token_major(o.shape, o.stride(), is_hwt(q)):
+        return o
+    out = patch_view(alloc_tokens(q, has_cls=False), q, has_cls=False)
+    out.copy_(o)
+    return out
 
 
 def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
     """Attention over T for every (b, n, h): q ``(B, Tq, N, H, D)``, k, v ``(B, Tk, N, H, D)``.
 
     Query frame i is frame ``Tk - Tq + i``; with ``causal`` it sees key frames
-    ``0 .. Tk - Tq + i``. Returns the token-major ``(B, Tq*N, H, D)`` output buffer in
-    q's token order, or on the flash path its ``(B, Tq, N, H, D)`` view.
+    ``0 .. Tk - Tq + i``. Returns the ``(B, Tq, N, H, D)`` output, a view of a token-major
+    ``(B, Tq*N, H, D)`` buffer in q's token order.
     """
     route = _route(q, k, v, causal=causal)
     if route == "flash":
         return _flash_op("temporal", scale, causal, q, k, v)
     if route == "reference":
-        return reference.temporal(q, k, v, scale, causal)
+        return patch_view(reference.temporal(q, k, v, scale, causal), q, has_cls=False)
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
     o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, _temporal_keep(q), causal, split=True)
-    return _token_buffer(o.transpose(1, 2), q)
+    return _in_q_order(o.transpose(1, 2), q)
 
 
 def _temporal_keep(q: torch.Tensor) -> bool:
@@ -227,17 +230,18 @@ def _temporal_keep(q: torch.Tensor) -> bool:
 def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     """Attention over N for every (b, t, h), optionally with a shared cls token.
 
-    Returns the token-major ``(B, [1 +] T*N, H, D)`` output buffer in q's token order,
-    with the mean cls output as token 0 when ``cls`` is given; without cls, on the flash
-    path, its ``(B, T, N, H, D)`` view.
+    Returns the ``(B, T, N, H, D)`` output as in :func:`temporal`; with ``cls``, the
+    token-major ``(B, 1 + T*N, H, D)`` buffer in q's token order with the mean cls output
+    as token 0.
     """
     route = _route(q, k, v, cls)
     if route == "flash":
         return _flash_op("spatial", scale, False, q, k, v, *(cls or ()))
     if route == "reference":
-        return reference.spatial(q, k, v, scale, cls)
+        buf = reference.spatial(q, k, v, scale, cls)
+        return buf if cls is not None else patch_view(buf, q, has_cls=False)
     if cls is None:
-        return _token_buffer(_attend(q, k, v, scale, not is_hwt(q), split=True), q)
+        return _in_q_order(_attend(q, k, v, scale, not is_hwt(q), split=True), q)
     o = _attend(*_with_cls(q, k, v, cls, q.dtype), scale, False)
     return _cls_buffer(o, q)
 
@@ -306,7 +310,7 @@ def _seqs(x: torch.Tensor, dims: tuple, ct: torch.dtype, keep: bool) -> torch.Te
     b1, b2, l = dims
     sh, st = x.shape, x.stride()
     B1, B2, L, H, D = sh[b1], sh[b2], sh[l], sh[3], sh[4]
-    if x.dtype == ct and (B1 == 1 or B2 == 1 or st[b1] == B2 * st[b2]):
+    if x.dtype == ct and _merges(x, b1, b2):
         return x.as_strided((B1 * B2, H, L, D), (st[b1] if B2 == 1 else st[b2], st[3], st[l], st[4]),
                             x.storage_offset())
     if keep:
@@ -338,28 +342,6 @@ def _is_token_major(shape, strides, hwt: bool) -> bool:
             return False
         want *= shape[d]
     return True
-
-
-def _patches_of(o: torch.Tensor, B1: int, dims: tuple, q: torch.Tensor) -> torch.Tensor:
-    """The op's ``(B, T, N, H, D)`` output, token-major in q's order, from the flash output:
-    a view of ``o`` when it is laid out so, else a view of one copy into a new buffer."""
-    shape, strides, offset = _as_patches(o, B1, dims)
-    if o.dtype == q.dtype and _is_token_major(shape, strides, is_hwt(q)):
-        return o.as_strided(shape, strides, offset)
-    out = patch_view(alloc_tokens(q, has_cls=False), q, has_cls=False)
-    out.copy_(o.as_strided(shape, strides, offset))
-    return out
-
-
-def _cls_buffer_of(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The ``(B, 1 + T*N, H, D)`` output buffer from the per-frame flash output ``o``
-    ``(B*T, H, 1 + N, D)``: patches in q's token order, the mean of the T cls rows as token 0."""
-    B, T, N, H, D = q.shape
-    buf = alloc_tokens(q, has_cls=True)
-    patch_view(buf, q, has_cls=True).copy_(o.as_strided(*_as_patches(o, B, _DIMS["spatial"], 1)))
-    sB, sH, _, sD = o.stride()
-    buf[:, 0].copy_(o.as_strided((B, T, H, D), (T * sB, sB, sH, sD), o.storage_offset()).mean(1))
-    return buf
 
 
 @functools.lru_cache(maxsize=64)
@@ -430,22 +412,24 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
         seqs = [x.transpose(1, 2) if x.dtype == ct else x.to(ct).transpose(1, 2) for x in (q, k, v)]
         o, lse = _flash(*seqs, scale, causal)
         buf = o.transpose(1, 2)
-        buf = buf if buf.dtype == q.dtype and buf.is_contiguous() else buf.to(q.dtype, memory_format=torch.contiguous_format)
+        if buf.dtype != q.dtype or not buf.is_contiguous():
+            buf = buf.to(q.dtype, memory_format=torch.contiguous_format)
         return buf, ((*seqs, o, lse) if record else ())
     if cls:
         seqs = _cls_seqs(q, k, v, cls, ct)
         o, lse = _flash(*seqs, scale, False)
-        return _cls_buffer_of(o, q), ((*seqs, o, lse) if record else ())
+        o5 = o.as_strided(*_as_patches(o, q.shape[0], _DIMS["spatial"]))  # (B, T, 1 + N, H, D)
+        return _cls_buffer(o5, q), ((*seqs, o, lse) if record else ())
     dims = _DIMS[op]
     keep = _temporal_keep(q) if op == "temporal" else not is_hwt(q)
     if not record and ct == q.dtype and q.shape[0] <= MAX_SPLIT_BATCH:
         b1, b2, _ = dims
-        if not all(x.shape[b1] == 1 or x.shape[b2] == 1 or x.stride(b1) == x.shape[b2] * x.stride(b2)
-                   for x in (q, k, v)):
+        if not all(_merges(x, b1, b2) for x in (q, k, v)):
             return _flash_split(q, k, v, dims, scale, causal), ()
     seqs = [_seqs(x, dims, ct, keep) for x in (q, k, v)]
     o, lse = _flash(*seqs, scale, causal)
-    return _patches_of(o, q.shape[0], dims, q), ((*seqs, o, lse) if record else ())
+    out = _in_q_order(o.as_strided(*_as_patches(o, q.shape[0], dims)), q)
+    return out, ((*seqs, o, lse) if record else ())
 
 
 def _grad_patches(d_buf: torch.Tensor, q_shape, hwt: bool) -> torch.Tensor:
