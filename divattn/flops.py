@@ -310,12 +310,8 @@ def _view_shapes(geom: Sequence[int], count: int) -> list:
     return shapes
 
 
-_OPS = ("temporal", "spatial", "joint")
-
-
-def _op_name(op: int, has_cls: bool) -> str:
-    name = _OPS[op]
-    return "spatial_cls" if name == "spatial" and has_cls else name
+def _op_name(op: str, has_cls: bool) -> str:
+    return "spatial_cls" if op == "spatial" and has_cls else op
 
 
 def _count(geom, op, has_cls, causal, pass_) -> int:

@@ -72,9 +72,10 @@ def test_divided_layers_feed_views_of_the_qkv_projection_to_the_kernels(monkeypa
     seen = []
     real = divattn.ops.functions.run
 
-    def run(op, q, *args, **kwargs):
+    def run(backend, op, views, *args, **kwargs):
+        q = views[0]
         seen.append((op, q._base.numel() if q._base is not None else None))
-        return real(op, q, *args, **kwargs)
+        return real(backend, op, views, *args, **kwargs)
 
     monkeypatch.setattr(divattn.ops.functions, "run", run)
     divattn.swap_attention(model, backend="triton")

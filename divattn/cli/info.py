@@ -42,14 +42,14 @@ def lines() -> list:
         elif "cpu" in be.device_types:
             where.append("cpu with TRITON_INTERPRET=1")
         state = f"not available: {why}" if why else "available on " + ", ".join(where or ["no device here"])
-        out.append(f"  {name:<7} {state}")
-        if be.module is not None:
+        out.append(f"  {name:<9} {state}")
+        if isinstance(be, dispatch.KernelBackend):
             try:
                 build_info = getattr(be.kernels(), "build_info", None)
             except Exception:  # the module needs what the reason above says is missing
                 build_info = None
             if build_info is not None:
-                out.extend(f"          {line}" for line in build_info())
+                out.extend(f"            {line}" for line in build_info())
     return out
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 
-from . import dispatch, torch_backend
+from . import dispatch
 from .layout import patch_view
 
 MAX_HEAD_DIM = 256
@@ -21,33 +23,33 @@ def _validate(fn: str, named: dict, ndim: int, layout: str, kv_frames: bool = Fa
 
     ``kv_frames``: k and v may have another frame count (dim 1) than q, the same as each other.
     """
-    for name, x in named.items():
+    items = tuple(named.items())
+    for name, x in items:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    items = tuple(named.items())
     qn, q = items[0]
-    if q.dim() != ndim:
+    qs = q.shape
+    if len(qs) != ndim:
         raise ValueError(f"{fn}: {qn} must be {ndim}-D {layout}, got {q.dim()}-D ({_describe(q)})")
-    if not q.is_floating_point():
-        raise TypeError(f"{fn}: {qn} must be a floating-point tensor, got dtype {q.dtype}")
     dtype, device = q.dtype, q.device
+    if not dtype.is_floating_point:
+        raise TypeError(f"{fn}: {qn} must be a floating-point tensor, got dtype {dtype}")
     for name, x in items[1:]:
         if x.dtype != dtype:
             raise TypeError(f"{fn}: {name} has dtype {x.dtype}, expected {dtype} like {qn}")
         if x.device != device:
             raise ValueError(f"{fn}: {name} is on device {x.device}, expected {device} like {qn}")
-    qs = tuple(q.shape)
     for name, x in items[1:3]:
-        xs = tuple(x.shape)
+        xs = x.shape
         if xs == qs:
             continue
         if kv_frames and len(xs) == ndim:
             want = (qs[0], xs[1], *qs[2:])
-            if xs != want:
-                raise ValueError(f"{fn}: {name} has shape {xs}, expected {want} like {qn} {layout} "
+            if tuple(xs) != want:
+                raise ValueError(f"{fn}: {name} has shape {tuple(xs)}, expected {want} like {qn} {layout} "
                                  f"in every dim but the frames (dim 1)")
         else:
-            raise ValueError(f"{fn}: {name} has shape {xs}, expected {qs} like {qn} {layout}")
+            raise ValueError(f"{fn}: {name} has shape {tuple(xs)}, expected {tuple(qs)} like {qn} {layout}")
     if kv_frames:
         (kn, k), (vn, v) = items[1:3]
         if v.shape != k.shape:
@@ -56,22 +58,33 @@ def _validate(fn: str, named: dict, ndim: int, layout: str, kv_frames: bool = Fa
         if qs[1] > k.shape[1]:
             raise ValueError(
                 f"{fn}: {qn} has Tq = {qs[1]} frames, more than the Tk = {k.shape[1]} of {kn} and {vn} "
-                f"({qn} shape {qs}, {kn} shape {tuple(k.shape)}); the queries are the last Tq "
+                f"({qn} shape {tuple(qs)}, {kn} shape {tuple(k.shape)}); the queries are the last Tq "
                 f"of the Tk frames, so Tq <= Tk"
             )
     D = qs[-1]
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{fn}: head dim (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {D}")
-    for name, x in items:
-        if x.stride(-1) != 1 and x.shape[-1] > 1:
-            raise ValueError(
-                f"{fn}: {name} must have a contiguous last dim (stride(-1) == 1), got {_describe(x)}; "
-                f"pass {name}.contiguous() if a copy is acceptable"
-            )
+    if D > 1:
+        for name, x in items:
+            if x.stride(-1) != 1:
+                raise ValueError(
+                    f"{fn}: {name} must have a contiguous last dim (stride(-1) == 1), got {_describe(x)}; "
+                    f"pass {name}.contiguous() if a copy is acceptable"
+                )
 
 
-def _scale(scale: Optional[float], D: int) -> float:
-    return D ** -0.5 if scale is None else float(scale)
+def _scale(fn: str, scale, D: int) -> float:
+    """``scale``, or ``D ** -0.5`` when None; a TypeError or ValueError unless a finite positive number."""
+    if scale is None:
+        return D ** -0.5
+    if type(scale) is float and 0.0 < scale < math.inf:
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not (0.0 < scale < math.inf):
+        raise ValueError(f"{fn}: scale must be finite and positive, got {scale!r}")
+    return scale
 
 
 def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
@@ -88,9 +101,11 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
             keys and values of all frames so far).
         causal: when True, query frame i attends to key frames ``0 .. Tk - Tq + i``
             (frame t to frames 0..t); when False, to all Tk frames.
-        scale: softmax scale, default ``D ** -0.5``.
+        scale: softmax scale, a finite positive number; default ``D ** -0.5``.
         backend: ``None`` (auto: first of triton, cuda, torch that fits; env
-            ``DIVATTN_BACKEND`` sets it), ``"triton"``, ``"cuda"`` or ``"torch"``.
+            ``DIVATTN_BACKEND`` sets it), ``"triton"``, ``"cuda"``, ``"torch"``, or
+            ``"reference"`` (the plain softmax composition the tests trust; never
+            chosen automatically).
 
     Returns:
         ``o`` of shape ``(B, Tq, N, H, D)``, stored token-major in q's token order, so
@@ -99,7 +114,8 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
     Raises:
         TypeError / ValueError for mismatched dtypes, devices or shapes (k and v must
         match q in B, N, H and D, and each other), ``Tq > Tk``, a last dim that is not
-        contiguous, or a head dim outside [1, 256]; BackendError when the requested
+        contiguous, a head dim outside [1, 256], or a ``scale`` that is not a finite
+        positive number; BackendError when the requested
         backend cannot run the inputs (listing every backend's reason; causal
         attention and ``Tq < Tk`` are features a backend declares).
 
@@ -113,17 +129,13 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
         o = torch.einsum("bnhts,bsnhd->btnhd", s.softmax(-1), v)
     """
     _validate("temporal_attention", {"q": q, "k": k, "v": v}, 5, "(B, T, N, H, D)", kv_frames=True)
-    scale = _scale(scale, q.shape[-1])
+    D = q.shape[-1]
+    scale = _scale("temporal_attention", scale, D)
     causal = bool(causal)
-    features = (("causal",) if causal else ()) + (("fewer_queries",) if q.shape[1] != k.shape[1] else ())
-    be = dispatch.select("temporal", q.dtype, q.device, q.shape[-1], backend, features)
-    if be.name == "torch":
-        buf = torch_backend.temporal(q, k, v, scale, causal=causal)
-    else:
-        from .functions import run
-
-        buf = run("temporal", q, k, v, None, scale, be.name, causal=causal)
-    return _patches(buf, q)
+    features = ()
+    if causal or q.shape[1] != k.shape[1]:
+        features = (("causal",) if causal else ()) + (("fewer_queries",) if q.shape[1] != k.shape[1] else ())
+    return dispatch.select("temporal", q.dtype, q.device, D, backend, features).temporal(q, k, v, scale, causal)
 
 
 def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -155,44 +167,41 @@ def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backe
         oo = torch.einsum("bthnm,btmhd->btnhd", s.softmax(-1), vv)
         o, o_cls = oo[:, :, 1:], oo[:, :, 0].mean(1)
     """
-    _check_spatial(q, k, v, cls)
-    buf = _spatial(q, k, v, cls, scale, backend)
+    cls = _check_spatial("spatial_attention", q, k, v, cls)
+    out = _spatial("spatial_attention", q, k, v, cls, scale, backend)
     if cls is None:
-        return _patches(buf, q)
-    return patch_view(buf, q, has_cls=True), buf[:, 0]
+        return out
+    return patch_view(out, q, has_cls=True), out[:, 0]
 
 
-def _patches(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The ``(B, T, N, H, D)`` output from a kernel backend's ``(B, T*N, H, D)`` token
-    buffer; the torch backend hands back that view itself (without autograd view nodes)."""
-    return out if out.dim() == 5 else patch_view(out, q, has_cls=False)
-
-
-def _check_spatial(q, k, v, cls) -> None:
+def _check_spatial(fn: str, q, k, v, cls) -> Optional[tuple]:
+    """Validate the inputs of spatial attention; returns ``cls`` as a tuple (or None)."""
     named = {"q": q, "k": k, "v": v}
     if cls is not None:
-        if not isinstance(cls, (tuple, list)) or len(cls) != 3:
-            raise TypeError(f"spatial_attention: cls must be a tuple (q_cls, k_cls, v_cls), got {type(cls).__name__}")
+        if not isinstance(cls, (tuple, list)):
+            raise TypeError(f"{fn}: cls must be a tuple (q_cls, k_cls, v_cls) of three tensors, "
+                            f"got {type(cls).__name__}")
+        if len(cls) != 3:
+            raise ValueError(f"{fn}: cls must hold three tensors (q_cls, k_cls, v_cls), "
+                             f"got a {type(cls).__name__} of {len(cls)}")
+        cls = tuple(cls)
         named.update(zip(("q_cls", "k_cls", "v_cls"), cls))
-    _validate("spatial_attention", named, 5, "(B, T, N, H, D)")
+    _validate(fn, named, 5, "(B, T, N, H, D)")
     B, T, N, H, D = q.shape
     if cls is not None:
         for name, c in zip(("q_cls", "k_cls", "v_cls"), cls):
             if tuple(c.shape) != (B, H, D):
-                raise ValueError(f"spatial_attention: {name} has shape {tuple(c.shape)}, expected (B, H, D) = {(B, H, D)}")
+                raise ValueError(f"{fn}: {name} has shape {tuple(c.shape)}, expected (B, H, D) = {(B, H, D)}")
         if T == 0:
-            raise ValueError("spatial_attention: cls needs T >= 1 frames (o_cls is a mean over frames), got T = 0")
+            raise ValueError(f"{fn}: cls needs T >= 1 frames (o_cls is a mean over frames), got T = 0")
+    return cls
 
 
-def _spatial(q, k, v, cls, scale, backend) -> torch.Tensor:
-    scale = _scale(scale, q.shape[-1])
-    cls = tuple(cls) if cls is not None else None
-    be = dispatch.select("spatial" if cls is None else "spatial_cls", q.dtype, q.device, q.shape[-1], backend)
-    if be.name == "torch":
-        return torch_backend.spatial(q, k, v, scale, cls)
-    from .functions import run
-
-    return run("spatial", q, k, v, cls, scale, be.name)
+def _spatial(fn: str, q, k, v, cls, scale, backend) -> torch.Tensor:
+    D = q.shape[-1]
+    scale = _scale(fn, scale, D)
+    op = "spatial" if cls is None else "spatial_cls"
+    return dispatch.select(op, q.dtype, q.device, D, backend).spatial(q, k, v, scale, cls)
 
 
 def spatial_attention_tokens(q, k, v, cls, *, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -205,8 +214,8 @@ def spatial_attention_tokens(q, k, v, cls, *, scale: Optional[float] = None, bac
     """
     if cls is None:
         raise TypeError("spatial_attention_tokens: cls is required (use spatial_attention without it)")
-    _check_spatial(q, k, v, cls)
-    return _spatial(q, k, v, cls, scale, backend)
+    cls = _check_spatial("spatial_attention_tokens", q, k, v, cls)
+    return _spatial("spatial_attention_tokens", q, k, v, cls, scale, backend)
 
 
 def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
@@ -223,10 +232,6 @@ def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional
     v.transpose(1, 2), scale=scale).transpose(1, 2)``.
     """
     _validate("joint_attention", {"q": q, "k": k, "v": v}, 4, "(B, L, H, D)")
-    scale = _scale(scale, q.shape[-1])
-    be = dispatch.select("joint", q.dtype, q.device, q.shape[-1], backend)
-    if be.name == "torch":
-        return torch_backend.joint(q, k, v, scale)
-    from .functions import run
-
-    return run("joint", q, k, v, None, scale, be.name)
+    D = q.shape[-1]
+    scale = _scale("joint_attention", scale, D)
+    return dispatch.select("joint", q.dtype, q.device, D, backend).joint(q, k, v, scale)

@@ -1,24 +1,42 @@
-"""Backends declare what they support as data; the dispatcher picks the first that fits.
+"""Backends: what each can run, declared as data, and how each runs an op.
+
+A :class:`Backend` is a value that runs the three ops itself
+(:meth:`~Backend.temporal`, :meth:`~Backend.spatial`, :meth:`~Backend.joint`), each
+returning the public op's output. Two kinds exist:
+
+- :class:`KernelBackend` (``triton``, ``cuda``): kernel modules that write into buffers
+  the custom op :mod:`divattn.ops.functions` allocates; they share the
+  :class:`~divattn.ops.functions.KernelModule` contract;
+- :class:`ComposedBackend` (``torch``, ``reference``): modules of PyTorch code that
+  compute the outputs themselves (:class:`OpsModule`).
 
 ``backend=None`` takes the first of :data:`AUTO_ORDER` whose declared capabilities fit
-the inputs. A forced backend that cannot run raises :class:`BackendError`, whose
-message lists the inputs and every backend's reasons; nothing falls back silently.
-The default can be set with the ``DIVATTN_BACKEND`` environment variable.
+the inputs; ``"reference"`` (the fp64-exact ground truth of the tests) is chosen only by
+name. A forced backend that cannot run raises :class:`BackendError`, whose message lists
+the inputs and every backend's reasons; nothing falls back silently. The
+``DIVATTN_BACKEND`` environment variable sets the default.
 
 Besides the op, a call may need *features* (:data:`FEATURES`) that only some backends
-implement: ``"causal"`` (temporal attention where frame t attends to frames 0..t) and
-``"fewer_queries"`` (queries for the last Tq of Tk key frames, Tq < Tk). A backend
-declares the ones it implements in :attr:`Backend.features`.
+implement (:attr:`Backend.features`).
+
+The choice depends on the op, dtype, device, requested backend, features and
+environment, which :func:`select` memoises, and on the head dim, which it compares. Under
+``torch.compile`` the memoised part is computed once at trace time (it imports modules
+and queries devices, which dynamo cannot trace) and the graph holds the chosen backend's
+calls: no graph break.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from types import ModuleType
+from typing import Callable, Optional, Protocol
 
 import torch
+
+from . import cuda_ext, functions, reference, torch_backend
+from .layout import patch_view
 
 AUTO_ORDER = ("triton", "cuda", "torch")
 OPS = ("temporal", "spatial", "spatial_cls", "joint")
@@ -36,9 +54,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class OpsModule(Protocol):
+    """A module that computes the ops in PyTorch (:mod:`divattn.ops.torch_backend`,
+    :mod:`divattn.ops.reference`): each function returns the public op's output."""
+
+    def temporal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 causal: bool = False) -> torch.Tensor: ...
+
+    def spatial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                cls: Optional[tuple] = None) -> torch.Tensor: ...
+
+    def joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor: ...
+
+
 _TRITON_IMPORT: list = []
 
 
+@torch.compiler.assume_constant_result
 def _triton_runtime_reason() -> Optional[str]:
     """Why triton cannot be used at all (checked once), or None."""
     if not _TRITON_IMPORT:
@@ -52,28 +84,22 @@ def _triton_runtime_reason() -> Optional[str]:
     return _TRITON_IMPORT[0]
 
 
+@torch.compiler.assume_constant_result
 def _cuda_runtime_reason() -> Optional[str]:
-    from . import cuda_ext
-
     return cuda_ext.unavailable_reason()
-
-
-def _cuda_device_reason(device: torch.device) -> Optional[str]:
-    from . import cuda_ext
-
-    return cuda_ext.device_reason(device)
 
 
 @dataclass(frozen=True)
 class Backend:
-    """What one backend can run, as data, plus where its kernels live.
+    """What one backend can run, as data; subclasses say how it runs.
 
     ``device_types``: tensor device types served; ``cpu_needs_interpreter``: CPU
     tensors are served only under ``TRITON_INTERPRET=1``; ``interpreter_dtypes``: the
     dtypes trusted under the interpreter; ``max_head_dim``: largest D;
     ``min_capability``: the oldest CUDA compute capability served;
-    ``runtime_reason``: a callable returning why the backend cannot run at all, or None;
-    ``device_reason``: a callable returning why it cannot run on a given device, or None;
+    ``runtime_reason``: why the backend cannot run at all, or None (a process
+    constant, except that a failed just-in-time build makes ``cuda`` unavailable);
+    ``device_reason``: why it cannot run on a given CUDA device, or None;
     ``features``: the :data:`FEATURES` it implements.
     """
 
@@ -88,7 +114,6 @@ class Backend:
     min_capability: tuple = (0, 0)
     runtime_reason: Callable[[], Optional[str]] = field(default=lambda: None)
     device_reason: Callable[[torch.device], Optional[str]] = field(default=lambda device: None)
-    module: Optional[str] = None
 
     def unavailable_reason(self) -> Optional[str]:
         return self.runtime_reason()
@@ -129,13 +154,76 @@ class Backend:
             reasons.append(f"head dim {head_dim} is larger than {self.max_head_dim}")
         return reasons
 
-    def kernels(self):
-        """The module with this backend's ``forward`` / ``backward`` launchers."""
-        return importlib.import_module(self.module, __package__)
+    def temporal(self, q, k, v, scale: float, causal: bool) -> torch.Tensor:
+        """The output of :func:`divattn.temporal_attention`, ``(B, Tq, N, H, D)``."""
+        raise NotImplementedError
+
+    def spatial(self, q, k, v, scale: float, cls: Optional[tuple]) -> torch.Tensor:
+        """The ``(B, T, N, H, D)`` output of :func:`divattn.spatial_attention`; with ``cls``, the
+        ``(B, 1 + T*N, H, D)`` token buffer with the mean cls output as token 0."""
+        raise NotImplementedError
+
+    def joint(self, q, k, v, scale: float) -> torch.Tensor:
+        """The ``(B, L, H, D)`` output of :func:`divattn.joint_attention`."""
+        raise NotImplementedError
 
 
-BACKENDS = {
-    "triton": Backend(
+@dataclass(frozen=True)
+class KernelBackend(Backend):
+    """Kernels behind the custom op ``divattn::attn_fwd`` (:mod:`divattn.ops.functions`),
+    which allocates the outputs and calls this backend's kernel module."""
+
+    def kernels(self) -> functions.KernelModule:
+        return functions.KERNELS[self.name]()
+
+    def temporal(self, q, k, v, scale, causal):
+        return patch_view(functions.run(self.name, "temporal", (q, k, v), scale, causal), q, has_cls=False)
+
+    def spatial(self, q, k, v, scale, cls):
+        if cls is None:
+            return patch_view(functions.run(self.name, "spatial", (q, k, v), scale, False), q, has_cls=False)
+        return functions.run(self.name, "spatial", (q, k, v, *cls), scale, False)
+
+    def joint(self, q, k, v, scale):
+        return functions.run(self.name, "joint", (q, k, v), scale, False)
+
+
+@dataclass(frozen=True)
+class ComposedBackend(Backend):
+    """Ops composed from PyTorch code in ``impl`` (an :class:`OpsModule`)."""
+
+    impl: Optional[ModuleType] = None
+
+    def temporal(self, q, k, v, scale, causal):
+        return self.impl.temporal(q, k, v, scale, causal)
+
+    def spatial(self, q, k, v, scale, cls):
+        return self.impl.spatial(q, k, v, scale, cls)
+
+    def joint(self, q, k, v, scale):
+        return self.impl.joint(q, k, v, scale)
+
+
+_CHOICES: dict = {}
+
+
+class _Registry(dict):
+    """The backends by name; replacing one (tests do) forgets the memoised choices."""
+
+    def __setitem__(self, name, backend):
+        _CHOICES.clear()
+        super().__setitem__(name, backend)
+
+    def __delitem__(self, name):
+        _CHOICES.clear()
+        super().__delitem__(name)
+
+
+_ANY_DEVICE = ("cpu", "cuda", "mps", "xpu")
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+BACKENDS = _Registry(
+    triton=KernelBackend(
         name="triton",
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda", "cpu"),
@@ -144,26 +232,21 @@ BACKENDS = {
         interpreter_dtypes=(torch.float16, torch.float32),
         min_capability=(8, 0),
         runtime_reason=_triton_runtime_reason,
-        module=".triton_kernels",
     ),
-    "cuda": Backend(
+    cuda=KernelBackend(
         name="cuda",
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda",),
         max_head_dim=128,
-        features=("causal", "fewer_queries"),
         min_capability=(8, 0),
         runtime_reason=_cuda_runtime_reason,
-        device_reason=_cuda_device_reason,
-        module=".cuda_ext",
+        device_reason=cuda_ext.device_reason,
     ),
-    "torch": Backend(
-        name="torch",
-        dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-        device_types=("cpu", "cuda", "mps", "xpu"),
-        max_head_dim=1 << 30,
-    ),
-}
+    torch=ComposedBackend(name="torch", dtypes=_ALL_DTYPES, device_types=_ANY_DEVICE, max_head_dim=1 << 30,
+                          impl=torch_backend),
+    reference=ComposedBackend(name="reference", dtypes=_ALL_DTYPES, device_types=_ANY_DEVICE,
+                              max_head_dim=1 << 30, impl=reference),
+)
 
 
 def default_backend() -> Optional[str]:
@@ -173,30 +256,51 @@ def default_backend() -> Optional[str]:
     return name
 
 
+@torch.compiler.assume_constant_result
+def _fitting(op: str, dtype: torch.dtype, device: torch.device, backend: Optional[str], features: tuple) -> tuple:
+    """The names of the backends, in the order tried, that fit everything but the head
+    dim and a change of availability (memoised; a constant under ``torch.compile``)."""
+    # the environment, read only where it can matter (an os.environ read costs a microsecond)
+    default = os.environ.get("DIVATTN_BACKEND") if backend is None else None
+    interp = os.environ.get("TRITON_INTERPRET") if device.type == "cpu" else None
+    key = (op, dtype, device, backend, features, default, interp)
+    names = _CHOICES.get(key)
+    if names is None:
+        if backend is None:
+            backend = default_backend()
+        if backend is not None and backend not in BACKENDS:
+            raise BackendError(f"backend={backend!r} is not a backend; choose one of None, "
+                               f"{', '.join(map(repr, BACKENDS))}")
+        tried = (backend,) if backend is not None else AUTO_ORDER
+        names = _CHOICES[key] = tuple(n for n in tried
+                                      if not BACKENDS[n].not_supported_reasons(op, dtype, device, 0, features))
+    return names
+
+
 def select(op: str, dtype: torch.dtype, device: torch.device, head_dim: int, backend: Optional[str] = None,
            features: tuple = ()) -> Backend:
     """The backend that runs ``op`` (with ``features``) on these inputs, or BackendError with every reason."""
-    if backend is None:
-        backend = default_backend()
-    if backend is not None and backend not in BACKENDS:
-        raise BackendError(f"backend={backend!r} is not a backend; choose one of None, {', '.join(map(repr, BACKENDS))}")
-    names = (backend,) if backend is not None else AUTO_ORDER
-    for name in names:
-        if not BACKENDS[name].not_supported_reasons(op, dtype, device, head_dim, features):
-            return BACKENDS[name]
+    for name in _fitting(op, dtype, device, backend, features):
+        be = BACKENDS[name]
+        if head_dim <= be.max_head_dim and be.runtime_reason() is None:
+            return be
+    raise BackendError(_refusal(op, dtype, device, head_dim, backend, features))
+
+
+def _refusal(op, dtype, device, head_dim, backend, features) -> str:
     lines = [
         f"  {n}: " + "; ".join(BACKENDS[n].not_supported_reasons(op, dtype, device, head_dim, features)
                                or ["available"])
         for n in BACKENDS
     ]
+    if backend is None:
+        backend = default_backend()
     wanted = f"backend={backend!r}" if backend is not None else "any backend"
     what = f"{op} attention" + (f" ({', '.join(features)})" if features else "")
-    raise BackendError(
-        f"{wanted} cannot run {what} on inputs of dtype {dtype}, device {device}, "
-        f"head dim {head_dim}:\n" + "\n".join(lines)
-    )
+    return (f"{wanted} cannot run {what} on inputs of dtype {dtype}, device {device}, "
+            f"head dim {head_dim}:\n" + "\n".join(lines))
 
 
-def report(device: Optional[torch.device] = None) -> dict:
+def report() -> dict:
     """{backend: reason it cannot run at all, or None} for ``python -m divattn info``."""
     return {name: be.unavailable_reason() for name, be in BACKENDS.items()}

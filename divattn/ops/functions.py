@@ -3,11 +3,10 @@
 The forward and backward are the custom ops ``divattn::attn_fwd`` and
 ``divattn::attn_bwd`` (with fake implementations), tied together with
 ``torch.library.register_autograd``, so they train, ``torch.compile`` (fullgraph)
-treats them as opaque calls, and ``FlopCounterMode`` can count them. ``causal`` (temporal
-attention only) is passed to the launchers only when True: the dispatcher never hands
-causal work to a backend that does not declare it, so launchers without the argument
-keep working. Temporal q may have fewer frames (Tq) than k and v (Tk): the output and
-the log-sum-exp rows follow q.
+treats them as opaque calls, and ``FlopCounterMode`` can count them. The ops take the
+backend's name; :data:`KERNELS` imports its kernel module, which follows the
+:class:`KernelModule` contract. Temporal q may have fewer frames (Tq) than k and v (Tk):
+the output and the log-sum-exp rows follow q.
 
 The ops take q/k/v (and the cls q/k/v) as *sources plus geometry*: when they are all
 views of one tensor — the qkv projection output — that tensor is the single source
@@ -19,14 +18,47 @@ to the projection's backward as is: no per-view zero-fill, scatter and sum.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
-from .dispatch import BACKENDS
 from .layout import alloc_tokens, patch_view
 
-OPS = ("temporal", "spatial", "joint")
+
+class KernelModule(Protocol):
+    """What a kernel backend's module provides: launchers that write into given buffers.
+
+    ``op`` is ``"temporal"``, ``"spatial"`` or ``"joint"``; ``q, k, v, o`` (and ``do``,
+    ``dq``, ``dk``, ``dv``) are views in the op's layout (any strides, head dim
+    contiguous); ``lse`` a contiguous fp32 ``(S*L,)`` of base-2 log-sum-exps with the scale
+    included, one per query row. With ``cls = (q_cls, k_cls, v_cls)`` (each ``(B, H, D)``),
+    ``o_cls`` is ``(B, H, D)``, ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` of the cls
+    query's per-frame outputs and ``lse_cls`` a contiguous fp32 ``(B, H, T)``. Temporal
+    ``q`` may have the last Tq of the Tk frames of ``k`` and ``v``; ``causal`` is temporal
+    only. Every output element is written once (no atomics): results are deterministic.
+    """
+
+    def forward(self, op: str, q, k, v, o, lse, scale: float, *, causal: bool = False, cls=None, o_cls=None,
+                cls_frames=None, lse_cls=None) -> None: ...
+
+    def backward(self, op: str, q, k, v, o, do, lse, dq, dk, dv, scale: float, *, causal: bool = False, cls=None,
+                 d_cls=None, do_cls=None, cls_frames=None, lse_cls=None) -> None: ...
+
+
+def _triton() -> KernelModule:
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _cuda() -> KernelModule:
+    from . import cuda_ext
+
+    return cuda_ext
+
+
+# Imported on first use: the Triton module needs TRITON_INTERPRET set before it loads.
+KERNELS: dict[str, Callable[[], KernelModule]] = {"triton": _triton, "cuda": _cuda}
 
 
 def _encode(views: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], index: Sequence[int]) -> list:
@@ -151,15 +183,14 @@ def _out_views(op: str, has_cls: bool, q: torch.Tensor, buf: torch.Tensor):
 
 @torch.library.custom_op("divattn::attn_fwd", mutates_args=())
 def attn_fwd(
-    srcs: list[torch.Tensor], geom: list[int], op: int, has_cls: bool, scale: float, backend: str, causal: bool,
+    srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     views = _decode(srcs, geom)
     q, k, v = views[:3]
-    name = OPS[op]
-    buf, lse, cls_frames, lse_cls = _outputs(name, has_cls, q)
-    o, o_cls = _out_views(name, has_cls, q, buf)
-    BACKENDS[backend].kernels().forward(
-        name, q, k, v, o, lse, scale, **_causal(causal),
+    buf, lse, cls_frames, lse_cls = _outputs(op, has_cls, q)
+    o, o_cls = _out_views(op, has_cls, q, buf)
+    KERNELS[backend]().forward(
+        op, q, k, v, o, lse, scale, causal=causal,
         cls=tuple(views[3:]) if has_cls else None, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls,
     )
     return buf, lse, cls_frames, lse_cls
@@ -167,11 +198,7 @@ def attn_fwd(
 
 @attn_fwd.register_fake
 def _(srcs, geom, op, has_cls, scale, backend, causal):
-    return _outputs(OPS[op], has_cls, _decode(srcs, geom)[0])
-
-
-def _causal(causal: bool) -> dict:
-    return {"causal": True} if causal else {}
+    return _outputs(op, has_cls, _decode(srcs, geom)[0])
 
 
 _GAPS_ON_DEVICE: dict = {}
@@ -204,24 +231,23 @@ def _grads(srcs: Sequence[torch.Tensor], geom: Sequence[int]):
 
 @torch.library.custom_op("divattn::attn_bwd", mutates_args=())
 def attn_bwd(
-    srcs: list[torch.Tensor], geom: list[int], op: int, has_cls: bool, scale: float, backend: str, causal: bool,
+    srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
     buf: torch.Tensor, d_buf: torch.Tensor, lse: torch.Tensor, cls_frames: torch.Tensor, lse_cls: torch.Tensor,
 ) -> list[torch.Tensor]:
     views = _decode(srcs, geom)
     q, k, v = views[:3]
-    name = OPS[op]
-    if name == "temporal" and q.numel() == 0:
+    if op == "temporal" and q.numel() == 0:
         # no query frames (Tq = 0 < Tk): nothing read k and v, their gradients are zero
         return [torch.zeros_like(s) for s in srcs]
     grads = _grads(srcs, geom)
     # Packed: the gradients are views into one buffer shaped like the source. Separate:
     # each gradient is its own dense tensor (a source may be expanded, with stride 0).
     dviews = _decode(grads, geom) if len(srcs) < geom[0] else grads
-    o, _ = _out_views(name, has_cls, q, buf)
+    o, _ = _out_views(op, has_cls, q, buf)
     d_buf = d_buf.contiguous()
-    do, do_cls = _out_views(name, has_cls, q, d_buf)
-    BACKENDS[backend].kernels().backward(
-        name, q, k, v, o, do, lse, *dviews[:3], scale, **_causal(causal),
+    do, do_cls = _out_views(op, has_cls, q, d_buf)
+    KERNELS[backend]().backward(
+        op, q, k, v, o, do, lse, *dviews[:3], scale, causal=causal,
         cls=tuple(views[3:]) if has_cls else None, d_cls=tuple(dviews[3:]) if has_cls else None,
         do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls,
     )
@@ -255,9 +281,10 @@ def _backward(ctx, d_buf, d_lse, d_cls_frames, d_lse_cls):
 torch.library.register_autograd("divattn::attn_fwd", _backward, setup_context=_setup_context)
 
 
-def run(op: str, q, k, v, cls, scale: float, backend: str, *, causal: bool = False) -> torch.Tensor:
-    """Call the kernel backend through the custom op; returns the token-major buffer."""
-    views = [q, k, v, *cls] if cls is not None else [q, k, v]
+def run(backend: str, op: str, views: tuple, scale: float, causal: bool) -> torch.Tensor:
+    """``op`` on the kernel ``backend`` through the custom op: ``views`` are q, k, v and, for
+    spatial attention with cls, the cls q, k, v. Returns the token-major output buffer:
+    ``(B, [1 +] T*N, H, D)`` in q's token order, or ``(B, L, H, D)`` for joint attention."""
     srcs, geom = sources(views)
-    return attn_fwd(srcs, geom, OPS.index(op), cls is not None, float(scale), backend, bool(causal))[0]
+    return attn_fwd(srcs, geom, op, len(views) > 3, scale, backend, causal)[0]
 

@@ -7,9 +7,11 @@ query/key/value repeated in every frame, one softmax per frame, and the T cls ou
 averaged. Half-precision inputs are computed in fp32 and cast back
 (``upcast=True`` in flash-attention's terms). Gradients come from autograd.
 
-Outputs are written into buffers laid out in q's token order (see
-:func:`divattn.ops.layout.alloc_tokens`), so callers get the same layout from every
-backend; that final copy is the only one the reference path adds to eager attention.
+It is also a backend, ``backend="reference"`` (never chosen automatically): each
+function returns what the public op returns, written into a buffer laid out in q's
+token order (see :func:`divattn.ops.layout.alloc_tokens`), so callers get the same
+layout from every backend; that final copy is the only one the reference path adds to
+eager attention.
 """
 
 from __future__ import annotations
@@ -50,21 +52,21 @@ def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
 
     Query frame i is frame ``Tk - Tq + i``; with ``causal`` it sees key frames
     ``0 .. Tk - Tq + i`` (:func:`causal_mask`), otherwise all Tk.
-    Returns the token-major ``(B, Tq*N, H, D)`` output buffer in q's token order.
+    Returns ``(B, Tq, N, H, D)``, a view of a token-major buffer in q's token order.
     """
     mask = causal_mask(q.shape[1], k.shape[1], q.device) if causal else None
     # (B, T, N, H, D) -> (B, N, H, T, D)
     o = _attend(*(x.permute(0, 2, 3, 1, 4) for x in (q, k, v)), scale, mask)
-    buf = alloc_tokens(q, has_cls=False)
-    patch_view(buf, q, has_cls=False).copy_(o.permute(0, 3, 1, 2, 4))
-    return buf
+    out = patch_view(alloc_tokens(q, has_cls=False), q, has_cls=False)
+    out.copy_(o.permute(0, 3, 1, 2, 4))
+    return out
 
 
 def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     """Attention over N for every (b, t, h), optionally with a shared cls token.
 
-    Returns the token-major ``(B, [1 +] T*N, H, D)`` output buffer in q's token order,
-    with the mean cls output as token 0 when ``cls`` is given.
+    Returns ``(B, T, N, H, D)`` as :func:`temporal` does; with ``cls``, the token-major
+    ``(B, 1 + T*N, H, D)`` buffer in q's token order with the mean cls output as token 0.
     """
     B, T, N, H, D = q.shape
     # (B, T, N, H, D) -> (B, T, H, N, D)
@@ -73,7 +75,7 @@ def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     out = patch_view(buf, q, has_cls=cls is not None)
     if cls is None:
         out.copy_(_attend(qs, ks, vs, scale).permute(0, 1, 3, 2, 4))
-        return buf
+        return out
     # The official block repeats the cls token in every frame: (B, H, D) -> (B, T, H, 1, D).
     qc, kc, vc = (c[:, None, :, None, :].expand(B, T, H, 1, D) for c in cls)
     o = _attend(torch.cat([qc, qs], 3), torch.cat([kc, ks], 3), torch.cat([vc, vs], 3), scale)

@@ -1,47 +1,17 @@
 """The divided attention ops on PyTorch's own attention kernels (``backend="torch"``).
 
-This is the path of every CPU user and of GPUs without Triton. Each op is one call of a
-fused attention kernel on views of q/k/v, laid out for fewest copies:
+The path of every CPU user and of GPUs without Triton. On a CPU each op is one call of
+torch's flash attention kernel on strided views of q/k/v, and one autograd node
+(:class:`_FlashOp`) whose backward calls the flash backward. Elsewhere (GPUs,
+``torch.compile``, shape-only tensors, ``torch.func`` transforms) the ops are composed from
+``F.scaled_dot_product_attention``, which picks a fused kernel, and autograd differentiates
+them. Either way a view is copied only where two batch dims cannot merge (the cls token
+between batches, or the frames of ``(h w t)`` tokens), and the output is the kernel's own
+when it already lies in q's token order. Half precision on a CPU is computed in fp32.
 
-- sequences go to the kernel as ``(B', H, L, D)`` views of the ``(B, T, N, H, D)``
-  inputs; a view is copied only where two batch dims cannot be merged (the cls token
-  between batches, or the frames of ``(h w t)`` tokens), and in inference such views
-  instead go to one kernel call per batch element uncopied;
-- the output is the kernel's own output when its layout already is q's token order
-  (temporal over ``(h w t)`` tokens, spatial over ``(t h w)`` tokens, joint), otherwise
-  one copy into :func:`divattn.ops.layout.alloc_tokens`;
-- causal temporal attention is the kernel's causal mask when q and k have the same
-  frames, else an explicit bottom-right mask (query frame i is frame ``Tk - Tq + i``);
-- spatial attention with cls concatenates ``[cls] + N`` queries, keys and values per
-  frame (the official semantics, one softmax per frame) in one copy that also serves
-  as the batch merge, and averages the T cls outputs.
-
-On a CPU the kernel is torch's flash attention called directly, and each op is one
-autograd node (:class:`_FlashOp`) whose backward calls the flash backward: composed
-from public ops an op is a dozen view, copy and SDPA nodes, and at the small shapes a
-CPU runs their per-call cost is a fifth of the time. Elsewhere (GPUs, ``torch.compile``,
-tracing) the ops are composed from ``F.scaled_dot_product_attention``, which picks the
-fused kernel, and autograd differentiates them. Half precision on a CPU is computed in
-fp32 and cast back (faster there than half, and as accurate as
-:mod:`divattn.ops.reference`); fp64 stays fp64.
-
-Non-finite values: torch's CPU flash kernel differs from the plain softmax where q or k
-holds NaN or inf. Its forward writes 0 instead of NaN for a query row whose scores are
-all NaN or -inf: a NaN query in a sequence shorter than its vector width (16 fp32, 8
-fp64 elements), an inf in q or k whose scores in a row are all -inf (likely in short
-sequences), and with a causal mask any row whose visible scores are. Its backward
-recomputes probabilities that an ``inf`` in q or k made NaN in the plain softmax, at
-every length. So on a CPU, inputs holding NaN or inf (one sum over them tells, see
-:func:`_route`) take :mod:`divattn.ops.reference`, whose propagation is the spec: a
-non-finite input or upstream gradient makes non-finite exactly what the plain softmax
-composition makes non-finite, and nothing in other sequences. A NaN or inf in v alone
-propagates as in the plain softmax through the forward, and a NaN or inf upstream
-gradient with finite inputs through the non-causal backward; in a causal backward it
-also reaches the gradients of the key frames after its query frame, which the plain
-composition's mask keeps finite (a known difference, not yet handled).
-
-Under ``torch.compile`` the check, a data-dependent branch, is skipped, and on GPUs
-(where it would synchronise) SDPA's fused kernels decide.
+On a CPU, inputs holding NaN or inf take :mod:`divattn.ops.reference`, whose
+propagation of non-finite values is the spec (torch's flash kernel differs there; the
+README lists how).
 """
 
 from __future__ import annotations
@@ -59,54 +29,54 @@ from .layout import alloc_tokens, is_hwt, patch_view
 _FAKE = torch._subclasses.FakeTensor
 
 
-def _route(q, k, v, cls=None, causal: bool = False) -> str:
-    """Which path computes these inputs: ``"reference"`` (empty, or on a CPU not all
-    finite), ``"flash"`` (a CPU: torch's flash kernel called directly, see
-    :class:`_FlashOp`) or ``"sdpa"`` (``F.scaled_dot_product_attention`` composed from
-    public ops: other devices, ``torch.compile``, shape-only tensors, ``torch.func``).
+def _route(xs: tuple, causal: bool) -> tuple:
+    """``(path, record)`` for the inputs ``xs`` (q, k, v, then any cls q, k, v): path
+    ``"reference"`` (empty inputs, or on a CPU any NaN or inf that the op reads),
+    ``"flash"`` (a CPU) or ``"sdpa"`` (the composition of public ops); ``record``: whether
+    autograd records the op.
 
-    The finiteness check needs v only in a forward that autograd records or that is
-    causal (it may read more than it needs, see :func:`_summands`): with q and k finite
-    every row's maximum is finite and its sum at least 1, so a NaN or inf in v reaches
-    exactly the outputs it reaches in the plain softmax composition (a probability times a
-    non-finite value stays non-finite, 0 * inf is NaN in both). A backward needs v checked
-    (the flash backward differs), and so does a causal forward (the plain composition
-    multiplies masked-out v by 0).
+    A forward that autograd does not record and that is not causal needs v unchecked: with
+    q and k finite every row's maximum is finite and its sum at least 1, so a non-finite v
+    reaches exactly the outputs it reaches in the plain softmax.
     """
-    xs = (q, k, v) if cls is None else (q, k, v, *cls)
-    grad = False
+    record = False
     for x in xs:
         if x.numel() == 0:
-            return "reference"
-        grad = grad or x.requires_grad
+            return "reference", False
+        record = record or x.requires_grad
+    record = record and torch.is_grad_enabled()
+    q = xs[0]
     if not q.is_cpu or torch.compiler.is_compiling() or isinstance(q, _FAKE):
-        return "sdpa"  # on GPUs SDPA's kernels decide; fake tensors (tracing) have no values to check
-    recording = torch.is_grad_enabled()
-    need = slice(None) if causal or (grad and recording) else slice(2)
-    groups = ((q, k, v)[need],) if cls is None else ((q, k, v)[need], tuple(cls)[need])
-    acc = {"dtype": torch.float32} if q.dtype in (torch.float16, torch.bfloat16) else {}
+        return "sdpa", record  # SDPA's kernels decide; shape-only tensors have no values to check
+    need = slice(None) if causal or record else slice(2)
+    groups = (xs[:3][need],) if len(xs) == 3 else (xs[:3][need], xs[3:][need])
+    if not _finite(groups, q.dtype):
+        return "reference", record
+    if _FLASH is None or torch._C._are_functorch_transforms_active():
+        return "sdpa", record  # torch.func transforms differentiate the composition, not _FlashOp
+    if q.shape[-1] == 1 and any(x.stride(-1) != 1 for x in xs):
+        return "sdpa", record  # the flash kernel wants a unit-stride last dim; SDPA copies for it
+    return "flash", record
+
+
+def _finite(groups: tuple, dtype: torch.dtype) -> bool:
+    """Whether every element of the tensors in ``groups`` is finite, in one sum per
+    :func:`_summands` entry and one host sync (NaN and inf survive a sum; a finite sum that
+    overflows only sends the inputs to the reference, which computes the same)."""
+    acc = {"dtype": torch.float32} if dtype in (torch.float16, torch.bfloat16) else {}
     total = None
-    # NaN and inf survive a sum; a finite sum that overflows only sends the inputs to the reference
     for x in _summands(groups):
-        if recording and x.requires_grad:
+        if x.requires_grad:
             x = x.detach()
         total = x.sum(**acc) if total is None else total + x.sum(**acc)
-    if not math.isfinite(total.item()):
-        return "reference"
-    if _FLASH is None or (q.shape[-1] == 1 and any(x.stride(-1) != 1 for x in xs)):
-        return "sdpa"  # the flash kernel wants a unit-stride last dim; SDPA copies for it
-    if torch._C._are_functorch_transforms_active():
-        return "sdpa"  # torch.func transforms differentiate the composition, not _FlashOp
-    return "flash"
+    return math.isfinite(total.item())
 
 
 def _summands(groups) -> tuple:
-    """What the finiteness check sums to read every tensor in the groups: their common
-    base when they are views that cover nearly all of it, or it is small (the qkv
-    projection output: one contiguous pass; what else it holds only sends a non-finite
-    input to the reference, which computes the same), else each group's :func:`_packed`
-    views (q and k alone are two thirds of a qkv: reading them strided beats reading it
-    all once it is larger than the caches' worth of a few calls)."""
+    """The tensors whose sums cover the groups: their common base (the qkv projection
+    output) when it is small or they cover nearly all of it, else each group's
+    :func:`_packed` views. A non-finite value in the base outside the views then also takes
+    the reference, which is slower, not wrong."""
     base = groups[0][0]._base
     if base is not None:
         n = 0
@@ -213,11 +183,11 @@ def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
     ``0 .. Tk - Tq + i``. Returns the ``(B, Tq, N, H, D)`` output, a view of a token-major
     ``(B, Tq*N, H, D)`` buffer in q's token order.
     """
-    route = _route(q, k, v, causal=causal)
+    route, record = _route((q, k, v), causal)
     if route == "flash":
-        return _flash_op("temporal", scale, causal, q, k, v)
+        return _flash_op("temporal", scale, causal, record, q, k, v)
     if route == "reference":
-        return patch_view(reference.temporal(q, k, v, scale, causal), q, has_cls=False)
+        return reference.temporal(q, k, v, scale, causal)
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
     o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, _temporal_keep(q), causal, split=True)
     return _in_q_order(o.transpose(1, 2), q)
@@ -234,12 +204,11 @@ def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
     token-major ``(B, 1 + T*N, H, D)`` buffer in q's token order with the mean cls output
     as token 0.
     """
-    route = _route(q, k, v, cls)
+    route, record = _route((q, k, v) if cls is None else (q, k, v, *cls), False)
     if route == "flash":
-        return _flash_op("spatial", scale, False, q, k, v, *(cls or ()))
+        return _flash_op("spatial", scale, False, record, q, k, v, *(cls or ()))
     if route == "reference":
-        buf = reference.spatial(q, k, v, scale, cls)
-        return buf if cls is not None else patch_view(buf, q, has_cls=False)
+        return reference.spatial(q, k, v, scale, cls)
     if cls is None:
         return _in_q_order(_attend(q, k, v, scale, not is_hwt(q), split=True), q)
     o = _attend(*_with_cls(q, k, v, cls, q.dtype), scale, False)
@@ -271,9 +240,9 @@ def _cls_buffer(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def joint(q, k, v, scale: float) -> torch.Tensor:
     """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``; contiguous output."""
-    route = _route(q, k, v)
+    route, record = _route((q, k, v), False)
     if route == "flash":
-        return _flash_op("joint", scale, False, q, k, v)
+        return _flash_op("joint", scale, False, record, q, k, v)
     if route == "reference":
         return reference.joint(q, k, v, scale)
     return _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True).squeeze(1).contiguous()
@@ -286,10 +255,10 @@ def joint(q, k, v, scale: float) -> torch.Tensor:
 # returns the gradients as views of what that kernel wrote. The same kernels that
 # F.scaled_dot_product_attention picks on a CPU, so the same numbers.
 
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 if _FLASH is not None and _FLASH_BWD is not None:
-    _FLASH, _FLASH_BWD = _FLASH.default, _FLASH_BWD.default
+    _FLASH_BWD = _FLASH_BWD.default
 else:  # a torch without them: the public composition serves CPUs too
     _FLASH = _FLASH_BWD = None
 
@@ -302,17 +271,46 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _DIMS = {"temporal": (0, 2, 1), "spatial": (0, 1, 2)}
 
 
-def _seqs(x: torch.Tensor, dims: tuple, ct: torch.dtype, keep: bool) -> torch.Tensor:
+def _seq_view(x: torch.Tensor, dims: tuple):
     """The dims ``(b1, b2, l)`` of a 5-D view (H and D last) as the flash kernel's
-    ``(B1*B2, H, L, D)`` input in dtype ``ct``: a view when b1 and b2 merge and no cast is
-    needed, else a copy laid out ``(B1, B2, L, H, D)`` when ``keep`` (the kernel's output
-    then is too), else ``(B1, B2, H, L, D)``."""
+    ``(B1*B2, H, L, D)`` input, a view; None when b1 and b2 do not merge without a copy."""
     b1, b2, l = dims
     sh, st = x.shape, x.stride()
+    if sh[b1] != 1 and sh[b2] != 1 and st[b1] != sh[b2] * st[b2]:
+        return None
+    return x.as_strided((sh[b1] * sh[b2], sh[3], sh[l], sh[4]), (st[b1] if sh[b2] == 1 else st[b2], st[3], st[l], st[4]),
+                        x.storage_offset())
+
+
+def _seq_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: tuple) -> list:
+    """:func:`_seq_view` of q, k and v; from one strided view of their base, unbound, when
+    they are evenly spaced views of one tensor (q, k, v of a qkv projection)."""
+    sh, st = q.shape, q.stride()
+    base = q._base
+    if (base is not None and k._base is base and v._base is base and k.shape == sh and v.shape == sh
+            and k.stride() == st and v.stride() == st):
+        b1, b2, l = dims
+        off = q.storage_offset()
+        step = k.storage_offset() - off
+        if step > 0 and v.storage_offset() - off == 2 * step and (
+                sh[b1] == 1 or sh[b2] == 1 or st[b1] == sh[b2] * st[b2]):
+            return list(base.as_strided((3, sh[b1] * sh[b2], sh[3], sh[l], sh[4]),
+                                        (step, st[b1] if sh[b2] == 1 else st[b2], st[3], st[l], st[4]),
+                                        off).unbind(0))
+    return [_seq_view(x, dims) for x in (q, k, v)]
+
+
+def _seqs(x: torch.Tensor, dims: tuple, ct: torch.dtype, keep: bool) -> torch.Tensor:
+    """:func:`_seq_view` where it exists and no cast to ``ct`` is needed, else a copy in
+    ``ct`` laid out ``(B1, B2, L, H, D)`` when ``keep`` (the kernel's output then is too),
+    else ``(B1, B2, H, L, D)``."""
+    if x.dtype == ct:
+        y = _seq_view(x, dims)
+        if y is not None:
+            return y
+    b1, b2, l = dims
+    sh = x.shape
     B1, B2, L, H, D = sh[b1], sh[b2], sh[l], sh[3], sh[4]
-    if x.dtype == ct and _merges(x, b1, b2):
-        return x.as_strided((B1 * B2, H, L, D), (st[b1] if B2 == 1 else st[b2], st[3], st[l], st[4]),
-                            x.storage_offset())
     if keep:
         y = torch.empty((B1, B2, L, H, D), dtype=ct)
         y.copy_(x.permute(b1, b2, l, 3, 4))
@@ -421,14 +419,21 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
         o5 = o.as_strided(*_as_patches(o, q.shape[0], _DIMS["spatial"]))  # (B, T, 1 + N, H, D)
         return _cls_buffer(o5, q), ((*seqs, o, lse) if record else ())
     dims = _DIMS[op]
-    keep = _temporal_keep(q) if op == "temporal" else not is_hwt(q)
-    if not record and ct == q.dtype and q.shape[0] <= MAX_SPLIT_BATCH:
-        b1, b2, _ = dims
-        if not all(_merges(x, b1, b2) for x in (q, k, v)):
+    sh, st = q.shape, q.stride()
+    hwt = sh[1] > 1 and sh[2] > 1 and st[2] > st[1]
+    keep = (hwt or sh[1] == 1 or sh[2] == 1) if op == "temporal" else not hwt
+    if ct == q.dtype:
+        seqs = _seq_views(q, k, v, dims)
+        if not record and sh[0] <= MAX_SPLIT_BATCH and any(y is None for y in seqs):
             return _flash_split(q, k, v, dims, scale, causal), ()
-    seqs = [_seqs(x, dims, ct, keep) for x in (q, k, v)]
+        seqs = [y if y is not None else _seqs(x, dims, ct, keep) for x, y in zip((q, k, v), seqs)]
+    else:
+        seqs = [_seqs(x, dims, ct, keep) for x in (q, k, v)]
     o, lse = _flash(*seqs, scale, causal)
-    out = _in_q_order(o.as_strided(*_as_patches(o, q.shape[0], dims)), q)
+    shape, strides, offset = _as_patches(o, sh[0], dims)
+    out = o.as_strided(shape, strides, offset)
+    if o.dtype != q.dtype or not _is_token_major(shape, strides, hwt):
+        out = _in_q_order(out, q)
     return out, ((*seqs, o, lse) if record else ())
 
 
@@ -490,9 +495,8 @@ class _FlashOp(torch.autograd.Function):
         return (None, None, None, *(g[0] for g in grads), *(g[1] for g in grads if cls))
 
 
-def _flash_op(op: str, scale: float, causal: bool, q, k, v, *cls) -> torch.Tensor:
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or any(c.requires_grad for c in cls)):
+def _flash_op(op: str, scale: float, causal: bool, record: bool, q, k, v, *cls) -> torch.Tensor:
+    if record:
         return _FlashOp.apply(op, scale, causal, q, k, v, *cls)
     return _flash_forward(op, scale, causal, q, k, v, cls, record=False)[0]
 

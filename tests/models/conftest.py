@@ -11,9 +11,9 @@ def kernel_calls(monkeypatch):
     calls = []
     real = divattn.ops.functions.run
 
-    def run(op, *args, **kwargs):
+    def run(backend, op, *args, **kwargs):
         calls.append(op)
-        return real(op, *args, **kwargs)
+        return real(backend, op, *args, **kwargs)
 
     monkeypatch.setattr(divattn.ops.functions, "run", run)
     return calls

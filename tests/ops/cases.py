@@ -1,15 +1,18 @@
-"""Inputs, layouts and tolerances shared by the op tests (the one place tolerances live)."""
+"""What the op tests share: the case grid, inputs and layouts, the comparison with the
+fp64 reference (the one place tolerances live), and the copy and launch spies."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 import divattn
 from divattn.ops import BACKENDS, reference, split_qkv
+from divattn.ops.dispatch import KernelBackend
 
 from ..conftest import DEVICE
 
@@ -17,7 +20,7 @@ from ..conftest import DEVICE
 FACTOR = 2.0
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-KERNEL_BACKENDS = [name for name in BACKENDS if name != "torch"]
+KERNEL_BACKENDS = [name for name, be in BACKENDS.items() if isinstance(be, KernelBackend)]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
@@ -45,6 +48,42 @@ class Case:
     @property
     def has_cls(self) -> bool:
         return self.op == "spatial_cls"
+
+
+# The op grid: every op, T over {1, 3, 8, 13}, N over {1, 49, 196}, D over {40, 64, 72},
+# both token orders, every layout.
+C = Case
+CASES = [
+    # temporal: T over {1, 3, 8, 13}, both orders, packed views of one qkv
+    C("temporal", 2, 8, 49, 3, 64, "hwt"),
+    C("temporal", 1, 13, 49, 2, 72, "thw"),
+    C("temporal", 2, 3, 196, 1, 40, "hwt"),
+    C("temporal", 1, 1, 49, 2, 64, "thw"),
+    C("temporal", 2, 13, 1, 3, 40, "hwt"),
+    C("temporal", 2, 8, 49, 2, 72, "thw", "separate"),
+    C("temporal", 1, 3, 49, 3, 40, "hwt", "transposed"),
+    C("temporal", 2, 8, 49, 1, 64, "hwt", "sliced"),
+    C("temporal", 2, 3, 49, 2, 40, "hwt", "expanded"),
+    # spatial without cls
+    C("spatial", 1, 3, 196, 2, 64, "hwt"),
+    C("spatial", 2, 8, 49, 1, 72, "thw"),
+    C("spatial", 2, 1, 1, 3, 40, "hwt"),
+    C("spatial", 1, 13, 49, 2, 40, "thw", "transposed"),
+    C("spatial", 2, 3, 49, 2, 64, "hwt", "expanded"),
+    # spatial with the cls token
+    C("spatial_cls", 1, 8, 196, 1, 64, "hwt"),
+    C("spatial_cls", 2, 3, 49, 3, 72, "thw"),
+    C("spatial_cls", 2, 13, 1, 2, 40, "hwt"),
+    C("spatial_cls", 1, 1, 49, 2, 64, "hwt"),
+    C("spatial_cls", 2, 3, 49, 2, 40, "thw", "separate"),
+    C("spatial_cls", 2, 8, 49, 1, 64, "hwt", "transposed"),
+    C("spatial_cls", 2, 3, 49, 2, 72, "hwt", "sliced"),
+    C("spatial_cls", 2, 3, 49, 2, 40, "thw", "expanded"),
+    # joint attention over all tokens
+    C("joint", 2, 3, 49, 2, 64, "hwt"),
+    C("joint", 1, 1, 1, 3, 40, "hwt"),
+    C("joint", 1, 8, 13, 1, 72, "hwt", "separate"),
+]
 
 
 def make_leaves(case: Case, gen: torch.Generator) -> list:
@@ -105,23 +144,6 @@ def call(case: Case, q, k, v, cls, backend: str):
 
 
 @contextlib.contextmanager
-def reference_backend():
-    """``backend="torch"`` computed by :mod:`divattn.ops.reference`, the ground truth.
-
-    The torch backend proper is the fast SDPA composition; the tests compare against the
-    plain softmax reference, in fp64 and (for the low-precision baseline) in the dtype.
-    """
-    from divattn.ops import api
-
-    old = api.torch_backend
-    api.torch_backend = reference
-    try:
-        yield
-    finally:
-        api.torch_backend = old
-
-
-@contextlib.contextmanager
 def plain_precision():
     """The reference computed in the input dtype: the baseline for low-precision error."""
     old = reference.UPCAST
@@ -136,11 +158,11 @@ def out_grads(outs, gen: torch.Generator):
     return [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
 
 
-def run(case: Case, leaves64: list, grads64: list, backend: str, dtype: torch.dtype, device=DEVICE):
-    """Outputs and leaf gradients, as fp64 on CPU, of the case run in ``dtype`` on ``device``."""
+def run(fn: Callable, leaves64: list, grads64: list, backend: str, dtype: torch.dtype, device=DEVICE):
+    """Outputs and leaf gradients, as fp64 on CPU, of ``fn(leaves, backend)`` (a tuple of
+    outputs) on ``leaves64`` cast to ``dtype`` on ``device``, against upstream ``grads64``."""
     leaves = [x.detach().to(device, dtype).requires_grad_(True) for x in leaves64]
-    q, k, v, cls = make_views(case, leaves)
-    outs = call(case, q, k, v, cls, backend)
+    outs = fn(leaves, backend)
     loss = sum((o.float() * g.to(device, torch.float32)).sum() for o, g in zip(outs, grads64))
     used = [x for x in leaves if x.requires_grad]
     grads = torch.autograd.grad(loss, used, allow_unused=True)
@@ -154,30 +176,84 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().nan_to_num(math.inf).max().item()
 
 
-def assert_close_to_reference(case: Case, backend: str, dtype: torch.dtype, seed: int = 0):
-    """Forward outputs and every leaf gradient against fp64, with the dtype's bar."""
+def case_fn(case: Case) -> Callable:
+    """``fn(leaves, backend)``: the case's op on its views of ``leaves``."""
+    return lambda leaves, backend: call(case, *make_views(case, leaves), backend)
+
+
+def assert_close_to_reference(case: Case, backend: str, dtype: torch.dtype, seed: int = 0, fn=None):
+    """Forward outputs and every leaf gradient of ``fn`` (default: the case's op) on
+    ``backend`` in ``dtype`` against the fp64 reference, with the dtype's bar: the error
+    may be ``FACTOR`` times the plain softmax's in ``dtype`` plus ``ATOL[dtype]``; fp64 must
+    match to rounding. With the sliced layout the padding's gradient must be exactly zero.
+    Returns the raw outputs."""
+    fn = fn or case_fn(case)
     gen = torch.Generator().manual_seed(seed)
     leaves64 = make_leaves(case, gen)
-    q, k, v, cls = make_views(case, [x.requires_grad_(False) for x in leaves64])
-    with reference_backend():
-        grads64 = out_grads(call(case, q, k, v, cls, "torch"), gen)
-        ref_o, ref_g, _ = run(case, leaves64, grads64, "torch", torch.float64, device="cpu")
-        with plain_precision():
-            low_o, low_g, _ = run(case, leaves64, grads64, "torch", dtype)
-    got_o, got_g, raw = run(case, leaves64, grads64, backend, dtype)
+    grads64 = out_grads(fn([x.requires_grad_(False) for x in leaves64], "reference"), gen)
+    ref_o, ref_g, _ = run(fn, leaves64, grads64, "reference", torch.float64, device="cpu")
+    with plain_precision():
+        low_o, low_g, _ = run(fn, leaves64, grads64, "reference", dtype)
+    got_o, got_g, raw = run(fn, leaves64, grads64, backend, dtype)
 
     names = [f"out{i}" for i in range(len(ref_o))] + [f"grad{i}" for i in range(len(ref_g))]
     for name, got, low, ref in zip(names, got_o + got_g, low_o + low_g, ref_o + ref_g):
+        what = f"{case.id} {backend} {dtype}: {name}"
         if case.layout == "sliced" and name.startswith("grad"):
             # The padding (NaN in the input) gets exactly zero gradient; compare the rest.
             pad = torch.zeros_like(got, dtype=torch.bool)
             pad[:, 1 + case.N * case.T:] = True
             pad[..., case.D:] = True
-            assert (got[pad] == 0).all(), f"{name}: gradient leaked into padding"
+            assert (got[pad] == 0).all(), f"{what}: gradient leaked into padding"
             got, low, ref = (torch.where(pad, 0.0, x) for x in (got, low, ref))
-        assert torch.isfinite(got).all(), f"{case.id} {backend} {dtype}: {name} has non-finite values"
+        assert torch.isfinite(got).all(), f"{what} has non-finite values"
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, ref, msg=lambda m: f"{what}: {m}")
+            continue
         bound = FACTOR * max_err(low, ref) + ATOL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
         err = max_err(got, ref)
-        assert err <= bound, f"{case.id} {backend} {dtype}: {name} max err {err:.3e} > bound {bound:.3e}"
+        assert err <= bound, f"{what} max err {err:.3e} > bound {bound:.3e}"
     return raw
 
+
+# aten ops that copy or fill: none may run between the ops on the fast path
+COPIES = {
+    "aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::repeat", "aten::index_put_",
+    "aten::as_strided_scatter", "aten::slice_backward", "aten::select_backward", "aten::zeros", "aten::zero_",
+}
+
+
+class Spy:
+    """Wraps a kernel module's launchers and records the tensors they receive."""
+
+    def __init__(self, monkeypatch, backend: str = "triton"):
+        mod = BACKENDS[backend].kernels()
+        self.fwd, self.bwd = [], []
+        fwd, bwd = mod.forward, mod.backward
+
+        def forward(op, q, k, v, o, *a, **kw):
+            self.fwd.append(dict(q=q, k=k, v=v, o=o, cls=kw.get("cls")))
+            return fwd(op, q, k, v, o, *a, **kw)
+
+        def backward(op, q, k, v, o, do, lse, dq, dk, dv, *a, **kw):
+            self.bwd.append(dict(dq=dq, dk=dk, dv=dv, d_cls=kw.get("d_cls")))
+            return bwd(op, q, k, v, o, do, lse, dq, dk, dv, *a, **kw)
+
+        monkeypatch.setattr(mod, "forward", forward)
+        monkeypatch.setattr(mod, "backward", backward)
+
+
+def packed_qkv(B, T, N, H, D, order, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(B, 1 + N * T, 3 * H * D, generator=gen).to(DEVICE, dtype).requires_grad_(True)
+    q, k, v, cls = split_qkv(base.view(B, 1 + N * T, 3, H, D), T, N, order=order, has_cls=True)
+    return base, q, k, v, cls
+
+
+def copies_outside_ops(prof):
+    events = list(prof.events())
+    ops = [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("divattn::")]
+    return sorted({
+        e.name for e in events
+        if e.name in COPIES and not any(s <= e.time_range.start and e.time_range.end <= t for s, t in ops)
+    })

@@ -2,6 +2,12 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
+
+# dynamo builds its table of torch's functions once, from the torch namespace as it finds
+# it: build it now, before poison_empty replaces torch.empty, so that a compile under the
+# wrapper sees the wrapper as user code (and inlines it) and later compiles see torch's own.
+torch._dynamo.trace_rules.get_torch_obj_rule_map()
 
 
 @pytest.fixture(autouse=True)

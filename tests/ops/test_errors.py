@@ -1,5 +1,8 @@
 """Bad input gets an exception naming the tensor, what was expected and what came."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -121,8 +124,46 @@ def test_bf16_in_the_interpreter_is_refused(monkeypatch):
         divattn.temporal_attention(q, k, v, backend="triton")
 
 
-def test_scale_zero_is_respected():
-    """scale=0 means uniform attention (the default is used only for None)."""
+def test_a_tiny_scale_is_respected():
+    """A scale near 0 means near-uniform attention (the default is used only for None)."""
     q, k, v = qkv()
-    o = divattn.temporal_attention(q, k, v, scale=0.0, backend="torch")
+    o = divattn.temporal_attention(q, k, v, scale=1e-30, backend="torch")
     torch.testing.assert_close(o, v.mean(1, keepdim=True).expand_as(v))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.125, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_scale_must_be_finite_and_positive(scale, backend):
+    q, k, v = qkv()
+    for call in (lambda: divattn.temporal_attention(q, k, v, scale=scale, backend=backend),
+                 lambda: divattn.spatial_attention(q, k, v, scale=scale, backend=backend),
+                 lambda: divattn.joint_attention(q[:, 0], k[:, 0], v[:, 0], scale=scale, backend=backend)):
+        with pytest.raises(ValueError, match=r"_attention: scale must be finite and positive, got "):
+            call()
+
+
+@pytest.mark.parametrize("scale", ["abc", "0.125", [0.125], torch.tensor(0.125), True])
+def test_scale_must_be_a_number(scale):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"temporal_attention: scale must be a real number or None, got "):
+        divattn.temporal_attention(q, k, v, scale=scale, backend="torch")
+
+
+def test_numpy_and_int_scales_are_numbers():
+    q, k, v = qkv()
+    want = divattn.temporal_attention(q, k, v, scale=0.5, backend="torch")
+    torch.testing.assert_close(divattn.temporal_attention(q, k, v, scale=np.float32(0.5), backend="torch"), want)
+    torch.testing.assert_close(divattn.temporal_attention(q, k, v, scale=1, backend="torch"),
+                               divattn.temporal_attention(q, k, v, scale=1.0, backend="torch"))
+
+
+@pytest.mark.parametrize("cls_len", [0, 2, 4])
+def test_cls_of_the_wrong_length_says_so(cls_len):
+    q, k, v = qkv()
+    B, _, _, H, D = q.shape
+    cls = tuple(torch.randn(B, H, D) for _ in range(cls_len))
+    with pytest.raises(ValueError, match=rf"spatial_attention: cls must hold three tensors \(q_cls, k_cls, v_cls\), "
+                                         rf"got a tuple of {cls_len}"):
+        divattn.spatial_attention(q, k, v, cls=cls, backend="torch")
+    with pytest.raises(TypeError, match="spatial_attention: cls must be a tuple .* got Tensor"):
+        divattn.spatial_attention(q, k, v, cls=torch.randn(3, B, H, D), backend="torch")

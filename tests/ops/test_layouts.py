@@ -9,55 +9,15 @@ import divattn
 from divattn.ops import BACKENDS, split_qkv, spatial_attention_tokens, tokens_major
 
 from ..conftest import DEVICE
-from .cases import Case, assert_close_to_reference, skip_reason
+from .cases import Case, Spy, assert_close_to_reference, copies_outside_ops, packed_qkv, skip_reason
 
 BACKEND = "triton"
-COPIES = {
-    "aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::repeat", "aten::index_put_",
-    "aten::as_strided_scatter", "aten::slice_backward", "aten::select_backward", "aten::zeros", "aten::zero_",
-}
 
 
 def _needs(op, dtype=torch.float32, backend=BACKEND):
     why = skip_reason(backend, op, dtype)
     if why:
         pytest.skip(f"{backend}: {why}")
-
-
-class Spy:
-    """Wraps a kernel module's launchers and records the tensors they receive."""
-
-    def __init__(self, monkeypatch, backend=BACKEND):
-        mod = BACKENDS[backend].kernels()
-        self.fwd, self.bwd = [], []
-        fwd, bwd = mod.forward, mod.backward
-
-        def forward(op, q, k, v, o, *a, **kw):
-            self.fwd.append(dict(q=q, k=k, v=v, o=o, cls=kw.get("cls")))
-            return fwd(op, q, k, v, o, *a, **kw)
-
-        def backward(op, q, k, v, o, do, lse, dq, dk, dv, *a, **kw):
-            self.bwd.append(dict(dq=dq, dk=dk, dv=dv, d_cls=kw.get("d_cls")))
-            return bwd(op, q, k, v, o, do, lse, dq, dk, dv, *a, **kw)
-
-        monkeypatch.setattr(mod, "forward", forward)
-        monkeypatch.setattr(mod, "backward", backward)
-
-
-def _packed(B, T, N, H, D, order, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(B, 1 + N * T, 3 * H * D, generator=gen).to(DEVICE, dtype).requires_grad_(True)
-    q, k, v, cls = split_qkv(base.view(B, 1 + N * T, 3, H, D), T, N, order=order, has_cls=True)
-    return base, q, k, v, cls
-
-
-def _copies_outside_ops(prof):
-    events = list(prof.events())
-    ops = [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("divattn::")]
-    return sorted({
-        e.name for e in events
-        if e.name in COPIES and not any(s <= e.time_range.start and e.time_range.end <= t for s, t in ops)
-    })
 
 
 @pytest.mark.parametrize("order", ["hwt", "thw"])
@@ -67,7 +27,7 @@ def test_fast_path_makes_no_copy(op, order, monkeypatch):
     gradients into one buffer laid out like the qkv, which is what autograd returns."""
     _needs(op)
     B, T, N, H, D = 2, 3, 5, 2, 16
-    base, q, k, v, cls = _packed(B, T, N, H, D, order)
+    base, q, k, v, cls = packed_qkv(B, T, N, H, D, order)
 
     # What the next layer does: read the output as (B, tokens, C) and project it.
     weight = torch.randn(B, T * N + (op != "temporal"), H * D, device=DEVICE)
@@ -86,7 +46,7 @@ def test_fast_path_makes_no_copy(op, order, monkeypatch):
     spy = Spy(monkeypatch)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out, grad = step()
-    assert _copies_outside_ops(prof) == []
+    assert copies_outside_ops(prof) == []
 
     (f,), (b,) = spy.fwd, spy.bwd
     for got, mine in zip((f["q"], f["k"], f["v"]), (q, k, v)):
@@ -105,7 +65,7 @@ def test_fast_path_makes_no_copy(op, order, monkeypatch):
 def test_outputs_are_token_major_in_q_order(order):
     _needs("spatial_cls")
     B, T, N, H, D = 2, 3, 5, 2, 16
-    _, q, k, v, cls = _packed(B, T, N, H, D, order)
+    _, q, k, v, cls = packed_qkv(B, T, N, H, D, order)
     o = divattn.temporal_attention(q, k, v, backend=BACKEND)
     flat = tokens_major(o)
     assert flat.data_ptr() == o.data_ptr() and flat.shape == (B, T * N, H * D) and flat.is_contiguous()

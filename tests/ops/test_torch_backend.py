@@ -1,10 +1,6 @@
-"""backend="torch" (divattn.ops.torch_backend, SDPA compositions) against the fp64 reference.
+"""backend="torch" (divattn.ops.torch_backend: torch's flash kernel on a CPU, SDPA
+compositions elsewhere) against the fp64 reference (backend="reference")."""
 
-The reference ops (divattn.ops.reference) are swapped in behind the public API for the
-ground truth, so both run through the same validation and output views.
-"""
-
-import contextlib
 import math
 
 import pytest
@@ -13,54 +9,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import divattn
 from divattn import flops
-from divattn.ops import api, reference, split_qkv, spatial_attention_tokens, tokens_major, torch_backend
+from divattn.ops import reference, split_qkv, spatial_attention_tokens, tokens_major, torch_backend
 
-from .cases import ATOL, FACTOR, call, make_leaves, make_views, max_err, out_grads, plain_precision, run
-from .test_ops import CASES
+from .cases import ATOL, CASES, assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@contextlib.contextmanager
-def reference_path():
-    """backend="torch" computed by divattn.ops.reference (the ground truth)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(api, "torch_backend", reference)
-        yield
-
-
-def _compare(case, got, ref, low, dtype):
-    names = [f"out{i}" for i in range(len(ref[0]))] + [f"grad{i}" for i in range(len(ref[1]))]
-    for name, g, lo, r in zip(names, got[0] + got[1], low[0] + low[1], ref[0] + ref[1]):
-        if case.layout == "sliced" and name.startswith("grad"):
-            pad = torch.zeros_like(g, dtype=torch.bool)
-            pad[:, 1 + case.N * case.T:] = True
-            pad[..., case.D:] = True
-            assert (g[pad] == 0).all(), f"{name}: gradient leaked into padding"
-            g, lo, r = (torch.where(pad, 0.0, x) for x in (g, lo, r))
-        assert torch.isfinite(g).all(), f"{case.id} {dtype}: {name} has non-finite values"
-        scale = max(1.0, r.abs().max().item() if r.numel() else 1.0)
-        if dtype == torch.float64:
-            torch.testing.assert_close(g, r, msg=lambda m: f"{case.id} {name}: {m}")
-            continue
-        bound = FACTOR * max_err(lo, r) + ATOL[dtype] * scale
-        err = max_err(g, r)
-        assert err <= bound, f"{case.id} {dtype}: {name} max err {err:.3e} > bound {bound:.3e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_matches_reference(case, dtype):
-    gen = torch.Generator().manual_seed(0)
-    leaves64 = make_leaves(case, gen)
-    with reference_path():
-        q, k, v, cls = make_views(case, [x.requires_grad_(False) for x in leaves64])
-        grads64 = out_grads(call(case, q, k, v, cls, "torch"), gen)
-        ref = run(case, leaves64, grads64, "torch", torch.float64, device="cpu")[:2]
-        with plain_precision():
-            low = run(case, leaves64, grads64, "torch", dtype, device="cpu")[:2]
-    got = run(case, leaves64, grads64, "torch", dtype, device="cpu")[:2]
-    _compare(case, got, ref, low, dtype)
+    assert_close_to_reference(case, "torch", dtype)
 
 
 def _op_grads(op, order, qkv, grad_out, T, N, backend="torch"):
@@ -109,8 +68,7 @@ def test_non_finite_exactly_where_the_reference_has_them(op, order, what, token,
         grad_out[1, token, 3] = value
     else:
         qkv[1, token, slot, 1, 3] = value
-    with reference_path():
-        ref_o, ref_g = _op_grads(op, order, qkv, grad_out, T, N)
+    ref_o, ref_g = _op_grads(op, order, qkv, grad_out, T, N, backend="reference")
     got_o, got_g = _op_grads(op, order, qkv.to(dtype), grad_out.to(dtype), T, N)
     assert torch.isfinite(ref_o[0]).all() and torch.isfinite(ref_g[0]).all()
     assert torch.equal(~torch.isfinite(got_o), ~torch.isfinite(ref_o)), "outputs"
@@ -157,8 +115,7 @@ def test_inference_non_finite_exactly_where_the_reference_has_them(op, order, wh
     gen = torch.Generator().manual_seed(6)
     qkv = torch.randn(B, 1 + N * T, 3, H, D, generator=gen, dtype=torch.float64)
     qkv[1, token, slot, 1, 3] = value
-    with reference_path():
-        ref = _op_outputs(op, order, qkv, T, N)
+    ref = _op_outputs(op, order, qkv, T, N, backend="reference")
     calls = []
     for name in ("temporal", "spatial", "joint"):
         fn = getattr(reference, name)
@@ -182,8 +139,7 @@ def test_spatial_inference_matches_reference(order, B):
     gen = torch.Generator().manual_seed(4)
     qkv = torch.randn(B, 1 + N * T, 3, H, D, generator=gen, dtype=torch.float64)
     q, k, v, _ = split_qkv(qkv, T, N, order=order, has_cls=True)
-    with reference_path():
-        ref = divattn.spatial_attention(q, k, v, backend="torch")
+    ref = divattn.spatial_attention(q, k, v, backend="reference")
     q, k, v, _ = split_qkv(qkv.float(), T, N, order=order, has_cls=True)
     with torch.no_grad():
         got = divattn.spatial_attention(q, k, v, backend="torch")
@@ -206,8 +162,7 @@ def test_outputs_are_token_major_in_q_order(order):
 
 @pytest.mark.parametrize("op,shape", [("temporal", (2, 5, 7, 3, 16)), ("spatial", (2, 5, 7, 3, 16)),
                                       ("spatial_cls", (2, 5, 7, 3, 16)), ("joint", (2, 11, 3, 16))])
-def test_flop_counter_counts_the_attention(op, shape, monkeypatch):
-    monkeypatch.undo()  # FlopCounterMode must not see (and remember) conftest's torch.empty wrapper
+def test_flop_counter_counts_the_attention(op, shape):
     xs = [torch.randn(shape, requires_grad=True) for _ in range(3)]
     with FlopCounterMode(display=False) as fc:
         if op == "joint":
@@ -225,10 +180,7 @@ def test_flop_counter_counts_the_attention(op, shape, monkeypatch):
 
 
 @pytest.mark.parametrize("order", ["hwt", "thw"])
-def test_compiles_fullgraph(order, monkeypatch):
-    monkeypatch.undo()  # dynamo traces torch.empty itself, not conftest's NaN-filling wrapper
-    # an earlier compile under the wrapper may have filed torch.empty's id as an unknown builtin
-    torch._dynamo.trace_rules.get_torch_obj_rule_map.cache_clear()
+def test_compiles_fullgraph(order):
 
     def block(qkv):
         q, k, v, cls = split_qkv(qkv, 3, 5, order=order, has_cls=True)
@@ -258,16 +210,15 @@ def test_non_finite_key_frame_that_no_query_frame_is(value, causal):
     qkv[1, 0, 1, 1, 3] = value  # thw: token 0 is frame 0 of patch 0; slot 1 is k
     grad_out = torch.randn(B, 3, N, H, D, generator=gen, dtype=torch.float64)
 
-    def outs():
+    def outs(backend):
         x = qkv.to(torch.float32).requires_grad_(True)
         q, k, v = split_qkv(x, T, N, order="thw", has_cls=False)
-        o = divattn.temporal_attention(q[:, -3:], k, v, causal=causal, backend="torch")
+        o = divattn.temporal_attention(q[:, -3:], k, v, causal=causal, backend=backend)
         (g,) = torch.autograd.grad(o, x, grad_out.to(o.dtype))
         return o.detach(), g
 
-    with reference_path():
-        ref = outs()
-    got = outs()
+    ref = outs("reference")
+    got = outs("torch")
     for a, b in zip(got, ref):
         assert torch.equal(~torch.isfinite(a), ~torch.isfinite(b))
 
@@ -281,8 +232,7 @@ def test_temporal_inference_matches_reference(order, has_cls, causal):
     gen = torch.Generator().manual_seed(3)
     qkv = torch.randn(B, int(has_cls) + N * T, 3, H, D, generator=gen, dtype=torch.float64)
     q, k, v, *_ = split_qkv(qkv, T, N, order=order, has_cls=has_cls)
-    with reference_path():
-        ref = divattn.temporal_attention(q, k, v, causal=causal, backend="torch")
+    ref = divattn.temporal_attention(q, k, v, causal=causal, backend="reference")
     q, k, v, *_ = split_qkv(qkv.float(), T, N, order=order, has_cls=has_cls)
     with torch.no_grad():
         got = divattn.temporal_attention(q, k, v, causal=causal, backend="torch")
