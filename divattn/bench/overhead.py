@@ -1,0 +1,168 @@
+"""What the op call path costs: per-call time over the kernel it ends in, and its depth.
+
+:func:`call_overhead` times a public op on a tiny input (``B=1, T=2, N=4, H=1, D=8``:
+the attention itself is a few microseconds) against ``F.scaled_dot_product_attention``
+called directly on the same sequences already laid out as it wants them, interleaving
+the two call by call so that a disturbance of the machine hits both; the difference of
+the medians is what the path adds. :func:`frames_to_launch` counts the Python frames
+from the public function down to the call that launches the kernel (a Triton launch,
+the CPU flash attention op, or SDPA): a structural figure, the same on every machine.
+
+``python -m divattn bench --overhead`` prints both.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+TINY = dict(B=1, T=2, N=4, H=1, D=8)
+
+
+def _tiny_inputs(requires_grad: bool, order: str, generator: Optional[torch.Generator] = None):
+    """q, k, v views of one ``(B, N*T, 3, H, D)`` qkv in ``order``, and the same temporal
+    sequences as contiguous ``(B*N, H, T, D)`` tensors for SDPA."""
+    from ..ops import split_qkv
+
+    B, T, N, H, D = TINY.values()
+    qkv = torch.randn(B, T * N, 3, H, D, generator=generator, requires_grad=requires_grad)
+    q, k, v = split_qkv(qkv, T, N, order=order, has_cls=False)
+    seqs = [x.detach().permute(0, 2, 3, 1, 4).reshape(B * N, H, T, D).requires_grad_(requires_grad)
+            for x in (q, k, v)]
+    return qkv, (q, k, v), seqs
+
+
+def call_overhead(backend: str = "torch", *, order: str = "hwt", rounds: int = 2000, warmup: int = 200,
+                  passes: tuple = ("fwd", "fwd+grad", "fwd+bwd")) -> dict:
+    """{pass: (median µs of divattn.temporal_attention, median µs of SDPA, difference)}.
+
+    ``fwd``: inference (no autograd recording); ``fwd+grad``: a forward that autograd
+    records; ``fwd+bwd``: forward and ``backward()`` of the output's sum. In ``"hwt"``
+    order (TimeSformer's) the temporal output is the kernel's own; in ``"thw"`` order it
+    is copied into q's token order, which SDPA's caller would also have to do.
+    """
+    from .. import temporal_attention
+
+    out = {}
+    for pass_ in passes:
+        grad = pass_ != "fwd"
+        qkv, (q, k, v), seqs = _tiny_inputs(grad, order, torch.Generator().manual_seed(0))
+
+        def ours():
+            o = temporal_attention(q, k, v, backend=backend)
+            if pass_ == "fwd+bwd":
+                o.sum().backward()
+
+        def theirs():
+            o = F.scaled_dot_product_attention(*seqs)
+            if pass_ == "fwd+bwd":
+                o.sum().backward()
+
+        ctx = torch.no_grad() if pass_ == "fwd" else torch.enable_grad()
+        with ctx:
+            for _ in range(warmup):
+                ours()
+                theirs()
+            a, b = [], []
+            clock = time.perf_counter_ns
+            for _ in range(rounds):
+                t0 = clock()
+                ours()
+                t1 = clock()
+                theirs()
+                t2 = clock()
+                a.append(t1 - t0)
+                b.append(t2 - t1)
+        ma, mb = statistics.median(a) / 1e3, statistics.median(b) / 1e3
+        out[pass_] = (ma, mb, ma - mb)
+    return out
+
+
+def _launch_codes() -> tuple:
+    """Code objects whose call is a kernel launch, and builtins whose call is one."""
+    codes = [torch._ops.OpOverload.__call__.__code__]
+    try:
+        from triton.runtime import jit
+
+        codes.append(jit.JITFunction.run.__code__)
+        from triton.runtime import interpreter
+
+        codes.append(interpreter.InterpretedFunction.run.__code__)
+    except Exception:  # no triton: only the torch backend's launches exist
+        pass
+    return tuple(codes), (F.scaled_dot_product_attention,)
+
+
+def frames_to_launch(call: Callable[[], object], public: Callable, *,
+                     skip_ops: tuple = ("aten::", "divattn::")) -> Optional[int]:
+    """Python frames from ``public`` (counted) to the frame that launches the first kernel
+    (counted), while ``call()`` runs; None if no launch happened below ``public``.
+
+    A launch is a Triton kernel's ``run``, a call of ``F.scaled_dot_product_attention``, or
+    of a ``torch.ops`` op that computes attention (aten's flash or efficient attention).
+    The divattn custom ops are the path, not a launch: frames inside them count.
+    """
+    target = getattr(public, "__wrapped__", public).__code__
+    codes, builtins = _launch_codes()
+    found: list = []
+
+    def depth(frame) -> Optional[int]:
+        n = 0
+        while frame is not None and frame.f_code is not target:
+            n += 1
+            frame = frame.f_back
+        return None if frame is None else n + 1
+
+    def is_attention_op(frame) -> bool:
+        op = frame.f_locals.get("self")
+        name = getattr(op, "_name", "")
+        return "attention" in name and name.startswith("aten::")
+
+    def profile(frame, event, arg):
+        if found:
+            return
+        if event == "call" and frame.f_code in codes:
+            if frame.f_code is codes[0] and not is_attention_op(frame):
+                return
+            d = depth(frame.f_back)
+            if d is not None:
+                found.append(d)
+        elif event == "c_call" and arg in builtins:
+            d = depth(frame)
+            if d is not None:
+                found.append(d)
+
+    old = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(old)
+    return found[0] if found else None
+
+
+def path_depths(backends=("torch",)) -> dict:
+    """{(backend, op): frames from the public op to its kernel launch} on tiny inputs."""
+    import divattn
+    from ..ops import split_qkv
+
+    B, T, N, H, D = TINY.values()
+    out = {}
+    for backend in backends:
+        qkv = torch.randn(B, 1 + T * N, 3, H, D)
+        q, k, v, cls = split_qkv(qkv, T, N, order="hwt", has_cls=True)
+        calls = {
+            "temporal": (divattn.temporal_attention, lambda: divattn.temporal_attention(q, k, v, backend=backend)),
+            "spatial_cls": (divattn.spatial_attention,
+                            lambda: divattn.spatial_attention(q, k, v, cls=cls, backend=backend)),
+            "joint": (divattn.joint_attention,
+                      lambda: divattn.joint_attention(*qkv.unbind(2), backend=backend)),
+        }
+        for op, (fn, call) in calls.items():
+            out[(backend, op)] = frames_to_launch(call, fn)
+    return out
