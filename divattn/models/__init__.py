@@ -11,11 +11,12 @@
 
 from . import st_transformer, timesformer, vivit
 from .base import VideoModel, VideoModelConfig
-from .checkpoint import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict, transformers_to_divattn
+from .checkpoint import CheckpointMismatchError, LoadReport, load_checkpoint, read_state_dict
 from .explain import attention_rollout, save_rollout_png
-from .hf import config_from_transformers, from_transformers
+from .factory import create_model
+from .hf import config_from_transformers, from_transformers, transformers_to_divattn
 from .init_vit import ViTInitReport, init_from_vit
-from .registry import create_model, is_model, list_models, register_model
+from .registry import is_model, list_models, register_model
 from .st_transformer import STTransformer, STTransformerConfig
 from .timesformer import TimeSformer, TimeSformerConfig
 from .vivit import ViViT, ViViTConfig

@@ -1,4 +1,4 @@
-"""What every bundled video model shares: config, head, backend, checkpointing."""
+"""What every bundled video model shares: config, head, backend, gradient checkpointing, checkpoint conversion."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.mlp import ACTIVATIONS
 from ..ops import BACKENDS
+from .checkpoint import ConvertedCheckpoint, is_transformers_state_dict, read_state_dict
 from .pos_embed import MODES
+from .scenic import is_scenic_checkpoint
 
 
 @dataclass
@@ -197,6 +199,28 @@ class VideoModel(nn.Module):
             else:
                 x = blk(x)
         return x
+
+    def convert_checkpoint(self, checkpoint) -> ConvertedCheckpoint:
+        """``checkpoint`` (a path or a mapping) in this model's state-dict keys; what
+        :func:`~divattn.models.load_checkpoint` loads.
+
+        The state dict :func:`~divattn.models.read_state_dict` finds, passed through
+        :meth:`checkpoint_filter_fn`. A scenic checkpoint raises TypeError (only
+        :class:`~divattn.models.ViViT` reads one).
+        """
+        if is_scenic_checkpoint(checkpoint):
+            raise TypeError(f"load_checkpoint: a scenic checkpoint holds a ViViT, not a {type(self).__name__}")
+        return ConvertedCheckpoint(self.checkpoint_filter_fn(read_state_dict(checkpoint)))
+
+    def checkpoint_filter_fn(self, state_dict: dict) -> dict:
+        """Rename another codebase's keys to this model's (timm's ``checkpoint_filter_fn``).
+
+        The identity here; a ``transformers`` state dict raises TypeError (only
+        :class:`~divattn.models.TimeSformer` and :class:`~divattn.models.ViViT` convert one).
+        """
+        if is_transformers_state_dict(state_dict):
+            raise TypeError(f"load_checkpoint: expected a bundled TimeSformer or ViViT, got {type(self).__name__}")
+        return state_dict
 
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -1,13 +1,17 @@
-"""Loading checkpoints into the bundled models: official, divattn, ``transformers`` and scenic layouts.
+"""Loading checkpoints into the bundled models: reading, unwrapping, resizing, strict loading.
 
-:func:`load_checkpoint` reads a file with ``torch.load(weights_only=True)`` (or takes a
-state dict), unwraps it (``model_state`` / ``state_dict`` / ``model`` entries, the
-official ``model.`` prefix, DDP's ``module.``), renames ``transformers`` Timesformer /
-Vivit keys through the key maps below, resizes position / time embeddings to the
-model's config, and loads strictly: any missing, unexpected or mis-shaped key raises
-:class:`CheckpointMismatchError` naming every one of them. A scenic (Flax msgpack)
-ViViT checkpoint file, or its restored parameter tree, is read and renamed by
-:mod:`divattn.models.scenic` first, and errors name the scenic parameters too.
+:func:`load_checkpoint` asks the model for the checkpoint in its own keys
+(``model.convert_checkpoint``, see :class:`ConvertedCheckpoint`), resizes position /
+time embeddings to the model's config, and loads strictly: any missing, unexpected or
+mis-shaped key raises :class:`CheckpointMismatchError` naming every one of them. Each
+model family owns its conversion: :class:`~divattn.models.VideoModel` reads a file
+with ``torch.load(weights_only=True)`` (or takes a state dict) and unwraps it
+(:func:`read_state_dict`: ``model_state`` / ``state_dict`` / ``model`` entries, the
+official ``model.`` prefix, DDP's ``module.``), then renames keys with its
+``checkpoint_filter_fn``: ``transformers`` Timesformer keys in
+:mod:`~divattn.models.timesformer`, Vivit keys (and q/k/v fusing) in
+:mod:`~divattn.models.vivit`, whose model also reads scenic (Flax msgpack) files and
+trees through :mod:`divattn.models.scenic`. This module imports no model family.
 """
 
 from __future__ import annotations
@@ -16,14 +20,12 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .pos_embed import resize_pos_embed, resize_pos_embed_3d, resize_time_embed, square_grid
-from .scenic import ScenicCheckpointError, is_flax_msgpack_file, read_flax_msgpack, scenic_name, scenic_params, \
-    scenic_to_divattn
 
 WRAPPERS = ("model_state", "state_dict", "model", "module")
 PREFIXES = ("module.", "model.")
@@ -43,6 +45,25 @@ class LoadReport:
     ignored: list = field(default_factory=list)
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
+
+
+def _same_name(key: str) -> str:
+    return key
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """A checkpoint in a model's own state-dict keys: what ``model.convert_checkpoint``
+    gives :func:`load_checkpoint`.
+
+    ``problems``: sentences about parameters that cannot fit the model, raised together
+    with the strict load's; ``describe(key)``: how an error names ``key`` (e.g. with the
+    checkpoint's own name for it).
+    """
+
+    state_dict: dict
+    problems: list = field(default_factory=list)
+    describe: Callable[[str], str] = _same_name
 
 
 def read_state_dict(checkpoint) -> dict:
@@ -76,69 +97,19 @@ def read_state_dict(checkpoint) -> dict:
     return sd
 
 
-def _layer_map(layer: str, suffixes: dict) -> list:
-    """Regex rules ``<layer prefix><src>.(weight|bias) -> blocks.<i>.<dst>.<param>``."""
+def layer_rules(layer: str, suffixes: dict) -> list:
+    """Key-map rules ``<layer prefix><src>.(weight|bias) -> blocks.<i>.<dst>.<param>`` for
+    :func:`rename_keys`; ``layer`` is a regex whose first group is the block index."""
     return [(re.compile(layer + re.escape(src) + r"\.(weight|bias)$"), rf"blocks.\1.{dst}.\2")
             for src, dst in suffixes.items()]
 
 
-def _top_map(prefix: str, names: dict) -> list:
+def top_rules(prefix: str, names: dict) -> list:
+    """Key-map rules ``<prefix><src> -> <dst>`` for :func:`rename_keys`; ``prefix`` is a regex."""
     return [(re.compile(f"^{prefix}{re.escape(src)}$"), dst) for src, dst in names.items()]
 
 
-_TIMESFORMER_HF = [
-    *_top_map(r"(?:timesformer\.)?", {
-        "embeddings.cls_token": "cls_token",
-        "embeddings.position_embeddings": "pos_embed",
-        "embeddings.time_embeddings": "time_embed",
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "layernorm.weight": "norm.weight",
-        "layernorm.bias": "norm.bias",
-    }),
-    *_top_map("", {"classifier.weight": "head.weight", "classifier.bias": "head.bias"}),
-    *_layer_map(r"^(?:timesformer\.)?encoder\.layer\.(\d+)\.", {
-        "layernorm_before": "norm1",
-        "attention.attention.qkv": "attn.qkv",
-        "attention.output.dense": "attn.proj",
-        "temporal_layernorm": "temporal_norm1",
-        "temporal_attention.attention.qkv": "temporal_attn.qkv",
-        "temporal_attention.output.dense": "temporal_attn.proj",
-        "temporal_dense": "temporal_fc",
-        "layernorm_after": "norm2",
-        "intermediate.dense": "mlp.fc1",
-        "output.dense": "mlp.fc2",
-    }),
-]
-
-# transformers >= 5 names ViViT layers ``layers.<i>`` with q/k/v/o projections; earlier
-# versions (and the checkpoints on the Hub) use ``encoder.layer.<i>`` with query/key/value.
-_VIVIT_LAYER = r"^(?:vivit\.)?(?:layers|encoder\.layer)\.(\d+)\."
-_VIVIT_HF = [
-    *_top_map(r"(?:vivit\.)?", {
-        "embeddings.cls_token": "cls_token",
-        "embeddings.position_embeddings": "pos_embed",
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "layernorm.weight": "norm.weight",
-        "layernorm.bias": "norm.bias",
-    }),
-    *_top_map("", {"classifier.weight": "head.weight", "classifier.bias": "head.bias"}),
-    *_layer_map(_VIVIT_LAYER, {
-        "layernorm_before": "norm1",
-        "attention.o_proj": "attn.proj",
-        "attention.output.dense": "attn.proj",
-        "layernorm_after": "norm2",
-        "mlp.fc1": "mlp.fc1",
-        "mlp.fc2": "mlp.fc2",
-        "intermediate.dense": "mlp.fc1",
-        "output.dense": "mlp.fc2",
-    }),
-]
-_VIVIT_QKV = re.compile(_VIVIT_LAYER + r"attention\.(?:(q|k|v)_proj|attention\.(query|key|value))\.(weight|bias)$")
-
-
-def _rename(sd: dict, rules: list) -> dict:
+def rename_keys(sd: dict, rules: list) -> dict:
     """Apply the first matching rule to each key; keys no rule matches are kept as they are."""
     out = {}
     for key, value in sd.items():
@@ -153,50 +124,9 @@ def _rename(sd: dict, rules: list) -> dict:
     return out
 
 
-def _fuse_vivit_qkv(sd: dict) -> dict:
-    """Concatenate transformers' separate q, k, v projections into ``blocks.<i>.attn.qkv``."""
-    parts, out = {}, {}
-    for key, value in sd.items():
-        m = _VIVIT_QKV.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        which = "qkv"[("q", "k", "v", "query", "key", "value").index(m.group(2) or m.group(3)) % 3]
-        parts.setdefault((m.group(1), m.group(4)), {})[which] = (key, value)
-    for (layer, param), got in parts.items():
-        if set(got) == {"q", "k", "v"}:
-            out[f"blocks.{layer}.attn.qkv.{param}"] = torch.cat([got[w][1] for w in "qkv"], 0)
-        else:
-            out.update(dict(got.values()))
-    return out
-
-
 def is_transformers_state_dict(sd: Mapping) -> bool:
+    """True for a ``transformers`` Timesformer* / Vivit* state dict (it has their patch embedding key)."""
     return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd)
-
-
-def transformers_to_divattn(sd: Mapping, family: str) -> dict:
-    """Rename a ``transformers`` ``Timesformer*`` / ``Vivit*`` state dict to bundled keys.
-
-    ``family`` is ``"timesformer"`` or ``"vivit"``. Keys the maps do not know (a ViViT
-    pooler, say) keep their names, so a strict load reports them.
-    """
-    if family == "timesformer":
-        return _rename(dict(sd), _TIMESFORMER_HF)
-    if family == "vivit":
-        return _rename(_fuse_vivit_qkv(dict(sd)), _VIVIT_HF)
-    raise ValueError(f"family must be 'timesformer' or 'vivit', got {family!r}")
-
-
-def _family(model: nn.Module) -> str:
-    from .timesformer import TimeSformer
-    from .vivit import ViViT
-
-    if isinstance(model, TimeSformer):
-        return "timesformer"
-    if isinstance(model, ViViT):
-        return "vivit"
-    raise TypeError(f"load_checkpoint: expected a bundled TimeSformer or ViViT, got {type(model).__name__}")
 
 
 def _vivit_grid(tokens: int, model, grid: Optional[tuple]) -> tuple:
@@ -255,26 +185,6 @@ def resize_embeddings(sd: dict, model: nn.Module, mode: Optional[str] = None,
     return resized
 
 
-def _is_scenic(checkpoint) -> bool:
-    if isinstance(checkpoint, (str, os.PathLike)):
-        return os.path.isfile(checkpoint) and is_flax_msgpack_file(checkpoint)
-    return isinstance(checkpoint, Mapping) and scenic_params(checkpoint) is not None
-
-
-def _read_scenic(checkpoint, model: nn.Module):
-    """``(state dict, {bundled key: scenic path}, problems)`` of a scenic checkpoint file or tree."""
-    if _family(model) != "vivit":
-        raise TypeError(f"load_checkpoint: a scenic checkpoint holds a ViViT, not a {type(model).__name__}")
-    tree = read_flax_msgpack(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    params = scenic_params(tree)
-    if params is None:
-        raise CheckpointMismatchError(
-            f"found no ViViT parameters in the Flax checkpoint: none of params, optimizer.target, target holds "
-            f"embedding / Transformer / SpatialTransformer; its keys are {sorted(map(str, tree))[:20]}")
-    conv = scenic_to_divattn(params, model)
-    return conv.state_dict, conv.names, conv.problems
-
-
 def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, ignore_head: bool = False,
                     interpolation: Optional[str] = None, checkpoint_grid: Optional[tuple] = None) -> LoadReport:
     """Load an official, divattn, ``transformers`` or scenic checkpoint into a bundled model.
@@ -299,17 +209,10 @@ def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, ignore
         a scenic checkpoint, with the scenic parameter path of each, and every attention
         kernel whose head count differs from the model's).
     """
-    names, problems = {}, []
-    from_scenic = _is_scenic(checkpoint)
-    if from_scenic:
-        try:
-            sd, names, problems = _read_scenic(checkpoint, model)
-        except ScenicCheckpointError as e:
-            raise CheckpointMismatchError(f"cannot read the scenic checkpoint: {e}") from e
-    else:
-        sd = read_state_dict(checkpoint)
-        if is_transformers_state_dict(sd):
-            sd = transformers_to_divattn(sd, _family(model))
+    if not hasattr(model, "convert_checkpoint"):
+        raise TypeError(f"load_checkpoint: expected a bundled TimeSformer or ViViT, got {type(model).__name__}")
+    converted = model.convert_checkpoint(checkpoint)
+    sd, problems, named = converted.state_dict, list(converted.problems), converted.describe
     report = LoadReport(resized=resize_embeddings(sd, model, interpolation, checkpoint_grid))
     own = model.state_dict()
     if ignore_head:
@@ -318,14 +221,6 @@ def load_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True, ignore
         own = {k: v for k, v in own.items() if not k.startswith("head.")}
     report.missing = sorted(set(own) - set(sd))
     report.unexpected = sorted(set(sd) - set(own))
-
-    def named(key: str) -> str:
-        if not from_scenic:
-            return key
-        source = names.get(key) or scenic_name(key, model)
-        source = "+".join(source) if isinstance(source, list) else source
-        return key if source == key else f"{key} (scenic {source})"
-
     shapes = sorted(f"{named(k)}: checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
                     for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
     if report.missing and strict:

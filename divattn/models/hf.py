@@ -1,16 +1,16 @@
-"""Bundled models from ``transformers`` Timesformer / Vivit models (same weights, same logits)."""
+"""Bundled models from ``transformers`` Timesformer / Vivit models and state dicts (same weights, same logits)."""
 
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Optional
+from typing import Mapping, Optional
 
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .timesformer import TimeSformer, TimeSformerConfig
-from .vivit import ViViT, ViViTConfig
+from .timesformer import TimeSformer, TimeSformerConfig, transformers_to_timesformer
+from .vivit import ViViT, ViViTConfig, transformers_to_vivit
 
 _ACTS = {"gelu": "gelu", "gelu_fast": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -38,6 +38,19 @@ def _common(cfg, num_classes: int, backend: Optional[str]) -> dict:
         qkv_bias=cfg.qkv_bias, drop_rate=float(cfg.hidden_dropout_prob), norm_eps=cfg.layer_norm_eps,
         act=_ACTS[act], backend=backend,
     )
+
+
+def transformers_to_divattn(sd: Mapping, family: str) -> dict:
+    """Rename a ``transformers`` ``Timesformer*`` / ``Vivit*`` state dict to bundled keys.
+
+    ``family`` is ``"timesformer"`` or ``"vivit"``. Keys the maps do not know (a ViViT
+    pooler, say) keep their names, so a strict load reports them.
+    """
+    if family == "timesformer":
+        return transformers_to_timesformer(sd)
+    if family == "vivit":
+        return transformers_to_vivit(sd)
+    raise ValueError(f"family must be 'timesformer' or 'vivit', got {family!r}")
 
 
 def config_from_transformers(hf_model: nn.Module, backend: Optional[str] = None):

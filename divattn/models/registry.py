@@ -1,4 +1,8 @@
-"""Model registry, as in timm: ``@register_model``, ``create_model(name, **kw)``, ``list_models()``."""
+"""Model registry, as in timm: ``@register_model``, ``list_models()``, ``model_entrypoint(name)``.
+
+It imports no model: each model module registers its entry points when imported, and
+:func:`divattn.models.create_model` (:mod:`~divattn.models.factory`) builds them.
+"""
 
 from __future__ import annotations
 
@@ -25,35 +29,12 @@ def list_models(pattern: str = "*") -> list:
 
 
 def is_model(name: str) -> bool:
+    """True when a model named ``name`` is registered."""
     return name in _MODELS
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The function registered as ``name``; ValueError naming the registered models otherwise."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     return _MODELS[name]
-
-
-def create_model(name: str, pretrained: bool = False, checkpoint_path=None, **kwargs) -> nn.Module:
-    """Build the registered model ``name`` with config overrides, e.g.
-    ``create_model("timesformer_base", num_classes=174, attention_type="joint_space_time")``.
-
-    Keyword names follow timm: ``num_classes, num_frames, img_size, patch_size,
-    embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_rate, drop_path_rate,
-    attention_type`` (TimeSformer) / ``variant, temporal_depth`` (ViViT), ``backend``.
-    ``checkpoint_path`` loads a local checkpoint strictly (see
-    :func:`divattn.models.load_checkpoint`). No weights are downloaded, so
-    ``pretrained=True`` raises ValueError; unknown keywords raise TypeError.
-    """
-    entry = model_entrypoint(name)
-    if pretrained:
-        raise ValueError(
-            f"create_model({name!r}, pretrained=True): divattn downloads no weights; "
-            "pass checkpoint_path= a local official, divattn or transformers checkpoint"
-        )
-    model = entry(**kwargs)
-    if checkpoint_path is not None:
-        from .checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint_path)
-    return model

@@ -10,8 +10,9 @@ over 1 GiB are split into ``{"__msgpack_chunked_array__": True, "shape": ...,
 package alone; :func:`scenic_params` finds the parameters inside the train state
 (``params``, or ``optimizer.target`` in the checkpoints released with the paper);
 :func:`scenic_to_divattn` renames them to the bundled :class:`~divattn.models.ViViT`'s
-state dict. :func:`divattn.models.load_checkpoint` does all three when given such a
-file.
+state dict. :func:`scenic_checkpoint` does all three for
+:meth:`ViViT.convert_checkpoint <divattn.models.ViViT.convert_checkpoint>`, so
+:func:`divattn.models.load_checkpoint` reads such a file or tree.
 
 Layouts (Flax -> torch): ``Dense`` kernels ``(in, out)`` -> ``weight`` ``(out, in)``;
 attention ``query`` / ``key`` / ``value`` kernels ``(in, heads, head_dim)`` and biases
@@ -56,6 +57,8 @@ from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
+
+from .checkpoint import CheckpointMismatchError, ConvertedCheckpoint
 
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
@@ -412,3 +415,38 @@ def scenic_name(key: str, model: nn.Module) -> str:
     mods = _SCENIC_BLOCK_3 if variant == "factorised_self_attention" else _SCENIC_BLOCK
     block = f"{encoders[m['blocks']]}/encoderblock_{m['i']}/{mods.get(m['mod'], m['mod'])}"
     return f"{block}/{_SCENIC_LEAF.get(m['rest'], m['rest'])}"
+
+
+def is_scenic_checkpoint(checkpoint) -> bool:
+    """True for a Flax msgpack file (:func:`is_flax_msgpack_file`) or a mapping holding ViViT
+    parameters (:func:`scenic_params`)."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return os.path.isfile(checkpoint) and is_flax_msgpack_file(checkpoint)
+    return isinstance(checkpoint, Mapping) and scenic_params(checkpoint) is not None
+
+
+def scenic_checkpoint(checkpoint, model: nn.Module) -> ConvertedCheckpoint:
+    """A scenic checkpoint file or restored tree in ``model``'s keys: read
+    (:func:`read_flax_msgpack`), its parameters found (:func:`scenic_params`) and renamed
+    (:func:`scenic_to_divattn`); errors name each key with its scenic path.
+
+    Raises CheckpointMismatchError for a file that cannot be read or holds no ViViT
+    parameters.
+    """
+    try:
+        tree = read_flax_msgpack(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+        params = scenic_params(tree)
+        if params is None:
+            raise CheckpointMismatchError(
+                f"found no ViViT parameters in the Flax checkpoint: none of params, optimizer.target, target holds "
+                f"embedding / Transformer / SpatialTransformer; its keys are {sorted(map(str, tree))[:20]}")
+        conv = scenic_to_divattn(params, model)
+    except ScenicCheckpointError as e:
+        raise CheckpointMismatchError(f"cannot read the scenic checkpoint: {e}") from e
+
+    def describe(key: str) -> str:
+        source = conv.names.get(key) or scenic_name(key, model)
+        source = "+".join(source) if isinstance(source, list) else source
+        return key if source == key else f"{key} (scenic {source})"
+
+    return ConvertedCheckpoint(conv.state_dict, conv.problems, describe)

@@ -14,7 +14,8 @@ attention types:
 State-dict keys are the official ones (``cls_token, pos_embed, time_embed,
 patch_embed.proj, blocks.<i>.{norm1, attn.qkv, attn.proj, temporal_norm1,
 temporal_attn.qkv, temporal_attn.proj, temporal_fc, norm2, mlp.fc1, mlp.fc2}, norm,
-head``), so official checkpoints load after stripping their ``model.`` prefix.
+head``), so official checkpoints load after stripping their ``model.`` prefix;
+``transformers`` ``Timesformer*`` state dicts load through :func:`transformers_to_timesformer`.
 """
 
 from __future__ import annotations
@@ -36,10 +37,42 @@ from .base import (
     init_weights,
     resolve_config,
 )
+from .checkpoint import is_transformers_state_dict, layer_rules, rename_keys, top_rules
 from .pos_embed import resize_pos_embed, resize_time_embed
 from .registry import register_model
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
+
+_TRANSFORMERS_KEYS = [
+    *top_rules(r"(?:timesformer\.)?", {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.time_embeddings": "time_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }),
+    *top_rules("", {"classifier.weight": "head.weight", "classifier.bias": "head.bias"}),
+    *layer_rules(r"^(?:timesformer\.)?encoder\.layer\.(\d+)\.", {
+        "layernorm_before": "norm1",
+        "attention.attention.qkv": "attn.qkv",
+        "attention.output.dense": "attn.proj",
+        "temporal_layernorm": "temporal_norm1",
+        "temporal_attention.attention.qkv": "temporal_attn.qkv",
+        "temporal_attention.output.dense": "temporal_attn.proj",
+        "temporal_dense": "temporal_fc",
+        "layernorm_after": "norm2",
+        "intermediate.dense": "mlp.fc1",
+        "output.dense": "mlp.fc2",
+    }),
+]
+
+
+def transformers_to_timesformer(sd: dict) -> dict:
+    """Rename a ``transformers`` ``Timesformer*`` state dict to the official keys; keys the map
+    does not know keep their names, so a strict load reports them."""
+    return rename_keys(dict(sd), _TRANSFORMERS_KEYS)
 
 
 @dataclass
@@ -100,6 +133,10 @@ class TimeSformer(VideoModel):
             if i > 0 and isinstance(blk, DividedBlock):
                 nn.init.zeros_(blk.temporal_fc.weight)
                 nn.init.zeros_(blk.temporal_fc.bias)
+
+    def checkpoint_filter_fn(self, state_dict: dict) -> dict:
+        """A ``transformers`` state dict renamed (:func:`transformers_to_timesformer`); others as they are."""
+        return transformers_to_timesformer(state_dict) if is_transformers_state_dict(state_dict) else state_dict
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """Tokens entering the first block: ``(B, 1 + N*T, C)`` in ``(h w t)`` order

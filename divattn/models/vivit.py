@@ -32,6 +32,7 @@ way. ``representation_size`` adds scenic's pre-logits layer (``Linear`` + ``tanh
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -51,12 +52,66 @@ from .base import (
     init_weights,
     resolve_config,
 )
+from .checkpoint import ConvertedCheckpoint, is_transformers_state_dict, layer_rules, rename_keys, top_rules
 from .pos_embed import resize_pos_embed, resize_pos_embed_3d, resize_time_embed
 from .registry import register_model
+from .scenic import is_scenic_checkpoint, scenic_checkpoint
 
 VARIANTS = ("spatio_temporal", "factorised_encoder", "factorised_self_attention", "factorised_dot_product")
 CLASSIFIERS = ("token", "gap", "gmp", "gsp")
 _POOL_NAMES = {"token": "token", "gap": "avg", "gmp": "max", "gsp": "sum"}
+
+
+# transformers >= 5 names ViViT layers ``layers.<i>`` with q/k/v/o projections; earlier
+# versions (and the checkpoints on the Hub) use ``encoder.layer.<i>`` with query/key/value.
+_TRANSFORMERS_LAYER = r"^(?:vivit\.)?(?:layers|encoder\.layer)\.(\d+)\."
+_TRANSFORMERS_KEYS = [
+    *top_rules(r"(?:vivit\.)?", {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }),
+    *top_rules("", {"classifier.weight": "head.weight", "classifier.bias": "head.bias"}),
+    *layer_rules(_TRANSFORMERS_LAYER, {
+        "layernorm_before": "norm1",
+        "attention.o_proj": "attn.proj",
+        "attention.output.dense": "attn.proj",
+        "layernorm_after": "norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "intermediate.dense": "mlp.fc1",
+        "output.dense": "mlp.fc2",
+    }),
+]
+_TRANSFORMERS_QKV = re.compile(_TRANSFORMERS_LAYER +
+                               r"attention\.(?:(q|k|v)_proj|attention\.(query|key|value))\.(weight|bias)$")
+
+
+def _fuse_qkv(sd: dict) -> dict:
+    """Concatenate transformers' separate q, k, v projections into ``blocks.<i>.attn.qkv``."""
+    parts, out = {}, {}
+    for key, value in sd.items():
+        m = _TRANSFORMERS_QKV.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        which = "qkv"[("q", "k", "v", "query", "key", "value").index(m.group(2) or m.group(3)) % 3]
+        parts.setdefault((m.group(1), m.group(4)), {})[which] = (key, value)
+    for (layer, param), got in parts.items():
+        if set(got) == {"q", "k", "v"}:
+            out[f"blocks.{layer}.attn.qkv.{param}"] = torch.cat([got[w][1] for w in "qkv"], 0)
+        else:
+            out.update(dict(got.values()))
+    return out
+
+
+def transformers_to_vivit(sd: dict) -> dict:
+    """Rename a ``transformers`` ``Vivit*`` state dict to the bundled keys, q/k/v fused; keys the
+    map does not know (a pooler, say) keep their names, so a strict load reports them."""
+    return rename_keys(_fuse_qkv(dict(sd)), _TRANSFORMERS_KEYS)
 
 
 def _positive_int(name: str, field: str, value) -> None:
@@ -197,6 +252,19 @@ class ViViT(VideoModel):
             if name.endswith("pos_embed"):
                 nn.init.trunc_normal_(p, std=0.02)
         self.apply(init_weights)
+
+    def convert_checkpoint(self, checkpoint) -> ConvertedCheckpoint:
+        """A scenic checkpoint file or tree read and renamed by
+        :func:`~divattn.models.scenic.scenic_checkpoint`; anything else as
+        :meth:`VideoModel.convert_checkpoint <divattn.models.VideoModel.convert_checkpoint>` reads it."""
+        if is_scenic_checkpoint(checkpoint):
+            return scenic_checkpoint(checkpoint, self)
+        return super().convert_checkpoint(checkpoint)
+
+    def checkpoint_filter_fn(self, state_dict: dict) -> dict:
+        """A ``transformers`` state dict renamed and q/k/v fused (:func:`transformers_to_vivit`);
+        others as they are."""
+        return transformers_to_vivit(state_dict) if is_transformers_state_dict(state_dict) else state_dict
 
     def _grid(self, video: torch.Tensor) -> tuple:
         c = self.config

@@ -1,9 +1,13 @@
+import ast
+import inspect
+import pathlib
 import pickle
 
 import pytest
 import torch
 
-from divattn.models import CheckpointMismatchError, create_model, load_checkpoint, read_state_dict
+from divattn.models import (CheckpointMismatchError, TimeSformer, checkpoint, create_model, load_checkpoint,
+                            read_state_dict, registry, transformers_to_divattn)
 from divattn.models.pos_embed import resize_pos_embed, resize_time_embed
 
 from .helpers import TINY, randomize, tiny, video
@@ -121,3 +125,44 @@ def test_vivit_round_trip_and_resize(variant):
             load_checkpoint(model, source.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(model(clip), source(clip), rtol=1e-5, atol=1e-5)
+
+
+def test_load_checkpoint_calls_the_models_own_conversion(source):
+    class Renamed(TimeSformer):
+        def checkpoint_filter_fn(self, state_dict):
+            return {k.removeprefix("legacy."): v for k, v in state_dict.items()}
+
+    model = Renamed(tiny("timesformer_base").config)
+    load_checkpoint(model, {f"legacy.{k}": v for k, v in source.state_dict().items()})
+    assert_same_weights(model, source)
+    with pytest.raises(CheckpointMismatchError, match="unexpected keys: .*'legacy.cls_token'"):
+        load_checkpoint(tiny("timesformer_base"), {f"legacy.{k}": v for k, v in source.state_dict().items()})
+
+
+def test_layouts_a_model_cannot_convert_are_refused():
+    st = create_model("st_transformer_tiny", img_size=32, patch_size=8, num_frames=4, depth=1)
+    hf_like = {"embeddings.patch_embeddings.projection.weight": torch.zeros(1)}
+    with pytest.raises(TypeError, match="expected a bundled TimeSformer or ViViT, got STTransformer"):
+        load_checkpoint(st, hf_like)
+    scenic = pathlib.Path(__file__).parent / "fixtures" / "scenic_vivit_m4_checkpoint"
+    with pytest.raises(TypeError, match="scenic checkpoint holds a ViViT, not a STTransformer"):
+        load_checkpoint(st, scenic)
+    with pytest.raises(TypeError, match="expected a bundled TimeSformer or ViViT, got Linear"):
+        load_checkpoint(torch.nn.Linear(2, 2), {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)})
+    with pytest.raises(ValueError, match="family must be 'timesformer' or 'vivit', got 'st'"):
+        transformers_to_divattn(hf_like, "st")
+
+
+@pytest.mark.parametrize("module, allowed", [(registry, set()), (checkpoint, {"pos_embed"})],
+                         ids=["registry", "checkpoint"])
+def test_registry_and_loader_import_no_model(module, allowed):
+    """timm's shape: the registry and the generic loader know no model; models register
+    themselves and own their checkpoint conversion."""
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            imported |= {node.module} if node.module else {a.name for a in node.names}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            imported |= {n for n in names if n.startswith("divattn")}
+    assert imported == allowed
