@@ -14,3 +14,19 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The ops that reach a kernel backend (``divattn.ops.functions.run``), in call order."""
+    import divattn.ops.functions
+
+    calls = []
+    real = divattn.ops.functions.run
+
+    def run(backend, op, *args, **kwargs):
+        calls.append(op)
+        return real(backend, op, *args, **kwargs)
+
+    monkeypatch.setattr(divattn.ops.functions, "run", run)
+    return calls

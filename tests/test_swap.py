@@ -1,4 +1,9 @@
+"""swap_attention on transformers Timesformer and Vivit models: same weights and outputs,
+and every transformers feature the unswapped model has (attentions, gradient
+checkpointing, masks, attention dropout, save/load, dtype moves, torch.compile)."""
+
 import copy
+import warnings
 
 import pytest
 import torch
@@ -7,11 +12,16 @@ from torch import nn
 import divattn
 import divattn.ops.functions
 from divattn.models import create_model
-from divattn.swap import TimesformerDividedLayer, TimesformerJointSelfAttention, VivitJointAttention
 
 from .models.helpers import randomize
 
 transformers = pytest.importorskip("transformers")
+from divattn import swap_transformers  # noqa: E402  (needs transformers)
+from divattn.swap_transformers import (  # noqa: E402
+    TimesformerDividedLayer,
+    TimesformerJointSelfAttention,
+    VivitJointAttention,
+)
 
 SMALL = dict(image_size=32, num_frames=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
              intermediate_size=128, num_labels=5)
@@ -23,10 +33,18 @@ def timesformer(attention_type="divided_space_time", **kw):
     return randomize(transformers.TimesformerForVideoClassification(cfg).eval(), seed=1)
 
 
-def vivit(**kw):
+def vivit(attn_implementation="sdpa", **kw):
     torch.manual_seed(0)
     cfg = transformers.VivitConfig(tubelet_size=[2, 8, 8], **{**SMALL, **kw})
-    return randomize(transformers.VivitForVideoClassification(cfg).eval(), seed=2)
+    model = transformers.VivitForVideoClassification._from_config(cfg, attn_implementation=attn_implementation)
+    return randomize(model.eval(), seed=2)
+
+
+def pair(build):
+    """The same model twice: as built, and swapped (backend auto)."""
+    plain, swapped = build(), build()
+    assert divattn.swap_attention(swapped) == 2
+    return plain, swapped
 
 
 def clip():
@@ -85,20 +103,6 @@ def test_divided_layers_feed_views_of_the_qkv_projection_to_the_kernels(monkeypa
     assert seen == [("temporal", qkv_output), ("spatial", qkv_output)] * 2
 
 
-def test_gradients_and_transformers_checkpointing_after_swap():
-    eager, model = timesformer(), timesformer()
-    divattn.swap_attention(model, backend="torch")
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
-    assert all(m.gradient_checkpointing for m in model.modules() if isinstance(m, TimesformerDividedLayer))
-    x = clip()
-    for m in (eager, model):
-        m.train()
-        m(pixel_values=x).logits.square().sum().backward()
-    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-
-
 def test_swapped_model_moves_and_copies():
     model = timesformer()
     divattn.swap_attention(model, backend="torch")
@@ -111,18 +115,141 @@ def test_swapped_model_moves_and_copies():
     assert layer.divided.attn.qkv is layer.attention.attention.qkv
 
 
-def test_output_attentions_is_refused():
-    model = timesformer()
-    divattn.swap_attention(model, backend="torch")
-    with pytest.raises(ValueError, match="attention probabilities"):
-        model(pixel_values=clip(), output_attentions=True)
+MODELS = [
+    pytest.param(lambda: timesformer("divided_space_time"), id="timesformer-divided"),
+    pytest.param(lambda: timesformer("joint_space_time"), id="timesformer-joint"),
+    pytest.param(lambda: timesformer("space_only"), id="timesformer-space_only"),
+    pytest.param(lambda: vivit("eager"), id="vivit-eager"),
+    pytest.param(lambda: vivit("sdpa"), id="vivit-sdpa"),
+]
 
 
-def test_attention_dropout_is_left_alone_with_a_warning():
-    model = timesformer(attention_probs_dropout_prob=0.1)
-    with pytest.warns(UserWarning, match=r"attention dropout > 0 .*encoder.layer.0"):
-        assert divattn.swap_attention(model) == 0
-    assert not any(isinstance(m, TimesformerDividedLayer) for m in model.modules())
+@pytest.mark.parametrize("build", MODELS)
+@pytest.mark.parametrize("via", ["argument", "config"])
+def test_output_attentions_are_the_eager_probabilities(build, via):
+    """Swapped layers compute the probabilities on the eager path for that call: the same
+    as the unswapped model in eager mode (a Vivit configured for SDPA included, which
+    unswapped returns none of)."""
+    plain, swapped = pair(build)
+    x = clip()
+    kw = {"output_attentions": True}
+    if via == "config":
+        try:
+            plain.config.output_attentions = True
+        except ValueError as e:  # transformers refuses it for SDPA, swapped or not
+            with pytest.raises(ValueError, match=str(e)[:40]):
+                swapped.config.output_attentions = True
+            return
+        swapped.config.output_attentions = True
+        kw = {}
+    if isinstance(plain, transformers.VivitForVideoClassification):
+        plain.set_attn_implementation("eager")
+    with torch.no_grad():
+        want, got = plain(pixel_values=x, **kw), swapped(pixel_values=x, **kw)
+    assert len(got.attentions) == len(want.attentions) == 2
+    for a, b in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", [MODELS[0], MODELS[3]])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_behaves_as_unswapped(build, reentrant):
+    """Swapped layers stay GradientCheckpointingLayers: every_n_layers picks the same
+    layers, and the gradients match the unswapped model's."""
+    plain, swapped = pair(build)
+    layers = [m for m in swapped.modules() if isinstance(m, transformers.modeling_layers.GradientCheckpointingLayer)]
+    assert len(layers) == 2
+    x = clip()
+    kwargs = dict(activation_checkpointing_kwargs={"use_reentrant": reentrant}, every_n_layers=2)
+    for m in (plain, swapped):
+        m.activation_checkpointing_enable(**kwargs)
+        m.train()
+    flags = lambda m: [layer.gradient_checkpointing for layer in m.modules()  # noqa: E731
+                       if isinstance(layer, transformers.modeling_layers.GradientCheckpointingLayer)]
+    assert flags(swapped) == flags(plain) == [True, False]
+    inp = x.clone().requires_grad_(True)  # reentrant checkpointing needs an input that requires grad
+    for m in (plain, swapped):
+        torch.manual_seed(0)
+        m(pixel_values=inp).logits.square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), swapped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_checkpointed_layers_run_the_ops_in_the_recomputation(kernel_calls):
+    plain, swapped = pair(timesformer)
+    swapped.activation_checkpointing_enable()
+    swapped.train()
+    swapped(pixel_values=clip()).logits.sum().backward()
+    # forward, then the recomputation in the backward: the fused ops both times
+    assert kernel_calls == ["temporal", "spatial"] * 4
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_vivit_attention_mask_runs_the_replaced_attention_with_a_warning(impl):
+    plain, swapped = pair(lambda: vivit(impl))
+    x = clip()
+    mask = torch.ones(2, 1 + 2 * 4 * 4, dtype=torch.long)
+    mask[1, 20:] = 0
+    swap_transformers._WARNED.discard("vivit-mask")
+    with torch.no_grad():
+        want = plain(pixel_values=x, attention_mask=mask).logits
+        with pytest.warns(UserWarning, match="attention_mask runs on the transformers attention"):
+            got = swapped(pixel_values=x, attention_mask=mask).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once
+            swapped(pixel_values=x, attention_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want[1], plain(pixel_values=x).logits[1].detach())  # the mask mattered
+
+
+@pytest.mark.parametrize("build", [lambda: timesformer(attention_probs_dropout_prob=0.1),
+                                   lambda: timesformer("joint_space_time", attention_probs_dropout_prob=0.1),
+                                   lambda: vivit(attention_probs_dropout_prob=0.1)],
+                         ids=["timesformer-divided", "timesformer-joint", "vivit"])
+def test_attention_dropout_is_swapped_and_trains_as_unswapped(build, kernel_calls):
+    """Layers with attention dropout are swapped: in eval the ops run; a training call
+    runs the replaced code with the dropout (one warning), so with the same seed it gives
+    the unswapped model's outputs and gradients."""
+    plain, swapped = pair(build)
+    x = clip()
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(pixel_values=x).logits, plain(pixel_values=x).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert kernel_calls
+    kernel_calls.clear()
+    swap_transformers._WARNED.clear()
+    plain.train()
+    swapped.train()
+    outs = []
+    for m in (plain, swapped):
+        torch.manual_seed(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = m(pixel_values=x).logits
+        out.square().sum().backward()
+        outs.append((out, [w for w in caught if "attention dropout" in str(w.message)]))
+    (want, none), (got, warned) = outs
+    assert not none and len(warned) == 1
+    assert kernel_calls == []
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), swapped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("build", [MODELS[0], MODELS[1], MODELS[4]])
+def test_save_pretrained_round_trip_and_dtype(build, tmp_path):
+    plain, swapped = pair(build)
+    swapped.save_pretrained(tmp_path)
+    loaded = type(plain).from_pretrained(tmp_path).eval()
+    assert list(loaded.state_dict()) == list(swapped.state_dict())
+    x = clip()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=1e-5, atol=1e-6)
+        twin = swapped.to(torch.float64)
+        assert all(p.dtype == torch.float64 for p in twin.parameters())
+        torch.testing.assert_close(twin(pixel_values=x.double()).logits.float(), plain(pixel_values=x).logits,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_bundled_models_get_their_backend_set():
