@@ -182,3 +182,43 @@ def test_cpu_threads_leave_room_for_data_workers():
     n, why = cpu_threads("auto", num_workers=1)
     assert n >= 1 and "data worker" in why
     assert cpu_threads(3, num_workers=1)[0] == 3
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+@pytest.mark.parametrize("model_fn, overrides", [
+    (lambda c, n, b: TinyVideoNet(n), {"train": {"amp": "fp16", "ema_decay": 0.9}, "optim": {"clip_grad": 0.5}}),
+    (nan_every(3), {"train": {"max_nonfinite": 100}, "optim": {"name": "sgd"}}),
+], ids=["fp16-ema-clip", "nonfinite-sgd"])
+def test_host_syncs_at_most_once_per_log_interval(tmp_path, monkeypatch, model_fn, overrides):
+    """Every way a tensor reaches the host is counted; between two optimizer steps there are
+    none, except one at each log_every-th step (the sums of the steps since the last one)."""
+    from divattn.train import loop
+
+    count = [0]
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    after = []
+    original_after = loop._Run._after_step
+
+    def recording(self, micro):
+        original_after(self, micro)
+        after.append((self.state.step, count[0]))
+
+    monkeypatch.setattr(loop._Run, "_after_step", recording)
+    cfg = small_config(train={**overrides.get("train", {}), "epochs": 1, "accum_steps": 2, "log_every": 3,
+                              "checkpoint_every": 0},
+                       optim=overrides.get("optim", {}), data={"synthetic": {"train_size": 144}})
+    summary = train(cfg, str(tmp_path), model_fn=model_fn)
+    assert summary["steps"] == 9 and len(after) == 9
+    if "max_nonfinite" in cfg["train"] and cfg["train"]["max_nonfinite"] == 100:
+        assert summary["skipped_steps"] == 6  # every third forward is NaN: 6 of the 9 steps have one
+    per_step = {step: n - before for (step, n), (_, before) in zip(after[1:], after)}
+    assert per_step == {s: (1 if s % 3 == 0 else 0) for s in range(2, 10)}, per_step
