@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -23,7 +24,8 @@ import torch.distributed as dist
 
 # how long a rank that met a failure waits for the others to check in before it names the
 # missing ones (every live rank meets the failure within about this time: torchrun stops
-# the others as soon as one process exits, and a dead peer fails any collective at once)
+# the others as soon as one process exits, and a dead peer fails any collective at once);
+# a rank on this machine whose process is gone is named at once
 CHECK_IN_S = 5.0
 
 
@@ -79,6 +81,9 @@ def init(device_name: str, timeout_s: float = 1800.0) -> Dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
         signal.signal(signal.SIGTERM, _raise_stopped)
+        store = _store()
+        if store is not None:
+            store.set(f"pid/{rank}", f"{socket.gethostname()} {os.getpid()}")
     return Dist(rank, world, local_rank, device, timeout_s)
 
 
@@ -152,19 +157,24 @@ def peer_failure(d: Dist, cause: str) -> PeerFailure:
     if store is None:
         return PeerFailure(f"rank {d.rank} lost the other processes ({cause}) and cannot reach the rendezvous "
                            "store (rank 0 or torchrun, which hosts it, is gone)")
-    failed, silent = {}, []
+    failed, silent, gone = {}, [], []
     try:
         store.set(f"here/{d.rank}", "1")
         others = [r for r in range(d.world_size) if r != d.rank]
         deadline = time.monotonic() + CHECK_IN_S
         while True:
             pending = []
-            for r in others:
+            for r in list(others):
                 if r in failed:
                     continue
                 if store.check([f"failed/{r}"]):
                     failed[r] = store.get(f"failed/{r}").decode(errors="replace")
-                elif not store.check([f"here/{r}"]):
+                elif store.check([f"here/{r}"]):
+                    continue
+                elif _gone(store, r):
+                    gone.append(r)
+                    others.remove(r)
+                else:
                     pending.append(r)
             if not pending or time.monotonic() > deadline:
                 silent = pending
@@ -174,6 +184,7 @@ def peer_failure(d: Dist, cause: str) -> PeerFailure:
         return PeerFailure(f"rank {d.rank} lost the other processes ({cause}) and then the rendezvous store "
                            "(rank 0 or torchrun, which hosts it, is gone)")
     parts = [f"rank {r} failed: {msg}" for r, msg in sorted(failed.items())]
+    parts += [f"rank {r} was killed (its process is gone)" for r in gone]
     if silent:
         ranks = ", ".join(map(str, silent))
         parts.append(f"rank{'s' if len(silent) > 1 else ''} {ranks} stopped answering (killed, or hung for "
@@ -181,3 +192,23 @@ def peer_failure(d: Dist, cause: str) -> PeerFailure:
     if not parts:
         parts.append(f"every other rank is alive; this one gave up: {cause}")
     return PeerFailure(f"rank {d.rank} stops: " + "; ".join(parts))
+
+
+def _gone(store, rank: int) -> bool:
+    """Rank ``rank`` ran on this machine and its process has exited (or is a zombie)."""
+    if not store.check([f"pid/{rank}"]):
+        return False
+    host, pid = store.get(f"pid/{rank}").decode().rsplit(" ", 1)
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
