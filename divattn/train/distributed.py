@@ -92,6 +92,7 @@ def _raise_stopped(signum, frame):
 
 
 def shutdown(d: Dist) -> None:
+    _STORE.clear()
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -124,15 +125,21 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+_STORE = []  # the one client of this process, kept until shutdown
+
+
 def _store() -> Optional[dist.Store]:
     """A client of the run's rendezvous store (torchrun's agent, or rank 0 without it)."""
+    if _STORE:
+        return _STORE[0]
     try:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=datetime.timedelta(seconds=CHECK_IN_S), wait_for_workers=False)
     except (KeyError, ValueError, RuntimeError):
         return None
     run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    return dist.PrefixStore(f"divattn/{run}/", store)
+    _STORE.append(dist.PrefixStore(f"divattn/{run}/", store))
+    return _STORE[0]
 
 
 def announce_failure(d: Dist, message: str) -> None:

@@ -111,20 +111,20 @@ def test_killed_and_resumed_twenty_times_ends_like_a_run_that_never_stopped(tmp_
     reference_out = _finish(reference, timeout=300)
     assert reference.returncode == 0, reference_out[-3000:]
 
-    ckpt, last = broken / "checkpoint.pt", 0
+    ckpt = broken / "checkpoint.pt"
     for kill in range(kills):
+        before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
         proc = _torchrun(broken, args + ["--resume"])
         deadline = time.time() + 120
-        while _step(ckpt) <= last:
+        while not ckpt.exists() or ckpt.stat().st_mtime_ns == before:  # a new checkpoint
             assert proc.poll() is None and time.time() < deadline, f"kill {kill}: {proc.stdout.read()[-3000:]}"
-            time.sleep(0.01)
-        last = _step(ckpt)
+            time.sleep(0.005)
         workers = _workers(proc.pid)
         assert workers, f"kill {kill}: no workers left\n{proc.stdout.read()[-3000:]}"
         os.kill(workers.get(kill % 2, next(iter(workers.values()))), signal.SIGKILL)
         out = _finish(proc, timeout=90)
         assert proc.returncode != 0, out[-3000:]
-        assert last < 2 * 50, "the run finished before it could be killed 20 times"
+        assert _step(ckpt) < 2 * 50, "the run finished before it could be killed 20 times"
     proc = _torchrun(broken, args + ["--resume"])
     out = _finish(proc, timeout=300)
     assert proc.returncode == 0, out[-3000:]
