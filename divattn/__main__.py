@@ -20,21 +20,29 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` (all of them when ``argv`` is None)
+    imports its module for its arguments, so ``divattn --help`` and ``divattn train --help``
+    import nothing they do not show (no torch)."""
     from . import __version__
 
+    chosen = None
+    if argv is not None:
+        chosen = next((a for a in argv if not a.startswith("-")), "")
     parser = argparse.ArgumentParser(prog="divattn", description="Fused divided space-time attention.")
     parser.add_argument("--version", action="version", version=f"divattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if chosen is None or chosen == name:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from divattn.__main__ import main
 
 
@@ -44,3 +46,21 @@ def test_importing_divattn_lets_flop_counter_count_the_kernel_ops():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["train", "--help"], ["train", "--list-configs"],
+                                  ["train", "--print-config"]], ids=" ".join)
+def test_small_commands_do_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from divattn.__main__ import main\n"
+        "try:\n"
+        f"    rc = main({args!r})\n"
+        "except SystemExit as e:\n"
+        "    rc = e.code\n"
+        "assert rc == 0, rc\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()

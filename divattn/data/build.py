@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
+from .checks import DataError, check_inputs
 from .datasets import VideoDataset, read_kinetics_csv, read_path_label_list, read_ssv2, read_ucf101
 from .synthetic import SyntheticMotion
 
@@ -25,10 +26,11 @@ def build_datasets(cfg: dict) -> Tuple[object, object, int]:
         val = SyntheticMotion(s["val_size"], seed=s["seed"] + 1_000_003, **common)
         return train, val, train.num_classes
     if kind not in DATASETS:
-        raise ValueError(f"data.dataset must be one of {DATASETS}, got {kind!r}")
+        raise DataError(f"data.dataset must be one of {DATASETS}, got {kind!r}")
     for key in ("train_file", "val_file"):
         if not cfg.get(key):
-            raise ValueError(f"data.dataset={kind!r} needs data.{key}")
+            raise DataError(f"data.dataset={kind!r} needs data.{key}")
+    check_inputs(cfg)
     root = cfg.get("root")
     if kind == "list":
         train_samples, names = read_path_label_list(cfg["train_file"], root)
@@ -38,7 +40,7 @@ def build_datasets(cfg: dict) -> Tuple[object, object, int]:
         val_samples, _ = read_kinetics_csv(cfg["val_file"], root, class_names=names)
     else:
         if not cfg.get("labels_file"):
-            raise ValueError(f"data.dataset={kind!r} needs data.labels_file "
+            raise DataError(f"data.dataset={kind!r} needs data.labels_file "
                              + ("(something-something-v2-labels.json)" if kind == "ssv2" else "(classInd.txt)"))
         if kind == "ssv2":
             train_samples, names = read_ssv2(cfg["train_file"], cfg["labels_file"], root)

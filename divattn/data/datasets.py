@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .checks import DataError
 from .decode import VideoDecodeError, read_frames, resolve_decoder
 from .sampling import split_key
 from .transforms import (KINETICS_MEAN, KINETICS_STD, eval_clip_indices, eval_transform,
@@ -47,11 +48,11 @@ def read_path_label_list(list_file: str, root: Optional[str] = None) -> Tuple[Sa
                 continue
             m = re.fullmatch(r"(.+?)[\s,]+(\S+)", line)
             if m is None:
-                raise ValueError(f"{list_file}:{n}: expected 'path label', got {line!r}")
+                raise DataError(f"{list_file}:{n}: expected 'path label', got {line!r}")
             try:
                 samples.append((_resolve(root, m.group(1)), int(m.group(2))))
             except ValueError:
-                raise ValueError(f"{list_file}:{n}: label {m.group(2)!r} is not an integer") from None
+                raise DataError(f"{list_file}:{n}: label {m.group(2)!r} is not an integer") from None
     return samples, None
 
 
@@ -67,16 +68,16 @@ def read_kinetics_csv(csv_file: str, root: Optional[str] = None,
     with open(csv_file, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
-        raise ValueError(f"{csv_file}: no rows")
+        raise DataError(f"{csv_file}: no rows")
     columns = set(rows[0])
     if "label" not in columns or not ({"youtube_id", "time_start", "time_end"} <= columns or "path" in columns):
-        raise ValueError(f"{csv_file}: expected columns label,youtube_id,time_start,time_end or path,label; got {sorted(columns)}")
+        raise DataError(f"{csv_file}: expected columns label,youtube_id,time_start,time_end or path,label; got {sorted(columns)}")
     names = list(class_names) if class_names is not None else sorted({r["label"] for r in rows})
     index = {name: i for i, name in enumerate(names)}
     samples = []
     for n, r in enumerate(rows, 2):
         if r["label"] not in index:
-            raise ValueError(f"{csv_file}:{n}: label {r['label']!r} is not one of the {len(names)} classes")
+            raise DataError(f"{csv_file}:{n}: label {r['label']!r} is not one of the {len(names)} classes")
         if "path" in columns and r.get("path"):
             path = _resolve(root, r["path"])
         else:
@@ -102,22 +103,28 @@ def read_ssv2(json_file: str, labels_file: str, root: Optional[str] = None,
     ``labels_file`` maps each template (without the ``[...]`` brackets) to its index, as
     ``something-something-v2-labels.json`` does. Videos are ``root/<id><extension>``.
     """
-    with open(labels_file, encoding="utf-8") as f:
-        label_map = {k: int(v) for k, v in json.load(f).items()}
+    label_map = {k: int(v) for k, v in _read_json(labels_file).items()}
     names = [None] * len(label_map)
     for name, i in label_map.items():
         names[i] = name
-    with open(json_file, encoding="utf-8") as f:
-        entries = json.load(f)
+    entries = _read_json(json_file)
     samples = []
     for e in entries:
         if "template" not in e:
-            raise ValueError(f"{json_file}: entry {e.get('id')!r} has no 'template' (a test split without labels?)")
+            raise DataError(f"{json_file}: entry {e.get('id')!r} has no 'template' (a test split without labels?)")
         template = e["template"].replace("[", "").replace("]", "")
         if template not in label_map:
-            raise ValueError(f"{json_file}: entry {e['id']!r}: template {template!r} is not in {labels_file}")
+            raise DataError(f"{json_file}: entry {e['id']!r}: template {template!r} is not in {labels_file}")
         samples.append((_resolve(root, f"{e['id']}{extension}"), label_map[template]))
     return samples, names
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_ucf101(split_file: str, class_ind_file: str, root: Optional[str] = None) -> Tuple[Samples, list]:
@@ -142,7 +149,7 @@ def read_ucf101(split_file: str, class_ind_file: str, root: Optional[str] = None
             else:
                 folder = parts[0].replace("\\", "/").split("/")[0]
                 if folder not in by_name:
-                    raise ValueError(f"{split_file}:{n}: class folder {folder!r} is not in {class_ind_file}")
+                    raise DataError(f"{split_file}:{n}: class folder {folder!r} is not in {class_ind_file}")
                 label = by_name[folder]
             samples.append((_resolve(root, parts[0]), label))
     return samples, ordered
@@ -174,7 +181,7 @@ class VideoDataset(torch.utils.data.Dataset):
                  mean: Sequence[float] = KINETICS_MEAN, std: Sequence[float] = KINETICS_STD,
                  decoder: str = "auto", class_names: Optional[Sequence[str]] = None):
         if not samples:
-            raise ValueError("VideoDataset: no samples")
+            raise DataError("VideoDataset: no samples")
         self.samples = list(samples)
         self.train = train
         self.num_frames = num_frames
@@ -224,7 +231,8 @@ def collate_skipping(items):
     """Stack ``(video, label, index)`` items, dropping :class:`Skipped` ones.
 
     Returns a dict: ``video`` ``(B, ...)``, ``label`` and ``index`` ``(B,)`` int64 (``B``
-    may be 0), and ``skipped``, the list of dropped :class:`Skipped` items.
+    may be 0), ``indices``, the same indices as a list (for messages, without reading a
+    tensor), and ``skipped``, the list of dropped :class:`Skipped` items.
     """
     good = [it for it in items if not isinstance(it, Skipped)]
     skipped = [it for it in items if isinstance(it, Skipped)]
@@ -236,5 +244,6 @@ def collate_skipping(items):
         "video": video,
         "label": torch.tensor([it[1] for it in good], dtype=torch.int64),
         "index": torch.tensor([it[2] for it in good], dtype=torch.int64),
+        "indices": [int(it[2]) for it in good],
         "skipped": skipped,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 import tempfile
 
@@ -33,9 +34,22 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.unlink(stale)  # one writer per checkpoint: any other temporary is a killed save's
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not fit the run resuming from it."""
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` for a missing file or one ``torch.load`` cannot read.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason[:200]})") from None
 
 
 def rng_state() -> dict:

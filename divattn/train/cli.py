@@ -4,6 +4,12 @@ With no arguments it trains the built-in default: a tiny divided-attention TimeS
 on the synthetic motion task, sized for a CPU. ``--config`` takes a YAML file or the
 name of a config shipped with the package (``--list-configs``). Under ``torchrun`` every process runs
 this command; rank 0 writes the logs, checkpoints and ``summary.json``.
+
+The config and the data are checked before the first step. A user error (config, paths,
+data, checkpoint) exits 2 with one line ``divattn train: <sentence>``; a diverged loss or a
+failed process of a ``torchrun`` exits 1 the same way; ``--debug`` or ``DIVATTN_DEBUG=1``
+shows the traceback instead. ``--list-configs``, ``--print-config`` and ``--help`` do not
+import torch.
 """
 
 from __future__ import annotations
@@ -28,13 +34,28 @@ def add_arguments(parser) -> None:
                         help="continue from DIR/checkpoint.pt when it exists, else start afresh; the checkpoint's "
                              "config is the base and KEY=VALUE overrides apply on top")
     parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint file")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved (and validated) config and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line (also: DIVATTN_DEBUG=1)")
 
 
 def main(args) -> int:
-    from ..train import checkpoint as ckpt_io
-    from .loop import CHECKPOINT, NonFiniteLossError, train
+    """Run ``divattn train``: 0 when done, 2 with one line for a user error (config, paths,
+    data, checkpoint), 1 with one line when the loss diverged or another process failed."""
+    debug = args.debug or os.environ.get("DIVATTN_DEBUG", "") not in ("", "0")
+    try:
+        return _main(args)
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None or debug:
+            raise
+        # a user error is the same on every rank: rank 0 says it; a failure is each rank's own
+        if code == 1 or os.environ.get("RANK", "0") == "0":
+            print(f"divattn train: {_sentence(e)}", file=sys.stderr, flush=True)
+        return code
 
+
+def _main(args) -> int:
     if args.list_configs:
         from .config import list_configs
 
@@ -43,37 +64,58 @@ def main(args) -> int:
         for name, (_, summary) in builtin.items():
             print(f"{name:<{width}}  {summary}".rstrip())
         return 0
+    from .logs import CHECKPOINT
+
     resume = args.resume_from
     if resume is not None and not os.path.exists(resume):
-        print(f"divattn train: --resume-from {resume}: no such file", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--resume-from {resume}: no such file")
     if resume is None and args.resume:
         candidate = os.path.join(args.output_dir, CHECKPOINT)
         if os.path.exists(candidate):
             resume = candidate
-        else:
+        elif not args.print_config:
             print(f"divattn train: no {candidate} yet; starting afresh", flush=True)
-    try:
-        base = None
-        if resume is not None:
-            if args.config:
-                print("divattn train: --config is ignored when resuming (the checkpoint's config is the base; "
-                      "use KEY=VALUE overrides)", file=sys.stderr)
-            base = ckpt_io.load_checkpoint(resume)["config"]
-            cfg = load_config(None, args.overrides, base=base)
-        else:
-            cfg = load_config(args.config, args.overrides)
-    except (ConfigError, OSError) as e:
-        print(f"divattn train: {e}", file=sys.stderr)
-        return 2
+    if resume is not None:
+        from .checkpoint import load_checkpoint
+
+        if args.config:
+            print("divattn train: --config is ignored when resuming (the checkpoint's config is the base; "
+                  "use KEY=VALUE overrides)", file=sys.stderr)
+        cfg = load_config(None, args.overrides, base=load_checkpoint(resume)["config"])
+    else:
+        cfg = load_config(args.config, args.overrides)
     if args.print_config:
         from .config import dump
 
         print(dump(cfg), end="")
         return 0
-    try:
-        summary = train(cfg, args.output_dir, resume=resume)
-    except NonFiniteLossError as e:
-        print(f"divattn train: {e}", file=sys.stderr)
-        return 1
+    from .loop import train
+
+    summary = train(cfg, args.output_dir, resume=resume)
     return 0 if summary is not None else 1
+
+
+def _exit_code(e: Exception):
+    """2 for the user errors the CLI foresees, 1 for a diverged loss or a failed peer, None
+    for anything else (a bug: its traceback is shown)."""
+    if isinstance(e, ConfigError):
+        return 2
+    from ..data import DataError, VideoDecodeError
+    from .checkpoint import CheckpointError
+    from .distributed import PeerFailure
+    from .loop import NonFiniteLossError
+
+    if isinstance(e, (DataError, CheckpointError, VideoDecodeError, PermissionError)):
+        return 2
+    if isinstance(e, (NonFiniteLossError, PeerFailure)):
+        return 1
+    return None
+
+
+def _sentence(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, PermissionError):
+        return f"{e.filename}: permission denied"
+    if type(e).__name__ == "VideoDecodeError":
+        return f"{text} (validation videos must decode; fix or remove the file from data.val_file)"
+    return text

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
-from typing import Iterable, Optional
+import re
+from typing import Callable, Iterable, Optional
 
 DEFAULTS = {
     "seed": 0,
@@ -64,6 +66,9 @@ DEFAULTS = {
         "std": [0.225, 0.225, 0.225],
         "decoder": "auto",  # auto (torchcodec when it imports, else pyav) | pyav | torchcodec
         "num_workers": 1,
+        # before the first step, decode the header of every validation file (so a broken one stops
+        # the run now, not after an epoch); false skips it for very large sets
+        "probe_val": True,
         "synthetic": {
             "train_size": 4096,  # clips per epoch (fresh clips every epoch)
             "val_size": 1024,
@@ -108,6 +113,10 @@ DEFAULTS = {
         "checkpoint_every": 50,  # optimizer steps between checkpoints (and at every epoch end); 0: epoch ends only
         "eval_every": 1,  # epochs between evaluations (the last epoch is always evaluated)
         "log_every": 10,  # optimizer steps between log lines (without a progress bar) and TensorBoard points
+        # seconds any collective of a torchrun may wait for the other processes before this one
+        # stops, naming the process that did not come (the longest wait in a healthy run: rank 0
+        # writing a checkpoint, or the slowest rank's evaluation)
+        "dist_timeout_s": 600,
     },
     "eval": {
         "batch_size": 64,
@@ -116,19 +125,6 @@ DEFAULTS = {
         "progress": "auto",  # auto (when stderr is a terminal) | true | false
         "tensorboard": True,
     },
-}
-
-CHOICES = {
-    "task": ("classify", "next_frame"),
-    "model.attention_type": ("divided_space_time", "joint_space_time", "space_only", None),
-    "model.backend": ("auto", "torch", "triton", "cuda", None),
-    "data.dataset": ("synthetic", "list", "kinetics", "ssv2", "ucf101"),
-    "data.flip": ("auto", True, False),
-    "data.decoder": ("auto", "pyav", "torchcodec"),
-    "optim.name": ("adamw", "sgd"),
-    "schedule.name": ("cosine", "step", "constant"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "log.progress": ("auto", True, False),
 }
 
 # mappings whose keys are free (anything goes in them)
@@ -193,8 +189,6 @@ def _yaml():
 
 def _safe_load(stream):
     """``yaml.safe_load`` that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
-    import re
-
     yaml = _yaml()
 
     class Loader(yaml.SafeLoader):
@@ -203,7 +197,10 @@ def _safe_load(stream):
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789."))
-    return yaml.load(stream, Loader=Loader)
+    try:
+        return yaml.load(stream, Loader=Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError("not valid YAML: " + " ".join(str(e).split())) from None
 
 
 def merge(base: dict, update: dict, prefix: str = "") -> dict:
@@ -232,7 +229,10 @@ def parse_override(text: str) -> dict:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
-    value = _safe_load(raw) if raw.strip() else None
+    try:
+        value = _safe_load(raw) if raw.strip() else None
+    except ConfigError as e:
+        raise ConfigError(f"override {text!r}: {e}") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -246,8 +246,13 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), base:
     cfg = copy.deepcopy(DEFAULTS if base is None else base)
     if path is not None:
         path = resolve_config(path)
-        with open(path, encoding="utf-8") as f:
-            loaded = _safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = _safe_load(f) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
         loaded.pop("resolved", None)  # what a run wrote next to its checkpoints
@@ -268,35 +273,189 @@ def get(cfg: dict, dotted: str):
     return node
 
 
+class Spec:
+    """What one config key takes: ``problem(value)`` is None, or a phrase saying what is expected."""
+
+    def __init__(self, expected: str, ok: Callable[[object], bool]):
+        self.expected = expected
+        self.ok = ok
+
+    def problem(self, value) -> Optional[str]:
+        try:
+            return None if self.ok(value) else self.expected
+        except TypeError:
+            return self.expected
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(lo: int = 0) -> Spec:
+    return Spec("a positive integer" if lo == 1 else f"an integer >= {lo}",
+                lambda v: _is_int(v) and v >= lo)
+
+
+def _num(lo: float = 0.0, *, above: bool = False, below: Optional[float] = None, upto: Optional[float] = None,
+         null: bool = False) -> Spec:
+    """A finite number >= lo (> lo with ``above``), < ``below`` or <= ``upto`` when given."""
+    left = "(" if above else "["
+    if below is not None or upto is not None:
+        what = f"a number in {left}{lo:g}, {below if below is not None else upto:g}{')' if below is not None else ']'}"
+    else:
+        what = f"a number {'>' if above else '>='} {lo:g}"
+
+    def ok(v):
+        if v is None:
+            return null
+        return (_is_num(v) and (v > lo if above else v >= lo) and (below is None or v < below)
+                and (upto is None or v <= upto))
+
+    return Spec(("null or " if null else "") + what, ok)
+
+
+def _nums(n: Optional[int] = None, lo: float = 0.0, *, ints: bool = False, rising: bool = False) -> Spec:
+    item = "integers" if ints else "numbers"
+    what = f"a list of {n} {item} >= {lo:g}" if n else f"a list of {item} >= {lo:g}"
+    if rising:
+        what += ", the first <= the second"
+
+    def ok(v):
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all((_is_int(x) if ints else _is_num(x)) and x >= lo for x in v)
+                and (not rising or v[0] <= v[1]))
+
+    return Spec(what, ok)
+
+
+def _choice(*allowed) -> Spec:
+    def show(a):
+        return "null" if a is None else str(a).lower() if isinstance(a, bool) else repr(a)
+
+    return Spec("one of " + ", ".join(map(show, allowed)),
+                lambda v: any(v is a or (type(v) is type(a) and v == a) for a in allowed))
+
+
+def _path() -> Spec:
+    return Spec("null or a path (a string)", lambda v: v is None or (isinstance(v, str) and v != ""))
+
+
+_BOOL = Spec("true or false", lambda v: isinstance(v, bool))
+_MAPPING = Spec("a mapping (KEY: VALUE, e.g. {drop_rate: 0.1})", lambda v: v is None or isinstance(v, dict))
+_STDS = Spec("a mapping of parameter-name suffix -> std > 0 (e.g. {time_embed: 0.02})",
+             lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and _is_num(x) and x > 0
+                                                                 for k, x in v.items())))
+
+# Every key of DEFAULTS and what it takes (a test checks the two list the same keys).
+SCHEMA = {
+    "seed": _int(),
+    "task": _choice("classify", "next_frame"),
+    "device": Spec("'auto', 'cpu', 'cuda' or 'cuda:N'",
+                   lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None),
+    "model.name": Spec("a model name (a string; python -c 'import divattn.models as m; print(m.list_models())')",
+                       lambda v: isinstance(v, str) and v != ""),
+    "model.attention_type": _choice("divided_space_time", "joint_space_time", "space_only", None),
+    "model.backend": _choice("auto", "torch", "triton", "cuda", None),
+    "model.patch_size": _int(1),
+    "model.embed_dim": _int(1),
+    "model.depth": _int(1),
+    "model.num_heads": _int(1),
+    "model.mlp_ratio": _num(above=True),
+    "model.qkv_bias": _BOOL,
+    "model.drop_path_rate": _num(below=1.0),
+    "model.grad_checkpointing": _BOOL,
+    "model.reinit": _STDS,
+    "model.kwargs": _MAPPING,
+    "data.dataset": _choice("synthetic", "list", "kinetics", "ssv2", "ucf101"),
+    "data.root": _path(),
+    "data.train_file": _path(),
+    "data.val_file": _path(),
+    "data.labels_file": _path(),
+    "data.num_classes": Spec("null or a positive integer", lambda v: v is None or (_is_int(v) and v >= 1)),
+    "data.num_frames": _int(1),
+    "data.sampling_rate": _int(1),
+    "data.crop_size": _int(1),
+    "data.train_scale": _nums(2, 1, ints=True, rising=True),
+    "data.test_scale": _int(1),
+    "data.test_crops": _int(1),
+    "data.test_clips": _int(1),
+    "data.flip": _choice("auto", True, False),
+    "data.mean": _nums(3),
+    "data.std": Spec("a list of 3 numbers > 0", lambda v: isinstance(v, list) and len(v) == 3
+                     and all(_is_num(x) and x > 0 for x in v)),
+    "data.decoder": _choice("auto", "pyav", "torchcodec"),
+    "data.num_workers": _int(0),
+    "data.probe_val": _BOOL,
+    "data.synthetic.train_size": _int(1),
+    "data.synthetic.val_size": _int(1),
+    "data.synthetic.num_directions": _int(1),
+    "data.synthetic.num_speeds": _int(1),
+    "data.synthetic.speed": _nums(2, rising=True),
+    "data.synthetic.num_objects": _int(1),
+    "data.synthetic.radius": _nums(2, rising=True),
+    "data.synthetic.contrast": _num(),
+    "data.synthetic.texture": _nums(2, rising=True),
+    "data.synthetic.noise": _num(),
+    "data.synthetic.seed": _int(),
+    "optim.name": _choice("adamw", "sgd"),
+    "optim.lr": _num(),
+    "optim.weight_decay": _num(),
+    "optim.momentum": _num(below=1.0),
+    "optim.betas": Spec("a list of 2 numbers in [0, 1)", lambda v: isinstance(v, list) and len(v) == 2
+                        and all(_is_num(x) and 0 <= x < 1 for x in v)),
+    "optim.clip_grad": _num(above=True, null=True),
+    "schedule.name": _choice("cosine", "step", "constant"),
+    "schedule.warmup_epochs": _num(),
+    "schedule.min_lr": _num(),
+    "schedule.milestones": _nums(),
+    "schedule.gamma": _num(above=True),
+    "train.epochs": _int(1),
+    "train.batch_size": _int(1),
+    "train.accum_steps": _int(1),
+    "train.amp": _choice("none", "bf16", "fp16"),
+    "train.compile": _BOOL,
+    "train.threads": Spec("'auto' or a positive integer", lambda v: v == "auto" or (_is_int(v) and v >= 1)),
+    "train.ema_decay": _num(above=True, below=1.0, null=True),
+    "train.max_nonfinite": _int(1),
+    "train.checkpoint_every": _int(0),
+    "train.eval_every": _int(1),
+    "train.log_every": _int(1),
+    "train.dist_timeout_s": _num(above=True),
+    "eval.batch_size": _int(1),
+    "log.progress": _choice("auto", True, False),
+    "log.tensorboard": _BOOL,
+}
+
+
+def keys(cfg: dict, prefix: str = "") -> list:
+    """The dotted keys of ``cfg``'s leaves (a free mapping is one leaf)."""
+    out = []
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path not in FREE:
+            out += keys(value, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
 def validate(cfg: dict) -> None:
-    """Raise :class:`ConfigError` for values out of their range or choices."""
-    for key, allowed in CHOICES.items():
-        if get(cfg, key) not in allowed:
-            raise ConfigError(f"{key} must be one of {list(allowed)}, got {get(cfg, key)!r}")
-    positive = ("data.num_frames", "data.sampling_rate", "data.crop_size", "data.test_crops", "data.test_clips",
-                "train.epochs", "train.batch_size", "train.accum_steps", "train.max_nonfinite", "train.eval_every",
-                "train.log_every", "eval.batch_size")
-    for key in positive:
+    """Raise :class:`ConfigError` naming the key, the value and what it takes, for the first
+    value of the wrong type or out of its range (every key of :data:`SCHEMA`)."""
+    for key, spec in SCHEMA.items():
         value = get(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    if get(cfg, "train.checkpoint_every") < 0:
-        raise ConfigError(f"train.checkpoint_every must be >= 0, got {get(cfg, 'train.checkpoint_every')!r}")
-    if get(cfg, "data.num_workers") < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {get(cfg, 'data.num_workers')!r}")
-    for key in ("optim.lr", "optim.weight_decay", "schedule.min_lr", "schedule.warmup_epochs"):
-        value = get(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
-    threads = get(cfg, "train.threads")
-    if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ConfigError(f"train.threads must be 'auto' or a positive integer, got {threads!r}")
-    ema = get(cfg, "train.ema_decay")
-    if ema is not None and not 0.0 < ema < 1.0:
-        raise ConfigError(f"train.ema_decay must be null or in (0, 1), got {ema!r}")
-    clip = get(cfg, "optim.clip_grad")
-    if clip is not None and clip <= 0:
-        raise ConfigError(f"optim.clip_grad must be null or > 0, got {clip!r}")
+        expected = spec.problem(value)
+        if expected is not None:
+            raise ConfigError(f"{key}={_show(value)} ({type(value).__name__}): expected {expected}")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def dump(cfg: dict) -> str:

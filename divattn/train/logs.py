@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Optional
 
+CHECKPOINT = "checkpoint.pt"  # in the output directory, beside the files below
+
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_top1", "val_top1", "val_top5", "val_loss",
                   "clips_per_s", "skipped", "time_s")
 
@@ -20,19 +22,38 @@ class RunLog:
     def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool):
         self.output_dir = output_dir
         self.enabled = enabled
+        self.tensorboard = tensorboard
         self.writer = None
         self._text = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
         self._text = open(os.path.join(output_dir, "train.log"), "a", encoding="utf-8")
-        if tensorboard:
+
+    def start(self, keep_epochs: int, purge_step: int) -> None:
+        """Begin the per-epoch and per-step records of a run that has reported everything up
+        to epoch ``keep_epochs`` and step ``purge_step - 1``: ``metrics.csv`` keeps only the rows of
+        those epochs, and TensorBoard hides the points at ``purge_step`` and later that an
+        earlier, killed run wrote (they are written again, with the same values)."""
+        if not self.enabled:
+            return
+        path = os.path.join(self.output_dir, "metrics.csv")
+        if os.path.exists(path):
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= keep_epochs]
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, path)
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 self.info(f"TensorBoard logs are off: {e} (pip install tensorboard)")
             else:
-                self.writer = SummaryWriter(os.path.join(output_dir, "tb"))
+                self.writer = SummaryWriter(os.path.join(self.output_dir, "tb"), purge_step=purge_step)
 
     def info(self, message: str) -> None:
         if not self.enabled:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from divattn.__main__ import main
-from divattn.train import load_checkpoint, load_config
+from divattn.train import ConfigError, load_checkpoint, load_config
 from divattn.train.config import get
 
 SMALL = ["data.num_frames=4", "data.crop_size=16", "data.num_workers=0", "model.patch_size=8",
@@ -108,3 +108,37 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert single["count"] == 37
     assert single["top1"] == pytest.approx(summary["val_top1"]) and single["top5"] == pytest.approx(summary["val_top5"])
     assert single["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+
+
+def _one_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("divattn train: ")
+    return err.strip()
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    missing = str(tmp_path / "nope.csv")
+    assert main(["train", "-o", out, "data.dataset=kinetics", f"data.train_file={missing}",
+                 f"data.val_file={missing}", f"data.root={tmp_path}"]) == 2
+    assert _one_line(capsys) == f"divattn train: data.train_file={missing!r}: no such file"
+    assert main(["train", "-o", out, "data.num_workers=abc"]) == 2
+    assert "data.num_workers='abc' (str): expected an integer >= 0" in _one_line(capsys)
+    assert main(["train", "-o", out, "--resume-from", missing]) == 2
+    assert "no such file" in _one_line(capsys)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert main(["train", "-o", out, "--resume-from", str(junk)]) == 2
+    assert "not a readable checkpoint" in _one_line(capsys)
+    with pytest.raises(ConfigError):  # --debug: the traceback
+        main(["train", "-o", out, "data.num_workers=abc", "--debug"])
+
+
+def test_a_checkpoint_of_another_model_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = SMALL + ["train.epochs=1", "data.synthetic.train_size=16", "data.synthetic.val_size=8"]
+    assert main(["train", "-o", str(out), *args]) == 0
+    capsys.readouterr()
+    assert main(["train", "-o", str(out), "--resume", "model.embed_dim=32"]) == 2
+    assert "does not fit this config's model or optimizer" in _one_line(capsys)

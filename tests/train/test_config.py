@@ -8,7 +8,7 @@ import yaml
 
 from divattn.__main__ import main
 from divattn.train import DEFAULTS, ConfigError, load_config
-from divattn.train.config import diff, list_configs, parse_override, resolve_config
+from divattn.train.config import SCHEMA, diff, keys, list_configs, parse_override, resolve_config
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "divattn", "configs", "*.yaml")))
 
@@ -44,15 +44,50 @@ def test_override_values_are_yaml():
     ("optim.lrr=1", "did you mean optim.lr"),
     ("nope=1", "unknown config key 'nope'"),
     ("optim=3", "is a section"),
-    ("train.amp=fp8", "train.amp must be one of"),
-    ("train.epochs=0", "positive integer"),
-    ("train.batch_size=2.5", "positive integer"),
-    ("train.ema_decay=1.5", "ema_decay"),
-    ("optim.clip_grad=0", "clip_grad"),
+    ("train.amp=fp8", r"train.amp='fp8' \(str\): expected one of 'none', 'bf16', 'fp16'"),
+    ("train.epochs=0", r"train.epochs=0 \(int\): expected a positive integer"),
+    ("train.batch_size=2.5", r"train.batch_size=2.5 \(float\): expected a positive integer"),
+    ("train.ema_decay=1.5", r"train.ema_decay=1.5 \(float\): expected null or a number in \(0, 1\)"),
+    ("optim.clip_grad=0", r"optim.clip_grad=0 \(int\): expected null or a number > 0"),
+    ("optim.lr=[1]", r"optim.lr=\[1\] \(list\): expected a number >= 0"),
+    ("optim.lr=.nan", r"optim.lr=nan \(float\): expected a number >= 0"),
+    ("data.flip=1", r"data.flip=1 \(int\): expected one of 'auto', true, false"),
+    ("data.train_scale=[320, 256]", r"data.train_scale=\[320, 256\] \(list\): expected a list of 2 integers"),
+    ("device=gpu", r"device='gpu' \(str\): expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("train.dist_timeout_s=0", r"train.dist_timeout_s=0 \(int\): expected a number > 0"),
+    ("model.reinit={time_embed: x}", r"model.reinit=\{'time_embed': 'x'\} \(dict\): expected a mapping"),
+    ("train.epochs=[", r"override 'train.epochs=\[': not valid YAML"),
+    # the values the issue found passing as far as the first step, or failing there with a TypeError
+    ("data.num_workers=abc", r"data.num_workers='abc' \(str\): expected an integer >= 0"),
+    ("train.checkpoint_every=abc", r"train.checkpoint_every='abc' \(str\): expected an integer >= 0"),
+    ("optim.clip_grad=abc", r"optim.clip_grad='abc' \(str\): expected null or a number > 0"),
+    ("train.ema_decay=abc", r"train.ema_decay='abc' \(str\): expected null or a number in \(0, 1\)"),
+    ("model.depth=abc", r"model.depth='abc' \(str\): expected a positive integer"),
+    ("data.synthetic.train_size=abc", r"data.synthetic.train_size='abc' \(str\): expected a positive integer"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_every_key_has_a_type_and_the_defaults_fit_it():
+    assert sorted(keys(DEFAULTS)) == sorted(SCHEMA)
+    for path in CONFIGS:
+        load_config(path)  # validated
+
+
+def test_print_config_validates(capsys):
+    assert main(["train", "model.depth=abc", "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "divattn train: model.depth='abc' (str): expected a positive integer\n"
+
+
+def test_a_yaml_error_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML"):
+        load_config(str(path))
 
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path):

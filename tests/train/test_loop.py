@@ -182,3 +182,82 @@ def test_cpu_threads_leave_room_for_data_workers():
     n, why = cpu_threads("auto", num_workers=1)
     assert n >= 1 and "data worker" in why
     assert cpu_threads(3, num_workers=1)[0] == 3
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+@pytest.mark.parametrize("model_fn, overrides", [
+    (lambda c, n, b: TinyVideoNet(n), {"train": {"amp": "fp16", "ema_decay": 0.9}, "optim": {"clip_grad": 0.5}}),
+    (nan_every(3), {"train": {"max_nonfinite": 100}, "optim": {"name": "sgd"}}),
+], ids=["fp16-ema-clip", "nonfinite-sgd"])
+def test_host_syncs_at_most_once_per_log_interval(tmp_path, monkeypatch, model_fn, overrides):
+    """Every way a tensor reaches the host is counted; between two optimizer steps there are
+    none, except one at each log_every-th step (the sums of the steps since the last one)."""
+    from divattn.train import loop
+
+    count = [0]
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    after = []
+    original_after = loop._Run._after_step
+
+    def recording(self, micro):
+        original_after(self, micro)
+        after.append((self.state.step, count[0]))
+
+    monkeypatch.setattr(loop._Run, "_after_step", recording)
+    cfg = small_config(train={**overrides.get("train", {}), "epochs": 1, "accum_steps": 2, "log_every": 3,
+                              "checkpoint_every": 0},
+                       optim=overrides.get("optim", {}), data={"synthetic": {"train_size": 144}})
+    summary = train(cfg, str(tmp_path), model_fn=model_fn)
+    assert summary["steps"] == 9 and len(after) == 9
+    if "max_nonfinite" in cfg["train"] and cfg["train"]["max_nonfinite"] == 100:
+        assert summary["skipped_steps"] == 6  # every third forward is NaN: 6 of the 9 steps have one
+    per_step = {step: n - before for (step, n), (_, before) in zip(after[1:], after)}
+    assert per_step == {s: (1 if s % 3 == 0 else 0) for s in range(2, 10)}, per_step
+
+
+class FailsFirstEval(TinyVideoNet):
+    """Raises from its first evaluation forward: a run killed after an epoch-end checkpoint."""
+
+    failed = False
+
+    def forward(self, video):
+        if not self.training and not FailsFirstEval.failed:
+            FailsFirstEval.failed = True
+            raise Preempted()
+        return super().forward(video)
+
+
+@pytest.mark.parametrize("broken_fn", [dies_at(5), lambda c, n, b: FailsFirstEval(n)],
+                         ids=["mid-epoch", "before-evaluation"])
+def test_a_resumed_run_reports_what_an_uninterrupted_run_reports(tmp_path, tiny_model_fn, broken_fn):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    timing = {"clips_per_s", "train_time_s", "wall_time_s", "time_s", "train/clips_per_s"}
+    cfg = small_config(train={"epochs": 2, "checkpoint_every": 2, "log_every": 2}, log={"tensorboard": True})
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    train(cfg, str(whole), model_fn=tiny_model_fn)
+    FailsFirstEval.failed = False
+    with pytest.raises(Preempted):
+        train(cfg, str(broken), model_fn=broken_fn)
+    train(cfg, str(broken), resume=str(broken / "checkpoint.pt"), model_fn=tiny_model_fn)
+
+    def outputs(folder):
+        summary = json.loads((folder / "summary.json").read_text())
+        rows = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(open(folder / "metrics.csv"))]
+        acc = EventAccumulator(str(folder / "tb"), size_guidance={"scalars": 0})
+        acc.Reload()
+        points = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t not in timing}
+        return {k: v for k, v in summary.items() if k not in timing}, rows, points, summary
+
+    a, b = outputs(whole), outputs(broken)
+    assert a[:3] == b[:3]
+    assert b[3]["train_time_s"] > 0 and b[3]["clips_per_s"] > 0

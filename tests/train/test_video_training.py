@@ -1,5 +1,6 @@
 """Training and evaluation on real MP4 files, some of them broken."""
 
+import csv
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from conftest import small_config
-from divattn.data import SyntheticMotion, VideoDecodeError, export_synthetic
+from divattn.data import DataError, SyntheticMotion, VideoDecodeError, export_synthetic
 from divattn.train import load_checkpoint, train
 
 pytest.importorskip("av")
@@ -45,19 +46,55 @@ def test_training_skips_and_counts_broken_files_and_evaluates_three_crops(tmp_pa
     cfg = _video_config(video_folder, "train_mixed.txt", "val.txt")
     summary = train(cfg, str(tmp_path), model_fn=tiny_model_fn)
     assert summary["val_items"] == 4 and summary["epochs"] == 2
-    # 12 items, 3 steps of 4 per epoch: every broken file is met once per epoch
-    assert summary["skipped_train_items"] == 8
+    # 12 items, 3 steps of 4 per epoch: every broken file is met once per epoch, counted and logged once
+    assert summary["skipped_train_items"] == 4
     log = (tmp_path / "train.log").read_text()
     for name in ("empty.mp4", "text.mp4", "truncated.mp4", "corrupt.mp4"):
-        assert log.count(f"skipped undecodable training file {video_folder / name}") == 2, name
-    assert "4 undecodable training files skipped" in log
-    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["progress"]["skipped_items"] == 8
+        assert log.count(f"skipped undecodable training file {video_folder / name}") == 1, name
+    assert log.count("; 4 undecodable training files skipped") == 2
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["skipped"] for r in rows] == ["4", "4"]
+    progress = load_checkpoint(str(tmp_path / "checkpoint.pt"))["progress"]
+    assert sorted(progress["skipped_files"]) == sorted(str(video_folder / n) for n in
+                                                       ("corrupt.mp4", "empty.mp4", "text.mp4", "truncated.mp4"))
 
 
-def test_a_broken_file_in_evaluation_is_an_error(tmp_path, video_folder, tiny_model_fn):
+def test_a_broken_validation_file_stops_the_run_before_the_first_step(tmp_path, video_folder, tiny_model_fn):
     cfg = _video_config(video_folder, "train.txt", "val_bad.txt", epochs=1)
+    with pytest.raises(DataError, match=r"the validation set: 1 files do not decode \(\S*corrupt.mp4: .*"
+                                        r"data.probe_val=false skips this check"):
+        train(cfg, str(tmp_path), model_fn=tiny_model_fn)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_without_the_probe_evaluation_fails_after_the_epoch_checkpoint(tmp_path, video_folder, tiny_model_fn):
+    cfg = _video_config(video_folder, "train.txt", "val_bad.txt", epochs=1)
+    cfg["data"]["probe_val"] = False
     with pytest.raises(VideoDecodeError, match="corrupt.mp4"):
         train(cfg, str(tmp_path), model_fn=tiny_model_fn)
+    progress = load_checkpoint(str(tmp_path / "checkpoint.pt"))["progress"]
+    assert progress["epoch"] == 1 and progress["report_pending"]  # the epoch's training is kept
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"root": "/nonexistent/videos"}, r"data.root='/nonexistent/videos' is not a folder"),
+    ({"train_file": "/nonexistent/train.txt"}, r"data.train_file='/nonexistent/train.txt': no such file"),
+    ({"num_classes": 2}, r"the training set: \d+ labels are outside \[0, 2\) \(\S+clip\d+.mp4 has [23]"),
+])
+def test_wrong_paths_and_labels_are_one_sentence_before_the_first_step(tmp_path, video_folder, change, message):
+    cfg = _video_config(video_folder, "train.txt", "val.txt")
+    cfg["data"].update(change)
+    with pytest.raises(DataError, match=message):
+        train(cfg, str(tmp_path), model_fn=lambda c, n, b: pytest.fail("built a model"))
+
+
+def test_missing_files_are_counted_and_the_first_named(tmp_path, video_folder):
+    listing = tmp_path / "train.txt"
+    listing.write_text(open(video_folder / "train.txt").read() + "".join(f"gone{i}.mp4 1\n" for i in range(5)))
+    cfg = _video_config(video_folder, str(listing), "val.txt")
+    with pytest.raises(DataError, match=r"the training set: 5 of its 13 files are missing \(e.g. \S+gone0.mp4, "
+                                        r"\S+gone1.mp4, \S+gone2.mp4\) \(data.root="):
+        train(cfg, str(tmp_path), model_fn=lambda c, n, b: pytest.fail("built a model"))
 
 
 def test_multi_view_scores_are_the_mean_of_the_views_softmax(video_folder):

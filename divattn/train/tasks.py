@@ -1,0 +1,157 @@
+"""What a run learns: one object per ``task`` that owns its loss, its training metric and
+its evaluation.
+
+:class:`Classify` (``task: classify``): cross-entropy on the clip's label, top-1 in
+training; top-1 / top-5 and the loss over the multi-view protocol in evaluation.
+:class:`NextFrame` (``task: next_frame``): the MSE of predicting frame t+1 from frames
+``<= t``, evaluated beside the copy-the-last-frame baseline.
+
+Training quantities stay on the device: :meth:`Task.correct` is a 0-d tensor, and
+evaluation sums on the device and reads the totals once, after its all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import SyntheticMotion
+from . import distributed
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class Classify:
+    name = "classify"
+    has_top1 = True
+
+    def prepare(self, train_set, val_set) -> None:
+        """Nothing to change: the datasets give labels."""
+
+    def loss(self, out: torch.Tensor, video: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.float(), labels)
+
+    def correct(self, out: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        return (out.argmax(-1) == labels).sum()
+
+    def evaluate(self, model: nn.Module, loader, dist: distributed.Dist, amp: str = "none") -> dict:
+        return evaluate(model, loader, dist, amp)
+
+    def val_text(self, val: dict) -> str:
+        return f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}%"
+
+
+class NextFrame(Classify):
+    name = "next_frame"
+    has_top1 = False
+
+    def prepare(self, train_set, val_set) -> None:
+        """The clip is its own target: synthetic clips come without their labels."""
+        for dataset in (train_set, val_set):
+            if isinstance(dataset, SyntheticMotion):
+                dataset.labels = False
+
+    def loss(self, out, video, labels):
+        return next_frame_loss(out, video)
+
+    def correct(self, out, labels):
+        return None
+
+    def evaluate(self, model, loader, dist, amp="none"):
+        return evaluate_next_frame(model, loader, dist, amp)
+
+    def val_text(self, val):
+        return (f"val MSE {val['mse']:.4f} (copy-last-frame baseline {val['baseline_mse']:.4f}, "
+                f"{val['mse'] / val['baseline_mse']:.3f}x)")
+
+
+TASKS = {"classify": Classify, "next_frame": NextFrame}
+
+
+def make_task(name: str):
+    return TASKS[name]()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none") -> dict:
+    """Top-1 / top-5 (percent) and loss over every item of ``loader`` on all ranks.
+
+    Items with several views ``(B, V, C, T, H, W)`` are scored by the mean of their
+    views' softmax probabilities. Counts are summed across ranks, so each item counts
+    exactly once (use :class:`~divattn.data.ShardSampler`).
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=dist.device)  # correct1, correct5, count, loss
+    for batch in loader:
+        video = batch["video"].to(dist.device, non_blocking=True)
+        labels = batch["label"].to(dist.device)
+        with autocast(dist.device, amp):
+            if video.ndim == 6:
+                b, v = video.shape[:2]
+                probs = model(video.flatten(0, 1)).float().softmax(-1).view(b, v, -1).mean(1)
+            else:
+                probs = model(video).float().softmax(-1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
+        sums += _stack((top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(), len(labels),
+                       F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
+    model.train(was_training)
+    c1, c5, n, loss = distributed.all_reduce_sum(dist, sums).tolist()
+    if n == 0:
+        raise RuntimeError("evaluation saw no items")
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "count": int(n)}
+
+
+def next_frame_loss(pred: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """MSE between ``pred[:, :, t]`` and ``video[:, :, t + 1]`` over ``t < T - 1``, in fp32.
+
+    ``pred`` and ``video`` are ``(B, C, T, H, W)``; ``pred[:, :, t]`` is the model's
+    prediction of frame t + 1 from frames ``<= t``.
+    """
+    return F.mse_loss(pred[:, :, :-1].float(), video[:, :, 1:].float())
+
+
+@torch.no_grad()
+def evaluate_next_frame(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none") -> dict:
+    """Next-frame MSE over every item of ``loader`` on all ranks, and the copy-last-frame baseline.
+
+    ``mse`` (also ``loss``) is :func:`next_frame_loss` averaged over all predicted
+    pixels; ``baseline_mse`` is the same for predicting frame t + 1 as frame t. Views
+    ``(B, V, C, T, H, W)`` count as separate clips.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=dist.device)  # squared error, baseline's, clips, pixels
+    for batch in loader:
+        video = batch["video"].to(dist.device, non_blocking=True)
+        if video.numel() == 0:
+            continue
+        if video.ndim == 6:
+            video = video.flatten(0, 1)
+        with autocast(dist.device, amp):
+            pred = model(video)
+        target = video[:, :, 1:].float()
+        sums += _stack((pred[:, :, :-1].float() - target).square().sum(),
+                       (video[:, :, :-1].float() - target).square().sum(), len(batch["index"]), target.numel())
+    model.train(was_training)
+    sq, base, n, pixels = distributed.all_reduce_sum(dist, sums).tolist()
+    if n == 0:
+        raise RuntimeError("evaluation saw no items")
+    return {"mse": sq / pixels, "baseline_mse": base / pixels, "loss": sq / pixels, "count": int(n),
+            "top1": None, "top5": None}
+
+
+def _stack(*values) -> torch.Tensor:
+    """0-d device tensors and host numbers -> one float64 vector on the tensors' device."""
+    device = next(v.device for v in values if isinstance(v, torch.Tensor))
+    return torch.stack([v.double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64,
+                                                                                     device=device)
+                        for v in values])
