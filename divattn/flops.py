@@ -270,14 +270,13 @@ def count_macs(model, video_shape: Sequence[int], implementation: str = "officia
     ``"bundled"`` (divattn's model; see the module docstring). Raises TypeError for
     other models and ValueError for a video shape the model cannot take.
     """
-    from .models.timesformer import TimeSformer
-    from .models.vivit import ViViT
-
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if isinstance(model, TimeSformer):
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if name == "TimeSformer" and hasattr(config, "attention_type"):
         return _timesformer(model, *_video_grid(model, video_shape), implementation)
-    if isinstance(model, ViViT):
+    if name == "ViViT" and hasattr(config, "variant"):
         return _vivit(model, *_video_grid(model, video_shape))
     raise TypeError(f"count_macs: expected a bundled TimeSformer or ViViT, got {type(model).__name__}")
 
@@ -336,7 +335,7 @@ def register() -> None:
     ``divattn::attn_fwd`` counts :func:`attention_flops` ``(..., "fwd")`` and
     ``divattn::attn_bwd`` the ``"bwd"`` count, of causal temporal attention and of
     fewer query than key frames too (read from the op's arguments). Called when this
-    module is imported.
+    module is imported, which :mod:`divattn.ops` does.
     """
     import torch
     from torch.utils import flop_counter
