@@ -38,9 +38,9 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(cuda_ext, "_mode", None)
     monkeypatch.setattr(cuda_ext, "_build_error", None)
     monkeypatch.setattr(cuda_ext, "_prebuilt", lambda: (None, None))
-    cuda_ext.unavailable_reason.cache_clear()
+    cuda_ext.extension_reason.cache_clear()
     yield
-    cuda_ext.unavailable_reason.cache_clear()
+    cuda_ext.extension_reason.cache_clear()
 
 
 @pytest.fixture

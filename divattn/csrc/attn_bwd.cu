@@ -37,9 +37,9 @@ __global__ void __launch_bounds__(kDeltaWarps * kWarp) bwd_delta_kernel(const At
     const T* orow = o + seq_offset(p.o, ix) + t * p.o.sL;
     const T* drow = dout + seq_offset(p.dout, ix) + t * p.dout.sL;
     float acc = 0.f;
-    for (int d = lane; d < p.D; d += kWarp) acc = fmaf(to_float(orow[d]), to_float(drow[d]), acc);
+    for (int d = lane; d < p.D; d += kWarp) acc = fmaf(to_float(gld(orow + d)), to_float(gld(drow + d)), acc);
     acc = warp_sum(acc);
-    if (lane == 0) p.delta[r] = acc;
+    if (lane == 0) gst(p.delta + r, acc);
   }
 }
 
@@ -52,7 +52,7 @@ template <typename T, int DCH, bool CLS>
 __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int QP = DP + 4;
-  extern __shared__ __align__(16) float smem[];
+  DIVATTN_DYNAMIC_SMEM(float, smem);
   float* Qt = smem;                           // [kSlots][QP] query tile
   float* Dt = Qt + kSlots * QP;               // [kSlots][QP] output-gradient tile
   float* Kw = Dt + kSlots * QP;               // [kWarps][kRows][DP] each warp's keys
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
     // The cls query of this sequence's frame attends to these keys too.
     const int64_t bh = w.ix.i0 * p.S2 + w.ix.i2;
     const int64_t frame = bh * p.S1 + w.ix.i1;
-    const float lse_c = p.lse_cls[frame], delta_c = p.delta_cls[frame];
+    const float lse_c = gld(p.lse_cls + frame), delta_c = gld(p.delta_cls + frame);
     float qcr[DCH], gcr[DCH];
     load_lanes<T, DCH>(qcr, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, w.ix.i0, w.ix.i2), true, D, lane);
     load_lanes<float, DCH>(gcr, p.gc + bh * D, true, D, lane);
@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
       const int64_t row = start + (slot % w.grp.slots);
       const int64_t s_row = static_cast<int64_t>(blockIdx.x) * w.grp.G + gg;
       const bool ok = gb.ok[gg] && row < p.L;
-      lse_t[slot] = ok ? p.lse[s_row * p.L + row] : 0.f;
-      del_t[slot] = ok ? p.delta[s_row * p.L + row] : 0.f;
+      lse_t[slot] = ok ? gld(p.lse + s_row * p.L + row) : 0.f;
+      del_t[slot] = ok ? gld(p.delta + s_row * p.L + row) : 0.f;
     }
     __syncthreads();
     const int64_t qry = start + lane;
@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
     for (int c = 0; c < DCH; ++c) {
       const int d = lane + c * kWarp;
       if (d < D) {
-        dkr[d] = from_float<T>(dk[j][c] * p.scale);
-        dvr[d] = from_float<T>(dv[j][c]);
+        gst(dkr + d, from_float<T>(dk[j][c] * p.scale));
+        gst(dvr + d, from_float<T>(dv[j][c]));
       }
     }
   }
@@ -187,7 +187,7 @@ template <typename T, int DCH, bool CLS>
 __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int KP = DP + 4;
-  extern __shared__ __align__(16) float smem[];
+  DIVATTN_DYNAMIC_SMEM(float, smem);
   float* Kt = smem;                          // [kSlots][KP] key tile
   float* Vt = Kt + kSlots * KP;              // [kSlots][KP] value tile
   float* Qw = Vt + kSlots * KP;              // [kWarps][kRows][DP] each warp's queries
@@ -212,8 +212,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
     row_ok[i] = w.seq_ok && row < p.L;
     load_row<T, DP>(Qr + i * DP, row_ok[i] ? q + row * p.q.sL : q, row_ok[i], D, lane);
     load_row<T, DP>(Dr + i * DP, row_ok[i] ? dout + row * p.dout.sL : dout, row_ok[i], D, lane);
-    lse[i] = row_ok[i] ? p.lse[w.s * p.L + row] : 0.f;
-    del[i] = row_ok[i] ? p.delta[w.s * p.L + row] : 0.f;
+    lse[i] = row_ok[i] ? gld(p.lse + w.s * p.L + row) : 0.f;
+    del[i] = row_ok[i] ? gld(p.delta + w.s * p.L + row) : 0.f;
   }
   group_bases(gb, p.k, p.v, p, w.grp.G);
   __syncthreads();
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
 #pragma unroll
     for (int c = 0; c < DCH; ++c) {
       const int d = lane + c * kWarp;
-      if (d < D) dqr[d] = from_float<T>(dq[i][c] * p.scale);
+      if (d < D) gst(dqr + d, from_float<T>(dq[i][c] * p.scale));
     }
   }
 }
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
 template <typename T, int DCH, bool CLS>
 struct DkdvLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(bwd_dkdv_kernel<T, DCH, CLS>, dkdv_smem_floats<DCH * kWarp>() * sizeof(float), p, p.Lk,
+    return launch_rows("bwd_dkdv_kernel", bwd_dkdv_kernel<T, DCH, CLS>, dkdv_smem_floats<DCH * kWarp>() * sizeof(float), p, p.Lk,
                        stream);
   }
 };
@@ -300,7 +300,7 @@ struct DkdvLaunch {
 template <typename T, int DCH, bool CLS>
 struct DqLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(bwd_dq_kernel<T, DCH, CLS>, dq_smem_floats<DCH * kWarp>() * sizeof(float), p, p.L,
+    return launch_rows("bwd_dq_kernel", bwd_dq_kernel<T, DCH, CLS>, dq_smem_floats<DCH * kWarp>() * sizeof(float), p, p.L,
                        stream);
   }
 };
@@ -310,8 +310,8 @@ cudaError_t delta_impl(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = p.S * p.L;
   int64_t blocks = (rows + kDeltaWarps - 1) / kDeltaWarps;
   if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
-  bwd_delta_kernel<T><<<static_cast<unsigned>(blocks), kDeltaWarps * kWarp, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel("bwd_delta_kernel", bwd_delta_kernel<T>, dim3(static_cast<unsigned>(blocks)),
+                       dim3(kDeltaWarps * kWarp), 0, stream, p);
 }
 
 }  // namespace
@@ -331,6 +331,11 @@ cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream) {
 cudaError_t launch_bwd_dkdv(const AttnParams& p, cudaStream_t stream) {
   if (p.S == 0 || p.Lk == 0) return cudaSuccess;  // with no queries (L = 0) dk, dv are written as zeros
   return dispatch<DkdvLaunch>(p, stream);
+}
+
+size_t bwd_workspace_floats(const AttnParams& p) {
+  (void)p;
+  return 0;
 }
 
 cudaError_t launch_bwd_dq(const AttnParams& p, cudaStream_t stream) {

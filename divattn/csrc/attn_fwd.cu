@@ -39,7 +39,7 @@ template <typename T, int DCH, bool CLS>
 __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int KP = DP + 4;
-  extern __shared__ __align__(16) float smem[];
+  DIVATTN_DYNAMIC_SMEM(float, smem);
   float* Ks = smem;                      // [kSlots][KP]
   float* Vs = Ks + kSlots * KP;          // [kSlots][DP]
   float* Qs = Vs + kSlots * DP;          // [kWarps][kRows][DP]
@@ -143,17 +143,17 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {
         const int d = lane + c * kWarp;
-        if (d < D) out[d] = acc[i][c] * inv;
+        if (d < D) gst(out + d, acc[i][c] * inv);
       }
-      if (lane == 0) p.lse_cls[frame] = m[i] + log2f(l_safe);
+      if (lane == 0) gst(p.lse_cls + frame, m[i] + log2f(l_safe));
     } else if (row_ok[i]) {
       T* orow = o + (r - kCls) * p.o.sL;
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {
         const int d = lane + c * kWarp;
-        if (d < D) orow[d] = from_float<T>(acc[i][c] * inv);
+        if (d < D) gst(orow + d, from_float<T>(acc[i][c] * inv));
       }
-      if (lane == 0) p.lse[w.s * p.L + r - kCls] = m[i] + log2f(l_safe);
+      if (lane == 0) gst(p.lse + w.s * p.L + r - kCls, m[i] + log2f(l_safe));
     }
   }
 }
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
 template <typename T, int DCH, bool CLS>
 struct FwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float), p,
+    return launch_rows("attn_fwd_kernel", attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float), p,
                        p.L + (CLS ? 1 : 0), stream);
   }
 };

@@ -36,6 +36,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def emulating_cuda() -> bool:
+    """``DIVATTN_CUDA_EMULATE=1``: the cuda backend's kernels run emulated on CPU tensors."""
+    return os.environ.get("DIVATTN_CUDA_EMULATE", "0") == "1"
+
+
 _TRITON_IMPORT: list = []
 
 
@@ -69,7 +74,8 @@ class Backend:
     """What one backend can run, as data, plus where its kernels live.
 
     ``device_types``: tensor device types served; ``cpu_needs_interpreter``: CPU
-    tensors are served only under ``TRITON_INTERPRET=1``; ``interpreter_dtypes``: the
+    tensors are served only under ``TRITON_INTERPRET=1``; ``cpu_needs_emulator``: CPU
+    tensors are served only under ``DIVATTN_CUDA_EMULATE=1``; ``interpreter_dtypes``: the
     dtypes trusted under the interpreter; ``max_head_dim``: largest D;
     ``min_capability``: the oldest CUDA compute capability served;
     ``runtime_reason``: a callable returning why the backend cannot run at all, or None;
@@ -84,6 +90,7 @@ class Backend:
     ops: tuple = OPS
     features: tuple = tuple(FEATURES)
     cpu_needs_interpreter: bool = False
+    cpu_needs_emulator: bool = False
     interpreter_dtypes: tuple = ()
     min_capability: tuple = (0, 0)
     runtime_reason: Callable[[], Optional[str]] = field(default=lambda: None)
@@ -109,7 +116,9 @@ class Backend:
         if dtype not in self.dtypes:
             reasons.append(f"dtype {dtype} is not supported (supported: {', '.join(map(str, self.dtypes))})")
         kind = device.type
-        if kind not in self.device_types:
+        if kind == "cpu" and self.cpu_needs_emulator and emulating_cuda():
+            pass  # the kernels run emulated on the host (divattn.ops.cuda_emulator)
+        elif kind not in self.device_types:
             reasons.append(f"device type {kind!r} is not supported (supported: {', '.join(self.device_types)})")
         elif kind == "cuda" and not torch.cuda.is_available():
             reasons.append("no CUDA device is available (torch.cuda.is_available() is False)")
@@ -152,6 +161,7 @@ BACKENDS = {
         device_types=("cuda",),
         max_head_dim=128,
         features=("causal", "fewer_queries"),
+        cpu_needs_emulator=True,
         min_capability=(8, 0),
         runtime_reason=_cuda_runtime_reason,
         device_reason=_cuda_device_reason,

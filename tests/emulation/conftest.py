@@ -1,0 +1,21 @@
+"""The CUDA backend on CPU tensors under the emulator (divattn.ops.cuda_emulator).
+
+Every test here runs with ``DIVATTN_CUDA_EMULATE=1``; the first one builds the emulated
+binding and kernel library (about a minute on 2 cores, then cached). Fresh memory is
+filled with NaN as in the op tests.
+"""
+
+import pytest
+
+from divattn.ops import cuda_emulator
+
+from ..ops.conftest import poison_empty  # noqa: F401  (autouse: NaN in fresh memory)
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    why = cuda_emulator.unavailable_reason()
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv(cuda_emulator.ENV, "1")
+    yield
