@@ -17,7 +17,7 @@
 // Recomputing the probabilities in both passes costs a second read of q/k/v/do but
 // needs no score matrix in memory and no cross-block reduction. Block shapes, the
 // packing of short sequences and the padded row pitch follow attn_fwd.cu.
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace divattn {
 namespace {
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kDeltaWarps * kWarp) bwd_delta_kernel(const At
 
 template <int DP>
 constexpr size_t dkdv_smem_floats() {
-  return 2 * kSlots * (DP + 4) + 2 * kSlots + 2 * kWarps * kRows * DP + 2 * kWarps * kRows * kSlots;
+  return 2 * kSlots * (DP + 4) + 2 * kSlots + 2 * kWarps * kRows * DP + 2 * kWarps * kRows * kSlots + kGroupBasesFloats;
 }
 
 template <typename T, int DCH, bool CLS>
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
   float* Sw = Pw + kWarps * kRows * kSlots;   // [kWarps][kRows][kSlots] ds of (key, query)
   float* lse_t = Sw + kWarps * kRows * kSlots;  // [kSlots]
   float* del_t = lse_t + kSlots;              // [kSlots]
-  __shared__ GroupBases gb;
+  GroupBases& gb = *reinterpret_cast<GroupBases*>(del_t + kSlots);
 
   const RowWarp w = row_warp(p, p.Lk);
   const int warp = w.warp, lane = w.lane, g = w.g;
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
 
 template <int DP>
 constexpr size_t dq_smem_floats() {
-  return 2 * kSlots * (DP + 4) + 2 * kWarps * kRows * DP + kWarps * kRows * kSlots;
+  return 2 * kSlots * (DP + 4) + 2 * kWarps * kRows * DP + kWarps * kRows * kSlots + kGroupBasesFloats;
 }
 
 template <typename T, int DCH, bool CLS>
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
   float* Qw = Vt + kSlots * KP;              // [kWarps][kRows][DP] each warp's queries
   float* Dw = Qw + kWarps * kRows * DP;      // [kWarps][kRows][DP] and output gradients
   float* Sw = Dw + kWarps * kRows * DP;      // [kWarps][kRows][kSlots] ds of (query, key)
-  __shared__ GroupBases gb;
+  GroupBases& gb = *reinterpret_cast<GroupBases*>(Sw + kWarps * kRows * kSlots);
 
   const RowWarp w = row_warp(p, p.L);
   const int warp = w.warp, lane = w.lane, g = w.g;
@@ -292,16 +292,16 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
 template <typename T, int DCH, bool CLS>
 struct DkdvLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows("bwd_dkdv_kernel", bwd_dkdv_kernel<T, DCH, CLS>, dkdv_smem_floats<DCH * kWarp>() * sizeof(float), p, p.Lk,
-                       stream);
+    return launch_rows("bwd_dkdv_kernel", bwd_dkdv_kernel<T, DCH, CLS>,
+                       dkdv_smem_floats<DCH * kWarp>() * sizeof(float), p, p.Lk, stream);
   }
 };
 
 template <typename T, int DCH, bool CLS>
 struct DqLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows("bwd_dq_kernel", bwd_dq_kernel<T, DCH, CLS>, dq_smem_floats<DCH * kWarp>() * sizeof(float), p, p.L,
-                       stream);
+    return launch_rows("bwd_dq_kernel", bwd_dq_kernel<T, DCH, CLS>, dq_smem_floats<DCH * kWarp>() * sizeof(float),
+                       p, p.L, stream);
   }
 };
 
@@ -330,17 +330,18 @@ cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream) {
 
 cudaError_t launch_bwd_dkdv(const AttnParams& p, cudaStream_t stream) {
   if (p.S == 0 || p.Lk == 0) return cudaSuccess;  // with no queries (L = 0) dk, dv are written as zeros
-  return dispatch<DkdvLaunch>(p, stream);
+  if (p.dtype != DType::f32) return launch_attn_bwd_mma(p, stream);  // dk, dv and dq
+  return dispatch_f32<DkdvLaunch>(p, stream);
 }
 
 size_t bwd_workspace_floats(const AttnParams& p) {
-  (void)p;
-  return 0;
+  return p.dtype == DType::f32 || p.S == 0 || p.Lk == 0 ? 0 : bwd_mma_workspace_floats(p);
 }
 
 cudaError_t launch_bwd_dq(const AttnParams& p, cudaStream_t stream) {
   if (p.S == 0 || p.L == 0) return cudaSuccess;
-  return dispatch<DqLaunch>(p, stream);
+  if (p.dtype != DType::f32) return p.Lk == 0 ? cudaSuccess : launch_dq_sum(p, stream);  // partials, if any
+  return dispatch_f32<DqLaunch>(p, stream);
 }
 
 }  // namespace divattn

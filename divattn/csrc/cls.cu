@@ -75,7 +75,8 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const A
 template <typename T, int DCH>
 __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
-  __shared__ float red[3][kClsWarps][DP];
+  DIVATTN_DYNAMIC_SMEM(float, smem);
+  float(*red)[kClsWarps][DP] = reinterpret_cast<float(*)[kClsWarps][DP]>(smem);  // [3][kClsWarps][DP]
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const Frame fr = frame_of(p);
   const int D = p.D;
@@ -205,7 +206,7 @@ template <typename T, int DCH, bool>
 struct ClsBwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
     return launch_kernel("cls_bwd_frame_kernel", cls_bwd_frame_kernel<T, DCH>, dim3(cls_frames_grid(p)),
-                         dim3(kClsWarps * kWarp), 0, stream, p);
+                         dim3(kClsWarps * kWarp), 3 * kClsWarps * DCH * kWarp * sizeof(float), stream, p);
   }
 };
 
@@ -236,8 +237,10 @@ cudaError_t launch_cls_bwd_prep(const AttnParams& p, cudaStream_t stream) {
 
 cudaError_t launch_cls_bwd(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
-  const cudaError_t err = dispatch_dtype<ClsBwdLaunch, true>(p, stream);
-  if (err != cudaSuccess) return err;
+  if (p.dtype == DType::f32) {  // fp16 / bf16: the tensor-core backward wrote the per-frame terms
+    const cudaError_t err = dispatch_head<ClsBwdLaunch, true>(p, stream);
+    if (err != cudaSuccess) return err;
+  }
   const int64_t frames = p.B * p.H * p.T;
   SumJobs jobs{};
   jobs.job[0] = {p.cls_grad_frames, p.dqc, p.scale};

@@ -231,6 +231,9 @@ struct GroupBases {
   bool ok[kWarps];
 };
 
+// GroupBases lives after a kernel's float tiles in its dynamic shared memory.
+constexpr size_t kGroupBasesFloats = (sizeof(GroupBases) + 15) / 16 * 4;
+
 __device__ __forceinline__ void group_bases(GroupBases& gb, const View& x, const View& y, const AttnParams& p,
                                             int G) {
   const int i = threadIdx.x;
@@ -298,37 +301,26 @@ cudaError_t launch_rows(const char* name, Kernel kernel, size_t smem, const Attn
 
 inline int head_chunks(int D) { return (D + kWarp - 1) / kWarp; }
 
-// Launch<scalar_t, ceil(D / 32), CLS>::run(p, stream) for the params' dtype and head dim.
-template <template <typename, int, bool> class Launch, typename T, bool CLS>
+// Launch<float, ceil(D / 32), CLS>::run(p, stream) for the params' head dim: the scalar
+// kernels serve fp32 (fp16 / bf16 run on tensor cores, mma.cuh).
+template <template <typename, int, bool> class Launch, bool CLS>
 cudaError_t dispatch_head(const AttnParams& p, cudaStream_t stream) {
   switch (head_chunks(p.D)) {
     case 1:
-      return Launch<T, 1, CLS>::run(p, stream);
+      return Launch<float, 1, CLS>::run(p, stream);
     case 2:
-      return Launch<T, 2, CLS>::run(p, stream);
+      return Launch<float, 2, CLS>::run(p, stream);
     case 3:
-      return Launch<T, 3, CLS>::run(p, stream);
+      return Launch<float, 3, CLS>::run(p, stream);
     default:
-      return Launch<T, 4, CLS>::run(p, stream);
-  }
-}
-
-template <template <typename, int, bool> class Launch, bool CLS>
-cudaError_t dispatch_dtype(const AttnParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::f16:
-      return dispatch_head<Launch, __half, CLS>(p, stream);
-    case DType::bf16:
-      return dispatch_head<Launch, __nv_bfloat16, CLS>(p, stream);
-    default:
-      return dispatch_head<Launch, float, CLS>(p, stream);
+      return Launch<float, 4, CLS>::run(p, stream);
   }
 }
 
 // With CLS = p.has_cls.
 template <template <typename, int, bool> class Launch>
-cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
-  return p.has_cls ? dispatch_dtype<Launch, true>(p, stream) : dispatch_dtype<Launch, false>(p, stream);
+cudaError_t dispatch_f32(const AttnParams& p, cudaStream_t stream) {
+  return p.has_cls ? dispatch_head<Launch, true>(p, stream) : dispatch_head<Launch, false>(p, stream);
 }
 
 }  // namespace divattn

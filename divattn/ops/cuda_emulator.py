@@ -15,9 +15,9 @@ Two libraries are built (with ``$CXX``, default ``c++``; ``MAX_JOBS`` parallel c
 and cached under ``$DIVATTN_EMULATOR_CACHE`` (default ``~/.cache/divattn/emulator``),
 keyed by the sources, flags, compiler and torch: the binding, a Python extension against
 torch's headers (about 40 s to compile), and the kernel library, a plain shared library
-loaded with ctypes whose table of launchers the binding calls through
-(:func:`kernel_library` builds one from any copy of ``csrc/``, so a test can run changed
-kernels without rebuilding the binding).
+(one cached object per source) loaded with ctypes, whose table of launchers the binding
+calls through (:func:`kernel_library_path` builds one from any copy of ``csrc/``, so a
+test can run changed kernels without rebuilding the binding).
 """
 
 from __future__ import annotations
@@ -114,45 +114,54 @@ def _jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _build(key_dir: Path, target: str, compile_jobs: list, link: list) -> Path:
-    """Compile ``compile_jobs`` ([(cmd, what)]) and run ``link`` (``{out}`` is the target)
-    in a fresh directory, then move it to ``key_dir`` in one rename (concurrent builders
-    both finish; one wins)."""
-    out = key_dir / target
+def _produce(out: Path, make) -> Path:
+    """``make(tmp)`` writes a file at ``tmp``, which becomes ``out`` in one rename (a
+    concurrent builder of the same file just wins or loses the race)."""
     if out.exists():
         return out
-    key_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=key_dir.name + ".", dir=key_dir.parent))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
+    os.close(fd)
     try:
-        jobs = [([a.replace("{tmp}", str(tmp)) for a in cmd], what) for cmd, what in compile_jobs]
-        with ThreadPoolExecutor(max_workers=_jobs()) as pool:
-            list(pool.map(lambda j: _run(*j), jobs))
-        _run([a.replace("{tmp}", str(tmp)).replace("{out}", str(tmp / target)) for a in link], target)
-        try:
-            os.rename(tmp, key_dir)
-        except OSError:  # another process built it first
-            if not out.exists():
-                raise
+        make(tmp)
+        os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out
 
 
-def kernel_library_path(csrc: Path = CSRC, *, defines: Sequence[str] = ()) -> Path:
-    """Build (or find in the cache) the kernel library of ``csrc``: every ``*.cu`` there,
-    compiled as C++, with the emulator's runtime. ``defines``: extra ``-D`` flags."""
-    csrc = Path(csrc).resolve()
+def library_path(sources: Sequence[Path], include: Path = CSRC, *, defines: Sequence[str] = (),
+                 name: str = "divattn_emu") -> Path:
+    """Build (or find in the cache) a shared library of ``sources`` compiled as C++ for the
+    emulator against the headers of ``include`` (a ``csrc/`` folder). Each object file is
+    cached by its source, every header of ``include``, the flags and the compiler, so
+    changing one source recompiles only that one."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError(unavailable_reason())
+    include = Path(include).resolve()
+    flags = [*KERNEL_FLAGS, *(f"-D{d}" for d in defines), f"-I{include}"]
+    common = _digest(["object", _compiler_id(cxx), flags], _headers(include))
+
+    def obj(src: Path) -> Path:
+        src = Path(src).resolve()
+        out = cache_root() / "objects" / f"{src.stem}-{_digest([common], [src])}.o"
+        return _produce(out, lambda tmp: _run([cxx, "-c", "-x", "c++", str(src), "-o", tmp, *flags], src.name))
+
+    with ThreadPoolExecutor(max_workers=_jobs()) as pool:
+        objects = list(pool.map(obj, sources))
+    key = hashlib.sha256(" ".join(o.name for o in objects).encode()).hexdigest()[:16]
+    out = cache_root() / "libs" / f"lib{name}-{key}.so"
+    return _produce(out, lambda tmp: _run([cxx, "-shared", "-o", tmp, *map(str, objects)], out.name))
+
+
+def kernel_library_path(csrc: Path = CSRC, *, defines: Sequence[str] = ()) -> Path:
+    """The kernel library of ``csrc`` (any copy of ``divattn/csrc/``): every ``*.cu`` there,
+    compiled as C++, with the emulator's runtime and table. ``defines``: extra ``-D`` flags."""
+    csrc = Path(csrc).resolve()
     sources = sorted(csrc.glob("*.cu")) + [csrc / "emulator" / "runtime.cpp", csrc / "emulator" / "table.cpp"]
-    flags = [*KERNEL_FLAGS, *(f"-D{d}" for d in defines), f"-I{csrc}"]
-    key = _digest(["kernels", _compiler_id(cxx), flags], sources + _headers(csrc))
-    jobs = [([cxx, "-c", "-x", "c++", str(src), "-o", f"{{tmp}}/{i}.o", *flags], src.name)
-            for i, src in enumerate(sources)]
-    link = [cxx, "-shared", "-o", "{out}", *(f"{{tmp}}/{i}.o" for i in range(len(sources)))]
-    return _build(cache_root() / f"kernels-{key}", "libdivattn_emu.so", jobs, link)
+    return library_path(sources, csrc, defines=defines)
 
 
 def _binding_path(csrc: Path = CSRC) -> tuple:
@@ -167,16 +176,25 @@ def _binding_path(csrc: Path = CSRC) -> tuple:
     flags = [std, "-O1", "-fPIC", "-DDIVATTN_EMULATE", "-DDIVATTN_ARCHS=emulated", "-DTORCH_API_INCLUDE_EXTENSION_H",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Wno-unknown-pragmas",
              *(f"-I{p}" for p in includes)]
+    headers = [csrc / "divattn.h", *(csrc / "emulator" / h for h in ("binding.h", "table.h", "runtime_api.h"))]
     key = _digest(["binding", _compiler_id(cxx), torch.__version__, sys.version_info[:2], flags],
-                  [csrc / "bindings.cpp"] + _headers(csrc))
+                  [csrc / "bindings.cpp", *headers])
     name = f"divattn_emu_C_{key}"
     lib = Path(ce.library_paths()[0])
-    jobs = [([cxx, "-c", str(csrc / "bindings.cpp"), "-o", "{tmp}/bindings.o", f"-DTORCH_EXTENSION_NAME={name}",
-              *flags], "bindings.cpp")]
-    link = [cxx, "-shared", "-o", "{out}", "{tmp}/bindings.o", f"-L{lib}", "-lc10", "-ltorch", "-ltorch_cpu",
-            "-ltorch_python", f"-Wl,-rpath,{lib}"]
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    return _build(cache_root() / f"binding-{key}", name + suffix, jobs, link), name
+    out = cache_root() / "bindings" / (name + importlib.machinery.EXTENSION_SUFFIXES[0])
+
+    def make(tmp):
+        obj = tmp + ".o"
+        try:
+            _run([cxx, "-c", str(csrc / "bindings.cpp"), "-o", obj, f"-DTORCH_EXTENSION_NAME={name}", *flags],
+                 "bindings.cpp")
+            _run([cxx, "-shared", "-o", tmp, obj, f"-L{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
+                  f"-Wl,-rpath,{lib}"], out.name)
+        finally:
+            if os.path.exists(obj):
+                os.unlink(obj)
+
+    return _produce(out, make), name
 
 
 def _needs_cxx20() -> bool:
@@ -271,5 +289,6 @@ def counting():
         lib.set_counting(False)
 
 
-__all__ = ["ENV", "CSRC", "enabled", "compiler", "unavailable_reason", "cache_root", "kernel_library_path",
+__all__ = ["ENV", "CSRC", "enabled", "compiler", "unavailable_reason", "cache_root", "library_path",
+           "kernel_library_path",
            "KernelLibrary", "binding", "kernels", "using", "counting"]

@@ -332,5 +332,6 @@ def build_info() -> list:
     return lines
 
 
-__all__ = ["forward", "backward", "unavailable_reason", "extension_reason", "device_reason", "build_info", "arch_reason",
+__all__ = ["forward", "backward", "unavailable_reason", "extension_reason", "device_reason", "build_info",
+           "arch_reason",
            "parse_archs", "gencode_flags"]

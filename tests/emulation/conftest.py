@@ -12,6 +12,10 @@ from divattn.ops import cuda_emulator
 from ..ops.conftest import poison_empty  # noqa: F401  (autouse: NaN in fresh memory)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: builds changed copies of the kernels (15-30 s each on 2 cores)")
+
+
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
     why = cuda_emulator.unavailable_reason()

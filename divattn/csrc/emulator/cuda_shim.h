@@ -4,11 +4,12 @@
 // a block as a fiber of its own:
 // - __syncthreads() and the warp collectives (__syncwarp, __shfl_*_sync, ldmatrix, mma)
 //   are the only points where a thread hands over; a thread runs until it reaches one.
-//   Each round the threads run in the opposite order of the last (warps and lanes), so
-//   a thread reads what another writes before or after the other got to it, and a
-//   missing barrier shows as a wrong or NaN result.
-// - Shared memory (dynamic and static) is filled with NaN (all bits set) before every
-//   block; a cp.async destination is filled with NaN when the copy is issued and gets
+//   One warp at a time runs to the next __syncthreads, in the opposite order of warps
+//   each time (lanes too, between warp collectives), so a thread reads what another
+//   writes before or after the other got to it, and a missing barrier shows as a wrong
+//   or NaN result.
+// - Shared memory (dynamic only: see __shared__ below) is filled with NaN (all bits set)
+//   before every block; a cp.async destination is filled with NaN when the copy is issued and gets
 //   its data only when cp.async.wait_group retires the copy's group.
 // - Every global access goes through ld() / st() (common.cuh): each is checked against
 //   the tensors the binding registered and, when counting, its 32-byte sectors are
@@ -30,10 +31,10 @@
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
-// Static shared memory: one instance per kernel (the emulator runs one block at a time),
-// in a section that runtime.cpp fills with NaN before every block.
-#define __shared__ static __attribute__((section("divattn_emu_smem")))
+#define __align__(n) __attribute__((aligned(n)))
+// Kernels take all their shared memory from the dynamic buffer (DIVATTN_DYNAMIC_SMEM, which
+// the emulator fills with NaN before every block); a static __shared__ does not compile.
+#define __shared__ static_shared_memory_is_not_emulated_use_DIVATTN_DYNAMIC_SMEM
 
 extern uint3 threadIdx;
 extern uint3 blockIdx;
@@ -44,13 +45,13 @@ namespace emu {
 
 enum class Mma : int { f16 = 0, bf16 = 1 };
 
-// The scheduler's entry points (runtime.cpp). The call site (return address) of each
-// collective is recorded: the threads of a block (lanes of a warp) must meet at the same one.
+// The scheduler's entry points (runtime.cpp). All 32 lanes of a warp must meet at a warp
+// collective of the same kind (full masks only); a block barrier counts arrivals, as bar.sync does.
 void syncthreads();
 void syncwarp(unsigned mask);
 uint64_t shfl(unsigned mask, uint64_t bits, int lane_arg, int width, bool xor_mode);
-// ldmatrix.sync.aligned.m8n8.x{count}{.trans}.shared.b16: this lane's row address (lanes
-// 0 .. 8 * count - 1 give one row each), the lane's count registers back in out.
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (count = 4): this lane's row address
+// (lane 8i + j: row j of matrix i), the lane's 4 registers back in out.
 void ldmatrix(uint32_t* out, const void* row, int count, bool trans);
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: d = a * b + c.
 void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c, Mma type);

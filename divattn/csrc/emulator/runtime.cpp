@@ -2,12 +2,16 @@
 // the counters (see cuda_shim.h for what is emulated and how).
 //
 // One block runs at a time, on the calling thread. Every CUDA thread of the block is a
-// fiber with its own stack (x86-64: a 60-instruction context switch below; elsewhere, or
-// with DIVATTN_EMU_UCONTEXT, swapcontext). The scheduler runs each ready fiber until it
-// blocks at a collective or returns, in ascending thread order on even rounds and
-// descending on odd ones. A collective completes when the last of its participants
-// arrives (the block for __syncthreads, the warp for the others); that fiber carries on,
-// the others are ready again. A fiber that throws (a failed check) ends the launch with
+// fiber with its own stack (x86-64: a 20-instruction context switch below; elsewhere, or
+// with DIVATTN_EMU_UCONTEXT, swapcontext). The scheduler runs one warp at a time as far as
+// it can go, to the next __syncthreads (warps in ascending order in even phases between
+// barriers, descending in odd ones), so warps drift as far apart as the barriers allow:
+// one reads a buffer before the others filled it, or refills it before they read it,
+// wherever a barrier is missing. Within the warp each ready lane runs until it blocks at a
+// warp collective, lanes in ascending order on even rounds and descending on odd ones. A
+// collective completes when the last of its participants arrives (the block for
+// __syncthreads, the warp for the others); that fiber carries on, the others are ready
+// again. A fiber that throws (a failed check) ends the launch with
 // the error's sentence; the other fibers of the block are dropped where they stand.
 #include "cuda_shim.h"
 
@@ -183,7 +187,6 @@ struct Fiber {
 struct Warp {
   int arrived = 0;
   Kind kind = Kind::none;
-  const void* site = nullptr;
 };
 
 // The global memory a launch may touch: the binding registers every tensor it passes.
@@ -209,9 +212,8 @@ struct Runtime {
   Context scheduler;
   Fiber* current = nullptr;
   int alive = 0, at_barrier = 0;
-  const void* barrier_site = nullptr;
   std::string error;
-  // shared memory: dynamic, then the static section
+  // the block's (dynamic) shared memory
   std::vector<char> smem;
   size_t smem_bytes = 0;
   // checks and counters
@@ -233,9 +235,6 @@ Runtime& rt() {
 
 }  // namespace
 }  // namespace emu
-
-extern "C" char __start_divattn_emu_smem[] __attribute__((weak));
-extern "C" char __stop_divattn_emu_smem[] __attribute__((weak));
 
 namespace emu {
 namespace {
@@ -338,8 +337,7 @@ void check_global(const void* p, size_t bytes, bool write) {
 bool in_smem(const void* p, size_t bytes) {
   Runtime& r = rt();
   const char* c = static_cast<const char*>(p);
-  if (c >= r.smem.data() && c + bytes <= r.smem.data() + r.smem_bytes) return true;
-  return __start_divattn_emu_smem != nullptr && c >= __start_divattn_emu_smem && c + bytes <= __stop_divattn_emu_smem;
+  return c >= r.smem.data() && c + bytes <= r.smem.data() + r.smem_bytes;
 }
 
 size_t unique_count(std::vector<uint64_t>& v) {
@@ -347,10 +345,11 @@ size_t unique_count(std::vector<uint64_t>& v) {
   return static_cast<size_t>(std::unique(v.begin(), v.end()) - v.begin());
 }
 
-// Wait at a warp collective of this kind and call site; returns once it completed.
-// `resolve` runs in the fiber of the last lane to arrive.
+// Wait at a warp collective of this kind; returns once it completed. `resolve` runs in
+// the fiber of the last lane to arrive. (Call sites are not compared: the compiler may
+// duplicate a loop, and with it a collective, for lane-dependent branches inside it.)
 template <typename Resolve>
-void warp_collective(Kind kind, const void* site, unsigned mask, Resolve resolve) {
+void warp_collective(Kind kind, unsigned mask, Resolve resolve) {
   Runtime& r = rt();
   Fiber& f = me();
   if (mask != 0xffffffffu) fail("only full-warp masks (0xffffffff) are emulated");
@@ -362,10 +361,8 @@ void warp_collective(Kind kind, const void* site, unsigned mask, Resolve resolve
   }
   if (w.arrived == 0) {
     w.kind = kind;
-    w.site = site;
-  } else if (w.kind != kind || w.site != site) {
-    fail(std::string("divergent warp: this lane is at ") + kind_name(kind) + ", other lanes at " + kind_name(w.kind) +
-         (w.kind == kind ? " elsewhere in the kernel" : ""));
+  } else if (w.kind != kind) {
+    fail(std::string("divergent warp: this lane is at ") + kind_name(kind) + ", other lanes at " + kind_name(w.kind));
   }
   f.state = State::at_warp;
   if (++w.arrived < kWarpSize) {
@@ -399,23 +396,31 @@ void run_block(Runtime& r, const dim3& block) {
   r.alive = n;
   r.at_barrier = 0;
   std::memset(r.smem.data(), 0xff, r.smem_bytes);
-  if (__start_divattn_emu_smem != nullptr) {
-    std::memset(__start_divattn_emu_smem, 0xff, static_cast<size_t>(__stop_divattn_emu_smem - __start_divattn_emu_smem));
-  }
-  for (int round = 0; r.alive > 0; ++round) {
+  const int nwarps = static_cast<int>(r.warps.size());
+  for (int phase = 0; r.alive > 0; ++phase) {
     bool ran = false;
-    for (int k = 0; k < n; ++k) {
-      Fiber& f = r.fibers[static_cast<size_t>(round % 2 == 0 ? k : n - 1 - k)];
-      if (f.state != State::ready) continue;
-      ran = true;
-      r.current = &f;
-      threadIdx = f.idx;
+    for (int k = 0; k < nwarps; ++k) {
+      const int w = phase % 2 == 0 ? k : nwarps - 1 - k;
+      // This warp runs until none of its lanes can: all wait at __syncthreads (or returned).
+      for (int round = 0;; ++round) {
+        bool any = false;
+        for (int j = 0; j < kWarpSize; ++j) {
+          const int t = w * kWarpSize + (round % 2 == 0 ? j : kWarpSize - 1 - j);
+          if (t >= n) continue;
+          Fiber& f = r.fibers[static_cast<size_t>(t)];
+          if (f.state != State::ready) continue;
+          any = ran = true;
+          r.current = &f;
+          threadIdx = f.idx;
 #ifdef DIVATTN_EMU_USE_UCONTEXT
-      g_entry_arg = &f;
+          g_entry_arg = &f;
 #endif
-      switch_context(r.scheduler, f.ctx);
-      r.current = nullptr;
-      if (!r.error.empty()) return;
+          switch_context(r.scheduler, f.ctx);
+          r.current = nullptr;
+          if (!r.error.empty()) return;
+        }
+        if (!any) break;
+      }
     }
     if (!ran) {
       int at_warp = 0;
@@ -434,12 +439,6 @@ void run_block(Runtime& r, const dim3& block) {
 __attribute__((noinline)) void syncthreads() {
   Runtime& r = rt();
   Fiber& f = me();
-  const void* site = __builtin_return_address(0);
-  if (r.at_barrier == 0) {
-    r.barrier_site = site;
-  } else if (r.barrier_site != site) {
-    fail("divergent block: threads wait at different __syncthreads() calls");
-  }
   if (r.counting && r.at_barrier == 0) ++r.record.barriers;
   f.state = State::at_barrier;
   if (++r.at_barrier < r.alive) {
@@ -453,7 +452,7 @@ __attribute__((noinline)) void syncthreads() {
 }
 
 __attribute__((noinline)) void syncwarp(unsigned mask) {
-  warp_collective(Kind::syncwarp, __builtin_return_address(0), mask, [](Fiber*) {});
+  warp_collective(Kind::syncwarp, mask, [](Fiber*) {});
 }
 
 __attribute__((noinline)) uint64_t shfl(unsigned mask, uint64_t bits, int lane_arg, int width, bool xor_mode) {
@@ -461,7 +460,7 @@ __attribute__((noinline)) uint64_t shfl(unsigned mask, uint64_t bits, int lane_a
   if (width != kWarpSize) fail("only width 32 shuffles are emulated");
   f.shfl_in = bits;
   f.shfl_arg = lane_arg;
-  warp_collective(Kind::shfl, __builtin_return_address(0), mask, [xor_mode](Fiber* lanes) {
+  warp_collective(Kind::shfl, mask, [xor_mode](Fiber* lanes) {
     for (int l = 0; l < kWarpSize; ++l) {
       const int src = (xor_mode ? (l ^ lanes[l].shfl_arg) : lanes[l].shfl_arg) & (kWarpSize - 1);
       lanes[l].shfl_out = lanes[src].shfl_in;
@@ -473,13 +472,13 @@ __attribute__((noinline)) uint64_t shfl(unsigned mask, uint64_t bits, int lane_a
 __attribute__((noinline)) void ldmatrix(uint32_t* out, const void* row, int count, bool trans) {
   Runtime& r = rt();
   Fiber& f = me();
-  if (count != 1 && count != 2 && count != 4) fail("ldmatrix .x1, .x2 or .x4 only");
+  if (count != 4) fail("only ldmatrix .x4 is emulated (the kernels use no other)");
   if (f.lane < 8 * count) {
     if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
     if (!in_smem(row, 16)) fail("ldmatrix row address outside shared memory");
   }
   f.row = row;
-  warp_collective(Kind::ldmatrix, __builtin_return_address(0), 0xffffffffu, [&r, count, trans](Fiber* lanes) {
+  warp_collective(Kind::ldmatrix, 0xffffffffu, [&r, count, trans](Fiber* lanes) {
     for (int m = 0; m < count; ++m) {
       // row j of matrix m comes from lane 8m + j; element (i, k) is its k-th b16
       uint16_t el[8][8];
@@ -509,7 +508,7 @@ __attribute__((noinline)) void mma_m16n8k16(float* d, const uint32_t* a, const u
   std::memcpy(f.a, a, sizeof f.a);
   std::memcpy(f.b, b, sizeof f.b);
   std::memcpy(f.c, c, sizeof f.c);
-  warp_collective(Kind::mma, __builtin_return_address(0), 0xffffffffu, [&r, type](Fiber* lanes) {
+  warp_collective(Kind::mma, 0xffffffffu, [&r, type](Fiber* lanes) {
     // The fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating
     // point type"): groupID = lane >> 2, threadID_in_group = lane % 4.
     double A[16][16], B[16][8], C[16][8];
@@ -548,7 +547,7 @@ __attribute__((noinline)) void cp_async(void* dst, const void* src, int cp_size,
   if (cp_size != 4 && cp_size != 8 && cp_size != 16) fail("cp.async copies 4, 8 or 16 bytes");
   if (src_size < 0 || src_size > cp_size) fail("cp.async src-size must be in [0, cp-size]");
   if (reinterpret_cast<uintptr_t>(dst) % static_cast<uintptr_t>(cp_size) != 0 ||
-      reinterpret_cast<uintptr_t>(src) % static_cast<uintptr_t>(cp_size) != 0) {
+      (src_size > 0 && reinterpret_cast<uintptr_t>(src) % static_cast<uintptr_t>(cp_size) != 0)) {
     fail("cp.async addresses must be aligned to the copy size");
   }
   if (!in_smem(dst, static_cast<size_t>(cp_size))) fail("cp.async destination outside shared memory");
