@@ -14,7 +14,7 @@ on a GPU.
 Two libraries are built (with ``$CXX``, default ``c++``; ``MAX_JOBS`` parallel compiles)
 and cached under ``$DIVATTN_EMULATOR_CACHE`` (default ``~/.cache/divattn/emulator``),
 keyed by the sources, flags, compiler and torch: the binding, a Python extension against
-torch's headers (about 40 s to compile), and the kernel library, a plain shared library
+torch's headers (the slowest part, 20 to 40 s), and the kernel library, a plain shared library
 (one cached object per source) loaded with ctypes, whose table of launchers the binding
 calls through (:func:`kernel_library_path` builds one from any copy of ``csrc/``, so a
 test can run changed kernels without rebuilding the binding).

@@ -1,7 +1,7 @@
 """The CUDA backend on CPU tensors under the emulator (divattn.ops.cuda_emulator).
 
 Every test here runs with ``DIVATTN_CUDA_EMULATE=1``; the first one builds the emulated
-binding and kernel library (about a minute on 2 cores, then cached). Fresh memory is
+binding and kernel library (under a minute on 2 cores, then cached). Fresh memory is
 filled with NaN as in the op tests.
 """
 
@@ -13,7 +13,7 @@ from ..ops.conftest import poison_empty  # noqa: F401  (autouse: NaN in fresh me
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: builds changed copies of the kernels (15-30 s each on 2 cores)")
+    config.addinivalue_line("markers", "slow: builds changed copies of the kernels (about 5 s each on 2 cores)")
 
 
 @pytest.fixture(autouse=True)

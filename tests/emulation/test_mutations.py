@@ -3,8 +3,9 @@ wrong fragment index in a kernel, a wrong fragment layout in the emulator's mma.
 
 Each test copies divattn/csrc/ to a temporary folder, changes one line, builds the kernel
 library from the copy (only the changed source recompiles) and runs one op case of the
-grid (or the shim's matmul check) through it: it must fail. Marked slow: 15-25 s each
-on 2 cores (3 s for the shim), most of it compiling the changed file.
+grid (or the shim's matmul check) through it: it must fail. Marked slow: about 5 s each
+on a quiet 2-core machine (15 to 25 s when it is shared), most of it compiling the
+changed file.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Mutation:
 
 SPATIAL = Case("spatial_cls", 1, 3, 196, 2, 64, "hwt")  # 197 keys: four 64-key tiles a frame
 MUTATIONS = [
+    Mutation("fwd-mma-barrier-after-wait", "no barrier between a key tile's cp.async wait and its use",
+             "attn_fwd_mma.cu", "    __syncthreads();\n    if (active) {", "    if (active) {", SPATIAL, torch.float16),
     Mutation("fwd-mma-barrier-before-refill", "no barrier before the forward refills a key/value buffer",
              "attn_fwd_mma.cu", "    __syncthreads();  // the tile is consumed", "    // the tile is consumed",
              SPATIAL, torch.float16),
@@ -43,6 +46,9 @@ MUTATIONS = [
     Mutation("fwd-mma-fragment-row", "the forward writes accumulator rows g and g + 8 swapped", "attn_fwd_mma.cu",
              "from_float<T>(o[n][2 * h + e] * inv)", "from_float<T>(o[n][2 * (1 - h) + e] * inv)",
              Case("temporal", 2, 8, 7, 2, 64, "thw"), torch.float16),
+    Mutation("fwd-fp32-barrier-after-load", "no barrier between the fp32 forward's key tile and its scores",
+             "attn_fwd.cu", "    __syncthreads();\n    const int64_t key = start + lane;",
+             "    const int64_t key = start + lane;", Case("spatial", 1, 3, 49, 2, 64, "hwt"), torch.float32),
 ]
 
 
