@@ -580,3 +580,20 @@ def test_binding_refuses_causal_spatial_and_more_query_frames(kernel_device):
     k = torch.randn(1, 5, 3, 2, 16, device=q.device)
     with pytest.raises(RuntimeError, match="dk must have shape"):
         cuda_ext.backward("temporal", q, k, k, o, o, lse, torch.empty_like(q), torch.empty_like(q), k.clone(), 0.25)
+
+
+def test_the_emulator_serves_cpu_tensors_only_when_asked(monkeypatch):
+    """DIVATTN_CUDA_EMULATE=1 lets the cuda backend take CPU tensors (and only those)."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(cuda_emulator.ENV, raising=False)
+    reasons = dispatch.BACKENDS["cuda"].not_supported_reasons("temporal", torch.float16, cpu, 64)
+    assert "device type 'cpu' is not supported (supported: cuda)" in reasons
+    monkeypatch.setenv(cuda_emulator.ENV, "1")
+    assert cuda_ext.unavailable_reason() == cuda_emulator.unavailable_reason()
+    why = cuda_ext.device_reason(torch.device("cuda", 0))
+    assert why == "DIVATTN_CUDA_EMULATE=1 runs the cuda backend's kernels emulated on CPU tensors only"
+    if cuda_emulator.unavailable_reason() is None:
+        assert dispatch.BACKENDS["cuda"].not_supported_reasons("temporal", torch.float16, cpu, 64) == []
+        q = torch.empty(1, 2, 3, 2, 16, device="meta")
+        with pytest.raises(RuntimeError, match="q must be a CPU tensor \\(the CUDA kernels run emulated on the host\\)"):
+            cuda_ext.forward("temporal", q, q, q, q, torch.empty(12, device="meta"), 0.25)

@@ -294,17 +294,23 @@ struct BwdMmaLaunch {
 };
 
 // dq (and the cls rows' per-frame dq_cls terms) = the sum of the key blocks' fp32 partials,
-// in key-block order; one thread per (sequence, row, d).
+// in key-block order; one thread per (sequence, row, d). With causal attention a key block
+// wrote only the queries that see one of its keys (row i + Lk - L >= its first key): the
+// others are not in the sum.
 constexpr int kSumThreads = 256;
 
 template <typename T>
-__global__ void __launch_bounds__(kSumThreads) dq_sum_kernel(const AttnParams p, const int E, const int blocks) {
+__global__ void __launch_bounds__(kSumThreads)
+    dq_sum_kernel(const AttnParams p, const int E, const int blocks, const int block_keys) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kSumThreads + threadIdx.x;
   const int64_t rows = p.S * E;
   if (idx >= rows * p.D) return;
   const int64_t r = idx / p.D, col = idx - r * p.D, s = r / E, i = r - s * E;
   float sum = 0.f;
-  for (int kb = 0; kb < blocks; ++kb) sum += gld(p.workspace + (kb * rows + r) * p.D + col);
+  const int64_t seen = p.causal ? i + p.Lk - p.L : INT64_MAX;  // the last key row i sees
+  for (int kb = 0; kb < blocks && static_cast<int64_t>(kb) * block_keys <= seen; ++kb) {
+    sum += gld(p.workspace + (kb * rows + r) * p.D + col);
+  }
   const SeqIndex ix = seq_index(s, p.S1, p.S2);
   if (p.has_cls && i == 0) {
     gst(p.cls_grad_frames + ((ix.i0 * p.S2 + ix.i2) * p.S1 + ix.i1) * p.D + col, sum);
@@ -322,7 +328,7 @@ struct DqSumLaunch {
     const int64_t n = p.S * pl.other * p.D;
     const dim3 grid(static_cast<unsigned>((n + kSumThreads - 1) / kSumThreads));
     return launch_kernel("dq_sum_kernel", dq_sum_kernel<T>, grid, dim3(kSumThreads), 0, stream, p, pl.other,
-                         pl.row_blocks);
+                         pl.row_blocks, 16 * pl.warps_per_seq);
   }
 };
 

@@ -178,6 +178,16 @@ cudaStream_t stream_of(const Tensor& q) {
 #endif
 }
 
+// A buffer the kernels fill: uninitialised, or NaN in the emulator, where an element a
+// kernel reads before any wrote it then shows.
+Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& options) {
+#ifdef DIVATTN_EMULATE
+  return at::full(shape, std::numeric_limits<float>::quiet_NaN(), options);
+#else
+  return at::empty(shape, options);
+#endif
+}
+
 // In the emulator: the tensors the next launches may read, and those they may write.
 void allow_memory(std::initializer_list<std::optional<Tensor>> reads,
                   std::initializer_list<std::optional<Tensor>> writes) {
@@ -332,7 +342,7 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
 #endif
 
   const auto f32 = q.options().dtype(at::kFloat);
-  const Tensor delta = at::empty({lse.numel()}, f32);
+  const Tensor delta = scratch({lse.numel()}, f32);
   p.delta = delta.data_ptr<float>();
 
   Tensor gc, delta_cls, cls_grad_frames;
@@ -346,18 +356,18 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
     p.dkc = cls_view_of(*dk_cls);
     p.dvc = cls_view_of(*dv_cls);
     p.doc = cls_view_of(*do_cls);
-    gc = at::empty({g.B, g.H, g.D}, f32);
-    delta_cls = at::empty({g.B, g.H, g.T}, f32);
-    cls_grad_frames = at::empty({3, g.B, g.H, g.T, g.D}, f32);  // per-frame partials, summed over T
+    gc = scratch({g.B, g.H, g.D}, f32);
+    delta_cls = scratch({g.B, g.H, g.T}, f32);
+    cls_grad_frames = scratch({3, g.B, g.H, g.T, g.D}, f32);  // per-frame partials, summed over T
     p.gc = gc.data_ptr<float>();
     p.delta_cls = delta_cls.data_ptr<float>();
     p.cls_grad_frames = cls_grad_frames.data_ptr<float>();
   }
 
-  const size_t scratch = divattn::bwd_workspace_floats(p);
+  const size_t floats = divattn::bwd_workspace_floats(p);
   Tensor workspace;
-  if (scratch > 0) {
-    workspace = at::empty({static_cast<int64_t>(scratch)}, f32);
+  if (floats > 0) {
+    workspace = scratch({static_cast<int64_t>(floats)}, f32);
     p.workspace = workspace.data_ptr<float>();
   }
 

@@ -1,5 +1,6 @@
 """Broken copies of the kernels and of the shim fail the suite: a removed __syncthreads, a
-wrong fragment index in a kernel, a wrong fragment layout in the emulator's mma.
+wrong fragment index in a kernel, a sum over partials nobody wrote, a wrong fragment layout
+in the emulator's mma.
 
 Each test copies divattn/csrc/ to a temporary folder, changes one line, builds the kernel
 library from the copy (only the changed source recompiles) and runs one op case of the
@@ -18,6 +19,7 @@ import torch
 
 from divattn.ops import cuda_emulator
 
+from ..ops import test_causal as causal
 from ..ops.cases import Case, assert_close_to_reference
 from . import test_shim
 
@@ -29,8 +31,14 @@ class Mutation:
     file: str
     old: str
     new: str
-    case: Case
+    case: object  # a Case of the op grid or a Causal of tests/ops/test_causal.py
     dtype: torch.dtype
+
+    def check(self):
+        if isinstance(self.case, causal.Causal):
+            causal._assert_close_to_reference(self.case, "cuda", self.dtype)
+        else:
+            assert_close_to_reference(self.case, "cuda", self.dtype)
 
 
 SPATIAL = Case("spatial_cls", 1, 3, 196, 2, 64, "hwt")  # 197 keys: four 64-key tiles a frame
@@ -49,6 +57,9 @@ MUTATIONS = [
     Mutation("fwd-fp32-barrier-after-load", "no barrier between the fp32 forward's key tile and its scores",
              "attn_fwd.cu", "    __syncthreads();\n    const int64_t key = start + lane;",
              "    const int64_t key = start + lane;", Case("spatial", 1, 3, 49, 2, 64, "hwt"), torch.float32),
+    Mutation("dq-sum-every-block", "causal dq summed over every key block, also those that skipped the query",
+             "attn_bwd_mma.cu", "kb < blocks && static_cast<int64_t>(kb) * block_keys <= seen", "kb < blocks",
+             causal.C(140, 140, 1, 1, 128, "hwt", B=1), torch.float16),
 ]
 
 
@@ -65,12 +76,12 @@ def mutated_csrc(tmp_path, file: str, old: str, new: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("m", MUTATIONS, ids=lambda m: m.id)
 def test_a_broken_kernel_fails_the_op_grid(m, tmp_path):
-    assert_close_to_reference(m.case, "cuda", m.dtype)  # the kernels as they are pass
+    m.check()  # the kernels as they are pass
     csrc = mutated_csrc(tmp_path, m.file, m.old, m.new)
     library = cuda_emulator.KernelLibrary(cuda_emulator.kernel_library_path(csrc))
     with cuda_emulator.using(library):
         with pytest.raises((AssertionError, RuntimeError)):
-            assert_close_to_reference(m.case, "cuda", m.dtype)
+            m.check()
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from ..ops import test_causal as causal
 from ..ops import test_isolation as isolation
 from ..ops import test_ops as grid
-from ..ops.cases import assert_close_to_reference
+from ..ops.cases import Case, assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 dtype_ids = lambda d: str(d).replace("torch.", "")  # noqa: E731
@@ -61,3 +61,23 @@ def test_causal_one_query_frame_and_no_query_frames():
 def test_values_really_were_poisoned():
     """The NaN fill of fresh memory is active here (the grid relies on it)."""
     assert math.isnan(torch.empty(3)[0].item())
+
+
+# Sequences longer than a block: at D = 128 a block holds 8 warps (128 rows), so a 197-key
+# frame takes two blocks (the backward sums dq, the cls row's too, from fp32 partials) and
+# causal attention over 140 frames starts and stops each block at the diagonal.
+LONG = [
+    Case("spatial_cls", 1, 2, 196, 1, 128, "hwt"),
+    Case("joint", 1, 4, 80, 1, 64, "thw"),  # 320 rows: two blocks at D = 64 too
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_ids)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in LONG])
+def test_sequences_longer_than_a_block_match_reference(case, dtype):
+    assert_close_to_reference(case, "cuda", dtype)
+
+
+@pytest.mark.parametrize("tq", [140, 7], ids=["Tq140", "Tq7"])
+def test_causal_over_more_frames_than_a_block_matches_reference(tq):
+    causal._assert_close_to_reference(causal.C(140, tq, 1, 1, 128, "hwt", B=1), "cuda", torch.float16)
