@@ -4,11 +4,14 @@
 # directory. Nothing is linked or run (CI has no GPU and a CPU build of torch); a
 # compile error in any source fails this script. The .cu files compile with
 # -Xptxas -v: a table of every kernel per architecture follows (registers, spill
-# stores/loads, stack frame, static shared memory); a kernel that spills registers on any
-# architecture, in any dtype, fails the script, as does one whose resources ptxas did not
-# report.
+# stores/loads, stack frame, static shared memory) with, from `cuobjdump -sass` of the
+# objects, its tensor-core instructions (HMMA), ldmatrix loads (LDSM) and cp.async copies
+# (LDGSTS). A kernel that spills registers on any architecture, in any dtype, fails the
+# script, as does one whose resources ptxas did not report, and an fp16 / bf16 attention
+# kernel (attn_*<__half / __nv_bfloat16, ...>) without HMMA or LDSM.
 #
-# Env: NVCC (compiler to use), DIVATTN_CUDA_ARCHS (default "80;90"), MAX_JOBS
+# Env: NVCC (compiler to use), CUOBJDUMP (default: next to nvcc, else the one in the
+# triton wheel), DIVATTN_CUDA_ARCHS (default "80;90"), MAX_JOBS
 # (parallel compiles, default: CPU count), CXX (host compiler, default c++),
 # DIVATTN_ALLOW_SPILLS=1 (report spills without failing, for experiments).
 set -euo pipefail
@@ -85,6 +88,15 @@ if [ "$no_cmake_macros" = yes ]; then
   echo "compile_csrc: this torch has no c10/cuda/impl/cuda_cmake_macros.h (CPU build): compiling with -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"
 fi
 
+cuobjdump=${CUOBJDUMP:-$(dirname "$nvcc")/cuobjdump}
+if [ ! -x "$cuobjdump" ]; then
+  cuobjdump=$(python -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))' 2>/dev/null || true)
+fi
+if [ ! -x "$cuobjdump" ]; then
+  echo "compile_csrc: cuobjdump not found (set CUOBJDUMP; the triton wheel ships one)" >&2
+  exit 1
+fi
+export CUOBJDUMP=$cuobjdump
 export nvcc cuda_root includes defines nvcc_common std gencode arch_names cxx out
 compile_one() {
   local src=$1 obj t0 log
@@ -176,11 +188,32 @@ def short(name):
     return name
 
 
-header = ["kernel", "source", "arch", "regs", "spill st B", "spill ld B", "stack B", "smem B"]
-table = sorted([short(r[1]), r[0], r[2], *("?" if v is None else str(v) for v in r[3:])] for r in rows)
+# Instruction counts per (kernel, arch) from the SASS of each object.
+OPS = ("HMMA", "LDSM", "LDGSTS")
+sass = {}
+for log in sys.argv[1:]:
+    text = subprocess.run([os.environ["CUOBJDUMP"], "-sass", log[: -len(".log")]], capture_output=True, text=True,
+                          check=True).stdout
+    arch = fn = None
+    for line in text.splitlines():
+        m = re.search(r"code for (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            fn = m.group(1)
+            sass[(fn, arch)] = dict.fromkeys(OPS, 0)
+            continue
+        m = re.search(r"\b(HMMA|LDSM|LDGSTS)\b", line)
+        if m and fn is not None:
+            sass[(fn, arch)][m.group(1)] += 1
+
+header = ["kernel", "source", "arch", "regs", "spill st B", "spill ld B", "stack B", "smem B", *OPS]
+table = sorted([short(r[1]), r[0], r[2], *("?" if v is None else str(v) for v in r[3:]),
+                *(str(sass[(r[1], r[2])][op]) if (r[1], r[2]) in sass else "?" for op in OPS)] for r in rows)
 widths = [max(len(t[i]) for t in table + [header]) for i in range(len(header))]
 fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
-print("compile_csrc: ptxas resources per kernel (-Xptxas -v)")
+print("compile_csrc: ptxas resources (-Xptxas -v) and SASS instruction counts (cuobjdump -sass) per kernel")
 print(fmt.format(*header))
 for t in table:
     print(fmt.format(*t))
@@ -190,6 +223,17 @@ if unreported:
     for t in unreported:
         print(f"  {t[0]} [{t[2]}]", file=sys.stderr)
     sys.exit(1)
+half = [t for t in table if t[0].startswith("attn_") and re.search(r"<(__half|__nv_bfloat16)\b", t[0])]
+no_tensor_cores = [t for t in half if t[8] in ("0", "?") or t[9] in ("0", "?")]
+if not half or no_tensor_cores:
+    print("compile_csrc: fp16 / bf16 attention kernels without tensor-core instructions (HMMA) fed by ldmatrix (LDSM):"
+          if half else "compile_csrc: no fp16 / bf16 attention kernel found", file=sys.stderr)
+    for t in no_tensor_cores:
+        print(f"  {t[0]} [{t[2]}]: {t[8]} HMMA, {t[9]} LDSM", file=sys.stderr)
+    sys.exit(1)
+print(f"compile_csrc: every fp16 / bf16 attention kernel runs on tensor cores ({len(half)} builds, "
+      f"{min(int(t[8]) for t in half)} to {max(int(t[8]) for t in half)} HMMA and "
+      f"{min(int(t[9]) for t in half)} to {max(int(t[9]) for t in half)} LDSM each)")
 spilling = [t for t in table if t[4] != "0" or t[5] != "0"]
 if spilling:
     kernels = len({t[0] for t in spilling})

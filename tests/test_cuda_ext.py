@@ -2,10 +2,11 @@
 
 On a CPU machine: the backend says in one sentence why it cannot run, forcing it raises
 BackendError with every backend's reason, the reasons never start a build, and the
-dispatcher picks it when Triton cannot run. With a GPU: the kernels against the fp64
-reference on awkward shapes (the main grid over every backend is tests/ops/test_ops.py),
-every output element written, a deterministic backward, 64-bit addressing, and the
-binding's input checks.
+dispatcher picks it when Triton cannot run. The kernel tests run on the GPU, or without
+one on CPU tensors under the emulator (``kernel_device``; tests/emulation has the op grid
+there): every output element written, a deterministic backward, the binding's input
+checks, cls over many frames, causal attention. GPU only: the awkward-shape grid, 64-bit
+addressing, the built architectures.
 """
 
 from __future__ import annotations
@@ -20,11 +21,23 @@ import pytest
 import torch
 
 import divattn
-from divattn.ops import cuda_ext, dispatch, reference, split_qkv
+from divattn.ops import cuda_emulator, cuda_ext, dispatch, reference, split_qkv
 
 from .ops.cases import Case, assert_close_to_reference
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def kernel_device(monkeypatch):
+    """Where the CUDA kernels run: the GPU, or without one the CPU, emulated."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    why = cuda_emulator.unavailable_reason()
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv(cuda_emulator.ENV, "1")
+    return torch.device("cpu")
 
 
 def one_sentence(text: str) -> bool:
@@ -38,9 +51,9 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(cuda_ext, "_mode", None)
     monkeypatch.setattr(cuda_ext, "_build_error", None)
     monkeypatch.setattr(cuda_ext, "_prebuilt", lambda: (None, None))
-    cuda_ext.unavailable_reason.cache_clear()
+    cuda_ext.extension_reason.cache_clear()
     yield
-    cuda_ext.unavailable_reason.cache_clear()
+    cuda_ext.extension_reason.cache_clear()
 
 
 @pytest.fixture
@@ -156,7 +169,7 @@ def test_a_failed_build_is_reported_and_refused_afterwards(monkeypatch, fresh_st
         cuda_ext.forward("temporal", *[None] * 5, 1.0)
     assert seen["name"] == "divattn_C"
     assert sorted(map(lambda p: p.rsplit("/", 1)[-1], seen["sources"])) == [
-        "attn_bwd.cu", "attn_fwd.cu", "bindings.cpp", "cls.cu"]
+        "attn_bwd.cu", "attn_bwd_mma.cu", "attn_fwd.cu", "attn_fwd_mma.cu", "bindings.cpp", "cls.cu"]
     assert "-DDIVATTN_ARCHS=sm_90" in seen["cflags"]
     assert "-gencode=arch=compute_90,code=sm_90" in seen["cuda"]
     reason = cuda_ext.unavailable_reason()
@@ -279,11 +292,10 @@ def test_kernels_match_reference_on_awkward_shapes(case, dtype):
     assert_close_to_reference(case, "cuda", dtype)
 
 
-def _poisoned_call(op, B, T, N, H, D, order, has_cls, dtype):
+def _poisoned_call(op, B, T, N, H, D, order, has_cls, dtype, dev):
     """Run forward and backward straight on NaN-filled outputs; return what they wrote."""
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    qkv = torch.randn(B, int(has_cls) + T * N, 3, H, D, device=dev, generator=gen).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, int(has_cls) + T * N, 3, H, D, generator=gen).to(dev, dtype)
     dqkv = torch.full_like(qkv, math.nan)
     if op == "joint":
         (q, k, v), (dq, dk, dv), cls, d_cls = qkv.unbind(2), dqkv.unbind(2), None, None
@@ -300,10 +312,10 @@ def _poisoned_call(op, B, T, N, H, D, order, has_cls, dtype):
                      lse_cls=torch.full((B, H, T), **nan))
     scale = D ** -0.5
     cuda_ext.forward(op, q, k, v, o, lse, scale, cls=cls, **extra)
-    do = torch.randn(q.shape, device=dev, generator=gen).to(dtype)
+    do = torch.randn(q.shape, generator=gen).to(dev, dtype)
     bwd = {}
     if has_cls:
-        bwd = dict(cls=cls, d_cls=d_cls, do_cls=torch.randn(B, H, D, device=dev, generator=gen).to(dtype),
+        bwd = dict(cls=cls, d_cls=d_cls, do_cls=torch.randn(B, H, D, generator=gen).to(dev, dtype),
                    cls_frames=extra["cls_frames"], lse_cls=extra["lse_cls"])
     grads = []
     for _ in range(2):
@@ -323,12 +335,11 @@ POISON = [
 ]
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("args", POISON, ids=lambda a: f"{a[0]}-T{a[2]}-N{a[3]}-D{a[5]}-{a[6]}" + "-cls" * a[7])
-def test_every_output_written_and_backward_deterministic(args, dtype):
+def test_every_output_written_and_backward_deterministic(args, dtype, kernel_device):
     op, has_cls = args[0], args[7]
-    q, k, scale, o, lse, extra, grads = _poisoned_call(*args, dtype)
+    q, k, scale, o, lse, extra, grads = _poisoned_call(*args, dtype, kernel_device)
     assert not o.isnan().any() and not lse.isnan().any()
     for name, x in extra.items():
         assert not x.isnan().any(), name
@@ -374,8 +385,7 @@ def test_offsets_beyond_32_bits():
         assert (got.float() - leaf.grad).abs().max().item() < 2e-2
 
 
-def _direct_inputs():
-    dev = torch.device("cuda")
+def _direct_inputs(dev):
     q = torch.randn(1, 2, 3, 2, 16, device=dev)
     return q, torch.empty_like(q), torch.empty(12, device=dev)
 
@@ -390,16 +400,20 @@ BAD_INPUTS = {
                  ["head dim", "[1, 128]", "130"]),
     "o-overlap": (lambda q, o, lse: ("temporal", q, q, q, o[:, :, :1].expand(1, 2, 3, 2, 16), lse, 0.25),
                   ["o is written and must not have overlapping elements"]),
-    "cpu-k": (lambda q, o, lse: ("temporal", q, q.cpu(), q, o, lse, 0.25), ["k must be on cuda:0", "device cpu"]),
+    "device-k": (lambda q, o, lse: ("temporal", q, _elsewhere(q), q, o, lse, 0.25), ["k must be on", " like q"]),
     "op": (lambda q, o, lse: ("sideways", q, q, q, o, lse, 0.25), ["op must be 'temporal', 'spatial' or 'joint'"]),
 }
 
 
-@needs_gpu
+def _elsewhere(x):
+    """x on another device than its own (the CPU for a CUDA tensor, meta for a CPU one)."""
+    return x.to("meta") if x.device.type == "cpu" else x.cpu()
+
+
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_binding_names_the_bad_tensor(name):
+def test_binding_names_the_bad_tensor(name, kernel_device):
     make, words = BAD_INPUTS[name]
-    args = make(*_direct_inputs())
+    args = make(*_direct_inputs(kernel_device))
     with pytest.raises(RuntimeError) as info:
         cuda_ext.forward(*args)
     msg = str(info.value)
@@ -424,10 +438,9 @@ CLS_FRAMES = [
 ]
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CLS_FRAMES])
-def test_cls_over_many_frames_matches_reference(case, dtype):
+def test_cls_over_many_frames_matches_reference(case, dtype, kernel_device):
     assert_close_to_reference(case, "cuda", dtype)
 
 
@@ -476,12 +489,11 @@ def check_cls_frames(B, T, N, H, D, order, device):
     assert torch.equal(grads[0], grads[1]), "two backward passes differ"
 
 
-@needs_gpu
 @pytest.mark.parametrize("T,N,order", [pytest.param(T, N, order, id=f"T{T}-N{N}-{order}")
                                        for T, N, order in ((8, 7, "hwt"), (3, 49, "thw"), (16, 1, "hwt"),
                                                            (1, 16, "thw"))])
-def test_cls_per_frame_buffers_and_deterministic_backward(T, N, order):
-    check_cls_frames(2, T, N, 3, 40, order, torch.device("cuda"))
+def test_cls_per_frame_buffers_and_deterministic_backward(T, N, order, kernel_device):
+    check_cls_frames(2, T, N, 3, 40, order, kernel_device)
 
 
 # ------------------------------------------------------------------ causal temporal attention
@@ -542,27 +554,25 @@ def check_causal(T, tq, N, D, order, device, causal=True, dtype=torch.float32, B
     assert torch.equal(grads[0].nan_to_num(7.0), grads[1].nan_to_num(7.0)), "two backward passes differ"
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("T,tq,N,D,order", [pytest.param(*c, id=f"T{c[0]}-Tq{c[1]}-N{c[2]}-D{c[3]}-{c[4]}")
                                             for c in CAUSAL])
-def test_causal_and_fewer_queries_write_every_output_and_match_reference(T, tq, N, D, order, causal, dtype):
-    check_causal(T, tq, N, D, order, torch.device("cuda"), causal, dtype)
+def test_causal_and_fewer_queries_write_every_output_and_match_reference(T, tq, N, D, order, causal, dtype,
+                                                                         kernel_device):
+    check_causal(T, tq, N, D, order, kernel_device, causal, dtype)
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("tq", [13, 4, 1], ids=lambda t: f"Tq{t}")
-def test_causal_through_the_public_op_matches_reference(tq, dtype):
+def test_causal_through_the_public_op_matches_reference(tq, dtype, kernel_device):
     from .ops.test_causal import C, _assert_close_to_reference
 
     _assert_close_to_reference(C(13, tq, 49, 2, 72, "hwt", "transposed"), "cuda", dtype)
 
 
-@needs_gpu
-def test_binding_refuses_causal_spatial_and_more_query_frames():
-    q, o, lse = _direct_inputs()
+def test_binding_refuses_causal_spatial_and_more_query_frames(kernel_device):
+    q, o, lse = _direct_inputs(kernel_device)
     with pytest.raises(RuntimeError, match="causal is only supported by temporal attention"):
         cuda_ext.forward("spatial", q, q, q, o, lse, 0.25, causal=True)
     with pytest.raises(RuntimeError, match=r"k must have shape \(B, Tk, N, H, D\) with Tk >= the Tq = 2"):
@@ -570,3 +580,20 @@ def test_binding_refuses_causal_spatial_and_more_query_frames():
     k = torch.randn(1, 5, 3, 2, 16, device=q.device)
     with pytest.raises(RuntimeError, match="dk must have shape"):
         cuda_ext.backward("temporal", q, k, k, o, o, lse, torch.empty_like(q), torch.empty_like(q), k.clone(), 0.25)
+
+
+def test_the_emulator_serves_cpu_tensors_only_when_asked(monkeypatch):
+    """DIVATTN_CUDA_EMULATE=1 lets the cuda backend take CPU tensors (and only those)."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(cuda_emulator.ENV, raising=False)
+    reasons = dispatch.BACKENDS["cuda"].not_supported_reasons("temporal", torch.float16, cpu, 64)
+    assert "device type 'cpu' is not supported (supported: cuda)" in reasons
+    monkeypatch.setenv(cuda_emulator.ENV, "1")
+    assert cuda_ext.unavailable_reason() == cuda_emulator.unavailable_reason()
+    why = cuda_ext.device_reason(torch.device("cuda", 0))
+    assert why == "DIVATTN_CUDA_EMULATE=1 runs the cuda backend's kernels emulated on CPU tensors only"
+    if cuda_emulator.unavailable_reason() is None:
+        assert dispatch.BACKENDS["cuda"].not_supported_reasons("temporal", torch.float16, cpu, 64) == []
+        q = torch.empty(1, 2, 3, 2, 16, device="meta")
+        with pytest.raises(RuntimeError, match="q must be a CPU tensor \\(the CUDA kernels run emulated on the host\\)"):
+            cuda_ext.forward("temporal", q, q, q, q, torch.empty(12, device="meta"), 0.25)

@@ -16,7 +16,9 @@ Steps, in order (correctness first, so a short budget cuts benchmarks, not tests
   extension is built.
 - ``memcheck-triton`` / ``memcheck-cuda``: one small case per kernel (temporal, spatial,
   spatial with cls, joint; forward and backward) under ``compute-sanitizer --tool
-  memcheck``, after a run without it that fills the Triton cache.
+  memcheck``, after a run without it that fills the Triton cache; ``racecheck-cuda``: the
+  same cases under ``--tool racecheck`` (shared-memory hazards of the CUDA kernels' tiles,
+  cp.async double buffers and dS^T exchange).
 - ``bench-headline``: ``divattn bench`` on TimeSformer-B 8x224, temporal and spatial with
   cls, forward and forward + backward, every provider but FlexAttention, bf16.
 - ``bench-causal``: causal temporal attention at the ST transformer's shape (16 frames,
@@ -197,6 +199,11 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
         Step("memcheck-cuda", "correctness", [*sanitize, py, script("memcheck_ops.py"), "--backend", "cuda"],
              120, "compute-sanitizer memcheck: one small case per CUDA kernel, fwd + bwd",
              env=no_pool, needs=("memcheck-cuda-warmup",), unavailable=no_sanitizer),
+        Step("racecheck-cuda", "correctness",
+             [sanitizer or "compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "1", "--print-limit", "20",
+              py, script("memcheck_ops.py"), "--backend", "cuda"],
+             120, "compute-sanitizer racecheck: the same cases on the CUDA kernels (shared-memory hazards)",
+             needs=("memcheck-cuda-warmup",), unavailable=no_sanitizer),
         Step("bench-headline", "benchmark",
              [py, "-m", "divattn", "bench", "--shape", "timesformer_8x224", "--ops", "temporal,spatial_cls",
               "--passes", "fwd,fwd+bwd", "--dtype", "bfloat16", "--providers", ",".join(HEADLINE_PROVIDERS),

@@ -17,7 +17,7 @@
 // Recomputing the probabilities in both passes costs a second read of q/k/v/do but
 // needs no score matrix in memory and no cross-block reduction. Block shapes, the
 // packing of short sequences and the padded row pitch follow attn_fwd.cu.
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace divattn {
 namespace {
@@ -37,22 +37,22 @@ __global__ void __launch_bounds__(kDeltaWarps * kWarp) bwd_delta_kernel(const At
     const T* orow = o + seq_offset(p.o, ix) + t * p.o.sL;
     const T* drow = dout + seq_offset(p.dout, ix) + t * p.dout.sL;
     float acc = 0.f;
-    for (int d = lane; d < p.D; d += kWarp) acc = fmaf(to_float(orow[d]), to_float(drow[d]), acc);
+    for (int d = lane; d < p.D; d += kWarp) acc = fmaf(to_float(gld(orow + d)), to_float(gld(drow + d)), acc);
     acc = warp_sum(acc);
-    if (lane == 0) p.delta[r] = acc;
+    if (lane == 0) gst(p.delta + r, acc);
   }
 }
 
 template <int DP>
 constexpr size_t dkdv_smem_floats() {
-  return 2 * kSlots * (DP + 4) + 2 * kSlots + 2 * kWarps * kRows * DP + 2 * kWarps * kRows * kSlots;
+  return 2 * kSlots * (DP + 4) + 2 * kSlots + 2 * kWarps * kRows * DP + 2 * kWarps * kRows * kSlots + kGroupBasesFloats;
 }
 
 template <typename T, int DCH, bool CLS>
 __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int QP = DP + 4;
-  extern __shared__ __align__(16) float smem[];
+  DIVATTN_DYNAMIC_SMEM(float, smem);
   float* Qt = smem;                           // [kSlots][QP] query tile
   float* Dt = Qt + kSlots * QP;               // [kSlots][QP] output-gradient tile
   float* Kw = Dt + kSlots * QP;               // [kWarps][kRows][DP] each warp's keys
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
   float* Sw = Pw + kWarps * kRows * kSlots;   // [kWarps][kRows][kSlots] ds of (key, query)
   float* lse_t = Sw + kWarps * kRows * kSlots;  // [kSlots]
   float* del_t = lse_t + kSlots;              // [kSlots]
-  __shared__ GroupBases gb;
+  GroupBases& gb = *reinterpret_cast<GroupBases*>(del_t + kSlots);
 
   const RowWarp w = row_warp(p, p.Lk);
   const int warp = w.warp, lane = w.lane, g = w.g;
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
     // The cls query of this sequence's frame attends to these keys too.
     const int64_t bh = w.ix.i0 * p.S2 + w.ix.i2;
     const int64_t frame = bh * p.S1 + w.ix.i1;
-    const float lse_c = p.lse_cls[frame], delta_c = p.delta_cls[frame];
+    const float lse_c = gld(p.lse_cls + frame), delta_c = gld(p.delta_cls + frame);
     float qcr[DCH], gcr[DCH];
     load_lanes<T, DCH>(qcr, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, w.ix.i0, w.ix.i2), true, D, lane);
     load_lanes<float, DCH>(gcr, p.gc + bh * D, true, D, lane);
@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
       const int64_t row = start + (slot % w.grp.slots);
       const int64_t s_row = static_cast<int64_t>(blockIdx.x) * w.grp.G + gg;
       const bool ok = gb.ok[gg] && row < p.L;
-      lse_t[slot] = ok ? p.lse[s_row * p.L + row] : 0.f;
-      del_t[slot] = ok ? p.delta[s_row * p.L + row] : 0.f;
+      lse_t[slot] = ok ? gld(p.lse + s_row * p.L + row) : 0.f;
+      del_t[slot] = ok ? gld(p.delta + s_row * p.L + row) : 0.f;
     }
     __syncthreads();
     const int64_t qry = start + lane;
@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
     for (int c = 0; c < DCH; ++c) {
       const int d = lane + c * kWarp;
       if (d < D) {
-        dkr[d] = from_float<T>(dk[j][c] * p.scale);
-        dvr[d] = from_float<T>(dv[j][c]);
+        gst(dkr + d, from_float<T>(dk[j][c] * p.scale));
+        gst(dvr + d, from_float<T>(dv[j][c]));
       }
     }
   }
@@ -180,20 +180,20 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
 
 template <int DP>
 constexpr size_t dq_smem_floats() {
-  return 2 * kSlots * (DP + 4) + 2 * kWarps * kRows * DP + kWarps * kRows * kSlots;
+  return 2 * kSlots * (DP + 4) + 2 * kWarps * kRows * DP + kWarps * kRows * kSlots + kGroupBasesFloats;
 }
 
 template <typename T, int DCH, bool CLS>
 __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int KP = DP + 4;
-  extern __shared__ __align__(16) float smem[];
+  DIVATTN_DYNAMIC_SMEM(float, smem);
   float* Kt = smem;                          // [kSlots][KP] key tile
   float* Vt = Kt + kSlots * KP;              // [kSlots][KP] value tile
   float* Qw = Vt + kSlots * KP;              // [kWarps][kRows][DP] each warp's queries
   float* Dw = Qw + kWarps * kRows * DP;      // [kWarps][kRows][DP] and output gradients
   float* Sw = Dw + kWarps * kRows * DP;      // [kWarps][kRows][kSlots] ds of (query, key)
-  __shared__ GroupBases gb;
+  GroupBases& gb = *reinterpret_cast<GroupBases*>(Sw + kWarps * kRows * kSlots);
 
   const RowWarp w = row_warp(p, p.L);
   const int warp = w.warp, lane = w.lane, g = w.g;
@@ -212,8 +212,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
     row_ok[i] = w.seq_ok && row < p.L;
     load_row<T, DP>(Qr + i * DP, row_ok[i] ? q + row * p.q.sL : q, row_ok[i], D, lane);
     load_row<T, DP>(Dr + i * DP, row_ok[i] ? dout + row * p.dout.sL : dout, row_ok[i], D, lane);
-    lse[i] = row_ok[i] ? p.lse[w.s * p.L + row] : 0.f;
-    del[i] = row_ok[i] ? p.delta[w.s * p.L + row] : 0.f;
+    lse[i] = row_ok[i] ? gld(p.lse + w.s * p.L + row) : 0.f;
+    del[i] = row_ok[i] ? gld(p.delta + w.s * p.L + row) : 0.f;
   }
   group_bases(gb, p.k, p.v, p, w.grp.G);
   __syncthreads();
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
 #pragma unroll
     for (int c = 0; c < DCH; ++c) {
       const int d = lane + c * kWarp;
-      if (d < D) dqr[d] = from_float<T>(dq[i][c] * p.scale);
+      if (d < D) gst(dqr + d, from_float<T>(dq[i][c] * p.scale));
     }
   }
 }
@@ -292,16 +292,16 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
 template <typename T, int DCH, bool CLS>
 struct DkdvLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(bwd_dkdv_kernel<T, DCH, CLS>, dkdv_smem_floats<DCH * kWarp>() * sizeof(float), p, p.Lk,
-                       stream);
+    return launch_rows("bwd_dkdv_kernel", bwd_dkdv_kernel<T, DCH, CLS>,
+                       dkdv_smem_floats<DCH * kWarp>() * sizeof(float), p, p.Lk, stream);
   }
 };
 
 template <typename T, int DCH, bool CLS>
 struct DqLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(bwd_dq_kernel<T, DCH, CLS>, dq_smem_floats<DCH * kWarp>() * sizeof(float), p, p.L,
-                       stream);
+    return launch_rows("bwd_dq_kernel", bwd_dq_kernel<T, DCH, CLS>, dq_smem_floats<DCH * kWarp>() * sizeof(float),
+                       p, p.L, stream);
   }
 };
 
@@ -310,8 +310,8 @@ cudaError_t delta_impl(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = p.S * p.L;
   int64_t blocks = (rows + kDeltaWarps - 1) / kDeltaWarps;
   if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
-  bwd_delta_kernel<T><<<static_cast<unsigned>(blocks), kDeltaWarps * kWarp, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel("bwd_delta_kernel", bwd_delta_kernel<T>, dim3(static_cast<unsigned>(blocks)),
+                       dim3(kDeltaWarps * kWarp), 0, stream, p);
 }
 
 }  // namespace
@@ -330,12 +330,18 @@ cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream) {
 
 cudaError_t launch_bwd_dkdv(const AttnParams& p, cudaStream_t stream) {
   if (p.S == 0 || p.Lk == 0) return cudaSuccess;  // with no queries (L = 0) dk, dv are written as zeros
-  return dispatch<DkdvLaunch>(p, stream);
+  if (p.dtype != DType::f32) return launch_attn_bwd_mma(p, stream);  // dk, dv and dq
+  return dispatch_f32<DkdvLaunch>(p, stream);
+}
+
+size_t bwd_workspace_floats(const AttnParams& p) {
+  return p.dtype == DType::f32 || p.S == 0 || p.Lk == 0 ? 0 : bwd_mma_workspace_floats(p);
 }
 
 cudaError_t launch_bwd_dq(const AttnParams& p, cudaStream_t stream) {
   if (p.S == 0 || p.L == 0) return cudaSuccess;
-  return dispatch<DqLaunch>(p, stream);
+  if (p.dtype != DType::f32) return p.Lk == 0 ? cudaSuccess : launch_dq_sum(p, stream);  // partials, if any
+  return dispatch_f32<DqLaunch>(p, stream);
 }
 
 }  // namespace divattn

@@ -25,26 +25,26 @@
 //   stops streaming key tiles after the last key its rows see, and masks the diagonal.
 // - Every load is guarded on sequence, row and head dim; addresses are 64-bit; every
 //   output row is written exactly once, with its log-sum-exp (base 2, scale included).
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace divattn {
 namespace {
 
 template <int DP>
 constexpr size_t fwd_smem_floats() {
-  return kSlots * (DP + 4) + kSlots * DP + kWarps * kRows * DP + kWarps * kRows * kSlots;
+  return kSlots * (DP + 4) + kSlots * DP + kWarps * kRows * DP + kWarps * kRows * kSlots + kGroupBasesFloats;
 }
 
 template <typename T, int DCH, bool CLS>
 __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
   constexpr int KP = DP + 4;
-  extern __shared__ __align__(16) float smem[];
+  DIVATTN_DYNAMIC_SMEM(float, smem);
   float* Ks = smem;                      // [kSlots][KP]
   float* Vs = Ks + kSlots * KP;          // [kSlots][DP]
   float* Qs = Vs + kSlots * DP;          // [kWarps][kRows][DP]
   float* Ps = Qs + kWarps * kRows * DP;  // [kWarps][kRows][kSlots]
-  __shared__ GroupBases gb;
+  GroupBases& gb = *reinterpret_cast<GroupBases*>(Ps + kWarps * kRows * kSlots);
 
   constexpr int kCls = CLS ? 1 : 0;  // query row r is patch row r - kCls; with cls, row 0 is the cls query
   const int64_t rows = p.L + kCls;
@@ -143,17 +143,17 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {
         const int d = lane + c * kWarp;
-        if (d < D) out[d] = acc[i][c] * inv;
+        if (d < D) gst(out + d, acc[i][c] * inv);
       }
-      if (lane == 0) p.lse_cls[frame] = m[i] + log2f(l_safe);
+      if (lane == 0) gst(p.lse_cls + frame, m[i] + log2f(l_safe));
     } else if (row_ok[i]) {
       T* orow = o + (r - kCls) * p.o.sL;
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {
         const int d = lane + c * kWarp;
-        if (d < D) orow[d] = from_float<T>(acc[i][c] * inv);
+        if (d < D) gst(orow + d, from_float<T>(acc[i][c] * inv));
       }
-      if (lane == 0) p.lse[w.s * p.L + r - kCls] = m[i] + log2f(l_safe);
+      if (lane == 0) gst(p.lse + w.s * p.L + r - kCls, m[i] + log2f(l_safe));
     }
   }
 }
@@ -161,8 +161,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
 template <typename T, int DCH, bool CLS>
 struct FwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    return launch_rows(attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float), p,
-                       p.L + (CLS ? 1 : 0), stream);
+    return launch_rows("attn_fwd_kernel", attn_fwd_kernel<T, DCH, CLS>, fwd_smem_floats<DCH * kWarp>() * sizeof(float),
+                       p, p.L + (CLS ? 1 : 0), stream);
   }
 };
 
@@ -170,7 +170,8 @@ struct FwdLaunch {
 
 cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.S == 0 || p.L + (p.has_cls ? 1 : 0) == 0) return cudaSuccess;
-  return dispatch<FwdLaunch>(p, stream);
+  if (p.dtype != DType::f32) return launch_attn_fwd_mma(p, stream);
+  return dispatch_f32<FwdLaunch>(p, stream);
 }
 
 }  // namespace divattn

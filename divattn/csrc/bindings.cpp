@@ -1,8 +1,15 @@
 // Python binding of the CUDA kernels (divattn._C). Every input check lives here: the
 // kernels trust what they are given. Semantics and calling convention are those of
 // divattn/ops/triton_kernels.py forward() / backward(); divattn/ops/cuda_ext.py calls in.
+//
+// Compiled with DIVATTN_EMULATE (divattn/ops/cuda_emulator.py) it is the binding of the
+// emulated kernels instead: the same checks, on CPU tensors, launching through the kernel
+// library emulator/binding.h is given, with every tensor's extent registered so that the
+// emulator checks each global access.
+#ifndef DIVATTN_EMULATE
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <torch/extension.h>
 
 #include <ATen/MemoryOverlap.h>
@@ -15,6 +22,9 @@
 #include <vector>
 
 #include "divattn.h"
+#ifdef DIVATTN_EMULATE
+#include "emulator/binding.h"
+#endif
 
 namespace {
 
@@ -86,7 +96,12 @@ struct Geometry {
 // q is (B, T, N, H, D) (joint: (B, L, H, D)); see divattn/ops/triton_kernels.py _geometry.
 Geometry geometry(Op op, const Tensor& q, const Checker& ck) {
   TORCH_CHECK(q.defined(), ck.fn, ": q is an undefined tensor");
+#ifdef DIVATTN_EMULATE
+  TORCH_CHECK(q.is_cpu(), ck.fn, ": q must be a CPU tensor (the CUDA kernels run emulated on the host), got ",
+              describe(q));
+#else
   TORCH_CHECK(q.is_cuda(), ck.fn, ": q must be a CUDA tensor, got ", describe(q));
+#endif
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, ck.fn,
               ": q must have dtype float16, bfloat16 or float32, got ", describe(q));
@@ -151,6 +166,43 @@ divattn::DType dtype_of(at::ScalarType t) {
 const Tensor& need(const std::optional<Tensor>& t, const Checker& ck, const char* name) {
   TORCH_CHECK(t.has_value() && t->defined(), ck.fn, ": ", name, " is required when cls is given");
   return *t;
+}
+
+// The stream kernels go to: the current CUDA stream of q's device (none in the emulator).
+cudaStream_t stream_of(const Tensor& q) {
+#ifdef DIVATTN_EMULATE
+  (void)q;
+  return nullptr;
+#else
+  return c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+#endif
+}
+
+// A buffer the kernels fill: uninitialised, or NaN in the emulator, where an element a
+// kernel reads before any wrote it then shows.
+Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& options) {
+#ifdef DIVATTN_EMULATE
+  return at::full(shape, std::numeric_limits<float>::quiet_NaN(), options);
+#else
+  return at::empty(shape, options);
+#endif
+}
+
+// In the emulator: the tensors the next launches may read, and those they may write.
+void allow_memory(std::initializer_list<std::optional<Tensor>> reads,
+                  std::initializer_list<std::optional<Tensor>> writes) {
+#ifdef DIVATTN_EMULATE
+  divattn::emu_abi::clear_memory();
+  for (const auto& t : reads) {
+    if (t.has_value()) divattn::emu_abi::allow(*t, false);
+  }
+  for (const auto& t : writes) {
+    if (t.has_value()) divattn::emu_abi::allow(*t, true);
+  }
+#else
+  (void)reads;
+  (void)writes;
+#endif
 }
 
 void check_launch(cudaError_t err, const Checker& ck, const char* what) {
@@ -252,13 +304,16 @@ void forward(const std::string& op_name, const Tensor& q, const Tensor& k, const
   const Checker& ck = call.ck;
   const Geometry& g = call.g;
   AttnParams& p = call.p;
+#ifndef DIVATTN_EMULATE
   const c10::cuda::CUDAGuard guard(q.device());
+#endif
   if (set_cls_inputs(p, call.op, g, ck, q_cls, k_cls, v_cls, cls_frames, lse_cls)) {
     ck.like("o_cls", need(o_cls, ck, "o_cls"), {g.B, g.H, g.D}, true, " = (B, H, D)");
     p.oc = cls_view_of(*o_cls);
   }
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  allow_memory({q, k, v, q_cls, k_cls, v_cls}, {o, lse, o_cls, cls_frames, lse_cls});
+  const cudaStream_t stream = stream_of(q);
   check_launch(divattn::launch_attn_fwd(p, stream), ck, "attention forward");
   if (p.has_cls) check_launch(divattn::launch_cls_fwd(p, stream), ck, "cls forward");
 }
@@ -282,10 +337,12 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
   p.dq = view_of(call.op, dq);
   p.dk = view_of(call.op, dk);
   p.dv = view_of(call.op, dv);
+#ifndef DIVATTN_EMULATE
   const c10::cuda::CUDAGuard guard(q.device());
+#endif
 
   const auto f32 = q.options().dtype(at::kFloat);
-  const Tensor delta = at::empty({lse.numel()}, f32);
+  const Tensor delta = scratch({lse.numel()}, f32);
   p.delta = delta.data_ptr<float>();
 
   Tensor gc, delta_cls, cls_grad_frames;
@@ -299,15 +356,24 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
     p.dkc = cls_view_of(*dk_cls);
     p.dvc = cls_view_of(*dv_cls);
     p.doc = cls_view_of(*do_cls);
-    gc = at::empty({g.B, g.H, g.D}, f32);
-    delta_cls = at::empty({g.B, g.H, g.T}, f32);
-    cls_grad_frames = at::empty({3, g.B, g.H, g.T, g.D}, f32);  // per-frame partials, summed over T
+    gc = scratch({g.B, g.H, g.D}, f32);
+    delta_cls = scratch({g.B, g.H, g.T}, f32);
+    cls_grad_frames = scratch({3, g.B, g.H, g.T, g.D}, f32);  // per-frame partials, summed over T
     p.gc = gc.data_ptr<float>();
     p.delta_cls = delta_cls.data_ptr<float>();
     p.cls_grad_frames = cls_grad_frames.data_ptr<float>();
   }
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  const size_t floats = divattn::bwd_workspace_floats(p);
+  Tensor workspace;
+  if (floats > 0) {
+    workspace = scratch({static_cast<int64_t>(floats)}, f32);
+    p.workspace = workspace.data_ptr<float>();
+  }
+
+  allow_memory({q, k, v, o, dout, lse, q_cls, k_cls, v_cls, do_cls, cls_frames, lse_cls},
+               {dq, dk, dv, delta, dq_cls, dk_cls, dv_cls, gc, delta_cls, cls_grad_frames, workspace});
+  const cudaStream_t stream = stream_of(q);
   check_launch(divattn::launch_bwd_delta(p, stream), ck, "delta");
   if (p.has_cls) check_launch(divattn::launch_cls_bwd_prep(p, stream), ck, "cls gradient preparation");
   check_launch(divattn::launch_bwd_dkdv(p, stream), ck, "dk/dv");
@@ -344,6 +410,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dk_cls") = py::none(), py::arg("dv_cls") = py::none(), py::arg("do_cls") = py::none(),
         py::arg("cls_frames") = py::none(), py::arg("lse_cls") = py::none());
   m.def("archs", &archs, "Architectures this build targets, '+'-separated, or '' if unknown");
-  m.attr("cuda_version") = py::int_(CUDART_VERSION);
   m.attr("max_head_dim") = py::int_(divattn::kMaxHeadDim);
+#ifdef DIVATTN_EMULATE
+  m.attr("cuda_version") = py::int_(0);
+  m.def("set_kernels", &divattn::emu_abi::set_kernels,
+        "Launch through the kernel library whose divattn_emu_kernels() table is at this address", py::arg("table"));
+#else
+  m.attr("cuda_version") = py::int_(CUDART_VERSION);
+#endif
 }

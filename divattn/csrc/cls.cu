@@ -64,18 +64,19 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const A
   const bool first = fr.t == 0;
   float acc = 0.f;
   for (int d = lane; d < D; d += kWarp) {
-    const float g = to_float(doc[d]) * inv_T;
-    acc = fmaf(of[d], g, acc);
-    if (first) p.gc[fr.bh * D + d] = g;
+    const float g = to_float(gld(doc + d)) * inv_T;
+    acc = fmaf(gld(of + d), g, acc);
+    if (first) gst(p.gc + fr.bh * D + d, g);
   }
   acc = warp_sum(acc);
-  if (lane == 0) p.delta_cls[f] = acc;
+  if (lane == 0) gst(p.delta_cls + f, acc);
 }
 
 template <typename T, int DCH>
 __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const AttnParams p) {
   constexpr int DP = DCH * kWarp;
-  __shared__ float red[3][kClsWarps][DP];
+  DIVATTN_DYNAMIC_SMEM(float, smem);
+  float(*red)[kClsWarps][DP] = reinterpret_cast<float(*)[kClsWarps][DP]>(smem);  // [3][kClsWarps][DP]
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const Frame fr = frame_of(p);
   const int D = p.D;
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const 
   load_lanes<T, DCH>(kc, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, fr.b, fr.h), true, D, lane);
   load_lanes<T, DCH>(vc, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, fr.b, fr.h), true, D, lane);
   load_lanes<float, DCH>(gc, p.gc + fr.bh * D, true, D, lane);
-  const float lse_t = p.lse_cls[fr.f], delta_t = p.delta_cls[fr.f];
+  const float lse_t = gld(p.lse_cls + fr.f), delta_t = gld(p.delta_cls + fr.f);
 
   float dqc[DCH], dkc[DCH], dvc[DCH];
 #pragma unroll
@@ -126,8 +127,8 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const 
     const float pc = exp2f(a * p.qk_scale - lse_t);
     const float dsc = pc * (bb - delta_t);
     // patch query n of the frame against the cls key
-    const float pr = exp2f(c2 * p.qk_scale - p.lse[rows + n]);
-    const float dsr = pr * (d2 - p.delta[rows + n]);
+    const float pr = exp2f(c2 * p.qk_scale - gld(p.lse + rows + n));
+    const float dsr = pr * (d2 - gld(p.delta + rows + n));
 #pragma unroll
     for (int c = 0; c < DCH; ++c) {
       dqc[c] = fmaf(dsc, kn[c], dqc[c]);
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const 
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kClsWarps; ++w) sum += red[which][w][d];
-    p.cls_grad_frames[(which * frames + fr.f) * D + d] = sum;
+    gst(p.cls_grad_frames + (which * frames + fr.f) * D + d, sum);
   }
 }
 
@@ -175,16 +176,16 @@ __global__ void __launch_bounds__(kSumThreads) cls_sum_frames_kernel(const SumJo
   const int64_t bh = i / D, d = i - bh * D, b = bh / H, h = bh - b * H;
   const float* src = job.src + bh * T_ * D + d;
   float sum = 0.f;
-  for (int64_t t = 0; t < T_; ++t) sum += src[t * D];
-  static_cast<T*>(job.dst.ptr)[cls_offset(job.dst, b, h) + d] = from_float<T>(sum * job.factor);
+  for (int64_t t = 0; t < T_; ++t) sum += gld(src + t * D);
+  gst(static_cast<T*>(job.dst.ptr) + cls_offset(job.dst, b, h) + d, from_float<T>(sum * job.factor));
 }
 
 template <typename T>
 cudaError_t sum_frames(const AttnParams& p, const SumJobs& jobs, int n_jobs, cudaStream_t stream) {
   const int64_t BH = p.B * p.H;
   const dim3 grid(static_cast<unsigned>((BH * p.D + kSumThreads - 1) / kSumThreads), static_cast<unsigned>(n_jobs));
-  cls_sum_frames_kernel<T><<<grid, kSumThreads, 0, stream>>>(jobs, BH, p.H, p.T, p.D);
-  return cudaGetLastError();
+  return launch_kernel("cls_sum_frames_kernel", cls_sum_frames_kernel<T>, grid, dim3(kSumThreads), 0, stream, jobs, BH,
+                       p.H, p.T, p.D);
 }
 
 cudaError_t sum_frames_dtype(const AttnParams& p, const SumJobs& jobs, int n_jobs, cudaStream_t stream) {
@@ -204,8 +205,8 @@ unsigned cls_frames_grid(const AttnParams& p) { return static_cast<unsigned>(p.B
 template <typename T, int DCH, bool>
 struct ClsBwdLaunch {
   static cudaError_t run(const AttnParams& p, cudaStream_t stream) {
-    cls_bwd_frame_kernel<T, DCH><<<cls_frames_grid(p), kClsWarps * kWarp, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel("cls_bwd_frame_kernel", cls_bwd_frame_kernel<T, DCH>, dim3(cls_frames_grid(p)),
+                         dim3(kClsWarps * kWarp), 3 * kClsWarps * DCH * kWarp * sizeof(float), stream, p);
   }
 };
 
@@ -223,23 +224,23 @@ cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream) {
 cudaError_t launch_cls_bwd_prep(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>((p.B * p.H * p.T + kClsWarps - 1) / kClsWarps);
+  const dim3 block(kClsWarps * kWarp);
   switch (p.dtype) {
     case DType::f16:
-      cls_bwd_prep_kernel<__half><<<grid, kClsWarps * kWarp, 0, stream>>>(p);
-      break;
+      return launch_kernel("cls_bwd_prep_kernel", cls_bwd_prep_kernel<__half>, dim3(grid), block, 0, stream, p);
     case DType::bf16:
-      cls_bwd_prep_kernel<__nv_bfloat16><<<grid, kClsWarps * kWarp, 0, stream>>>(p);
-      break;
+      return launch_kernel("cls_bwd_prep_kernel", cls_bwd_prep_kernel<__nv_bfloat16>, dim3(grid), block, 0, stream, p);
     default:
-      cls_bwd_prep_kernel<float><<<grid, kClsWarps * kWarp, 0, stream>>>(p);
+      return launch_kernel("cls_bwd_prep_kernel", cls_bwd_prep_kernel<float>, dim3(grid), block, 0, stream, p);
   }
-  return cudaGetLastError();
 }
 
 cudaError_t launch_cls_bwd(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
-  const cudaError_t err = dispatch_dtype<ClsBwdLaunch, true>(p, stream);
-  if (err != cudaSuccess) return err;
+  if (p.dtype == DType::f32) {  // fp16 / bf16: the tensor-core backward wrote the per-frame terms
+    const cudaError_t err = dispatch_head<ClsBwdLaunch, true>(p, stream);
+    if (err != cudaSuccess) return err;
+  }
   const int64_t frames = p.B * p.H * p.T;
   SumJobs jobs{};
   jobs.job[0] = {p.cls_grad_frames, p.dqc, p.scale};

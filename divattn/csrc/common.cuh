@@ -1,10 +1,21 @@
-// Device helpers shared by the kernels: dtype conversion, warp reductions, sequence
-// addressing, shared-memory tiles and the dtype / head-dim dispatch.
+// Device helpers shared by the kernels: dtype conversion, global memory access, launches,
+// warp reductions, sequence addressing, shared-memory tiles and the dtype / head-dim
+// dispatch.
+//
+// The kernels also compile as host C++ (DIVATTN_EMULATE) against emulator/cuda_shim.h,
+// which runs them on the CPU for the test suite; the few places that differ are here:
+// global memory is read and written only through gld() / gst() (so that the emulator
+// checks and counts every access), dynamic shared memory is declared with
+// DIVATTN_DYNAMIC_SMEM and kernels are started with launch_kernel().
 #pragma once
 
+#ifdef DIVATTN_EMULATE
+#include "emulator/cuda_shim.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
@@ -25,6 +36,48 @@ constexpr int kSlots = 32;       // rows per shared-memory tile: one per lane
 constexpr int kFwdMinBlocks = 5;
 constexpr int kBwdMinBlocks = 4;
 constexpr unsigned kFull = 0xffffffffu;
+
+// A global-memory read and write. In the emulator each one is checked against the tensors
+// of the launch and, when counting traffic, recorded (its 32-byte sectors, per block).
+template <typename T>
+__device__ __forceinline__ T gld(const T* p) {
+#ifdef DIVATTN_EMULATE
+  emu::global_read(p, sizeof(T));
+#endif
+  return *p;
+}
+
+template <typename T>
+__device__ __forceinline__ void gst(T* p, T v) {
+#ifdef DIVATTN_EMULATE
+  emu::global_write(p, sizeof(T));
+#endif
+  *p = v;
+}
+
+#ifdef DIVATTN_EMULATE
+#define DIVATTN_DYNAMIC_SMEM(type, name) type* name = static_cast<type*>(::emu::dynamic_smem())
+#else
+#define DIVATTN_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
+// kernel<<<grid, block, smem, stream>>>(args...), or the emulator's launch of it; `name`
+// is how the emulator's errors and counters call the kernel.
+template <typename... P, typename... A>
+inline cudaError_t launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, const A&... args) {
+#ifdef DIVATTN_EMULATE
+  (void)stream;
+  auto call = [&]() { kernel(args...); };
+  using Call = decltype(call);
+  const emu::Body body{[](void* c) { (*static_cast<Call*>(c))(); }, &call};
+  return emu::run_grid(name, reinterpret_cast<const void*>(kernel), grid, block, smem, body);
+#else
+  (void)name;
+  kernel<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -95,7 +148,7 @@ __device__ __forceinline__ float dot_smem(const float* a, const float* b, int D4
 template <typename T, int DP>
 __device__ __forceinline__ void load_row(float* dst, const T* src, bool ok, int D, int lane) {
 #pragma unroll
-  for (int d = lane; d < DP; d += kWarp) dst[d] = (ok && d < D) ? to_float(src[d]) : 0.f;
+  for (int d = lane; d < DP; d += kWarp) dst[d] = (ok && d < D) ? to_float(gld(src + d)) : 0.f;
 }
 
 // This lane's elements (lane, lane + 32, ...) of a row of D, as fp32 registers; zero
@@ -105,7 +158,7 @@ __device__ __forceinline__ void load_lanes(float (&dst)[DCH], const T* src, bool
 #pragma unroll
   for (int c = 0; c < DCH; ++c) {
     const int d = lane + c * kWarp;
-    dst[c] = (ok && d < D) ? to_float(src[d]) : 0.f;
+    dst[c] = (ok && d < D) ? to_float(gld(src + d)) : 0.f;
   }
 }
 
@@ -178,6 +231,9 @@ struct GroupBases {
   bool ok[kWarps];
 };
 
+// GroupBases lives after a kernel's float tiles in its dynamic shared memory.
+constexpr size_t kGroupBasesFloats = (sizeof(GroupBases) + 15) / 16 * 4;
+
 __device__ __forceinline__ void group_bases(GroupBases& gb, const View& x, const View& y, const AttnParams& p,
                                             int G) {
   const int i = threadIdx.x;
@@ -233,49 +289,38 @@ inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
 // Launch a row kernel (attn_fwd.cu, attn_bwd.cu): one block per G sequences x rows_per_block
 // of the `rows` rows (p.L queries or p.Lk keys) its warps own.
 template <typename Kernel>
-cudaError_t launch_rows(Kernel kernel, size_t smem, const AttnParams& p, int64_t rows, cudaStream_t stream) {
+cudaError_t launch_rows(const char* name, Kernel kernel, size_t smem, const AttnParams& p, int64_t rows,
+                        cudaStream_t stream) {
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const Groups grp = make_groups(rows);
   const dim3 grid(static_cast<unsigned>((p.S + grp.G - 1) / grp.G),
                   static_cast<unsigned>((rows + grp.rows_per_block - 1) / grp.rows_per_block));
-  kernel<<<grid, kWarps * kWarp, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(name, kernel, grid, dim3(kWarps * kWarp), smem, stream, p);
 }
 
 inline int head_chunks(int D) { return (D + kWarp - 1) / kWarp; }
 
-// Launch<scalar_t, ceil(D / 32), CLS>::run(p, stream) for the params' dtype and head dim.
-template <template <typename, int, bool> class Launch, typename T, bool CLS>
+// Launch<float, ceil(D / 32), CLS>::run(p, stream) for the params' head dim: the scalar
+// kernels serve fp32 (fp16 / bf16 run on tensor cores, mma.cuh).
+template <template <typename, int, bool> class Launch, bool CLS>
 cudaError_t dispatch_head(const AttnParams& p, cudaStream_t stream) {
   switch (head_chunks(p.D)) {
     case 1:
-      return Launch<T, 1, CLS>::run(p, stream);
+      return Launch<float, 1, CLS>::run(p, stream);
     case 2:
-      return Launch<T, 2, CLS>::run(p, stream);
+      return Launch<float, 2, CLS>::run(p, stream);
     case 3:
-      return Launch<T, 3, CLS>::run(p, stream);
+      return Launch<float, 3, CLS>::run(p, stream);
     default:
-      return Launch<T, 4, CLS>::run(p, stream);
-  }
-}
-
-template <template <typename, int, bool> class Launch, bool CLS>
-cudaError_t dispatch_dtype(const AttnParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::f16:
-      return dispatch_head<Launch, __half, CLS>(p, stream);
-    case DType::bf16:
-      return dispatch_head<Launch, __nv_bfloat16, CLS>(p, stream);
-    default:
-      return dispatch_head<Launch, float, CLS>(p, stream);
+      return Launch<float, 4, CLS>::run(p, stream);
   }
 }
 
 // With CLS = p.has_cls.
 template <template <typename, int, bool> class Launch>
-cudaError_t dispatch(const AttnParams& p, cudaStream_t stream) {
-  return p.has_cls ? dispatch_dtype<Launch, true>(p, stream) : dispatch_dtype<Launch, false>(p, stream);
+cudaError_t dispatch_f32(const AttnParams& p, cudaStream_t stream) {
+  return p.has_cls ? dispatch_head<Launch, true>(p, stream) : dispatch_head<Launch, false>(p, stream);
 }
 
 }  // namespace divattn

@@ -3,7 +3,11 @@
 // the .cu files need no torch headers.
 #pragma once
 
+#ifdef DIVATTN_EMULATE
+#include "emulator/runtime_api.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 
@@ -49,6 +53,7 @@ struct AttnParams {
   float* gc = nullptr;          // (B, H, D) d o_cls / T, backward only
   float* delta_cls = nullptr;   // (B, H, T) rowsum(cls_frames * gc), backward only
   float* cls_grad_frames = nullptr;  // (3, B, H, T, D) per-frame dq/dk/dv_cls partials, backward only
+  float* workspace = nullptr;        // bwd_workspace_floats(p) floats, backward only
 };
 
 // Each launcher enqueues its kernels on `stream` and returns the launch status.
@@ -61,5 +66,7 @@ cudaError_t launch_bwd_dq(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_cls_bwd_prep(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_cls_bwd(const AttnParams& p, cudaStream_t stream);
+// fp32 scratch the backward needs (AttnParams::workspace), in floats; 0 for none.
+size_t bwd_workspace_floats(const AttnParams& p);
 
 }  // namespace divattn

@@ -13,6 +13,10 @@ Environment of the just-in-time build: ``DIVATTN_CUDA_ARCHS`` (e.g. ``"80;90"``;
 default: the architectures of the visible GPUs), ``MAX_JOBS`` (parallel compiles),
 ``DIVATTN_BUILD_VERBOSE=1`` (show the compiler output).
 
+With ``DIVATTN_CUDA_EMULATE=1`` the backend runs the same binding and kernels compiled
+as host C++ on CPU tensors instead (:mod:`divattn.ops.cuda_emulator`): how the test
+suite checks the kernels without a GPU.
+
 :func:`forward` and :func:`backward` have exactly the semantics and calling convention
 of :mod:`divattn.ops.triton_kernels`; the binding (divattn/csrc/bindings.cpp) checks every
 input and raises ``RuntimeError`` naming the tensor, what was expected and what came.
@@ -28,6 +32,8 @@ import shutil
 import subprocess
 import threading
 from typing import Optional
+
+from . import cuda_emulator
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 _JIT_NAME = "divattn_C"
@@ -128,12 +134,22 @@ def _jit_blocker() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def unavailable_reason() -> Optional[str]:
     """Why ``backend="cuda"`` cannot run here, in one sentence, or None.
 
-    Cached and cheap (the dispatcher asks on every op call): it imports ``divattn._C``
-    or checks that a just-in-time build could run, but never builds.
+    Cheap (the dispatcher asks on every op call): under ``DIVATTN_CUDA_EMULATE=1``, why
+    the emulator cannot be built; otherwise :func:`extension_reason`. Never builds.
+    """
+    if cuda_emulator.enabled():
+        return cuda_emulator.unavailable_reason()
+    return extension_reason()
+
+
+@functools.lru_cache(maxsize=None)
+def extension_reason() -> Optional[str]:
+    """Why the CUDA extension cannot be loaded or built just in time, or None (cached).
+
+    It imports ``divattn._C`` or checks that a just-in-time build could run, but never builds.
     """
     module, load_error = _prebuilt()
     if module is not None:
@@ -182,6 +198,10 @@ def device_reason(device) -> Optional[str]:
     """
     import torch
 
+    if cuda_emulator.enabled():
+        if device.type == "cuda":
+            return f"{cuda_emulator.ENV}=1 runs the cuda backend's kernels emulated on CPU tensors only"
+        return None
     if device.type != "cuda":
         return None
     return _capability_reason(tuple(torch.cuda.get_device_capability(device)))
@@ -203,7 +223,7 @@ def _build():
     except Exception as e:  # a compiler error, a missing tool, a broken cache: all say why
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _build_error = f"{type(e).__name__}: {first}"
-        unavailable_reason.cache_clear()
+        extension_reason.cache_clear()
         raise RuntimeError(
             f"divattn: building the CUDA extension just in time failed ({_build_error}); "
             "set DIVATTN_BUILD_VERBOSE=1 to see the compiler output"
@@ -211,8 +231,11 @@ def _build():
 
 
 def _lib():
-    """The extension module: ``divattn._C``, or the one built just in time (once)."""
+    """The extension module: ``divattn._C``, or the one built just in time (once); under
+    ``DIVATTN_CUDA_EMULATE=1`` the emulated one."""
     global _module, _mode
+    if cuda_emulator.enabled():
+        return cuda_emulator.binding()
     if _module is not None:
         return _module
     with _lock:
@@ -222,7 +245,7 @@ def _lib():
         if module is not None:
             _module, _mode = module, "ahead-of-time"
             return _module
-        why = unavailable_reason()
+        why = extension_reason()
         if why is not None:
             raise RuntimeError(f"divattn: backend='cuda' cannot run: {why}")
         _module, _mode = _build(), "just-in-time"
@@ -299,7 +322,7 @@ def build_info() -> list:
             lines.append(f"extension: {load_error}")
         else:
             lines.append("extension: not built ahead of time (install with DIVATTN_BUILD_CUDA=1 to do so)")
-        if unavailable_reason() is None:
+        if extension_reason() is None:
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
             archs = ", ".join(f"sm_{a}" for a in _jit_archs())
             lines.append(f"extension: built just in time on first use for {archs}, cached under {root}")
@@ -309,5 +332,6 @@ def build_info() -> list:
     return lines
 
 
-__all__ = ["forward", "backward", "unavailable_reason", "device_reason", "build_info", "arch_reason",
+__all__ = ["forward", "backward", "unavailable_reason", "extension_reason", "device_reason", "build_info",
+           "arch_reason",
            "parse_archs", "gencode_flags"]

@@ -54,6 +54,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def emulating_cuda() -> bool:
+    """``DIVATTN_CUDA_EMULATE=1``: the cuda backend's kernels run emulated on CPU tensors."""
+    return os.environ.get("DIVATTN_CUDA_EMULATE", "0") == "1"
+
+
 class OpsModule(Protocol):
     """A module that computes the ops in PyTorch (:mod:`divattn.ops.torch_backend`,
     :mod:`divattn.ops.reference`): each function returns the public op's output."""
@@ -94,7 +99,8 @@ class Backend:
     """What one backend can run, as data; subclasses say how it runs.
 
     ``device_types``: tensor device types served; ``cpu_needs_interpreter``: CPU
-    tensors are served only under ``TRITON_INTERPRET=1``; ``interpreter_dtypes``: the
+    tensors are served only under ``TRITON_INTERPRET=1``; ``cpu_needs_emulator``: CPU
+    tensors are served only under ``DIVATTN_CUDA_EMULATE=1``; ``interpreter_dtypes``: the
     dtypes trusted under the interpreter; ``max_head_dim``: largest D;
     ``min_capability``: the oldest CUDA compute capability served;
     ``runtime_reason``: why the backend cannot run at all, or None (a process
@@ -110,6 +116,7 @@ class Backend:
     ops: tuple = OPS
     features: tuple = tuple(FEATURES)
     cpu_needs_interpreter: bool = False
+    cpu_needs_emulator: bool = False
     interpreter_dtypes: tuple = ()
     min_capability: tuple = (0, 0)
     runtime_reason: Callable[[], Optional[str]] = field(default=lambda: None)
@@ -134,7 +141,9 @@ class Backend:
         if dtype not in self.dtypes:
             reasons.append(f"dtype {dtype} is not supported (supported: {', '.join(map(str, self.dtypes))})")
         kind = device.type
-        if kind not in self.device_types:
+        if kind == "cpu" and self.cpu_needs_emulator and emulating_cuda():
+            pass  # the kernels run emulated on the host (divattn.ops.cuda_emulator)
+        elif kind not in self.device_types:
             reasons.append(f"device type {kind!r} is not supported (supported: {', '.join(self.device_types)})")
         elif kind == "cuda" and not torch.cuda.is_available():
             reasons.append("no CUDA device is available (torch.cuda.is_available() is False)")
@@ -238,6 +247,7 @@ BACKENDS = _Registry(
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda",),
         max_head_dim=128,
+        cpu_needs_emulator=True,
         min_capability=(8, 0),
         runtime_reason=_cuda_runtime_reason,
         device_reason=cuda_ext.device_reason,
@@ -262,8 +272,9 @@ def _fitting(op: str, dtype: torch.dtype, device: torch.device, backend: Optiona
     dim and a change of availability (memoised; a constant under ``torch.compile``)."""
     # the environment, read only where it can matter (an os.environ read costs a microsecond)
     default = os.environ.get("DIVATTN_BACKEND") if backend is None else None
-    interp = os.environ.get("TRITON_INTERPRET") if device.type == "cpu" else None
-    key = (op, dtype, device, backend, features, default, interp)
+    emulated = (os.environ.get("TRITON_INTERPRET"), os.environ.get("DIVATTN_CUDA_EMULATE")) \
+        if device.type == "cpu" else None
+    key = (op, dtype, device, backend, features, default, emulated)
     names = _CHOICES.get(key)
     if names is None:
         if backend is None:

@@ -1,0 +1,76 @@
+"""The global-memory traffic of the CUDA kernels, counted by the emulator, against the least a
+pass can move, at TimeSformer-B head geometry (B=1, 2 heads, T=8, N=196, D=64, fp16, the
+qkv projection's (h w t) layout): within 1.25x forward and 1.5x backward. Also: the
+tensor-core kernels run their products on mma, feed them with ldmatrix, copy with cp.async
+and have no shared-memory bank conflict in any ldmatrix.
+
+Traffic is counted as the Triton backend's is (divattn.kernels_report.traffic): per block,
+the distinct 32-byte sectors it reads and writes, summed over blocks and launches. It is a
+model of the traffic, not a measurement on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import divattn
+from divattn.flops import attention_bytes
+from divattn.ops import cuda_emulator, split_qkv
+
+B, T, N, H, D = 1, 8, 196, 2, 64
+LIMIT = {"fwd": 1.25, "bwd": 1.5}
+TENSOR_CORE_KERNELS = ("attn_fwd_mma_kernel", "attn_bwd_mma_kernel")
+
+
+def run_pass(op: str, pass_: str, dtype=torch.float16) -> list:
+    """The launch records of one pass of ``op`` on the cuda backend."""
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, 1 + N * T, 3, H, D, generator=gen).mul(0.5).to(dtype).requires_grad_()
+    q, k, v, cls = split_qkv(qkv, T, N, order="hwt", has_cls=True)
+
+    def forward():
+        if op == "temporal":
+            return (divattn.temporal_attention(q, k, v, backend="cuda"),)
+        if op == "spatial":
+            return (divattn.spatial_attention(q, k, v, backend="cuda"),)
+        return divattn.spatial_attention(q, k, v, cls, backend="cuda")
+
+    if pass_ == "fwd":
+        with cuda_emulator.counting() as records:
+            forward()
+        return records
+    outs = forward()
+    grads = [torch.randn(o.shape, generator=gen).to(dtype) for o in outs]
+    with cuda_emulator.counting() as records:
+        torch.autograd.grad(outs, qkv, grads)
+    return records
+
+
+def q_shape(op: str) -> tuple:
+    return (B, T, N, H, D)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "bwd"])
+@pytest.mark.parametrize("op", ["temporal", "spatial", "spatial_cls"])
+def test_traffic_is_near_the_minimum(op, pass_):
+    records = run_pass(op, pass_)
+    minimum = attention_bytes(op, q_shape(op), 2, pass_)
+    moved = sum(r["load_sectors"] + r["store_sectors"] for r in records) * 32
+    ratio = moved / minimum
+    detail = ", ".join(f"{r['kernel']} {(r['load_sectors'] + r['store_sectors']) * 32 / minimum:.3f}" for r in records)
+    assert ratio <= LIMIT[pass_], f"{op} {pass_}: {ratio:.3f}x the minimum ({detail})"
+    # every input is read: a global access that bypassed gld() would show as too few loads
+    reads = {"fwd": 3, "bwd": 5}[pass_] * minimum / {"fwd": 4, "bwd": 8}[pass_]
+    assert sum(r["load_sectors"] for r in records) * 32 >= reads * 0.99, detail
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "bwd"])
+@pytest.mark.parametrize("op", ["temporal", "spatial_cls"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_tensor_core_kernels_use_mma_ldmatrix_and_cp_async_without_bank_conflicts(op, pass_, dtype):
+    records = [r for r in run_pass(op, pass_, dtype) if r["kernel"] in TENSOR_CORE_KERNELS]
+    assert len(records) == 1, records
+    (r,) = records
+    assert r["mma"] > 0 and r["ldmatrix"] > 0 and r["cp_async"] > 0, r
+    assert r["ldmatrix_wavefronts"] == r["ldmatrix"], f"bank conflicts: {r}"
