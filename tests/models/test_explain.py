@@ -30,9 +30,10 @@ def test_divided_matrices_reproduce_the_ops():
     torch.testing.assert_close(_spatial_matrix(ps) @ values, out.view(B, 1 + N * T, D))
 
 
+@pytest.mark.parametrize("backend", ["torch", None], ids=["torch", "default"])
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time", "space_only"])
-def test_timesformer_attention_maps(attention_type):
-    m = randomize(tiny("timesformer_base", attention_type=attention_type, num_frames=4))
+def test_timesformer_attention_maps(attention_type, backend):
+    m = randomize(tiny("timesformer_base", attention_type=attention_type, num_frames=4, backend=backend))
     x = video(T=4)
     maps = m.attention_maps(x)
     assert len(maps) == 2

@@ -33,9 +33,11 @@ def test_features_pooling_and_heads(name, kw, T, tokens):
         assert m(x.double()).shape == (2, 7)
 
 
+@pytest.mark.parametrize("backend", ["torch", None], ids=["torch", "default"])
 @pytest.mark.parametrize("name,kw,T,tokens", MODELS)
-def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients(name, kw, T, tokens, monkeypatch):
-    m = randomize(tiny(name, **kw)).train()
+def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients(name, kw, T, tokens, backend, monkeypatch):
+    """With the default backend (here auto-dispatch to the Triton kernels) too."""
+    m = randomize(tiny(name, **kw, backend=backend)).train()
     x = video(T=T)
     m(x).square().sum().backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}
