@@ -18,15 +18,15 @@ def device():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The ops that reach a kernel backend (``divattn.ops.functions.run``), in call order."""
+    """The ops that reach a kernel backend (the custom op ``divattn.ops.functions.attn_fwd``), in call order."""
     import divattn.ops.functions
 
     calls = []
-    real = divattn.ops.functions.run
+    real = divattn.ops.functions.attn_fwd
 
-    def run(backend, op, *args, **kwargs):
+    def attn_fwd(srcs, geom, op, *args):
         calls.append(op)
-        return real(backend, op, *args, **kwargs)
+        return real(srcs, geom, op, *args)
 
-    monkeypatch.setattr(divattn.ops.functions, "run", run)
+    monkeypatch.setattr(divattn.ops.functions, "attn_fwd", attn_fwd)
     return calls

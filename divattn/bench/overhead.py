@@ -95,7 +95,11 @@ def _launch_codes() -> tuple:
         codes.append(interpreter.InterpretedFunction.run.__code__)
     except Exception:  # no triton: only the torch backend's launches exist
         pass
-    return tuple(codes), (F.scaled_dot_product_attention,)
+    builtins = [F.scaled_dot_product_attention]
+    flash = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is not None:
+        builtins.append(flash)
+    return tuple(codes), tuple(builtins)
 
 
 def frames_to_launch(call: Callable[[], object], public: Callable, *,
@@ -103,8 +107,8 @@ def frames_to_launch(call: Callable[[], object], public: Callable, *,
     """Python frames from ``public`` (counted) to the frame that launches the first kernel
     (counted), while ``call()`` runs; None if no launch happened below ``public``.
 
-    A launch is a Triton kernel's ``run``, a call of ``F.scaled_dot_product_attention``, or
-    of a ``torch.ops`` op that computes attention (aten's flash or efficient attention).
+    A launch is a Triton kernel's ``run``, a call of ``F.scaled_dot_product_attention`` or
+    of torch's CPU flash attention, or of a ``torch.ops`` op that computes attention.
     The divattn custom ops are the path, not a launch: frames inside them count.
     """
     target = getattr(public, "__wrapped__", public).__code__

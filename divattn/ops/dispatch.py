@@ -185,16 +185,20 @@ class KernelBackend(Backend):
     def kernels(self) -> functions.KernelModule:
         return functions.KERNELS[self.name]()
 
+    # attn_fwd returns (token buffer, log-sum-exp, cls scratch): the buffer is
+    # (B, [1 +] T*N, H, D) in q's token order, or (B, L, H, D) for joint attention.
     def temporal(self, q, k, v, scale, causal):
-        return patch_view(functions.run(self.name, "temporal", (q, k, v), scale, causal), q, has_cls=False)
+        buf = functions.attn_fwd(*functions.sources((q, k, v)), "temporal", False, scale, self.name, causal)[0]
+        return patch_view(buf, q, has_cls=False)
 
     def spatial(self, q, k, v, scale, cls):
         if cls is None:
-            return patch_view(functions.run(self.name, "spatial", (q, k, v), scale, False), q, has_cls=False)
-        return functions.run(self.name, "spatial", (q, k, v, *cls), scale, False)
+            buf = functions.attn_fwd(*functions.sources((q, k, v)), "spatial", False, scale, self.name, False)[0]
+            return patch_view(buf, q, has_cls=False)
+        return functions.attn_fwd(*functions.sources((q, k, v, *cls)), "spatial", True, scale, self.name, False)[0]
 
     def joint(self, q, k, v, scale):
-        return functions.run(self.name, "joint", (q, k, v), scale, False)
+        return functions.attn_fwd(*functions.sources((q, k, v)), "joint", False, scale, self.name, False)[0]
 
 
 @dataclass(frozen=True)
@@ -203,14 +207,10 @@ class ComposedBackend(Backend):
 
     impl: Optional[ModuleType] = None
 
-    def temporal(self, q, k, v, scale, causal):
-        return self.impl.temporal(q, k, v, scale, causal)
-
-    def spatial(self, q, k, v, scale, cls):
-        return self.impl.spatial(q, k, v, scale, cls)
-
-    def joint(self, q, k, v, scale):
-        return self.impl.joint(q, k, v, scale)
+    def __post_init__(self):
+        # the module's functions themselves, so that a call goes straight to them
+        for op in ("temporal", "spatial", "joint"):
+            object.__setattr__(self, op, getattr(self.impl, op))
 
 
 _CHOICES: dict = {}

@@ -280,11 +280,3 @@ def _backward(ctx, d_buf, d_lse, d_cls_frames, d_lse_cls):
 
 torch.library.register_autograd("divattn::attn_fwd", _backward, setup_context=_setup_context)
 
-
-def run(backend: str, op: str, views: tuple, scale: float, causal: bool) -> torch.Tensor:
-    """``op`` on the kernel ``backend`` through the custom op: ``views`` are q, k, v and, for
-    spatial attention with cls, the cls q, k, v. Returns the token-major output buffer:
-    ``(B, [1 +] T*N, H, D)`` in q's token order, or ``(B, L, H, D)`` for joint attention."""
-    srcs, geom = sources(views)
-    return attn_fwd(srcs, geom, op, len(views) > 3, scale, backend, causal)[0]
-

@@ -19,8 +19,7 @@ import torch
 
 from divattn.ops import cuda_emulator
 
-from ..ops import test_causal as causal
-from ..ops.cases import Case, assert_close_to_reference
+from ..ops.cases import C, Case, Causal, assert_causal_close_to_reference, assert_close_to_reference
 from . import test_shim
 
 
@@ -31,12 +30,12 @@ class Mutation:
     file: str
     old: str
     new: str
-    case: object  # a Case of the op grid or a Causal of tests/ops/test_causal.py
+    case: object  # a Case or a Causal (tests/ops/cases.py)
     dtype: torch.dtype
 
     def check(self):
-        if isinstance(self.case, causal.Causal):
-            causal._assert_close_to_reference(self.case, "cuda", self.dtype)
+        if isinstance(self.case, Causal):
+            assert_causal_close_to_reference(self.case, "cuda", self.dtype)
         else:
             assert_close_to_reference(self.case, "cuda", self.dtype)
 
@@ -59,7 +58,7 @@ MUTATIONS = [
              "    const int64_t key = start + lane;", Case("spatial", 1, 3, 49, 2, 64, "hwt"), torch.float32),
     Mutation("dq-sum-every-block", "causal dq summed over every key block, also those that skipped the query",
              "attn_bwd_mma.cu", "kb < blocks && static_cast<int64_t>(kb) * block_keys <= seen", "kb < blocks",
-             causal.C(140, 140, 1, 1, 128, "hwt", B=1), torch.float16),
+             C(140, 140, 1, 1, 128, "hwt", B=1), torch.float16),
 ]
 
 

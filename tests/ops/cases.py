@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 
 import divattn
@@ -21,7 +22,8 @@ FACTOR = 2.0
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 KERNEL_BACKENDS = [name for name, be in BACKENDS.items() if isinstance(be, KernelBackend)]
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+# bf16 runs where a backend computes it right (on a GPU, and the emulated cuda kernels on a CPU)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def skip_reason(backend: str, op: str, dtype: torch.dtype, head_dim: int = 64):
@@ -257,3 +259,106 @@ def copies_outside_ops(prof):
         e.name for e in events
         if e.name in COPIES and not any(s <= e.time_range.start and e.time_range.end <= t for s, t in ops)
     })
+
+
+@dataclass(frozen=True)
+class Causal:
+    """A temporal :class:`Case` whose queries are the last ``tq`` of its ``T`` frames."""
+
+    case: Case
+    tq: int
+    causal: bool = True
+
+    @property
+    def id(self) -> str:
+        return f"{self.case.id}-Tq{self.tq}-{'causal' if self.causal else 'full'}"
+
+
+def C(T, tq, N, H, D, order, layout="packed", causal=True, B=2):
+    return Causal(Case("temporal", B, T, N, H, D, order, layout), tq, causal)
+
+
+CAUSAL_CASES = [
+    # Tq == Tk: the full causal forward, T over {1, 3, 8, 13} and 40 (two 32-row tiles)
+    C(1, 1, 7, 2, 40, "thw"),
+    C(3, 3, 7, 2, 64, "hwt"),
+    C(8, 8, 5, 2, 72, "thw", "separate"),
+    C(13, 13, 3, 2, 40, "hwt", "transposed"),
+    C(8, 8, 5, 1, 64, "hwt", "sliced"),
+    C(13, 13, 3, 2, 40, "thw", "expanded"),
+    C(40, 40, 2, 1, 64, "hwt", B=1),
+    # Tq < Tk: the last frames against all frames so far, causal and not
+    C(8, 3, 5, 2, 64, "thw"),
+    C(13, 1, 3, 2, 40, "hwt", "separate"),
+    C(13, 5, 3, 2, 72, "hwt", "transposed", causal=False),
+    C(40, 2, 2, 1, 40, "thw", "sliced", B=1),
+    C(3, 1, 7, 2, 64, "thw", "expanded", causal=False),
+]
+
+
+def causal_views(cc: Causal, leaves):
+    q, k, v, _ = make_views(cc.case, leaves)
+    return q[:, cc.case.T - cc.tq:], k, v
+
+
+def assert_causal_close_to_reference(cc: Causal, backend: str, dtype: torch.dtype):
+    """:func:`assert_close_to_reference` for temporal attention with the last ``cc.tq`` query frames."""
+
+    def fn(leaves, backend):
+        return (divattn.temporal_attention(*causal_views(cc, leaves), causal=cc.causal, backend=backend),)
+
+    assert_close_to_reference(cc.case, backend, dtype, fn=fn)
+
+
+# Isolation cases: one poisoned element of q, k, v, a cls vector or the upstream gradient.
+ISO_B, ISO_T, ISO_H, ISO_D = 1, 8, 2, 16
+POS = dict(b=0, t=3, n=5, h=1, d=2)  # the poisoned element
+# (op, N): temporal packs 8-frame sequences; spatial N=7 (+cls: 8 rows) packs frames.
+ISOLATION_OPS = [("temporal", 16), ("spatial", 7), ("spatial_cls", 7), ("spatial_cls", 16)]
+TILES = ["interpreter", "sm90"]
+
+
+def poisoned_qkv(op: str, N: int, order: str, where: str, value: float, dtype: torch.dtype):
+    """A ``(B, [1 +] N*T, 3, H, D)`` qkv and an upstream gradient, one element of ``where`` set to ``value``."""
+    has_cls = op == "spatial_cls"
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(ISO_B, int(has_cls) + N * ISO_T, 3, ISO_H, ISO_D, generator=gen, dtype=torch.float64)
+    grad = torch.randn(ISO_B, int(has_cls) + N * ISO_T, ISO_H, ISO_D, generator=gen, dtype=torch.float64)
+    b, t, n, h, d = POS.values()
+    token = int(has_cls) + (n * ISO_T + t if order == "hwt" else t * N + n)
+    if where in ("q", "k", "v"):
+        qkv[b, token, "qkv".index(where), h, d] = value
+    elif where in ("q_cls", "k_cls", "v_cls"):
+        qkv[b, 0, "qkv".index(where[0]), h, d] = value
+    elif where == "do":
+        grad[b, token, h, d] = value
+    elif where == "do_cls":
+        grad[b, 0, h, d] = value
+    return qkv.to(dtype), grad.to(dtype)
+
+
+def isolation_run(op: str, N: int, order: str, qkv: torch.Tensor, grad: torch.Tensor, backend):
+    """The output tokens ``(B, [1 +] T*N, ...)`` in storage order and the qkv gradient."""
+    has_cls = op == "spatial_cls"
+    qkv = qkv.detach().to(DEVICE).requires_grad_(True)
+    views = divattn.split_qkv(qkv, ISO_T, N, order=order, has_cls=has_cls)
+    q, k, v = views[:3]
+    if has_cls:
+        out = divattn.ops.spatial_attention_tokens(q, k, v, views[3], backend=backend)
+    else:
+        fn = divattn.temporal_attention if op == "temporal" else divattn.spatial_attention
+        out = divattn.tokens_major(fn(q, k, v, backend=backend))
+    (d_qkv,) = torch.autograd.grad(out, qkv, grad.to(DEVICE).reshape(out.shape))
+    return out.detach(), d_qkv
+
+
+WHERE = ["q", "k", "v", "do"]
+WHERE_CLS = WHERE + ["q_cls", "k_cls", "v_cls", "do_cls"]
+# NaN and inf alternate over the poisoned tensors, the other way round in the other order.
+ISOLATION_CASES = [
+    pytest.param(op, N, order, where, value, id=f"{op}-N{N}-{order}-{where}-{value}")
+    for op, N in ISOLATION_OPS
+    for j, order in enumerate(("hwt", "thw"))
+    for i, where in enumerate(WHERE_CLS if op == "spatial_cls" else WHERE)
+    for value in [(math.nan, math.inf)[(i + j) % 2]]
+]

@@ -24,3 +24,19 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
     monkeypatch.setattr(torch, "empty_strided", lambda *a, **k: poison(empty_strided(*a, **k)))
     yield
+
+
+@pytest.fixture(autouse=True)
+def cuda_kernels_emulated(request, monkeypatch):
+    """Without a GPU, a test of ``backend="cuda"`` runs the CUDA kernels emulated on the CPU
+    (:mod:`divattn.ops.cuda_emulator`); where the emulator cannot be built it skips with
+    the dispatcher's reason, as it would without it."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "cuda" or torch.cuda.is_available():
+        yield
+        return
+    from divattn.ops import cuda_emulator
+
+    if cuda_emulator.unavailable_reason() is None:
+        monkeypatch.setenv(cuda_emulator.ENV, "1")
+    yield

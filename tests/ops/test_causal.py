@@ -5,7 +5,6 @@ torch.compile, and the launchers' ``causal`` flag."""
 
 import dataclasses
 import re
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from divattn import BackendError
 from divattn.ops import BACKENDS, dispatch, reference, split_qkv, tokens_major
 
 from ..conftest import DEVICE
-from .cases import Case, Spy, assert_close_to_reference, copies_outside_ops, make_views, packed_qkv
+from .cases import CAUSAL_CASES, Spy, assert_causal_close_to_reference, copies_outside_ops, packed_qkv
 
 BACKEND_NAMES = [name for name in BACKENDS if name != "reference"]
 
@@ -31,65 +30,18 @@ def _needs(backend: str, dtype=torch.float32, features=("causal",), head_dim=64)
         pytest.skip(f"{backend}: {'; '.join(reasons)}")
 
 
-@dataclass(frozen=True)
-class Causal:
-    """A temporal :class:`Case` whose queries are the last ``tq`` of its ``T`` frames."""
-
-    case: Case
-    tq: int
-    causal: bool = True
-
-    @property
-    def id(self) -> str:
-        return f"{self.case.id}-Tq{self.tq}-{'causal' if self.causal else 'full'}"
-
-
-def C(T, tq, N, H, D, order, layout="packed", causal=True, B=2):
-    return Causal(Case("temporal", B, T, N, H, D, order, layout), tq, causal)
-
-
-CASES = [
-    # Tq == Tk: the full causal forward, T over {1, 3, 8, 13} and 40 (two 32-row tiles)
-    C(1, 1, 7, 2, 40, "thw"),
-    C(3, 3, 7, 2, 64, "hwt"),
-    C(8, 8, 5, 2, 72, "thw", "separate"),
-    C(13, 13, 3, 2, 40, "hwt", "transposed"),
-    C(8, 8, 5, 1, 64, "hwt", "sliced"),
-    C(13, 13, 3, 2, 40, "thw", "expanded"),
-    C(40, 40, 2, 1, 64, "hwt", B=1),
-    # Tq < Tk: the last frames against all frames so far, causal and not
-    C(8, 3, 5, 2, 64, "thw"),
-    C(13, 1, 3, 2, 40, "hwt", "separate"),
-    C(13, 5, 3, 2, 72, "hwt", "transposed", causal=False),
-    C(40, 2, 2, 1, 40, "thw", "sliced", B=1),
-    C(3, 1, 7, 2, 64, "thw", "expanded", causal=False),
-]
-
-
-def _views(cc: Causal, leaves):
-    q, k, v, _ = make_views(cc.case, leaves)
-    return q[:, cc.case.T - cc.tq:], k, v
-
-
-def _assert_close_to_reference(cc: Causal, backend: str, dtype: torch.dtype):
-    def fn(leaves, backend):
-        return (divattn.temporal_attention(*_views(cc, leaves), causal=cc.causal, backend=backend),)
-
-    assert_close_to_reference(cc.case, backend, dtype, fn=fn)
-
-
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
-@pytest.mark.parametrize("cc", [pytest.param(c, id=c.id) for c in CASES])
+@pytest.mark.parametrize("cc", [pytest.param(c, id=c.id) for c in CAUSAL_CASES])
 def test_matches_reference(cc, backend):
     _needs(backend, torch.float32, _features(cc.tq, cc.case.T, cc.causal), cc.case.D)
-    _assert_close_to_reference(cc, backend, torch.float32)
+    assert_causal_close_to_reference(cc, backend, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
-@pytest.mark.parametrize("cc", [pytest.param(c, id=c.id) for c in (CASES[2], CASES[7])])
+@pytest.mark.parametrize("cc", [pytest.param(c, id=c.id) for c in (CAUSAL_CASES[2], CAUSAL_CASES[7])])
 def test_matches_reference_fp16(cc, backend):
     _needs(backend, torch.float16, _features(cc.tq, cc.case.T, cc.causal), cc.case.D)
-    _assert_close_to_reference(cc, backend, torch.float16)
+    assert_causal_close_to_reference(cc, backend, torch.float16)
 
 
 def test_reference_mask_is_bottom_right():

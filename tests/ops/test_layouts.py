@@ -6,7 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import divattn
-from divattn.ops import BACKENDS, split_qkv, spatial_attention_tokens, tokens_major
+from divattn.ops import split_qkv, spatial_attention_tokens, tokens_major
 
 from ..conftest import DEVICE
 from .cases import Case, Spy, assert_close_to_reference, copies_outside_ops, packed_qkv, skip_reason

@@ -1,11 +1,11 @@
 """Every op, forward and all gradients, against the fp64 reference on every kernel backend.
 
 The grid is generated from the backends' declared capabilities: a backend that cannot
-run here (the CUDA extension on a CPU machine) is skipped with the dispatcher's reason.
+run here is skipped with the dispatcher's reason. Without a GPU the cuda backend's kernels
+run emulated on the CPU (tests/ops/conftest.py), and the Triton kernels in the interpreter.
 """
 
 import pytest
-import torch
 
 from .cases import CASES, DTYPES, KERNEL_BACKENDS, assert_close_to_reference, skip_reason
 
