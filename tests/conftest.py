@@ -18,15 +18,15 @@ def device():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The ops that reach a kernel backend (the custom op ``divattn.ops.functions.attn_fwd``), in call order."""
+    """The ops that reach a kernel backend (``divattn.ops.functions.attention``), in call order."""
     import divattn.ops.functions
 
     calls = []
-    real = divattn.ops.functions.attn_fwd
+    real = divattn.ops.functions.attention
 
-    def attn_fwd(srcs, geom, op, *args):
+    def attention(backend, op, *args):
         calls.append(op)
-        return real(srcs, geom, op, *args)
+        return real(backend, op, *args)
 
-    monkeypatch.setattr(divattn.ops.functions, "attn_fwd", attn_fwd)
+    monkeypatch.setattr(divattn.ops.functions, "attention", attention)
     return calls

@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--modelled", default=None, metavar="PATH",
                         help="also write modelled H100 records (counted traffic, no GPU) to PATH, a file of their own")
     parser.add_argument("--modelled-only", action="store_true", help="with --modelled: write them and time nothing")
+    parser.add_argument("--overhead", action="store_true",
+                        help="print what the op call path costs on a tiny input (per-call time over SDPA, the "
+                             "kernel backends' Python with launchers that do nothing, frames to the launch), and exit")
 
 
 def _csv(value):
@@ -96,6 +99,13 @@ def main(args) -> int:
 
     from . import providers, records, roofline, shapes, suite, timing
 
+    if args.overhead:
+        from . import overhead
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        print("\n".join(overhead.report()))
+        return 0
     if args.list:
         for name, s in {**shapes.ALL_SHAPES, **shapes.ALL_MODELS}.items():
             print(f"{name:32s} {s.label}")

@@ -8,7 +8,11 @@ the medians is what the path adds. :func:`frames_to_launch` counts the Python fr
 from the public function down to the call that launches the kernel (a Triton launch,
 the CPU flash attention op, or SDPA): a structural figure, the same on every machine.
 
-``python -m divattn bench --overhead`` prints both.
+:func:`kernel_path_overhead` times the kernel backends' path with launchers that do
+nothing: the Python a call of the Triton or CUDA backend costs before and after its
+kernels, which a GPU kernel of a few tens of microseconds waits on.
+
+``python -m divattn bench --overhead`` prints all three.
 """
 
 from __future__ import annotations
@@ -83,6 +87,46 @@ def call_overhead(backend: str = "torch", *, order: str = "hwt", rounds: int = 2
     return out
 
 
+def kernel_path_overhead(backend: str = "triton", *, rounds: int = 2000, warmup: int = 200) -> dict:
+    """{pass: median µs of ``divattn.temporal_attention`` on the tiny input} with ``backend``'s
+    launchers replaced by ones that return at once (nothing is computed)."""
+    from .. import temporal_attention
+    from ..ops import functions
+
+    class NoKernels:
+        @staticmethod
+        def forward(*args, **kwargs):
+            return None
+
+        backward = forward
+
+    real = functions.KERNELS[backend]
+    functions.KERNELS[backend] = NoKernels
+    try:
+        out = {}
+        for pass_ in ("fwd", "fwd+grad", "fwd+bwd"):
+            grad = pass_ != "fwd"
+            _, (q, k, v), _ = _tiny_inputs(grad, "hwt", torch.Generator().manual_seed(0))
+
+            def call():
+                o = temporal_attention(q, k, v, backend=backend)
+                if pass_ == "fwd+bwd":
+                    o.sum().backward()
+
+            with torch.no_grad() if pass_ == "fwd" else torch.enable_grad():
+                for _ in range(warmup):
+                    call()
+                times = []
+                for _ in range(rounds):
+                    t0 = time.perf_counter_ns()
+                    call()
+                    times.append(time.perf_counter_ns() - t0)
+            out[pass_] = statistics.median(times) / 1e3
+        return out
+    finally:
+        functions.KERNELS[backend] = real
+
+
 def _launch_codes() -> tuple:
     """Code objects whose call is a kernel launch, and builtins whose call is one."""
     codes = [torch._ops.OpOverload.__call__.__code__]
@@ -148,6 +192,25 @@ def frames_to_launch(call: Callable[[], object], public: Callable, *,
     finally:
         sys.setprofile(old)
     return found[0] if found else None
+
+
+def report(backends=("torch", "triton")) -> list:
+    """Lines for ``divattn bench --overhead``."""
+    from ..ops.dispatch import BACKENDS
+
+    B, T, N, H, D = TINY.values()
+    lines = [f"tiny input: B={B}, T={T}, N={N}, H={H}, D={D}, fp32, (h w t) order, medians of interleaved calls (µs)"]
+    for pass_, (ours, sdpa, diff) in call_overhead("torch").items():
+        lines.append(f"  torch backend {pass_:9s} {ours:8.1f}   SDPA alone {sdpa:8.1f}   overhead {diff:8.1f}")
+    for backend in backends:
+        if backend == "torch" or BACKENDS[backend].unavailable_reason() is not None:
+            continue
+        for pass_, t in kernel_path_overhead(backend).items():
+            lines.append(f"  {backend} path, launchers doing nothing, {pass_:9s} {t:8.1f}")
+    depths = path_depths(tuple(b for b in backends if BACKENDS[b].unavailable_reason() is None))
+    lines.append("Python frames from the public op to the kernel launch: "
+                 + ", ".join(f"{b} {op} {d}" for (b, op), d in depths.items()))
+    return lines
 
 
 def path_depths(backends=("torch",)) -> dict:

@@ -185,20 +185,16 @@ class KernelBackend(Backend):
     def kernels(self) -> functions.KernelModule:
         return functions.KERNELS[self.name]()
 
-    # attn_fwd returns (token buffer, log-sum-exp, cls scratch): the buffer is
-    # (B, [1 +] T*N, H, D) in q's token order, or (B, L, H, D) for joint attention.
     def temporal(self, q, k, v, scale, causal):
-        buf = functions.attn_fwd(*functions.sources((q, k, v)), "temporal", False, scale, self.name, causal)[0]
-        return patch_view(buf, q, has_cls=False)
+        return patch_view(functions.attention(self.name, "temporal", (q, k, v), scale, causal), q, has_cls=False)
 
     def spatial(self, q, k, v, scale, cls):
         if cls is None:
-            buf = functions.attn_fwd(*functions.sources((q, k, v)), "spatial", False, scale, self.name, False)[0]
-            return patch_view(buf, q, has_cls=False)
-        return functions.attn_fwd(*functions.sources((q, k, v, *cls)), "spatial", True, scale, self.name, False)[0]
+            return patch_view(functions.attention(self.name, "spatial", (q, k, v), scale, False), q, has_cls=False)
+        return functions.attention(self.name, "spatial", (q, k, v, *cls), scale, False)
 
     def joint(self, q, k, v, scale):
-        return functions.attn_fwd(*functions.sources((q, k, v)), "joint", False, scale, self.name, False)[0]
+        return functions.attention(self.name, "joint", (q, k, v), scale, False)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Autograd and ``torch.library`` registration of the kernel backends.
 
-The forward and backward are the custom ops ``divattn::attn_fwd`` and
-``divattn::attn_bwd`` (with fake implementations), tied together with
-``torch.library.register_autograd``, so they train, ``torch.compile`` (fullgraph)
-treats them as opaque calls, and ``FlopCounterMode`` can count them. The ops take the
-backend's name; :data:`KERNELS` imports its kernel module, which follows the
-:class:`KernelModule` contract. Temporal q may have fewer frames (Tq) than k and v (Tk):
+:func:`attention` runs an op on a kernel backend. Traced or transformed calls
+(``torch.compile``, ``torch.export``, ``FlopCounterMode``, fake tensors, ``torch.func``)
+go through the custom ops ``divattn::attn_fwd`` and ``divattn::attn_bwd`` (with fake
+implementations), tied together with ``torch.library.register_autograd``, so they
+compile fullgraph as opaque calls and are counted; eager calls run the same forward and
+backward as one ``autograd.Function`` (:class:`_Eager`), without the dispatcher's
+per-call cost. Both take the backend's name; :data:`KERNELS` imports its kernel module,
+which follows the :class:`KernelModule` contract. Temporal q may have fewer frames (Tq) than k and v (Tk):
 the output and the log-sum-exp rows follow q.
 
 The ops take q/k/v (and the cls q/k/v) as *sources plus geometry*: when they are all
@@ -17,6 +19,7 @@ to the projection's backward as is: no per-view zero-fill, scatter and sum.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -181,11 +184,8 @@ def _out_views(op: str, has_cls: bool, q: torch.Tensor, buf: torch.Tensor):
     return patch_view(buf, q, has_cls=has_cls), (buf[:, 0] if has_cls else None)
 
 
-@torch.library.custom_op("divattn::attn_fwd", mutates_args=())
-def attn_fwd(
-    srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    views = _decode(srcs, geom)
+def _forward(views: Sequence[torch.Tensor], op: str, has_cls: bool, scale: float, backend: str, causal: bool):
+    """Allocate the outputs and run the backend's forward kernels: (buf, lse, cls_frames, lse_cls)."""
     q, k, v = views[:3]
     buf, lse, cls_frames, lse_cls = _outputs(op, has_cls, q)
     o, o_cls = _out_views(op, has_cls, q, buf)
@@ -194,6 +194,13 @@ def attn_fwd(
         cls=tuple(views[3:]) if has_cls else None, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls,
     )
     return buf, lse, cls_frames, lse_cls
+
+
+@torch.library.custom_op("divattn::attn_fwd", mutates_args=())
+def attn_fwd(
+    srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(_decode(srcs, geom), op, has_cls, scale, backend, causal)
 
 
 @attn_fwd.register_fake
@@ -229,11 +236,8 @@ def _grads(srcs: Sequence[torch.Tensor], geom: Sequence[int]):
     return [torch.zeros_like(s) for s in srcs]
 
 
-@torch.library.custom_op("divattn::attn_bwd", mutates_args=())
-def attn_bwd(
-    srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
-    buf: torch.Tensor, d_buf: torch.Tensor, lse: torch.Tensor, cls_frames: torch.Tensor, lse_cls: torch.Tensor,
-) -> list[torch.Tensor]:
+def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, buf, d_buf, lse, cls_frames, lse_cls) -> list:
+    """Gradient buffers for the sources, written by the backend's backward kernels."""
     views = _decode(srcs, geom)
     q, k, v = views[:3]
     if op == "temporal" and q.numel() == 0:
@@ -252,6 +256,14 @@ def attn_bwd(
         do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls,
     )
     return grads
+
+
+@torch.library.custom_op("divattn::attn_bwd", mutates_args=())
+def attn_bwd(
+    srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
+    buf: torch.Tensor, d_buf: torch.Tensor, lse: torch.Tensor, cls_frames: torch.Tensor, lse_cls: torch.Tensor,
+) -> list[torch.Tensor]:
+    return _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, buf, d_buf, lse, cls_frames, lse_cls)
 
 
 @attn_bwd.register_fake
@@ -280,3 +292,67 @@ def _backward(ctx, d_buf, d_lse, d_cls_frames, d_lse_cls):
 
 torch.library.register_autograd("divattn::attn_fwd", _backward, setup_context=_setup_context)
 
+
+class _Eager(torch.autograd.Function):
+    """The custom ops' forward and backward as one autograd node, for eager calls.
+
+    The same functions compute (:func:`_forward`, :func:`_backward_kernels`); going
+    through the dispatcher to the custom op instead costs tens of microseconds of Python
+    per call (its autograd and dispatch layers, and re-making the views from the
+    geometry), which a GPU kernel of a few tens of microseconds would wait on. The
+    gradients are the sources', as the custom op's are.
+    """
+
+    @staticmethod
+    def forward(ctx, views, geom, op, has_cls, scale, backend, causal, *srcs):
+        with _profiled("divattn::attn_fwd"):
+            buf, lse, cls_frames, lse_cls = _forward(views, op, has_cls, scale, backend, causal)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse, cls_frames, lse_cls)
+        ctx.n_srcs = len(srcs)
+        ctx.args = (geom, op, has_cls, scale, backend, causal)
+        ctx.save_for_backward(*srcs, buf, lse, cls_frames, lse_cls)
+        return buf, lse, cls_frames, lse_cls
+
+    @staticmethod
+    def backward(ctx, d_buf, *_):
+        saved = ctx.saved_tensors
+        srcs, (buf, lse, cls_frames, lse_cls) = list(saved[:ctx.n_srcs]), saved[ctx.n_srcs:]
+        if d_buf is None:
+            d_buf = torch.zeros_like(buf)
+        with _profiled("divattn::attn_bwd"):
+            grads = _backward_kernels(srcs, *ctx.args, buf, d_buf, lse, cls_frames, lse_cls)
+        return (None,) * 7 + tuple(grads)
+
+
+def _profiled(name: str):
+    """A profiler range named like the custom op, when a profiler runs (else nothing)."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
+def _tracing(srcs: Sequence[torch.Tensor]) -> bool:
+    """Whether something records or transforms the call (torch.compile, torch.export, a
+    dispatch mode such as FlopCounterMode or FakeTensorMode, torch.func), so that it must
+    see the custom op."""
+    return (torch.compiler.is_compiling() or _current_mode() is not None
+            or torch._C._are_functorch_transforms_active() or isinstance(srcs[0], _FAKE))
+
+
+_FAKE = torch._subclasses.FakeTensor
+_current_mode = torch.utils._python_dispatch._get_current_dispatch_mode
+
+
+def attention(backend: str, op: str, views: tuple, scale: float, causal: bool) -> torch.Tensor:
+    """``op`` on the kernel ``backend``: ``views`` are q, k, v and, for spatial attention
+    with cls, the cls q, k, v. Returns the token-major output buffer: ``(B, [1 +] T*N, H, D)``
+    in q's token order, or ``(B, L, H, D)`` for joint attention.
+
+    Eager calls run :class:`_Eager`; traced and transformed ones the custom op
+    ``divattn::attn_fwd`` (with its fake kernel and FLOP formula)."""
+    srcs, geom = sources(views)
+    has_cls = len(views) > 3
+    if _tracing(srcs):
+        return attn_fwd(srcs, geom, op, has_cls, scale, backend, causal)[0]
+    return _Eager.apply(views, geom, op, has_cls, scale, backend, causal, *srcs)[0]
