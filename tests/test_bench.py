@@ -363,3 +363,17 @@ def test_a_case_whose_probe_was_slow_is_timed_again():
     assert ran == 1
     assert timed[0][1]["attempts"] == 1 and timed[1][1]["median_ms"] == 2.2 and timed[1][1]["attempts"] == 2
     assert timing.probe_ms(CPU) > 0 and timing.probe_ms(torch.device("meta")) is None
+
+
+def test_call_path_depth_and_overhead_report():
+    """Frames from the public op to the launch: a structural figure (no timing is asserted)."""
+    from divattn.bench import overhead
+
+    depths = overhead.path_depths(("torch", "triton"))
+    assert all(d is not None for d in depths.values()), depths
+    assert max(d for (b, _), d in depths.items() if b == "torch") <= 6
+    assert max(d for (b, _), d in depths.items() if b == "triton") <= 11
+    times = overhead.kernel_path_overhead("triton", rounds=5, warmup=1)
+    assert set(times) == {"fwd", "fwd+grad", "fwd+bwd"} and all(t > 0 for t in times.values())
+    costs = overhead.call_overhead("torch", rounds=5, warmup=1)
+    assert all(ours > 0 and sdpa > 0 for ours, sdpa, _ in costs.values())
