@@ -401,10 +401,15 @@ def _cls_seqs(q, k, v, cls, ct: torch.dtype) -> list:
 
 
 def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bool):
-    """(out, saved): the op's output, and what the backward needs (the flash inputs, output
-    and log-sum-exp) when ``record``. ``out`` is the ``(B, T, N, H, D)`` patch view of the
-    token buffer for temporal and spatial attention, the ``(B, 1 + T*N, H, D)`` buffer with
-    cls, and ``(B, L, H, D)`` for joint attention."""
+    """(out, saved): the op's output, and what the backward needs when ``record``: the
+    flash inputs, output and log-sum-exp, and the cls query's per-frame outputs (or None).
+    ``out`` is the ``(B, T, N, H, D)`` patch view of the token buffer for temporal and
+    spatial attention, the ``(B, 1 + T*N, H, D)`` buffer with cls, and ``(B, L, H, D)``
+    for joint attention.
+
+    Where ``out`` is a copy of the flash output in q's dtype, the flash output is not kept
+    (None in ``saved``): the backward lays ``out`` out as the flash output again (see
+    :func:`_flash_out`), so one tensor of the output's size is saved, not two."""
     ct = _compute_dtype(q.dtype)
     if op == "joint":
         seqs = [x.transpose(1, 2) if x.dtype == ct else x.to(ct).transpose(1, 2) for x in (q, k, v)]
@@ -412,12 +417,17 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
         buf = o.transpose(1, 2)
         if buf.dtype != q.dtype or not buf.is_contiguous():
             buf = buf.to(q.dtype, memory_format=torch.contiguous_format)
-        return buf, ((*seqs, o, lse) if record else ())
+        return buf, ((*seqs, o, lse, None) if record else ())
     if cls:
         seqs = _cls_seqs(q, k, v, cls, ct)
         o, lse = _flash(*seqs, scale, False)
         o5 = o.as_strided(*_as_patches(o, q.shape[0], _DIMS["spatial"]))  # (B, T, 1 + N, H, D)
-        return _cls_buffer(o5, q), ((*seqs, o, lse) if record else ())
+        buf = _cls_buffer(o5, q)
+        if not record:
+            return buf, ()
+        if o.dtype != q.dtype:
+            return buf, (*seqs, o, lse, None)
+        return buf, (*seqs, None, lse, o[:, :, 0].clone())
     dims = _DIMS[op]
     sh, st = q.shape, q.stride()
     hwt = sh[1] > 1 and sh[2] > 1 and st[2] > st[1]
@@ -432,13 +442,16 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
     o, lse = _flash(*seqs, scale, causal)
     shape, strides, offset = _as_patches(o, sh[0], dims)
     out = o.as_strided(shape, strides, offset)
-    if o.dtype != q.dtype or not _is_token_major(shape, strides, hwt):
-        out = _in_q_order(out, q)
-    return out, ((*seqs, o, lse) if record else ())
+    if o.dtype == q.dtype and _is_token_major(shape, strides, hwt):
+        return out, ((*seqs, o, lse, None) if record else ())
+    out = _in_q_order(out, q)
+    if not record:
+        return out, ()
+    return out, (*seqs, o if o.dtype != q.dtype else None, lse, None)
 
 
-def _grad_patches(d_buf: torch.Tensor, q_shape, hwt: bool) -> torch.Tensor:
-    """The patch tokens of the ``(B, 1 + T*N, H, D)`` output buffer's gradient as ``(B, T, N, H, D)``."""
+def _buffer_patches(d_buf: torch.Tensor, q_shape, hwt: bool) -> torch.Tensor:
+    """The patch tokens of a ``(B, 1 + T*N, H, D)`` output buffer (or its gradient) as ``(B, T, N, H, D)``."""
     B, T, N, H, D = q_shape
     patches = d_buf[:, 1:]
     if hwt:
@@ -466,14 +479,16 @@ class _FlashOp(torch.autograd.Function):
     def forward(ctx, op: str, scale: float, causal: bool, q, k, v, *cls):
         buf, saved = _flash_forward(op, scale, causal, q, k, v, cls, record=True)
         ctx.args = (op, scale, causal, q.shape, q.dtype, op != "joint" and is_hwt(q), bool(cls))
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(*saved, buf if saved[3] is None else None)
         return buf
 
     @staticmethod
     def backward(ctx, d_buf):
         op, scale, causal, q_shape, dtype, hwt, cls = ctx.args
-        qs, ks, vs, o, lse = ctx.saved_tensors
+        qs, ks, vs, o, lse, cls_rows, buf = ctx.saved_tensors
         ct = qs.dtype
+        if o is None:
+            o = _flash_out(buf, cls_rows, op, q_shape, hwt)
         if d_buf.dtype != ct:
             d_buf = d_buf.to(ct)
         if op == "joint":
@@ -482,7 +497,7 @@ class _FlashOp(torch.autograd.Function):
             B, T, N, H, D = q_shape
             go = torch.empty((B, T, H, 1 + N, D), dtype=ct)
             go[:, :, :, 0] = d_buf[:, None, 0] / T  # the cls output is the mean over frames
-            go[:, :, :, 1:] = _grad_patches(d_buf, q_shape, hwt).transpose(2, 3)
+            go[:, :, :, 1:] = _buffer_patches(d_buf, q_shape, hwt).transpose(2, 3)
             go = go.view(B * T, H, 1 + N, D)
         else:  # the gradient of the (B, T, N, H, D) output
             go = _seqs(d_buf, _DIMS[op], ct, True)
@@ -493,6 +508,19 @@ class _FlashOp(torch.autograd.Function):
                                         for x in dxs))
         grads = [_grads_of(x, q_shape[0], _DIMS["spatial" if cls else op], dtype, cls) for x in dxs]
         return (None, None, None, *(g[0] for g in grads), *(g[1] for g in grads if cls))
+
+
+def _flash_out(buf: torch.Tensor, cls_rows, op: str, q_shape, hwt: bool) -> torch.Tensor:
+    """The flash output, ``(B1*B2, H, L, D)``, laid out again from the op's output ``buf``
+    (and, with cls, the cls query's per-frame outputs ``(B*T, H, D)``): a view where the
+    layout allows, else one copy that lives only during the backward."""
+    if cls_rows is None:
+        return _seqs(buf, _DIMS[op], buf.dtype, True)
+    B, T, N, H, D = q_shape
+    o = torch.empty((B, T, H, 1 + N, D), dtype=buf.dtype)
+    o[:, :, :, 0] = cls_rows.view(B, T, H, D)
+    o[:, :, :, 1:] = _buffer_patches(buf, q_shape, hwt).transpose(2, 3)
+    return o.view(B * T, H, 1 + N, D)
 
 
 def _flash_op(op: str, scale: float, causal: bool, record: bool, q, k, v, *cls) -> torch.Tensor:
