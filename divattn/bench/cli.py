@@ -35,6 +35,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--modelled", default=None, metavar="PATH",
                         help="also write modelled H100 records (counted traffic, no GPU) to PATH, a file of their own")
     parser.add_argument("--modelled-only", action="store_true", help="with --modelled: write them and time nothing")
+    parser.add_argument("--memory", nargs="?", const="timesformer_b,timesformer_hr,timesformer_l", default=None,
+                        metavar="GEOMETRIES",
+                        help="print the activation memory a training forward saves, per block and per model, for "
+                             "each implementation at TimeSformer geometries (comma list of timesformer_b, "
+                             "timesformer_hr, timesformer_l; default: all), and exit")
     parser.add_argument("--overhead", action="store_true",
                         help="print what the op call path costs on a tiny input (per-call time over SDPA, the "
                              "kernel backends' Python with launchers that do nothing, frames to the launch), and exit")
@@ -99,6 +104,20 @@ def main(args) -> int:
 
     from . import providers, records, roofline, shapes, suite, timing
 
+    if args.memory:
+        from . import memory
+
+        recs = memory.rows(_csv(args.memory))
+        print("saved for backward (counted, batch 1; divattn on the CPU with the torch backend, transformers on "
+              "the meta device); batches by this count with 16 B per parameter of optimizer state:")
+        print("\n".join(memory.table(recs)))
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump(recs, f, indent=1)
+            print(f"records written to {args.json}")
+        return 0
     if args.overhead:
         from . import overhead
 

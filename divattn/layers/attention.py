@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import joint_attention
+from .recompute import norm_linear
 
 
 class Attention(nn.Module):
@@ -19,6 +20,9 @@ class Attention(nn.Module):
 
     Calling the module runs joint attention over all tokens of ``x`` ``(B, L, C)``;
     divided blocks use :meth:`qkv_heads` and ``proj`` around the divided ops instead.
+    Both take the pre-norm ``norm`` applied to ``x`` first; with ``memory="min"`` the
+    norm and ``qkv`` are one node that saves ``x``, not ``norm(x)``
+    (:mod:`divattn.layers.recompute`).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
@@ -33,17 +37,27 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend = backend
+        self.memory = "fast"
 
-    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(B, L, C)`` -> the qkv projection viewed as ``(B, L, 3, H, D)`` (no copy)."""
+    def project(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """``qkv(norm(x))`` (``qkv(x)`` without ``norm``) over the last dim of ``x``."""
+        if norm is None:
+            return self.qkv(x)
+        if self.memory == "min":
+            return norm_linear(x, norm, self.qkv)
+        return self.qkv(norm(x))
+
+    def qkv_heads(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """``x`` ``(B, L, C)`` (through ``norm`` first, when given) -> the qkv projection
+        viewed as ``(B, L, 3, H, D)`` (no copy)."""
         B, L, _ = x.shape
-        return self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
+        return self.project(x, norm).view(B, L, 3, self.num_heads, self.head_dim)
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
         """Project token-major head outputs ``(B, L, H, D)`` (or ``(B, L, C)``) back to ``(B, L, C)``."""
         B, L = o.shape[:2]
         return self.proj_drop(self.proj(o.reshape(B, L, -1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_heads(x).unbind(2)
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        q, k, v = self.qkv_heads(x, norm).unbind(2)
         return self.out(joint_attention(q, k, v, scale=self.scale, backend=self.backend))

@@ -75,8 +75,8 @@ class Block(nn.Module):
         self.attn.backend = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(x, self.norm1))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
         """``{"joint": (B, H, L, L)}`` attention probabilities for the block input ``x``."""
@@ -103,7 +103,7 @@ class DividedBlock(DividedSpaceTimeAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = super().forward(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
         """Attention probabilities of both halves for the block input ``x`` ``(B, 1 + N*T, C)``.
@@ -161,16 +161,16 @@ class FactorisedSelfAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
 
-    def _qkv(self, attn: Attention, x: torch.Tensor):
-        return _split_frames(attn.qkv_heads(x), self.num_frames, type(self).__name__)
+    def _qkv(self, attn: Attention, x: torch.Tensor, norm: nn.Module):
+        return _split_frames(attn.qkv_heads(x, norm), self.num_frames, type(self).__name__)
 
     def _spatial(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(self.attn, self.norm1(x))
+        q, k, v = self._qkv(self.attn, x, self.norm1)
         o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend)
         return x + self.drop_path(self.attn.out(tokens_major(o)))
 
     def _temporal(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(self.temporal_attn, self.temporal_norm1(x))
+        q, k, v = self._qkv(self.temporal_attn, x, self.temporal_norm1)
         o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
         return x + self.drop_path(self.temporal_attn.out(tokens_major(o)))
 
@@ -179,7 +179,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
             x = self._temporal(self._spatial(x))
         else:
             x = self._spatial(self._temporal(x))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
         """``"spatial"``: ``(B, T, H, N, N)``; ``"temporal"``: ``(B, N, H, T, T)``, each for
@@ -187,11 +187,11 @@ class FactorisedSelfAttentionBlock(nn.Module):
         maps = {}
         for part in self.attention_order.split("_"):
             if part == "space":
-                q, k, _ = self._qkv(self.attn, self.norm1(x))
+                q, k, _ = self._qkv(self.attn, x, self.norm1)
                 maps["spatial"] = attention_probs(q.transpose(2, 3), k.transpose(2, 3), self.attn.scale)
                 x = self._spatial(x)
             else:
-                q, k, _ = self._qkv(self.temporal_attn, self.temporal_norm1(x))
+                q, k, _ = self._qkv(self.temporal_attn, x, self.temporal_norm1)
                 maps["temporal"] = attention_probs(q.permute(0, 2, 3, 1, 4), k.permute(0, 2, 3, 1, 4),
                                                    self.temporal_attn.scale)
                 x = self._temporal(x)
@@ -231,7 +231,7 @@ class FactorisedDotProductBlock(nn.Module):
 
     def _halves(self, x: torch.Tensor):
         """``((q, k, v) temporal, (q, k, v) spatial)``: ``(B, T, N, H/2, D)`` views of one qkv."""
-        q, k, v = _split_frames(self.attn.qkv_heads(self.norm1(x)), self.num_frames, type(self).__name__)
+        q, k, v = _split_frames(self.attn.qkv_heads(x, self.norm1), self.num_frames, type(self).__name__)
         h = self.attn.num_heads // 2
         return (q[:, :, :, :h], k[:, :, :, :h], v[:, :, :, :h]), (q[:, :, :, h:], k[:, :, :, h:], v[:, :, :, h:])
 
@@ -243,7 +243,7 @@ class FactorisedDotProductBlock(nn.Module):
         w, half = self.attn.proj.weight, o_t.shape[-1]
         y = F.linear(o_t, w[:, :half]) + F.linear(o_s, w[:, half:], self.attn.proj.bias)
         x = x + self.drop_path(self.attn.proj_drop(y))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
         """``"temporal"``: ``(B, N, H/2, T, T)`` (heads ``[0, H/2)``); ``"spatial"``:

@@ -10,6 +10,7 @@ from torch import nn
 from ..ops import spatial_attention_tokens, split_qkv, temporal_attention, tokens_major
 from .attention import Attention
 from .drop import DropPath
+from .recompute import linear_linear
 
 
 @torch.library.custom_op("divattn::add_after_first", mutates_args=())
@@ -89,6 +90,13 @@ class DividedSpaceTimeAttention(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, proj_drop)
         self.drop_path = DropPath(drop_path)
 
+    def _temporal_residual(self, o: torch.Tensor) -> torch.Tensor:
+        """``temporal_fc(drop_path(temporal_attn.out(o)))`` for the ``(B, N*T, C)`` temporal output."""
+        attn = self.temporal_attn
+        if attn.memory == "min" and not (self.training and attn.proj_drop.p > 0):
+            return linear_linear(o, attn.proj, self.temporal_fc, self.drop_path.scale(o))
+        return self.temporal_fc(self.drop_path(attn.out(o)))
+
     def _split(self, qkv: torch.Tensor, T: int):
         N = (qkv.shape[1] - 1) // T
         return split_qkv(qkv, T, N, order=self.token_order, has_cls=True)
@@ -98,11 +106,11 @@ class DividedSpaceTimeAttention(nn.Module):
         T = self.num_frames
         if (L - 1) % T != 0:
             raise ValueError(f"DividedSpaceTimeAttention: {L} tokens is not 1 + N*T with T = num_frames = {T}")
-        q, k, v, _ = self._split(self.temporal_attn.qkv_heads(self.temporal_norm1(x)), T)
+        q, k, v, _ = self._split(self.temporal_attn.qkv_heads(x, self.temporal_norm1), T)
         o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
-        res_t = self.temporal_fc(self.drop_path(self.temporal_attn.out(tokens_major(o))))
+        res_t = self._temporal_residual(tokens_major(o))
         x = add_after_first(x, res_t)
 
-        q, k, v, cls = self._split(self.attn.qkv_heads(self.norm1(x)), T)
+        q, k, v, cls = self._split(self.attn.qkv_heads(x, self.norm1), T)
         o = spatial_attention_tokens(q, k, v, cls, scale=self.attn.scale, backend=self.backend)
         return x + self.drop_path(self.attn.out(o))

@@ -124,11 +124,11 @@ class STBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
 
     @staticmethod
-    def _qkv(attn: Attention, x: torch.Tensor):
-        """The ``(B, T, N, 3, H, D)`` view of ``attn.qkv(x)`` for ``x`` ``(B, T, N, C)`` (q, k, v
-        along dim 3: the ``split_qkv(..., order="thw")`` views)."""
+    def _qkv(attn: Attention, x: torch.Tensor, norm: nn.Module):
+        """The ``(B, T, N, 3, H, D)`` view of ``attn.qkv(norm(x))`` for ``x`` ``(B, T, N, C)`` (q, k,
+        v along dim 3: the ``split_qkv(..., order="thw")`` views)."""
         B, T, N, _ = x.shape
-        return attn.qkv(x).view(B, T, N, 3, attn.num_heads, attn.head_dim)
+        return attn.project(x, norm).view(B, T, N, 3, attn.num_heads, attn.head_dim)
 
     def _out(self, attn: Attention, o: torch.Tensor) -> torch.Tensor:
         B, T, N = o.shape[:3]
@@ -136,13 +136,13 @@ class STBlock(nn.Module):
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` plus the spatial attention residual."""
-        q, k, v = self._qkv(self.attn, self.norm1(x)).unbind(3)
+        q, k, v = self._qkv(self.attn, x, self.norm1).unbind(3)
         o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend)
         return x + self.drop_path(self._out(self.attn, o))
 
     def temporal(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """``x`` plus the causal temporal attention residual (over the cached frames too)."""
-        qkv = self._qkv(self.temporal_attn, self.temporal_norm1(x))
+        qkv = self._qkv(self.temporal_attn, x, self.temporal_norm1)
         q = qkv[:, :, :, 0]
         if cache is None:
             k, v = qkv[:, :, :, 1], qkv[:, :, :, 2]
@@ -155,7 +155,7 @@ class STBlock(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"STBlock: x must be (B, T, N, C), got shape {tuple(x.shape)}")
         x = self.temporal(self.spatial(x), cache)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
         """Attention probabilities (reference softmax, fp32) for the block input ``x`` ``(B, T, N, C)``.
@@ -163,11 +163,11 @@ class STBlock(nn.Module):
         ``"spatial"``: ``(B, T, H, N, N)``; ``"temporal"``: ``(B, N, H, T, T)``, zero above
         the diagonal (a frame never attends to later frames).
         """
-        q, k, _ = self._qkv(self.attn, self.norm1(x)).unbind(3)
+        q, k, _ = self._qkv(self.attn, x, self.norm1).unbind(3)
         scale = self.attn.scale
         spatial = torch.matmul(q.transpose(2, 3).float(), k.transpose(2, 3).float().transpose(-1, -2)) * scale
         x = self.spatial(x)
-        q, k, _ = self._qkv(self.temporal_attn, self.temporal_norm1(x)).unbind(3)
+        q, k, _ = self._qkv(self.temporal_attn, x, self.temporal_norm1).unbind(3)
         # (B, T, N, H, D) -> (B, N, H, T, D)
         s = torch.matmul(q.permute(0, 2, 3, 1, 4).float(), k.permute(0, 2, 3, 4, 1).float()) * self.temporal_attn.scale
         T = x.shape[1]

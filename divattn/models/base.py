@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.mlp import ACTIVATIONS
+from ..layers.attention import Attention
+from ..layers.mlp import ACTIVATIONS, Mlp
+from ..layers.recompute import check_memory
 from ..ops import BACKENDS
 from .checkpoint import ConvertedCheckpoint, is_transformers_state_dict, read_state_dict
 from .pos_embed import MODES
@@ -25,7 +27,9 @@ class VideoModelConfig:
     activation (``"gelu"`` exact, ``"gelu_tanh"``), ``interpolation`` how position /
     time embeddings are resized when a clip or checkpoint has another size
     (``"nearest"``, ``"bilinear"``, ``"bicubic"``), ``backend`` the divattn backend of
-    every attention (None: auto / ``DIVATTN_BACKEND``).
+    every attention (None: auto / ``DIVATTN_BACKEND``), ``memory`` what the blocks save
+    for the backward: ``"fast"`` (every input of a matmul) or ``"min"`` (recompute the
+    LayerNorm and GELU outputs in the backward instead; :mod:`divattn.layers.recompute`).
     """
 
     name: str = ""
@@ -46,6 +50,7 @@ class VideoModelConfig:
     act: str = "gelu"
     interpolation: str = "nearest"
     backend: Optional[str] = None
+    memory: str = "fast"
 
     def __post_init__(self):
         for field in ("num_frames", "img_size", "patch_size", "tubelet_size", "in_chans", "embed_dim", "depth",
@@ -67,6 +72,7 @@ class VideoModelConfig:
         if self.interpolation not in MODES:
             raise ValueError(f"{self.name}: interpolation must be one of {MODES}, got {self.interpolation!r}")
         check_backend(self.backend)
+        check_memory(self.memory)
         for field in ("drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(f"{self.name}: {field} must be in [0, 1), got {getattr(self, field)!r}")
@@ -178,6 +184,14 @@ class VideoModel(nn.Module):
                 m.backend = backend
         self.config.backend = backend
         return len(self.attention_layers())
+
+    def set_memory(self, mode: str) -> None:
+        """``"fast"`` or ``"min"``: what every block saves for the backward (see the config)."""
+        check_memory(mode)
+        for m in self.modules():
+            if isinstance(m, (Attention, Mlp)):
+                m.memory = mode
+        self.config.memory = mode
 
     def no_weight_decay(self) -> set:
         """Names of the embedding parameters (timm convention: no weight decay on these)."""

@@ -92,6 +92,7 @@ class STTransformer(VideoModel):
         self.norm = nn.LayerNorm(dim, eps=c.norm_eps)
         self.head = nn.Linear(dim, c.patch_size * c.patch_size * c.in_chans)
         self._init_weights()
+        self.set_memory(self.config.memory)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -124,6 +124,7 @@ class TimeSformer(VideoModel):
         self.norm = nn.LayerNorm(dim, eps=c.norm_eps)
         self.head = self._make_head(c.num_classes)
         self._init_weights()
+        self.set_memory(self.config.memory)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

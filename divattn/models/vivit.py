@@ -246,6 +246,7 @@ class ViViT(VideoModel):
             self.pre_logits = nn.Identity()
         self.head = self._make_head(c.num_classes)
         self._init_weights()
+        self.set_memory(self.config.memory)
 
     def _init_weights(self) -> None:
         for name, p in self.named_parameters():

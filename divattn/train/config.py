@@ -41,6 +41,9 @@ DEFAULTS = {
         "qkv_bias": True,
         "drop_path_rate": 0.0,
         "grad_checkpointing": False,
+        # what the blocks save for the backward: fast (every matmul input) | min (LayerNorm and
+        # GELU outputs recomputed in the backward: about 2/3 of the activation memory)
+        "memory": "fast",
         # parameters to draw again from a truncated normal after the model is built, by name
         # suffix -> std (e.g. {time_embed: 0.02}: TimeSformer's zero time embedding starts as a
         # frame-order-blind model, a saddle that training from scratch leaves slowly)
@@ -368,6 +371,7 @@ SCHEMA = {
     "model.qkv_bias": _BOOL,
     "model.drop_path_rate": _num(below=1.0),
     "model.grad_checkpointing": _BOOL,
+    "model.memory": _choice("fast", "min"),
     "model.reinit": _STDS,
     "model.kwargs": _MAPPING,
     "data.dataset": _choice("synthetic", "list", "kinetics", "ssv2", "ucf101"),

@@ -89,7 +89,8 @@ def build_model(cfg: dict, num_classes: int, backend) -> nn.Module:
     m, d = cfg["model"], cfg["data"]
     kw = dict(num_classes=num_classes, num_frames=d["num_frames"], img_size=d["crop_size"],
               patch_size=m["patch_size"], embed_dim=m["embed_dim"], depth=m["depth"], num_heads=m["num_heads"],
-              mlp_ratio=m["mlp_ratio"], qkv_bias=m["qkv_bias"], drop_path_rate=m["drop_path_rate"], backend=backend)
+              mlp_ratio=m["mlp_ratio"], qkv_bias=m["qkv_bias"], drop_path_rate=m["drop_path_rate"], backend=backend,
+              memory=m["memory"])
     if m["attention_type"] is not None:
         kw["attention_type"] = m["attention_type"]
     if cfg.get("task", "classify") == "next_frame":
