@@ -97,19 +97,21 @@ def attention(q, k, v, q_cls, k_cls, v_cls, op_name: str, order: str, scale: flo
         # (B, T, N, H, D) -> (B, T, H, N, D): one sequence of N patches per (b, t, h)
         seq = [op.Transpose(x, perm=[0, 1, 3, 2, 4]) for x in (q, k, v)]
         if cls:
-            # (B, H, D) -> (B, T, H, 1, D), in front of every frame's patches
+            # (B, H, D) -> (B, T, H, 1, D): the cls query, key and value in every frame
             frames = op.Concat(_ints([1]), _dims(q, 1, 2), _ints([1, 1, 1]), axis=0)
-            seq = [op.Concat(op.Expand(op.Unsqueeze(c, _ints([1, 3])), frames), x, axis=3)
-                   for c, x in zip(cls, seq)]
-        o = _attend(*seq, scale, 5)
-        patches = op.Slice(o, _ints([1]), _ints([2 ** 62]), _ints([3])) if cls else o
+            q_cls, k_cls, v_cls = (op.Expand(op.Unsqueeze(c, _ints([1, 3])), frames) for c in cls)
+            # every frame's keys and values: [cls] + its N patches
+            keys, values = (op.Concat(c, x, axis=3) for c, x in ((k_cls, seq[1]), (v_cls, seq[2])))
+            o = _attend(seq[0], keys, values, scale, 5)
+            # the cls query's per-frame outputs, averaged over frames: (B, T, H, 1, D) -> (B, 1, H, D)
+            o_cls = op.ReduceMean(_attend(q_cls, keys, values, scale, 5), _ints([1]), keepdims=0)
+            o_cls = op.Transpose(o_cls, perm=[0, 2, 1, 3])
+        else:
+            o = _attend(*seq, scale, 5)
         # (B, T, H, N, D) -> (B, N, T, H, D) in (h w t) order, (B, T, N, H, D) in (t h w)
-        tokens = _tokens(patches, [0, 3, 1, 2, 4] if order == "hwt" else [0, 1, 3, 2, 4], q)
+        o = _tokens(o, [0, 3, 1, 2, 4] if order == "hwt" else [0, 1, 3, 2, 4], q)
         if cls:
-            # the mean over frames of the cls query's outputs: (B, T, H, 1, D) -> (B, H, 1, D) -> (B, 1, H, D)
-            first = op.ReduceMean(op.Slice(o, _ints([0]), _ints([1]), _ints([3])), _ints([1]), keepdims=0)
-            tokens = op.Concat(op.Transpose(first, perm=[0, 2, 1, 3]), tokens, axis=1)
-        o = tokens
+            o = op.Concat(o_cls, o, axis=1)
     if dtype in _LOW_PRECISION:
         o = op.Cast(o, to=dtype)
     return o
