@@ -20,12 +20,19 @@ runs: the model's own ``Slice`` of the patch tokens where a cls token leads (one
 the qkv rows), its ``Split`` into q, k and v (one copy), one ``Transpose`` of each of q,
 k and v (its graph optimiser merges the model's transpose of the (h w t) view into this
 one, and folds the scale into its fused MatMul), and one ``Transpose`` of the output.
-That is the traffic of the official code's rearrange copies, which the fused kernels
-avoid and no ONNX opset can: it has no strided views. With a cls token every frame's keys and values are ``[cls] + its N
-patches``: the cls query, key and value are broadcast to every frame and concatenated in
-front of the patches (one copy of q, k and v, as the torch backend makes), and the mean of
-the T cls outputs is concatenated in front of the patch outputs. fp16 / bf16 inputs are
-computed in fp32 and the output cast back, as the torch backend does on a CPU.
+That is about the traffic of the official code's rearrange and permute copies, which the
+fused kernels avoid and no ONNX opset can: it has no strided views. The opset-23
+``Attention`` operator is not used: torch.onnx exports opset 20 unless told otherwise (an
+opset-23 node then fails its conversion), and it would need the same copies, since it
+takes q, k and v with one batch dim.
+
+With a cls token every frame's keys and values are ``[cls] + its N patches``: the cls key
+and value are broadcast to every frame and concatenated in front of the patches (one
+copy of k and v, as the torch backend makes); the patch queries and the cls query (also
+broadcast to every frame) attend to them in two MatMul pairs, and the mean over frames of
+the cls query's outputs is concatenated in front of the patch outputs (one copy of the
+output). fp16 / bf16 inputs are computed in fp32 and the output cast back, as the torch
+backend does on a CPU.
 
 ``divattn::add_after_first`` (:func:`divattn.layers.divided.add_after_first`) becomes a
 ``Pad`` of the residual by one zero token in front and an ``Add``.
