@@ -83,8 +83,9 @@ torch.library.register_autograd("divattn::attention", _no_backward)
 
 
 class Exported:
-    """A backend's ops as :func:`attention` calls, for ``torch.export`` to keep: what
-    :func:`divattn.ops.dispatch.select` returns while a model is exported."""
+    """A backend's ops as :func:`attention` calls, for ``torch.export`` to keep: what the
+    public ops run instead of the backend :func:`divattn.ops.dispatch.select` chose while a
+    model is exported."""
 
     def __init__(self, backend: Backend):
         self.name = backend.name
