@@ -2,8 +2,10 @@
 # GPU acceptance in one command, from a fresh checkout on one H100/H200 (about 8 minutes):
 # install, build the CUDA extension, run the op test grid on CUDA tensors (fp16, bf16,
 # fp32; triton and cuda backends), compute-sanitizer memcheck on one small case per
-# kernel, and the headline benchmarks, each step with its own time limit. Records and logs
-# go to benchmarks/results/gpu/<date>-<commit>/ and, when $OUT is set, to $OUT as well.
+# kernel, an AOTInductor package of the bundled TimeSformer (built, run, checked against
+# the eager logits), and the headline benchmarks, each step with its own time limit.
+# Records and logs go to benchmarks/results/gpu/<date>-<commit>/ and, when $OUT is set, to
+# $OUT as well.
 # The steps are in benchmarks/gpu/acceptance.py; --dry-run lists them with their commands
 # and limits and runs nothing; --help lists the options.
 #

@@ -28,7 +28,7 @@ HELPERS = ROOT / "benchmarks" / "gpu"
 REQUIRED = {
     "probe": "info", "install": "correctness", "build-cuda": "correctness",
     "ops-triton": "correctness", "ops-cuda": "correctness",
-    "memcheck-triton": "correctness", "memcheck-cuda": "correctness",
+    "memcheck-triton": "correctness", "memcheck-cuda": "correctness", "aoti-package": "correctness",
     "bench-headline": "benchmark", "bench-sweep": "benchmark",
     "bench-train-step": "benchmark", "bench-train-step-compiled": "benchmark",
 }
@@ -125,7 +125,8 @@ def test_every_helper_script_accepts_its_arguments(plan):
             out = _run([sys.executable, *args])
             assert out.returncode == 0, f"{name}: {cmd}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
             seen.add(Path(cmd[1]).name)
-    assert seen == {"probe.py", "build_cuda.py", "memcheck_ops.py", "bench_records.py", "pytest_shards.py"}
+    assert seen == {"probe.py", "build_cuda.py", "memcheck_ops.py", "bench_records.py", "pytest_shards.py",
+                    "aoti_package.py"}
 
 
 def test_every_divattn_subcommand_accepts_its_options(plan):

@@ -19,6 +19,9 @@ Steps, in order (correctness first, so a short budget cuts benchmarks, not tests
   memcheck``, after a run without it that fills the Triton cache; ``racecheck-cuda``: the
   same cases under ``--tool racecheck`` (shared-memory hazards of the CUDA kernels' tiles,
   cp.async double buffers and dS^T exchange).
+- ``aoti-package``: the bundled TimeSformer (small) exported with a dynamic batch and frame
+  count, compiled into an AOTInductor package and run: the package's logits match the
+  eager model's at two shapes, and it launches the Triton kernels (``aoti_package.py``).
 - ``bench-headline``: ``divattn bench`` on TimeSformer-B 8x224, temporal and spatial with
   cls, forward and forward + backward, every provider but FlexAttention, bf16.
 - ``bench-causal``: causal temporal attention at the ST transformer's shape (16 frames,
@@ -204,6 +207,10 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
               py, script("memcheck_ops.py"), "--backend", "cuda"],
              120, "compute-sanitizer racecheck: the same cases on the CUDA kernels (shared-memory hazards)",
              needs=("memcheck-cuda-warmup",), unavailable=no_sanitizer),
+        Step("aoti-package", "correctness", [py, script("aoti_package.py"), "--backend", "triton",
+                                             "--out", out("aoti_package.json")],
+             150, "AOTInductor package of the bundled TimeSformer (dynamic batch and frames): the eager logits, "
+                  "the Triton kernels launched"),
         Step("bench-headline", "benchmark",
              [py, "-m", "divattn", "bench", "--shape", "timesformer_8x224", "--ops", "temporal,spatial_cls",
               "--passes", "fwd,fwd+bwd", "--dtype", "bfloat16", "--providers", ",".join(HEADLINE_PROVIDERS),

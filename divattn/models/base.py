@@ -205,6 +205,16 @@ class VideoModel(nn.Module):
                 blk.num_frames = num_frames
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
+        if isinstance(num_frames, torch.SymInt):
+            # a dynamic frame count while torch.export traces: the blocks hold it for this trace only
+            saved = [(blk, blk.num_frames) for blk in blocks if hasattr(blk, "num_frames")]
+            try:
+                for blk, _ in saved:
+                    blk.num_frames = num_frames
+                return self._run_blocks(blocks, x)
+            finally:
+                for blk, frames in saved:
+                    blk.num_frames = frames
         if num_frames is not None:
             self._sync_frames(blocks, num_frames)
         for blk in blocks:

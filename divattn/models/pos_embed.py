@@ -61,10 +61,25 @@ def resize_pos_embed(pos: torch.Tensor, new_grid: Sequence[int], *, num_prefix: 
     return torch.cat([pos[:, :num_prefix], resize_grid(patches, old_grid, new_grid, mode)], 1)
 
 
+def _known_equal(a, b) -> bool:
+    """``a == b``; False for sizes that are symbolic (a dynamic frame count under
+    ``torch.export``) and not provably equal, without specialising them: a resize to the
+    same size is the identity, so the caller may take the resize branch for every size."""
+    equal = a == b
+    if isinstance(equal, torch.SymBool):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return statically_known_true(equal)
+    return bool(equal)
+
+
 def resize_time_embed(time: torch.Tensor, num_frames: int, mode: str = "nearest") -> torch.Tensor:
-    """Resize ``(1, T0, C)`` time embeddings to ``(1, num_frames, C)``: nearest, or linear otherwise."""
+    """Resize ``(1, T0, C)`` time embeddings to ``(1, num_frames, C)``: nearest, or linear otherwise.
+
+    Exported with a dynamic frame count, the graph holds the resize (the identity when
+    ``num_frames == T0``)."""
     _check_mode(mode)
-    if time.shape[1] == num_frames:
+    if _known_equal(time.shape[1], num_frames):
         return time
     x = _interpolate(time.transpose(1, 2), (num_frames,), "nearest" if mode == "nearest" else "linear")
     return x.transpose(1, 2)
@@ -79,12 +94,12 @@ def resize_pos_embed_3d(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Se
     """
     _check_mode(mode)
     (T0, *hw0), (T1, *hw1) = tuple(old_grid), tuple(new_grid)
-    if (T0, *hw0) == (T1, *hw1):
+    if all(_known_equal(a, b) for a, b in zip((T0, *hw0), (T1, *hw1))):
         return pos
     C = pos.shape[-1]
     frames = pos[:, num_prefix:].reshape(T0, -1, C)
     frames = torch.cat([resize_grid(f[None], hw0, hw1, mode) for f in frames], 0)  # (T0, h1*w1, C)
-    if T1 != T0:
+    if not _known_equal(T1, T0):
         # time axis: (T0, P, C) -> (1, P*C, T0) -> (1, P*C, T1) -> (T1, P, C)
         P = frames.shape[1]
         x = frames.reshape(T0, P * C).t()[None]

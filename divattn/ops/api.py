@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
+from .exported import exported, exporting
 from .layout import patch_view
 
 MAX_HEAD_DIM = 256
@@ -135,7 +136,10 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
     features = ()
     if causal or q.shape[1] != k.shape[1]:
         features = (("causal",) if causal else ()) + (("fewer_queries",) if q.shape[1] != k.shape[1] else ())
-    return dispatch.select("temporal", q.dtype, q.device, D, backend, features).temporal(q, k, v, scale, causal)
+    be = dispatch.select("temporal", q.dtype, q.device, D, backend, features)
+    if exporting():
+        be = exported(be)
+    return be.temporal(q, k, v, scale, causal)
 
 
 def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -201,7 +205,10 @@ def _spatial(fn: str, q, k, v, cls, scale, backend) -> torch.Tensor:
     D = q.shape[-1]
     scale = _scale(fn, scale, D)
     op = "spatial" if cls is None else "spatial_cls"
-    return dispatch.select(op, q.dtype, q.device, D, backend).spatial(q, k, v, scale, cls)
+    be = dispatch.select(op, q.dtype, q.device, D, backend)
+    if exporting():
+        be = exported(be)
+    return be.spatial(q, k, v, scale, cls)
 
 
 def spatial_attention_tokens(q, k, v, cls, *, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -234,4 +241,7 @@ def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional
     _validate("joint_attention", {"q": q, "k": k, "v": v}, 4, "(B, L, H, D)")
     D = q.shape[-1]
     scale = _scale("joint_attention", scale, D)
-    return dispatch.select("joint", q.dtype, q.device, D, backend).joint(q, k, v, scale)
+    be = dispatch.select("joint", q.dtype, q.device, D, backend)
+    if exporting():
+        be = exported(be)
+    return be.joint(q, k, v, scale)
