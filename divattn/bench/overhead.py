@@ -202,12 +202,17 @@ def report(backends=("torch", "triton")) -> list:
     lines = [f"tiny input: B={B}, T={T}, N={N}, H={H}, D={D}, fp32, (h w t) order, medians of interleaved calls (µs)"]
     for pass_, (ours, sdpa, diff) in call_overhead("torch").items():
         lines.append(f"  torch backend {pass_:9s} {ours:8.1f}   SDPA alone {sdpa:8.1f}   overhead {diff:8.1f}")
-    for backend in backends:
-        if backend == "torch" or BACKENDS[backend].unavailable_reason() is not None:
+    runs = [b for b in backends
+            if not BACKENDS[b].not_supported_reasons("temporal", torch.float32, torch.device("cpu"), TINY["D"])]
+    for backend in runs:
+        if backend == "torch":
             continue
         for pass_, t in kernel_path_overhead(backend).items():
             lines.append(f"  {backend} path, launchers doing nothing, {pass_:9s} {t:8.1f}")
-    depths = path_depths(tuple(b for b in backends if BACKENDS[b].unavailable_reason() is None))
+    for backend in sorted(set(backends) - set(runs)):
+        lines.append(f"  {backend}: not run here (" + "; ".join(BACKENDS[backend].not_supported_reasons(
+            "temporal", torch.float32, torch.device("cpu"), TINY["D"])) + ")")
+    depths = path_depths(tuple(runs))
     lines.append("Python frames from the public op to the kernel launch: "
                  + ", ".join(f"{b} {op} {d}" for (b, op), d in depths.items()))
     return lines

@@ -88,6 +88,14 @@ def _scale(fn: str, scale, D: int) -> float:
     return scale
 
 
+def _backend(op: str, q: torch.Tensor, D: int, backend: Optional[str], features: tuple = ()) -> dispatch.Backend:
+    """The backend that runs ``op`` (:func:`divattn.ops.dispatch.select`); while
+    ``torch.export`` traces, it is wrapped so that the graph holds ``divattn::attention``
+    (:mod:`divattn.ops.exported`)."""
+    be = dispatch.select(op, q.dtype, q.device, D, backend, features)
+    return exported(be) if exporting() else be
+
+
 def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
                        backend: Optional[str] = None) -> torch.Tensor:
     """Attention over the frames of every patch, optionally causal.
@@ -136,10 +144,7 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
     features = ()
     if causal or q.shape[1] != k.shape[1]:
         features = (("causal",) if causal else ()) + (("fewer_queries",) if q.shape[1] != k.shape[1] else ())
-    be = dispatch.select("temporal", q.dtype, q.device, D, backend, features)
-    if exporting():
-        be = exported(be)
-    return be.temporal(q, k, v, scale, causal)
+    return _backend("temporal", q, D, backend, features).temporal(q, k, v, scale, causal)
 
 
 def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -205,10 +210,7 @@ def _spatial(fn: str, q, k, v, cls, scale, backend) -> torch.Tensor:
     D = q.shape[-1]
     scale = _scale(fn, scale, D)
     op = "spatial" if cls is None else "spatial_cls"
-    be = dispatch.select(op, q.dtype, q.device, D, backend)
-    if exporting():
-        be = exported(be)
-    return be.spatial(q, k, v, scale, cls)
+    return _backend(op, q, D, backend).spatial(q, k, v, scale, cls)
 
 
 def spatial_attention_tokens(q, k, v, cls, *, scale: Optional[float] = None, backend: Optional[str] = None):
@@ -241,7 +243,4 @@ def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional
     _validate("joint_attention", {"q": q, "k": k, "v": v}, 4, "(B, L, H, D)")
     D = q.shape[-1]
     scale = _scale("joint_attention", scale, D)
-    be = dispatch.select("joint", q.dtype, q.device, D, backend)
-    if exporting():
-        be = exported(be)
-    return be.joint(q, k, v, scale)
+    return _backend("joint", q, D, backend).joint(q, k, v, scale)

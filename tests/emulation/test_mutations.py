@@ -19,7 +19,7 @@ import torch
 
 from divattn.ops import cuda_emulator
 
-from ..ops.cases import C, Case, Causal, assert_causal_close_to_reference, assert_close_to_reference
+from ..ops.cases import Case, Causal, assert_causal_close_to_reference, assert_close_to_reference, causal_case
 from . import test_shim
 
 
@@ -58,7 +58,7 @@ MUTATIONS = [
              "    const int64_t key = start + lane;", Case("spatial", 1, 3, 49, 2, 64, "hwt"), torch.float32),
     Mutation("dq-sum-every-block", "causal dq summed over every key block, also those that skipped the query",
              "attn_bwd_mma.cu", "kb < blocks && static_cast<int64_t>(kb) * block_keys <= seen", "kb < blocks",
-             C(140, 140, 1, 1, 128, "hwt", B=1), torch.float16),
+             causal_case(140, 140, 1, 1, 128, "hwt", B=1), torch.float16),
 ]
 
 

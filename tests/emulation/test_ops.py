@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ..ops.cases import (
-    C,
+    causal_case,
     CAUSAL_CASES,
     ISOLATION_CASES,
     Case,
@@ -60,4 +60,4 @@ def test_sequences_longer_than_a_block_match_reference(case, dtype):
 
 @pytest.mark.parametrize("tq", [140, 7], ids=["Tq140", "Tq7"])
 def test_causal_over_more_frames_than_a_block_matches_reference(tq):
-    assert_causal_close_to_reference(C(140, tq, 1, 1, 128, "hwt", B=1), "cuda", torch.float16)
+    assert_causal_close_to_reference(causal_case(140, tq, 1, 1, 128, "hwt", B=1), "cuda", torch.float16)

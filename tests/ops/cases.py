@@ -274,25 +274,25 @@ class Causal:
         return f"{self.case.id}-Tq{self.tq}-{'causal' if self.causal else 'full'}"
 
 
-def C(T, tq, N, H, D, order, layout="packed", causal=True, B=2):
+def causal_case(T, tq, N, H, D, order, layout="packed", causal=True, B=2):
     return Causal(Case("temporal", B, T, N, H, D, order, layout), tq, causal)
 
 
 CAUSAL_CASES = [
     # Tq == Tk: the full causal forward, T over {1, 3, 8, 13} and 40 (two 32-row tiles)
-    C(1, 1, 7, 2, 40, "thw"),
-    C(3, 3, 7, 2, 64, "hwt"),
-    C(8, 8, 5, 2, 72, "thw", "separate"),
-    C(13, 13, 3, 2, 40, "hwt", "transposed"),
-    C(8, 8, 5, 1, 64, "hwt", "sliced"),
-    C(13, 13, 3, 2, 40, "thw", "expanded"),
-    C(40, 40, 2, 1, 64, "hwt", B=1),
+    causal_case(1, 1, 7, 2, 40, "thw"),
+    causal_case(3, 3, 7, 2, 64, "hwt"),
+    causal_case(8, 8, 5, 2, 72, "thw", "separate"),
+    causal_case(13, 13, 3, 2, 40, "hwt", "transposed"),
+    causal_case(8, 8, 5, 1, 64, "hwt", "sliced"),
+    causal_case(13, 13, 3, 2, 40, "thw", "expanded"),
+    causal_case(40, 40, 2, 1, 64, "hwt", B=1),
     # Tq < Tk: the last frames against all frames so far, causal and not
-    C(8, 3, 5, 2, 64, "thw"),
-    C(13, 1, 3, 2, 40, "hwt", "separate"),
-    C(13, 5, 3, 2, 72, "hwt", "transposed", causal=False),
-    C(40, 2, 2, 1, 40, "thw", "sliced", B=1),
-    C(3, 1, 7, 2, 64, "thw", "expanded", causal=False),
+    causal_case(8, 3, 5, 2, 64, "thw"),
+    causal_case(13, 1, 3, 2, 40, "hwt", "separate"),
+    causal_case(13, 5, 3, 2, 72, "hwt", "transposed", causal=False),
+    causal_case(40, 2, 2, 1, 40, "thw", "sliced", B=1),
+    causal_case(3, 1, 7, 2, 64, "thw", "expanded", causal=False),
 ]
 
 
