@@ -14,6 +14,7 @@ MICRO = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_
 
 BUNDLED = [
     pytest.param("timesformer_base", dict(attention_type="divided_space_time"), id="timesformer-divided"),
+    pytest.param("timesformer_base", dict(memory="min"), id="timesformer-divided-memory-min"),
     pytest.param("timesformer_base", dict(attention_type="joint_space_time"), id="timesformer-joint"),
     pytest.param("timesformer_base", dict(attention_type="space_only"), id="timesformer-space_only"),
     pytest.param("vivit_base", dict(variant="spatio_temporal"), id="vivit-1"),
