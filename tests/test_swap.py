@@ -270,3 +270,24 @@ def test_nothing_to_swap_returns_zero_with_a_warning():
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         divattn.swap_attention(timesformer(), backend="flash")
+
+
+def test_transformers_swap_plugin_swaps_models_at_construction(tmp_path):
+    """divattn.testing.transformers_swap (for running transformers' own model tests on
+    swapped models) swaps a Timesformer as it is built."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_built.py").write_text(
+        "import transformers\n"
+        "from divattn.swap_transformers import TimesformerDividedLayer\n"
+        "def test_built_models_are_swapped():\n"
+        "    cfg = transformers.TimesformerConfig(image_size=16, patch_size=8, num_frames=2, hidden_size=32,\n"
+        "                                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)\n"
+        "    model = transformers.TimesformerForVideoClassification(cfg)\n"
+        "    assert isinstance(model.timesformer.encoder.layer[0], TimesformerDividedLayer)\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "divattn.testing.transformers_swap",
+                          "-p", "no:cacheprovider", str(tmp_path / "test_built.py")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "divattn: swapped" in out.stdout

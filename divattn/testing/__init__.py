@@ -1,0 +1,1 @@
+"""Test helpers that ship with divattn (pytest plugins)."""
