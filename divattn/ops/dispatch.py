@@ -266,10 +266,14 @@ def default_backend() -> Optional[str]:
 def _fitting(op: str, dtype: torch.dtype, device: torch.device, backend: Optional[str], features: tuple) -> tuple:
     """The names of the backends, in the order tried, that fit everything but the head
     dim and a change of availability (memoised; a constant under ``torch.compile``)."""
-    # the environment, read only where it can matter (an os.environ read costs a microsecond)
+    # the environment, read only where it can matter (an os.environ read costs a microsecond):
+    # the default backend, and on a CPU whether the Triton or CUDA kernels run emulated there
     default = os.environ.get("DIVATTN_BACKEND") if backend is None else None
-    emulated = (os.environ.get("TRITON_INTERPRET"), os.environ.get("DIVATTN_CUDA_EMULATE")) \
-        if device.type == "cpu" else None
+    named = backend or default
+    emulated = None
+    if device.type == "cpu" and (named is None or named not in BACKENDS or BACKENDS[named].cpu_needs_interpreter
+                                 or BACKENDS[named].cpu_needs_emulator):
+        emulated = (os.environ.get("TRITON_INTERPRET"), os.environ.get("DIVATTN_CUDA_EMULATE"))
     key = (op, dtype, device, backend, features, default, emulated)
     names = _CHOICES.get(key)
     if names is None:

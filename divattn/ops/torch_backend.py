@@ -63,12 +63,13 @@ def _finite(groups: tuple, dtype: torch.dtype) -> bool:
     """Whether every element of the tensors in ``groups`` is finite, in one sum per
     :func:`_summands` entry and one host sync (NaN and inf survive a sum; a finite sum that
     overflows only sends the inputs to the reference, which computes the same)."""
-    acc = {"dtype": torch.float32} if dtype in (torch.float16, torch.bfloat16) else {}
+    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
     total = None
     for x in _summands(groups):
         if x.requires_grad:
             x = x.detach()
-        total = x.sum(**acc) if total is None else total + x.sum(**acc)
+        x = x.sum(dtype=acc)
+        total = x if total is None else total + x
     return math.isfinite(total.item())
 
 
