@@ -191,7 +191,7 @@ def test_time_space_block_runs_temporal_first():
         expected = blk._spatial(y)
         expected = expected + blk.mlp(blk.norm2(expected))
         torch.testing.assert_close(blk(x), expected)
-        q, k, _ = blk._qkv(blk.temporal_attn, blk.temporal_norm1(x))
+        q, k, _ = blk._qkv(blk.temporal_attn, x, blk.temporal_norm1)
         temporal = blk.attention_maps(x)["temporal"]
     torch.testing.assert_close(temporal, (torch.einsum("btnhd,bsnhd->bnhts", q, k) * blk.temporal_attn.scale)
                                .softmax(-1), rtol=1e-5, atol=1e-6)
