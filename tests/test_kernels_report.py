@@ -90,7 +90,7 @@ interpreting = pytest.mark.skipif(
 
 
 def _launch(kernel, grid, args, **constexprs):
-    from divattn.ops.triton_kernels import Launch
+    from divattn.ops.triton import Launch
 
     return Launch(kernel, grid, args, constexprs, 4, 1, "test")
 

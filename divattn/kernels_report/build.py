@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from .problems import ARCHS, Problem, launches
+from .problems import ARCHS, Problem, interpreting, launches
 
 
 @dataclass(frozen=True)
@@ -342,16 +342,6 @@ def compile_all(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, worke
     return failed + builds
 
 
-def _interpreted() -> bool:
-    """True when the kernel module was (or would be) imported under the Triton interpreter."""
-    from ..ops import triton_kernels
-
-    from triton.runtime.jit import JITFunction
-
-    kernels = [v for v in vars(triton_kernels).values() if hasattr(v, "fn") and callable(getattr(v, "fn"))]
-    return any(not isinstance(k, JITFunction) for k in kernels)
-
-
 def report(*, shapes: Optional[Sequence[str]] = None, head_dims=None, orders=None, dtypes=None, passes=None,
            archs: Sequence[int] = ARCHS, workers: int = 1, exact: bool = False) -> list:
     """:func:`compile_all` over the named GPU shapes (or those named), as dicts.
@@ -360,7 +350,7 @@ def report(*, shapes: Optional[Sequence[str]] = None, head_dims=None, orders=Non
     """
     spec = {"shapes": shapes, "head_dims": head_dims, "orders": orders, "dtypes": dtypes, "passes": passes,
             "archs": list(archs), "workers": workers, "exact": exact}
-    if os.environ.get("TRITON_INTERPRET") == "1" or _interpreted():
+    if os.environ.get("TRITON_INTERPRET") == "1" or interpreting():
         return _in_children([spec])[0]
     return [b.as_dict() for b in _run(spec)]
 

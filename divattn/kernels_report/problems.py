@@ -5,8 +5,8 @@ A :class:`Problem` is one (shape, op, pass, dtype) with its head dim and token o
 splits it with :func:`divattn.ops.layout.split_qkv` (joint: ``qkv.unbind(2)``),
 allocates the outputs, the saved statistics and the gradient buffers with the
 helpers of :mod:`divattn.ops.functions`, and asks the Triton backend for its plan
-(:func:`~divattn.ops.triton_kernels.plan_forward` /
-:func:`~divattn.ops.triton_kernels.plan_backward`) on a target. Nothing here knows
+(:func:`~divattn.ops.triton.plan_forward` /
+:func:`~divattn.ops.triton.plan_backward`) on a target. Nothing here knows
 a kernel by name: a new kernel or code path in the plans is covered as it appears.
 
 On the ``"meta"`` device no memory is allocated, so the real batch is used and the
@@ -103,16 +103,26 @@ def _fill(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor
     return x
 
 
+def interpreting() -> bool:
+    """True when this process's Triton kernels are the interpreter's (imported with TRITON_INTERPRET=1)."""
+    from triton.runtime.jit import JITFunction
+
+    from ..ops.triton.kernels import KERNELS
+
+    return not any(isinstance(k, JITFunction) for k in KERNELS)
+
+
 def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int] = 0) -> list:
-    """The :class:`~divattn.ops.triton_kernels.Launch` list of ``problem`` on ``target``.
+    """The :class:`~divattn.ops.triton.Launch` list of ``problem`` on ``target``.
 
     ``target``: ``None`` (the device's: the interpreter for CPU tensors) or an SM
     number (80, 90). ``device="meta"`` allocates nothing (for compiling); on a real
     device the inputs and the incoming gradients are random normal (``seed``) so the
     launches can run.
     """
-    from ..ops import functions, triton_kernels
+    from ..ops import functions
     from ..ops.layout import split_qkv
+    from ..ops.triton import plan_backward, plan_forward
 
     s = problem.shape
     dtype = DTYPES[problem.dtype]
@@ -140,11 +150,11 @@ def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int
         # As the op passes it: only a causal call carries the flag.
         extra = {"causal": True} if problem.causal else {}
         if problem.pass_ == "fwd":
-            return triton_kernels.plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
+            return plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
                                                cls_frames=cls_frames, lse_cls=lse_cls, target=target, **extra)
         # The backward reads what the forward wrote: run it where that is possible.
         if device.type != "meta":
-            for launch in triton_kernels.plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
+            for launch in plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
                                                       cls_frames=cls_frames, lse_cls=lse_cls, **extra):
                 launch.run()
         srcs, geom = functions.sources(views)
@@ -152,11 +162,11 @@ def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int
         dviews = functions._decode(grads, geom) if len(srcs) < geom[0] else grads
         d_buf = _fill(torch.empty_like(buf), gen)
         do, do_cls = functions._out_views(op, problem.has_cls, q, d_buf)
-        return triton_kernels.plan_backward(
+        return plan_backward(
             op, q, k, v, o, do, lse, *dviews[:3], scale,
             cls=cls, d_cls=tuple(dviews[3:]) if cls is not None else None, do_cls=do_cls,
             cls_frames=cls_frames, lse_cls=lse_cls, target=target, **extra)
 
 
 __all__ = ["Problem", "problems", "gpu_problems", "variants", "launches", "PASSES", "DTYPES", "ARCHS",
-           "HEAD_DIMS", "ORDERS"]
+           "HEAD_DIMS", "ORDERS", "interpreting"]

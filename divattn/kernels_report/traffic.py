@@ -233,19 +233,11 @@ def count_problem(problem, target=90) -> PassTraffic:
                                              **({"causal": True} if problem.causal else {})))
 
 
-def interpreting() -> bool:
-    """True when this process's kernels are the interpreter's (imported with TRITON_INTERPRET=1)."""
-    from triton.runtime.jit import JITFunction
-
-    from ..ops import triton_kernels
-
-    kernels = [v for v in vars(triton_kernels).values() if hasattr(v, "fn") and callable(getattr(v, "fn"))]
-    return bool(kernels) and not any(isinstance(k, JITFunction) for k in kernels)
-
-
 def measure(problems: Sequence, target=90) -> list:
     """:func:`count_problem` for each problem, as dicts; in a child process with
     ``TRITON_INTERPRET=1`` unless this process already interprets."""
+    from .problems import interpreting
+
     if os.environ.get("TRITON_INTERPRET") == "1" and interpreting():
         return [count_problem(p, target).as_dict() for p in problems]
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -18,7 +18,7 @@ as host C++ on CPU tensors instead (:mod:`divattn.ops.cuda_emulator`): how the t
 suite checks the kernels without a GPU.
 
 :func:`forward` and :func:`backward` have exactly the semantics and calling convention
-of :mod:`divattn.ops.triton_kernels`; the binding (divattn/csrc/bindings.cpp) checks every
+of :mod:`divattn.ops.triton`; the binding (divattn/csrc/bindings.cpp) checks every
 input and raises ``RuntimeError`` naming the tensor, what was expected and what came.
 """
 
@@ -255,7 +255,7 @@ def _lib():
 def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
     """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
 
-    Same contract as :func:`divattn.ops.triton_kernels.forward`: ``op`` is
+    Same contract as :func:`divattn.ops.triton.forward`: ``op`` is
     ``"temporal"``, ``"spatial"`` or ``"joint"``; ``q, k, v, o`` are views in the op's
     layout (any strides, head dim contiguous, D <= 128); ``lse`` a contiguous fp32
     ``(S*L,)`` in base 2 with the scale included, one row per query; with
@@ -277,7 +277,7 @@ def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
 
     ``q, o, do, dq`` have the query frames (Tq), ``k, v, dk, dv`` the key frames (Tk).
     Every element is written, nothing accumulated, no atomics: the result is
-    deterministic. Same contract as :func:`divattn.ops.triton_kernels.backward`.
+    deterministic. Same contract as :func:`divattn.ops.triton.backward`.
     """
     lib = _lib()
     if cls is None:

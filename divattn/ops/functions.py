@@ -49,9 +49,9 @@ class KernelModule(Protocol):
 
 
 def _triton() -> KernelModule:
-    from . import triton_kernels
+    from . import triton
 
-    return triton_kernels
+    return triton
 
 
 def _cuda() -> KernelModule:

@@ -17,9 +17,9 @@ from .cases import ISOLATION_CASES, TILES, isolation_run, poisoned_qkv, skip_rea
 @pytest.fixture(params=TILES)
 def tiles(request, monkeypatch):
     if request.param == "sm90":
-        from divattn.ops import triton_kernels
+        from divattn.ops.triton import plan
 
-        monkeypatch.setattr(triton_kernels, "_target", lambda device, target: 90 if target is None else target)
+        monkeypatch.setattr(plan, "_target", lambda device, target: 90 if target is None else target)
     return request.param
 
 

@@ -1,0 +1,384 @@
+"""Host side of the Triton kernels: the tile table, regimes, tilings, plans and launches.
+
+A *plan* is the list of :class:`Launch` records one pass makes (the attention kernel,
+then with a cls token the epilogue that reduces the per-frame cls buffers); the op
+runs it (:func:`forward`, :func:`backward`), the static report compiles it and the
+traffic model counts it (:mod:`divattn.kernels_report`). Argument names are those of
+:mod:`~divattn.ops.triton.kernels` (see its legend); each kernel's names are read once,
+and a launch that misses one or passes one the kernel does not take is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import kernels
+
+LOG2E = 1.4426950408889634
+FRAME_MAX = 256  # longest sequence (with cls) that one program keeps to itself
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, as data: what the static report compiles and the traffic model counts.
+
+    ``args`` are the kernel's runtime arguments by parameter name (tensors, ints,
+    floats), ``constexprs`` its compile-time ones; :meth:`run` launches it.
+    """
+
+    kernel: object
+    grid: tuple
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    regime: str
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", str(fn))
+
+    def run(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+class _Kernel:
+    """A jit kernel with its parameter names, read once: :meth:`launch` binds arguments by name, strictly."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        fn = getattr(kernel, "fn", kernel)
+        self.name = fn.__name__
+        params = inspect.signature(fn).parameters.values()
+        self.constexprs = frozenset(p.name for p in params if "constexpr" in str(p.annotation))
+        self.runtime = frozenset(p.name for p in params) - self.constexprs
+
+    def launch(self, grid: tuple, args: dict, constexprs: dict, num_warps: int, num_stages: int,
+               regime: str) -> Launch:
+        for given, wanted, what in ((args, self.runtime, "arguments"), (constexprs, self.constexprs, "constexprs")):
+            missing = sorted(wanted - given.keys())
+            extra = sorted(given.keys() - wanted)
+            if missing or extra:
+                raise TypeError(f"{self.name}: {what} missing {missing or 'none'}, not taken {extra or 'none'}")
+        return Launch(self.kernel, grid, args, constexprs, num_warps, num_stages, regime)
+
+
+_FWD = _Kernel(kernels._attn_fwd_kernel)
+_BWD = _Kernel(kernels._attn_bwd_kernel)
+_CLS_MEAN = _Kernel(kernels._cls_mean_kernel)
+_CLS_GRAD = _Kernel(kernels._cls_grad_kernel)
+
+
+def _target(device: torch.device, target):
+    """The compile target a plan is made for: "interpreter" on CPU, else the SM number."""
+    if target is not None:
+        return target
+    if device.type != "cuda":
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+# Tile configurations, as data: (regime, pass, head-dim bucket, precision, arch, cls) -> candidate
+# (rows, num_warps, num_stages), best first. "rows" is the tile height GROUP * SEQ; "arch"
+# is 80 (Ampere, mma.sync) or 90 (Hopper and newer). The first candidate is what runs; on a
+# GPU the candidates are the pruned tuning space (see :func:`_run`). Chosen with
+# `python -m divattn kernels`: no register spill in any fp16/bf16 build at D <= 128 on
+# sm_80 / sm_90, then the most resident blocks. The interpreter (CPU) runs small tiles of
+# its own.
+_HOPPER = {
+    ("packed", "fwd", 64): [(64, 4, 2)],
+    ("packed", "fwd", 128): [(32, 4, 2), (64, 8, 2)],
+    ("packed", "fwd", 256): [(16, 8, 1)],
+    ("packed", "bwd", 64): [(32, 8, 1)],
+    ("packed", "bwd", 128): [(16, 4, 1)],
+    ("packed", "bwd", 256): [(16, 8, 1)],
+    ("frame", "fwd", 64): [(64, 8, 2), (32, 8, 2)],
+    ("frame", "fwd", 128): [(32, 8, 2)],
+    ("frame", "fwd", 256): [(16, 8, 1)],
+    ("frame", "bwd", 64): [(64, 8, 1), (32, 8, 1)],
+    ("frame", "bwd", 128): [(32, 8, 1), (16, 4, 1)],
+    ("frame", "bwd", 256): [(16, 8, 1)],
+    ("long", "fwd", 64): [(64, 8, 2), (32, 8, 2)],
+    ("long", "fwd", 128): [(32, 8, 2)],
+    ("long", "fwd", 256): [(16, 8, 1)],
+    ("long", "bwd", 64): [(32, 8, 1), (64, 8, 1)],
+    ("long", "bwd", 128): [(32, 8, 1), (16, 4, 1)],
+    ("long", "bwd", 256): [(16, 8, 1)],
+}
+_AMPERE = {
+    **_HOPPER,
+    ("packed", "fwd", 128): [(32, 4, 2)],
+    ("frame", "fwd", 64): [(32, 8, 2)],
+    ("frame", "bwd", 64): [(32, 8, 1)],
+    ("long", "fwd", 64): [(32, 8, 2)],
+    ("long", "bwd", 64): [(32, 8, 1)],
+}
+# With a cls token the backward holds more per row (the cls row's merged loads): fewer rows.
+_CLS = {
+    ("frame", "bwd", 64): [(32, 8, 1)],
+    ("frame", "bwd", 128): [(16, 8, 1)],
+    ("long", "bwd", 64): [(32, 8, 1)],
+    ("long", "bwd", 128): [(16, 8, 1)],
+}
+TILES = {
+    (regime, pass_, bucket, "half", arch, cls): (_CLS.get((regime, pass_, bucket)) if cls else None) or cands
+    for arch, table in ((80, _AMPERE), (90, _HOPPER))
+    for (regime, pass_, bucket), cands in table.items()
+    for cls in (False, True)
+}
+INTERPRETER_ROWS = 32
+
+
+def _bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def _regime(rows_per_seq: int, rows: int) -> str:
+    if triton.next_power_of_2(max(rows_per_seq, 1)) <= rows:
+        return "packed"
+    return "frame" if rows_per_seq <= FRAME_MAX else "long"
+
+
+def tile_candidates(rows_per_seq: int, D: int, dtype: torch.dtype, target, pass_: str, has_cls: bool = False) -> list:
+    """Candidate ``(regime, rows, num_warps, num_stages)`` for sequences of ``rows_per_seq`` rows (cls included).
+
+    The regime follows from the first packed entry: sequences that fit its tile are
+    packed, longer ones up to FRAME_MAX rows take the frame regime, the rest the long
+    one. fp32 inputs take half the rows of the half-precision entries (twice the bytes
+    per element).
+    """
+    if target == "interpreter":
+        return [(_regime(rows_per_seq, INTERPRETER_ROWS), INTERPRETER_ROWS, 4, 1)]
+    bucket = _bucket(max(16, triton.next_power_of_2(D)))
+    arch = 90 if int(target) >= 90 else 80
+    shrink = 2 if dtype == torch.float32 else 1
+    first_packed = TILES[("packed", pass_, bucket, "half", arch, has_cls)][0][0] // shrink
+    regime = _regime(rows_per_seq, max(16, first_packed))
+    out = []
+    for rows, warps, stages in TILES[(regime, pass_, bucket, "half", arch, has_cls)]:
+        rows = max(16, rows // shrink)
+        if regime == "packed" and triton.next_power_of_2(max(rows_per_seq, 1)) > rows:
+            continue
+        if (regime, rows, warps, stages) not in out:
+            out.append((regime, rows, warps, stages))
+    return out
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one problem is tiled: its ``n_seq`` sequences (indexed by (i0, i1, i2), i1 and i2
+    running over ``n_i1`` and ``n_i2``), query rows L and key rows L_k (the cls row excluded),
+    and the tile configuration: ``group`` sequences of ``seq`` rows per tile, ``n_q`` /
+    ``n_k`` query / key tiles per sequence, ``tiles_per_prog`` of them per program."""
+
+    n_seq: int
+    n_i1: int
+    n_i2: int
+    L: int
+    L_k: int
+    has_cls: bool
+    regime: str
+    group: int
+    seq: int
+    block_d: int
+    n_q: int
+    n_k: int
+    tiles_per_prog: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(op: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target, pass_: str,
+                candidate=None) -> Tiling:
+    """The tiling of ``op`` on q, k (sequences of L + cls query rows, L_k + cls key rows) for ``target``.
+
+    ``candidate`` is one of :func:`tile_candidates`; by default the first.
+    """
+    (n_i0, n_i1, n_i2, L), _ = _geometry(q, op)
+    L_k = _geometry(k, op)[0][3]
+    q_rows, k_rows = L + int(has_cls), L_k + int(has_cls)
+    regime, rows, warps, stages = candidate or tile_candidates(max(q_rows, k_rows), q.shape[-1], q.dtype, target,
+                                                               pass_, has_cls)[0]
+    if regime == "packed":
+        seq = triton.next_power_of_2(max(q_rows, k_rows, 1))
+        group = rows // seq
+    else:
+        seq, group = rows, 1
+    n_q, n_k = triton.cdiv(max(q_rows, 1), seq), triton.cdiv(max(k_rows, 1), seq)
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    return Tiling(n_i0 * n_i1 * n_i2, n_i1, n_i2, L, L_k, has_cls, regime, group, seq, block_d,
+                  n_q, n_k, max(n_q, n_k) if regime != "long" else 1, warps, stages)
+
+
+def _geometry(x: torch.Tensor, op: str):
+    """(n_i0, n_i1, n_i2, L) and the matching strides (0, 1, 2, L) of a q/k/v/o-like tensor."""
+    if op == "temporal":  # (B, T, N, H, D): sequences (b, n, h), rows t
+        B, T, N, H, _ = x.shape
+        return (B, N, H, T), (x.stride(0), x.stride(2), x.stride(3), x.stride(1))
+    if op == "spatial":  # sequences (b, t, h), rows n
+        B, T, N, H, _ = x.shape
+        return (B, T, H, N), (x.stride(0), x.stride(1), x.stride(3), x.stride(2))
+    if op == "joint":  # (B, L, H, D): sequences (b, h), rows l
+        B, L, H, _ = x.shape
+        return (B, 1, H, L), (x.stride(0), 0, x.stride(2), x.stride(1))
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _strides(op: str, **views) -> dict:
+    """``stride_<name>0/1/2/L`` of each view, by the kernels' names."""
+    return {f"stride_{name}{axis}": st for name, x in views.items()
+            for axis, st in zip(("0", "1", "2", "L"), _geometry(x, op)[1])}
+
+
+def _cls_strides(**vectors) -> dict:
+    """``stride_<name>c0/c2`` of each ``(B, H, D)`` cls vector (0 for a name given None)."""
+    return {f"stride_{name}c{axis}": (0 if x is None else x.stride(i)) for name, x in vectors.items()
+            for i, axis in enumerate(("0", "2"))}
+
+
+def _prec(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _sequences(t: Tiling) -> dict:
+    return dict(n_seq=t.n_seq, n_i1=t.n_i1, n_i2=t.n_i2, L=t.L, L_k=t.L_k, n_q_tiles=t.n_q, n_k_tiles=t.n_k,
+                tiles_per_prog=t.tiles_per_prog)
+
+
+_TUNED: dict = {}
+
+
+def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool) -> None:
+    """Launch the plan with the first tile candidate or, on a GPU with several, the fastest.
+
+    On a GPU the table's candidates for a problem are timed once (``triton.testing.do_bench``)
+    and the winner is kept for that problem size; ``DIVATTN_AUTOTUNE=0`` always runs
+    the first. Every launch writes its outputs whole, so timing runs are harmless.
+    """
+    target = _target(q.device, None)
+    (n_i0, n_i1, n_i2, L), _ = _geometry(q, op)
+    rows_per_seq = max(L, _geometry(k, op)[0][3]) + int(has_cls)
+    candidates = tile_candidates(rows_per_seq, q.shape[-1], q.dtype, target, pass_, has_cls)
+    choice = candidates[0]
+    if len(candidates) > 1 and q.device.type == "cuda" and os.environ.get("DIVATTN_AUTOTUNE", "1") != "0":
+        key = (op, pass_, rows_per_seq, q.shape[-1], q.dtype, n_i0 * n_i1 * n_i2, target)
+        choice = _TUNED.get(key)
+        if choice is None:
+            from triton.testing import do_bench
+
+            times = [do_bench(lambda c=c: [launch.run() for launch in make_plan(c)], warmup=5, rep=20)
+                     for c in candidates]
+            choice = _TUNED[key] = candidates[times.index(min(times))]
+    for launch in make_plan(choice):
+        launch.run()
+
+
+def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None,
+                 lse_cls=None, target=None, candidate=None) -> list:
+    """The launches :func:`forward` makes for these arguments, on ``target`` (default: q's device).
+
+    ``candidate``: a tile configuration from :func:`tile_candidates` (default: the first).
+    """
+    has_cls = cls is not None
+    t = tile_config(op, q, k, has_cls, _target(q.device, target), "fwd", candidate)
+    D = q.shape[-1]
+    if has_cls:
+        qc, kc, vc = cls
+        cls_args = dict(Q_CLS=qc, K_CLS=kc, V_CLS=vc, O_CLS_FR=cls_frames, LSE_CLS_FR=lse_cls)
+    else:  # never read: any pointer, zero strides
+        qc = kc = vc = None
+        cls_args = dict(Q_CLS=q, K_CLS=k, V_CLS=v, O_CLS_FR=lse, LSE_CLS_FR=lse)
+    plan = []
+    if t.n_seq > 0 and t.L + has_cls > 0:
+        plan.append(_FWD.launch(
+            (triton.cdiv(t.n_seq, t.group), triton.cdiv(t.n_q, t.tiles_per_prog)),
+            dict(Q=q, K=k, V=v, O=o, LSE=lse, **cls_args, **_strides(op, q=q, k=k, v=v, o=o),
+                 **_cls_strides(q=qc, k=kc, v=vc), **_sequences(t), D=D, qk_scale=scale * LOG2E),
+            dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
+                 CAUSAL=bool(causal)),
+            t.num_warps, t.num_stages, t.regime))
+    if has_cls:
+        B, T, N, H, _ = q.shape
+        if B * H > 0:
+            plan.append(_CLS_MEAN.launch(
+                (B * H,), dict(O_CLS_FR=cls_frames, O_CLS=o_cls, **_cls_strides(o=o_cls), H=H, T=T, D=D, inv_T=1.0 / T),
+                dict(BLOCK_D=t.block_d), 1, 1, "epilogue"))
+    return plan
+
+
+def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
+    """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
+
+    ``q, k, v, o`` are views in the op's layout (any strides, head dim contiguous);
+    ``lse`` is a contiguous fp32 ``(S*L,)``; with ``cls``, ``o_cls`` is ``(B, H, D)``,
+    ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` of per-frame cls outputs and
+    ``lse_cls`` a contiguous fp32 ``(B, H, T)``.
+    """
+    _run(lambda c: plan_forward(op, q, k, v, o, lse, scale, causal=causal, cls=cls, o_cls=o_cls,
+                                cls_frames=cls_frames, lse_cls=lse_cls, candidate=c), op, "fwd", q, k, cls is not None)
+
+
+def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
+                  causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, target=None,
+                  candidate=None) -> list:
+    """The launches :func:`backward` makes (cls scratch buffers allocated on q's device)."""
+    has_cls = cls is not None
+    t = tile_config(op, q, k, has_cls, _target(q.device, target), "bwd", candidate)
+    D = q.shape[-1]
+    if has_cls:
+        B, T, N, H, _ = q.shape
+        qc, kc, vc = cls
+        # per-frame partial gradients of the cls q/k/v, summed over frames by the epilogue
+        partials = torch.empty((3, B, H, T, D), dtype=torch.float32, device=q.device)
+        cls_args = dict(Q_CLS=qc, K_CLS=kc, V_CLS=vc, DO_CLS=do_cls, O_CLS_FR=cls_frames, LSE_CLS_FR=lse_cls,
+                        DQ_CLS_FR=partials[0], DK_CLS_FR=partials[1], DV_CLS_FR=partials[2])
+        inv_T = 1.0 / T
+    else:  # never read: any pointer, zero strides
+        qc = kc = vc = do_cls = None
+        cls_args = dict(Q_CLS=q, K_CLS=k, V_CLS=v, DO_CLS=do, O_CLS_FR=lse, LSE_CLS_FR=lse, DQ_CLS_FR=lse,
+                        DK_CLS_FR=lse, DV_CLS_FR=lse)
+        inv_T = 1.0
+    plan = []
+    if t.n_seq > 0 and t.L + has_cls > 0:
+        plan.append(_BWD.launch(
+            (triton.cdiv(t.n_seq, t.group), triton.cdiv(max(t.n_q, t.n_k), t.tiles_per_prog)),
+            dict(Q=q, K=k, V=v, O=o, DO=do, LSE=lse, DQ=dq, DK=dk, DV=dv, **cls_args,
+                 **_strides(op, q=q, k=k, v=v, o=o, do=do, dq=dq, dk=dk, dv=dv),
+                 **_cls_strides(q=qc, k=kc, v=vc, do=do_cls), **_sequences(t), D=D, qk_scale=scale * LOG2E,
+                 scale=scale, inv_T=inv_T),
+            dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
+                 SINGLE=t.n_q == 1 and t.n_k == 1, CAUSAL=bool(causal)),
+            t.num_warps, t.num_stages, t.regime))
+    if has_cls and B * H > 0:
+        dqc, dkc, dvc = d_cls
+        plan.append(_CLS_GRAD.launch(
+            (B * H,),
+            dict(DQ_CLS_FR=partials[0], DK_CLS_FR=partials[1], DV_CLS_FR=partials[2], DQ_CLS=dqc, DK_CLS=dkc,
+                 DV_CLS=dvc, **_cls_strides(dq=dqc, dk=dkc, dv=dvc), H=H, T=T, D=D),
+            dict(BLOCK_D=t.block_d), 1, 1, "epilogue"))
+    return plan
+
+
+def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
+             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
+    """Write dq, dk, dv (and the cls grads ``d_cls``) for the forward above.
+
+    Every element of dq/dk/dv/d_cls is written once; nothing is accumulated across
+    programs, so the result does not depend on launch order.
+    """
+    _run(lambda c: plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, causal=causal, cls=cls, d_cls=d_cls,
+                                 do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls, candidate=c),
+         op, "bwd", q, k, cls is not None)
+
+
+__all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "Tiling", "LOG2E", "TILES",
+           "tile_candidates", "tile_config"]
