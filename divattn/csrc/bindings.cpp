@@ -1,6 +1,6 @@
 // Python binding of the CUDA kernels (divattn._C). Every input check lives here: the
 // kernels trust what they are given. Semantics and calling convention are those of
-// divattn/ops/triton_kernels.py forward() / backward(); divattn/ops/cuda_ext.py calls in.
+// divattn/ops/triton forward() / backward(); divattn/ops/cuda_ext.py calls in.
 //
 // Compiled with DIVATTN_EMULATE (divattn/ops/cuda_emulator.py) it is the binding of the
 // emulated kernels instead: the same checks, on CPU tensors, launching through the kernel
@@ -93,7 +93,7 @@ struct Geometry {
   int64_t B = 0, T = 0, N = 0, H = 0, D = 0;
 };
 
-// q is (B, T, N, H, D) (joint: (B, L, H, D)); see divattn/ops/triton_kernels.py _geometry.
+// q is (B, T, N, H, D) (joint: (B, L, H, D)); see divattn/ops/triton/plan.py _geometry.
 Geometry geometry(Op op, const Tensor& q, const Checker& ck) {
   TORCH_CHECK(q.defined(), ck.fn, ": q is an undefined tensor");
 #ifdef DIVATTN_EMULATE
@@ -398,12 +398,12 @@ std::string archs() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "divattn CUDA kernels: strided temporal, spatial (+cls) and joint attention";
-  m.def("forward", &forward, "Attention forward; see divattn.ops.triton_kernels.forward", py::arg("op"),
+  m.def("forward", &forward, "Attention forward; see divattn.ops.triton.forward", py::arg("op"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("scale"),
         py::arg("causal") = false, py::arg("q_cls") = py::none(), py::arg("k_cls") = py::none(),
         py::arg("v_cls") = py::none(), py::arg("o_cls") = py::none(), py::arg("cls_frames") = py::none(),
         py::arg("lse_cls") = py::none());
-  m.def("backward", &backward, "Attention backward; see divattn.ops.triton_kernels.backward", py::arg("op"),
+  m.def("backward", &backward, "Attention backward; see divattn.ops.triton.backward", py::arg("op"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("do"), py::arg("lse"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal") = false, py::arg("q_cls") = py::none(),
         py::arg("k_cls") = py::none(), py::arg("v_cls") = py::none(), py::arg("dq_cls") = py::none(),
