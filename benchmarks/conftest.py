@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from divattn.bench import providers, records, roofline, shapes, suite, timing
+from divattn import shapes
+from divattn.bench import providers, records, roofline, suite, timing
 
 RESULTS = Path(__file__).resolve().parent / "results"  # the committed records
 LOCAL = Path(__file__).resolve().parent.parent / ".benchmarks" / "divattn"  # a plain run's records (git-ignored)

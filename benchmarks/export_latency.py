@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from divattn.bench import records, timing  # noqa: E402
-from divattn.bench.shapes import ModelShape  # noqa: E402
+from divattn.shapes import ModelShape  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "export"
 LOCAL = ROOT / ".benchmarks" / "divattn" / "export"

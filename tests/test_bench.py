@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from divattn import flops
-from divattn.bench import providers, records, roofline, shapes, suite, timing
+from divattn import shapes
+from divattn.bench import providers, records, roofline, suite, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

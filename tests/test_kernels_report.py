@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from divattn.bench.shapes import GPU_SHAPES
+from divattn.shapes import GPU_SHAPES
 from divattn.kernels_report import build, problems, traffic
 
 # The traffic goal (issue 9) at TimeSformer-B head geometry: counted bytes over the minimum.

@@ -59,7 +59,8 @@ def parse_args(argv=None):
 
 def _validate(args):
     """The cases to run as (provider, op, pass, shape); SystemExit naming what is wrong."""
-    from divattn.bench import providers, shapes, suite
+    from divattn import shapes
+    from divattn.bench import providers, suite
 
     try:
         shape = shapes.lookup(args.shape)

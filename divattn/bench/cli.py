@@ -1,7 +1,7 @@
 """``divattn bench``: time the attention providers on one shape and print a short table.
 
 For users who do not run pytest. The shape is a named one (``--shape``, see
-:mod:`divattn.bench.shapes`) or given by its sizes (``--frames --patches --heads
+:mod:`divattn.shapes`) or given by its sizes (``--frames --patches --heads
 --head-dim``); a model shape times a whole training step instead. Providers that
 cannot run on this machine are listed once with the reason. ``--json`` writes the
 records in the format of ``benchmarks/results``; ``--modelled`` writes modelled
@@ -50,7 +50,7 @@ def _csv(value):
 
 
 def _shape(args, device):
-    from . import shapes
+    from .. import shapes
 
     if args.shape is None:
         shape = shapes.defaults(device.type)["attention"][0]
@@ -66,7 +66,7 @@ def _shape(args, device):
 
 
 def _describe(shape) -> str:
-    from .shapes import AttnShape
+    from ..shapes import AttnShape
 
     if isinstance(shape, AttnShape):
         return (f"B={shape.B} T={shape.T} N={shape.N} H={shape.H} D={shape.D}, {shape.order} tokens"
@@ -102,7 +102,8 @@ def table(rows: list) -> list:
 def main(args) -> int:
     import torch
 
-    from . import providers, records, roofline, shapes, suite, timing
+    from .. import shapes
+    from . import providers, records, roofline, suite, timing
 
     if args.memory:
         from . import memory

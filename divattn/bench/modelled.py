@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 from .. import flops as flop_model
 from ..kernels_report import traffic
 from ..kernels_report.problems import Problem
-from .shapes import AttnShape
+from ..shapes import AttnShape
 
 KIND = "modelled"
 DEVICE = "H100 SXM (modelled: 3.35 TB/s, 989 TFLOP/s)"

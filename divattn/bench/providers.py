@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import ops as divattn_ops
 from ..ops import dispatch
-from .shapes import AttnShape
+from ..shapes import AttnShape
 
 
 class Unavailable(Exception):

@@ -22,7 +22,7 @@ from .. import flops as flop_model
 from . import records, timing
 from .providers import MODEL_BACKENDS, PROVIDERS, Unavailable, model_reason
 from .roofline import Peaks, roofline
-from .shapes import AttnShape, ModelShape
+from ..shapes import AttnShape, ModelShape
 
 ATTENTION_PASSES = ("fwd", "fwd+bwd")
 MODEL_PASSES = ("train_step",)

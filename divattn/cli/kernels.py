@@ -82,7 +82,7 @@ def traffic_table(rows: list) -> list:
 def _traffic(args, archs) -> list:
     import dataclasses
 
-    from ..bench.shapes import GPU_SHAPES
+    from ..shapes import GPU_SHAPES
     from ..kernels_report import problems, traffic
 
     name = (_csv(args.shapes) or ["timesformer_8x224"])[0]
@@ -93,7 +93,7 @@ def _traffic(args, archs) -> list:
 
 
 def _check(args) -> None:
-    from ..bench.shapes import GPU_SHAPES
+    from ..shapes import GPU_SHAPES
     from ..kernels_report import problems
 
     for flag, values, known in (("--shapes", _csv(args.shapes), tuple(GPU_SHAPES)),

@@ -356,7 +356,7 @@ def report(*, shapes: Optional[Sequence[str]] = None, head_dims=None, orders=Non
 
 
 def _run(spec: dict) -> list:
-    from ..bench.shapes import GPU_SHAPES
+    from ..shapes import GPU_SHAPES
     from .problems import DTYPES, HEAD_DIMS, ORDERS, PASSES, problems, variants
 
     names = spec.get("shapes") or list(GPU_SHAPES)

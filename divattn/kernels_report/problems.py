@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..bench.shapes import GPU_SHAPES, AttnShape
+from ..shapes import GPU_SHAPES, AttnShape
 
 PASSES = ("fwd", "bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

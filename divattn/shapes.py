@@ -1,4 +1,7 @@
-"""Named benchmark shapes: the papers' models on a GPU, small stand-ins on a CPU.
+"""Named shapes: the papers' models on a GPU, small stand-ins on a CPU.
+
+The benchmarks (:mod:`divattn.bench`) time them and the kernel report
+(:mod:`divattn.kernels_report`) compiles their launches; this module imports neither.
 
 An :class:`AttnShape` is one attention layer's q/k/v: batch B, T frames (temporal
 tokens), N patches per frame, H heads of D, the token order of the qkv projection
