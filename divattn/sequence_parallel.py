@@ -283,6 +283,21 @@ class _CompleteCls(torch.autograd.Function):
         return g, None, None
 
 
+class _AllToAll(torch.autograd.Function):
+    """A flat all-to-all: ``send`` in chunks of ``send_splits`` elements, one per rank; backward:
+    the same with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, send, send_splits: list, recv_splits: list, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        return _all_to_all(send.contiguous(), sum(recv_splits), send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        send_splits, recv_splits = ctx.splits
+        return _all_to_all(g.contiguous(), sum(send_splits), recv_splits, send_splits, ctx.group), None, None, None
+
+
 class _Gather(torch.autograd.Function):
     """Every rank's shard along ``dim``, in rank order (sizes ``sizes``); backward: the sum of
     the ranks' gradients, this rank's part."""
@@ -533,6 +548,23 @@ def gather_tokens(x: torch.Tensor, group=None, *, num_frames: int, order: str, h
     return torch.cat([x[:, :1], tokens], 1) if has_cls else tokens
 
 
+def all_to_all(send: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group=None) -> torch.Tensor:
+    """A differentiable all-to-all of a flat ``send`` buffer (``send_splits[s]`` elements for rank
+    s, ``recv_splits[s]`` from it); the backward is the same exchange the other way. For
+    compositions of other layouts (the Ulysses block of ``divattn bench``)."""
+    return _AllToAll.apply(send, list(send_splits), list(recv_splits), _group_or_world(group))
+
+
+def all_gather(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """Every rank's ``x`` (all of one shape) concatenated along ``dim`` in rank order;
+    differentiable (backward: the sum of the ranks' gradients, this rank's part), e.g. the
+    heads a head-sharded composition computed."""
+    group = _group_or_world(group)
+    size = dist.get_world_size(group)
+    dim = dim % x.dim()
+    return _Gather.apply(x, dim, (x.shape[dim],) * size, dist.get_rank(group), group)
+
+
 def average_gradients(parameters: Iterable[torch.nn.Parameter], group=None) -> None:
     """Average the gradients of ``parameters`` over ``group``: after every rank's backward on its
     shard, each then holds the gradient of the whole clip. (DDP over the data x sequence
@@ -627,6 +659,6 @@ def divided_block_bytes(B: int, T: int, N: int, C: int, P: int, rank: int, *, el
 
 __all__ = [
     "FrameShards", "SequenceParallelError", "split_sizes", "shard_frames", "gather_frames", "shard_tokens",
-    "gather_tokens", "average_gradients", "count_communication", "Communication", "divided_block_bytes",
+    "gather_tokens", "all_to_all", "all_gather", "average_gradients", "count_communication", "Communication", "divided_block_bytes",
     "mark_shard", "shard_of",
 ]
