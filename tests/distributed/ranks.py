@@ -6,7 +6,8 @@ collective timeout of ``collective_s`` seconds) and runs test functions on all o
 results in rank order. A rank that raises reports ``Failed(type, message, traceback)`` in
 its place; a process that dies reports ``Failed("ProcessExited", ...)``; a call past its
 deadline kills the group and fails the test, so no test hangs. :func:`run` does the same on a fresh group, for tests that break
-theirs on purpose. ``fn`` must be a module-level function (the processes are spawned).
+theirs on purpose, or leave the group to ``fn`` (as under torchrun). ``fn`` must be a
+module-level function (the processes are spawned).
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def _serve(rank, world, store, collective_s, env, tasks, results):
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=collective_s))
+        if store is None:  # as torchrun leaves it: the function joins the group itself
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                              LOCAL_WORLD_SIZE=str(world))
+        else:
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=collective_s))
     except BaseException as e:
         results.put((rank, -1, Failed(type(e).__name__, str(e), traceback.format_exc())))
         return
@@ -53,19 +58,21 @@ def _serve(rank, world, store, collective_s, env, tasks, results):
         except BaseException as e:  # reported to the test, not swallowed
             out = Failed(type(e).__name__, str(e), traceback.format_exc())
         results.put((rank, number, out))
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class Ranks:
     """``world`` processes in one gloo group, kept for several calls of :meth:`run`."""
 
-    def __init__(self, world: int, *, collective_s: float = 30.0, env=None):
+    def __init__(self, world: int, *, collective_s: float = 30.0, env=None, group: bool = True):
         self.world = world
         ctx = multiprocessing.get_context("spawn")
         self.tmp = tempfile.mkdtemp()
+        store = os.path.join(self.tmp, "store") if group else None
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world)]
-        self.procs = [ctx.Process(target=_serve, args=(r, world, os.path.join(self.tmp, "store"), collective_s,
+        self.procs = [ctx.Process(target=_serve, args=(r, world, store, collective_s,
                                                        dict(env or {}), self.tasks[r], self.results), daemon=True)
                       for r in range(world)]
         for p in self.procs:
@@ -119,9 +126,11 @@ class Ranks:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run(fn, world: int, *args, deadline_s: float = 120.0, collective_s: float = 30.0, env=None) -> list:
-    """:meth:`Ranks.run` on a group of its own, closed afterwards."""
-    ranks = Ranks(world, collective_s=collective_s, env=env)
+def run(fn, world: int, *args, deadline_s: float = 120.0, collective_s: float = 30.0, env=None,
+        group: bool = True) -> list:
+    """:meth:`Ranks.run` on processes of their own, closed afterwards; without ``group`` the
+    processes get torchrun's environment (``RANK``, ``WORLD_SIZE``, ...) and no group."""
+    ranks = Ranks(world, collective_s=collective_s, env=env, group=group)
     try:
         return ranks.run(fn, *args, deadline_s=deadline_s)
     finally:
