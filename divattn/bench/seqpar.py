@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 import statistics
 import tempfile
 import time
@@ -115,9 +116,51 @@ def _step(fn, x: torch.Tensor, w: torch.Tensor) -> None:
     (fn(xs) * w).sum().backward()
 
 
-def _rank(rank: int, world: int, store: str, variant: str, shape: dict, rounds: int, threads: int,
+def _variant(variant: str, world: int, shape: dict, device, dtype):
+    """``(fn, x, w)``: the block step of ``variant`` on this rank's input and loss weights."""
+    B, T, N = shape["B"], shape["T"], shape["N"]
+    C = WIDTH["dim"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 1 + N * T, C, generator=g).to(device, dtype)
+    w = torch.randn(B, 1 + N * T, C, generator=g).to(device, dtype)
+    if variant == "single":
+        return _block(T, device, dtype), x, w
+    shards = sp.FrameShards(None, T)
+    block = _block(shards.local_frames, device, dtype)
+    x, w = (sp.shard_tokens(t, num_frames=T, order="hwt", has_cls=True) for t in (x, w))
+    if variant == "frames":
+        block.sequence = shards
+        return block, x, w
+
+    def ulysses(t):
+        return ulysses_divided_block(block, t, shards)
+
+    return ulysses, x, w
+
+
+def measure(variant: str, world: int, shape: dict, rounds: int, device, dtype) -> dict:
+    """On every rank of the default group: ``{"times": [s per step], "sent": {kind: bytes},
+    "calls": {kind: n}}`` for ``rounds`` forward + backward steps of ``variant`` (the bytes of one)."""
+    fn, x, w = _variant(variant, world, shape, device, dtype)
+    _step(fn, x, w)  # warm-up
+    with sp.count_communication() as comm:
+        _step(fn, x, w)
+    times = []
+    for _ in range(rounds):
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _step(fn, x, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "sent": dict(comm.sent), "calls": dict(comm.calls)}
+
+
+def _rank(rank: int, world: int, store: str, variants: list, shape: dict, rounds: int, threads: int,
           device_type: str, dtype, results) -> None:
-    """One rank of one case: time ``rounds`` forward + backward steps and count one step's bytes."""
+    """One rank: for each variant, time ``rounds`` forward + backward steps and count one step's bytes."""
     torch.set_num_threads(threads)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -125,76 +168,21 @@ def _rank(rank: int, world: int, store: str, variant: str, shape: dict, rounds: 
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
                                 rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
-        B, T, N = shape["B"], shape["T"], shape["N"]
-        C = WIDTH["dim"]
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(B, 1 + N * T, C, generator=g).to(device, dtype)
-        w = torch.randn(B, 1 + N * T, C, generator=g).to(device, dtype)
-        if variant == "single":
-            block = _block(T, device, dtype)
-            fn = block
-        else:
-            shards = sp.FrameShards(None, T)
-            block = _block(shards.local_frames, device, dtype)
-            x, w = (sp.shard_tokens(t, num_frames=T, order="hwt", has_cls=True) for t in (x, w))
-            if variant == "frames":
-                block.sequence = shards
-                fn = block
-            else:
-                def fn(t):
-                    return ulysses_divided_block(block, t, shards)
-        _step(fn, x, w)  # warm-up
-        with sp.count_communication() as comm:
-            _step(fn, x, w)
-        times = []
-        for _ in range(rounds):
-            if world > 1:
-                dist.barrier()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            _step(fn, x, w)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        results.put((rank, {"times": times, "sent": dict(comm.sent), "calls": dict(comm.calls)}))
+        for variant in variants:
+            results.put((rank, variant, measure(variant, world, shape, rounds, device, dtype)))
     except BaseException as e:
-        results.put((rank, {"error": f"{type(e).__name__}: {e}"}))
+        results.put((rank, None, {"error": f"{type(e).__name__}: {e}"}))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_case(variant: str, world: int, shape: dict, *, rounds: int = 3, threads: int = 1, device_type: str = "cpu",
-             dtype=torch.float32, timeout_s: float = 1800.0) -> dict:
-    """One record: ``variant`` (``"single"``, ``"frames"`` or ``"ulysses"``) on ``world`` processes."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_rank, args=(r, world, store, variant, shape, rounds, threads, device_type,
-                                                 dtype, results)) for r in range(world)]
-        for p in procs:
-            p.start()
-        got = {}
-        try:
-            deadline = time.monotonic() + timeout_s
-            while len(got) < world and time.monotonic() < deadline:
-                try:
-                    rank, value = results.get(timeout=1.0)
-                    got[rank] = value
-                except Exception:
-                    if all(p.exitcode is not None for p in procs) and results.empty():
-                        break
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
+def record(variant: str, world: int, shape: dict, got: dict, rounds: int, threads: int, dtype) -> dict:
+    """The record of one variant from ``{rank: measure(...) or {"error": ...}}``."""
+    record = {"variant": variant, "P": world, **shape, "C": WIDTH["dim"], "heads": WIDTH["heads"],
+              "threads_per_rank": threads, "dtype": str(dtype).replace("torch.", "")}
     errors = [f"rank {r}: {v['error']}" for r, v in sorted(got.items()) if "error" in v]
     missing = sorted(set(range(world)) - set(got))
-    record = {"variant": variant, "P": world, **shape, "C": WIDTH["dim"], "heads": WIDTH["heads"],
-              "threads_per_rank": threads, "device": device_type, "dtype": str(dtype).replace("torch.", "")}
     if errors or missing:
         record.update(status="error", error="; ".join(errors + [f"rank {r} gave no result" for r in missing]))
         return record
@@ -211,15 +199,41 @@ def run_case(variant: str, world: int, shape: dict, *, rounds: int = 3, threads:
     return record
 
 
+def run_cases(variants: list, world: int, shape: dict, *, rounds: int = 3, threads: int = 1,
+              device_type: str = "cpu", dtype=torch.float32, timeout_s: float = 1800.0) -> list:
+    """One record per variant (``"single"``, ``"frames"``, ``"ulysses"``), all on one group of
+    ``world`` processes, in turn."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    got = {v: {} for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_rank, args=(r, world, store, variants, shape, rounds, threads, device_type,
+                                                 dtype, results)) for r in range(world)]
+        for p in procs:
+            p.start()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while any(len(g) < world for g in got.values()) and time.monotonic() < deadline:
+                try:
+                    rank, variant, value = results.get(timeout=1.0)
+                except queue.Empty:
+                    if all(p.exitcode is not None for p in procs):
+                        break
+                    continue
+                for v in ([variant] if variant is not None else [v for v in variants if rank not in got[v]]):
+                    got[v][rank] = value
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return [record(v, world, shape, got[v], rounds, threads, dtype) for v in variants]
+
+
 def plan(worlds) -> list:
-    """``(variant, P)`` for each P: one process alone; the frame-sharded block and the Ulysses one above."""
-    out = []
-    for P in worlds:
-        if P == 1:
-            out.append(("single", 1))
-        else:
-            out += [("frames", P), ("ulysses", P)]
-    return out
+    """``(P, variants)`` for each P: one process alone; the frame-sharded block and the Ulysses one."""
+    return [(P, ["single"] if P == 1 else ["frames", "ulysses"]) for P in worlds]
 
 
 def table(records: list) -> list:
@@ -247,8 +261,9 @@ def main(worlds, *, B: Optional[int] = None, T: Optional[int] = None, N: Optiona
     print(f"one divided block, C = {WIDTH['dim']}, {WIDTH['heads']} heads, MLP 4C; clip B={shape['B']} "
           f"T={shape['T']} N={shape['N']} ({shape['B'] * shape['T'] * shape['N']} tokens), forward + backward, "
           f"{str(dtype).replace('torch.', '')} on {device_type}, {threads} thread(s) per rank, median of {rounds}")
-    records = [run_case(v, P, shape, rounds=rounds, threads=threads, device_type=device_type, dtype=dtype)
-               for v, P in plan(worlds)]
+    records = [r for P, variants in plan(worlds)
+               for r in run_cases(variants, P, shape, rounds=rounds, threads=threads, device_type=device_type,
+                                  dtype=dtype)]
     print("\n".join(table(records)))
     return records
 
