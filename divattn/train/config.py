@@ -88,7 +88,7 @@ DEFAULTS = {
     },
     "optim": {
         "name": "adamw",  # adamw | sgd
-        "lr": 2.0e-3,  # for the global batch (batch_size x accum_steps x processes)
+        "lr": 2.0e-3,  # for the global batch (batch_size x accum_steps x processes / parallel.sequence)
         "weight_decay": 0.05,
         "momentum": 0.9,  # sgd
         "betas": [0.9, 0.999],  # adamw
