@@ -1,8 +1,9 @@
 """``divattn train`` with ``parallel.sequence=2`` on 2 gloo processes (torchrun's environment)
 against one process: the same loss at each of 20 steps (within 1e-5) with the same seed and
 global batch, a resumed run ending with the weights of one that never stopped, the same for
-next-frame prediction with the causal ST transformer (10 steps), and a sequence size that does
-not divide the processes refused. About 40 s on a loaded 2-core machine."""
+next-frame prediction with the causal ST transformer (10 steps), 4 processes as a 2 x 2
+data x sequence mesh against 2 data-parallel ones (5 steps), and a sequence size that does
+not divide the processes refused. About 70 s on the loaded 2-core machine."""
 
 import os
 import socket
@@ -112,6 +113,23 @@ def test_next_frame_prediction_sequence_parallel_equals_one_process(tmp_path):
     for key in ("val_mse", "baseline_mse"):
         assert abs(summary[key] - ref[key]) <= 1e-5 * abs(ref[key]), (key, summary[key], ref[key])
     assert summary["val_items"] == ref["val_items"] == 8
+
+
+def test_a_data_by_sequence_mesh_equals_data_parallelism(tmp_path):
+    """4 processes as a 2 x 2 data x sequence mesh against 2 data-parallel processes: the same
+    clips per data rank, so each rank's loss (of its data rank's clips) is the same at each step."""
+    p = _ports(2)
+    run_cfg = {"train": {"epochs": 1}}
+    dp = ok(run(_train, 2, [(run_cfg, str(tmp_path / "dp"), None, p[0])], group=False, deadline_s=180))
+    mesh = ok(run(_train, 4, [({**run_cfg, "parallel": {"sequence": 2}}, str(tmp_path / "mesh"), None, p[1])],
+                  group=False, deadline_s=240))
+    for rank, (got,) in enumerate(mesh):
+        want = dp[rank // 2][0]["losses"]
+        worst = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], want))
+        assert len(got["losses"]) == len(want) == 5 and worst <= 1e-5, (rank, worst, got["losses"], want)
+    summary = mesh[0][0]["summary"]
+    assert summary["data_parallel"] == 2 and summary["sequence_parallel"] == 2
+    assert abs(summary["val_loss"] - dp[0][0]["summary"]["val_loss"]) <= 1e-5
 
 
 def test_a_sequence_size_that_does_not_divide_the_processes_is_refused(tmp_path):
