@@ -126,7 +126,7 @@ def test_every_helper_script_accepts_its_arguments(plan):
             assert out.returncode == 0, f"{name}: {cmd}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
             seen.add(Path(cmd[1]).name)
     assert seen == {"probe.py", "build_cuda.py", "memcheck_ops.py", "bench_records.py", "pytest_shards.py",
-                    "aoti_package.py"}
+                    "aoti_package.py", "sequence_parallel.py"}
 
 
 def test_every_divattn_subcommand_accepts_its_options(plan):
@@ -196,8 +196,8 @@ def test_junit_counts_and_exit_status(tmp_path):
     xml.write_text('<testsuites><testsuite tests="10" failures="1" errors="0" skipped="3"/></testsuites>')
     assert acc.junit_counts(str(xml)) == {"passed": 6, "failed": 1, "errors": 0, "skipped": 3}
 
-    def step(kind, status, rc=0):
-        s = acc.Step("s", kind, ["x"], 1, "")
+    def step(kind, status, rc=0, optional=False):
+        s = acc.Step("s", kind, ["x"], 1, "", optional=optional)
         s.status, s.rc = status, rc
         return s
 
@@ -205,6 +205,14 @@ def test_junit_counts_and_exit_status(tmp_path):
     assert acc.exit_status([step("correctness", "passed"), step("correctness", "unavailable")]) == 2
     assert acc.exit_status([step("correctness", "timeout"), step("correctness", "unavailable")]) == 1
     assert acc.exit_status([step("correctness", "passed"), step("benchmark", "failed", 1)]) == 1
+    # the multi-GPU check: unavailable with one GPU leaves the status alone, a failure does not
+    assert acc.exit_status([step("correctness", "passed"), step("correctness", "unavailable", 3, True)]) == 0
+    assert acc.exit_status([step("correctness", "passed"), step("correctness", "failed", 1, True)]) == 1
+
+
+def test_the_sequence_parallel_check_says_when_there_are_too_few_gpus():
+    out = _run([sys.executable, str(HELPERS / "sequence_parallel.py"), "--gpus", "64"])
+    assert out.returncode == 3 and "UNAVAILABLE" in out.stdout and "need 64" in out.stdout, out.stdout + out.stderr
 
 
 def test_a_partial_run_writes_records_here_and_to_out(tmp_path):

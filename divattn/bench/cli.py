@@ -6,6 +6,8 @@ For users who do not run pytest. The shape is a named one (``--shape``, see
 cannot run on this machine are listed once with the reason. ``--json`` writes the
 records in the format of ``benchmarks/results``; ``--modelled`` writes modelled
 H100 records (:mod:`divattn.bench.modelled`) to a file of their own.
+``--sequence-parallel 1,2`` times one TimeSformer-B-width divided block with the clip's
+frames sharded over 1, 2, ... processes instead (:mod:`divattn.bench.seqpar`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--modelled", default=None, metavar="PATH",
                         help="also write modelled H100 records (counted traffic, no GPU) to PATH, a file of their own")
     parser.add_argument("--modelled-only", action="store_true", help="with --modelled: write them and time nothing")
+    parser.add_argument("--sequence-parallel", default=None, metavar="P,P",
+                        help="time one TimeSformer-B-width divided block, forward + backward, with the clip's frames "
+                             "sharded over each number of processes (gloo on cpu, nccl on cuda), against the same "
+                             "block re-sharded by heads (Ulysses), and count the bytes each rank sends; "
+                             "--batch/--frames/--patches set the clip, --threads the threads per rank (default 1)")
     parser.add_argument("--memory", nargs="?", const="timesformer_b,timesformer_hr,timesformer_l", default=None,
                         metavar="GEOMETRIES",
                         help="print the activation memory a training forward saves, per block and per model, for "
@@ -132,6 +139,8 @@ def main(args) -> int:
         print("providers: " + ", ".join(providers.PROVIDERS))
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.sequence_parallel:
+        return _sequence_parallel(args, device)
     if args.threads is not None and device.type == "cpu":
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
@@ -184,3 +193,28 @@ def main(args) -> int:
     failed = [r for r in rows if r["status"] == "error" and providers.PROVIDERS.get(r["provider"]) is not None
               and providers.PROVIDERS[r["provider"]].ours]
     return 1 if failed else 0
+
+
+def _sequence_parallel(args, device) -> int:
+    import torch
+
+    from . import records, seqpar
+
+    try:
+        worlds = [int(p) for p in _csv(args.sequence_parallel)]
+    except ValueError:
+        raise SystemExit(f"divattn bench: --sequence-parallel takes process counts, e.g. 1,2; got "
+                         f"{args.sequence_parallel!r}") from None
+    if not worlds or min(worlds) < 1:
+        raise SystemExit("divattn bench: --sequence-parallel takes positive process counts, e.g. 1,2")
+    if device.type == "cuda" and max(worlds) > torch.cuda.device_count():
+        raise SystemExit(f"divattn bench: --sequence-parallel {max(worlds)} needs as many GPUs; "
+                         f"{torch.cuda.device_count()} visible")
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    env = records.environment(device)
+    print(f"{env['device']}, torch {env['torch']}, commit {env['commit']}{' (dirty)' if env['dirty'] else ''}")
+    rows = seqpar.main(worlds, B=args.batch, T=args.frames, N=args.patches, rounds=2 if args.quick else 5,
+                       threads=args.threads or 1, device_type=device.type, dtype=dtype)
+    if args.json:
+        print(f"records written to {records.write(args.json, [{**env, **r} for r in rows])}")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0

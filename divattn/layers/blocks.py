@@ -32,6 +32,7 @@ from .attention import Attention
 from .divided import DividedSpaceTimeAttention, add_after_first
 from .drop import DropPath
 from .mlp import Mlp
+from .sharded import patch_sharded_attention, temporal_residual
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -140,8 +141,11 @@ class FactorisedSelfAttentionBlock(nn.Module):
         x = x + drop_path(mlp(norm2(x)))
 
     ``"time_space"`` (scenic's other ``attention_order``) runs the first two lines the
-    other way round.
+    other way round. With ``sequence`` set (the model's ``parallelize``), ``x`` holds this
+    rank's frames and the temporal MSA runs on all frames of this rank's patches.
     """
+
+    sequence = None
 
     def __init__(self, dim: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop: float = 0.0, drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6,
@@ -170,6 +174,9 @@ class FactorisedSelfAttentionBlock(nn.Module):
         return x + self.drop_path(self.attn.out(tokens_major(o)))
 
     def _temporal(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence is not None:
+            return temporal_residual(self.sequence, x, self.temporal_norm1, self.temporal_attn, order="thw",
+                                     has_cls=False, drop_path=self.drop_path, backend=self.backend)
         q, k, v = self._qkv(self.temporal_attn, x, self.temporal_norm1)
         o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
         return x + self.drop_path(self.temporal_attn.out(tokens_major(o)))
@@ -212,7 +219,14 @@ class FactorisedDotProductBlock(nn.Module):
         y = o_temporal @ proj.weight[:, :C/2].T + o_spatial @ proj.weight[:, C/2:].T + proj.bias
 
     Keys ``norm1, attn.qkv, attn.proj, norm2, mlp`` (the parameters of model 1's block).
+
+    With ``sequence`` set (the model's ``parallelize``), ``x`` holds this rank's frames: the
+    temporal heads' q/k/v are projected from the normed tokens re-sharded to patches, and
+    their output comes back to the frames before the projection (C values per token out,
+    C/2 back).
     """
+
+    sequence = None
 
     def __init__(self, dim: int, num_heads: int, num_frames: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop: float = 0.0, drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6,
@@ -236,14 +250,34 @@ class FactorisedDotProductBlock(nn.Module):
         return (q[:, :, :, :h], k[:, :, :, :h], v[:, :, :, :h]), (q[:, :, :, h:], k[:, :, :, h:], v[:, :, :, h:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence is not None:
+            return self._forward_sharded(x)
         (qt, kt, vt), (qs, ks, vs) = self._halves(x)
         scale = self.attn.scale
         o_t = tokens_major(temporal_attention(qt, kt, vt, scale=scale, backend=self.backend))
         o_s = tokens_major(spatial_attention(qs, ks, vs, scale=scale, backend=self.backend))
+        return self._project(x, o_t, o_s)
+
+    def _project(self, x: torch.Tensor, o_t: torch.Tensor, o_s: torch.Tensor) -> torch.Tensor:
         w, half = self.attn.proj.weight, o_t.shape[-1]
         y = F.linear(o_t, w[:, :half]) + F.linear(o_s, w[:, half:], self.attn.proj.bias)
         x = x + self.drop_path(self.attn.proj_drop(y))
         return x + self.drop_path(self.mlp(x, self.norm2))
+
+    def _forward_sharded(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` on this rank's frames: the temporal heads over all frames of its patches."""
+        xn = self.norm1(x)
+        C, shards = xn.shape[-1], self.sequence
+        # qkv rows (q k v) x (temporal heads, spatial heads) x C/2
+        w = self.attn.qkv.weight.view(3, 2, C // 2, C)
+        b = self.attn.qkv.bias.view(3, 2, C // 2) if self.attn.qkv.bias is not None else None
+        half = [(w[:, i].reshape(-1, C), None if b is None else b[:, i].reshape(-1)) for i in (0, 1)]
+        qkv_t = F.linear(shards.frames_to_patches(xn), *half[0])
+        o_t = shards.patches_to_frames(patch_sharded_attention(qkv_t, self.attn, backend=self.backend), xn)
+        q, k, v = _split_frames(F.linear(xn, *half[1]).view(*xn.shape[:2], 3, -1, self.attn.head_dim),
+                                self.num_frames, type(self).__name__)
+        o_s = tokens_major(spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend))
+        return self._project(x, o_t, o_s)
 
     def attention_maps(self, x: torch.Tensor) -> dict:
         """``"temporal"``: ``(B, N, H/2, T, T)`` (heads ``[0, H/2)``); ``"spatial"``:

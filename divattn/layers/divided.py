@@ -11,6 +11,7 @@ from ..ops import spatial_attention_tokens, split_qkv, temporal_attention, token
 from .attention import Attention
 from .drop import DropPath
 from .recompute import linear_linear
+from .sharded import temporal_residual
 
 
 @torch.library.custom_op("divattn::add_after_first", mutates_args=())
@@ -71,7 +72,15 @@ class DividedSpaceTimeAttention(nn.Module):
     Stochastic depth drops whole samples; the official code drops the spatial
     residual per (sample, frame) before averaging the cls outputs, which the fused
     path (one cls output per sample) cannot express. Evaluation is identical.
+
+    With ``sequence`` set (a :class:`~divattn.sequence_parallel.FrameShards`, by the
+    model's ``parallelize``), ``x`` holds this rank's ``num_frames`` frames of a clip
+    sharded over a process group: the temporal half runs on all frames of this rank's
+    patches (:func:`~divattn.layers.sharded.temporal_residual`), the spatial half on the
+    local frames, and the cls output is completed over all frames (one all-reduce).
     """
+
+    sequence = None
 
     def __init__(self, dim: int, num_heads: int, num_frames: int, *, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, proj_drop: float = 0.0, drop_path: float = 0.0,
@@ -106,11 +115,16 @@ class DividedSpaceTimeAttention(nn.Module):
         T = self.num_frames
         if (L - 1) % T != 0:
             raise ValueError(f"DividedSpaceTimeAttention: {L} tokens is not 1 + N*T with T = num_frames = {T}")
-        q, k, v, _ = self._split(self.temporal_attn.qkv_heads(x, self.temporal_norm1), T)
-        o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
-        res_t = self._temporal_residual(tokens_major(o))
-        x = add_after_first(x, res_t)
+        if self.sequence is None:
+            q, k, v, _ = self._split(self.temporal_attn.qkv_heads(x, self.temporal_norm1), T)
+            o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
+            res_t = self._temporal_residual(tokens_major(o))
+            x = add_after_first(x, res_t)
+        else:
+            x = temporal_residual(self.sequence, x, self.temporal_norm1, self.temporal_attn, order=self.token_order,
+                                  has_cls=True, drop_path=self.drop_path, fc=self.temporal_fc, backend=self.backend)
 
         q, k, v, cls = self._split(self.attn.qkv_heads(x, self.norm1), T)
         o = spatial_attention_tokens(q, k, v, cls, scale=self.attn.scale, backend=self.backend)
-        return x + self.drop_path(self.attn.out(o))
+        x = x + self.drop_path(self.attn.out(o))
+        return x if self.sequence is None else self.sequence.complete_cls(x)

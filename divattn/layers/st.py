@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from ..ops import spatial_attention, temporal_attention, tokens_major
+from ..sequence_parallel import SequenceParallelError
 from .attention import Attention
 from .drop import DropPath
 from .mlp import Mlp
+from .sharded import temporal_residual
 
 
 class KVCache:
@@ -109,7 +111,13 @@ class STBlock(nn.Module):
     values are appended to the cache, and their queries attend causally to every
     cached frame, so feeding frames one at a time gives the outputs of the full
     causal forward.
+
+    With ``sequence`` set (the model's ``parallelize``), ``x`` holds this rank's frames of a
+    clip sharded over a process group, and the causal temporal attention runs on all frames
+    of this rank's patches (no cache: generation runs in one process).
     """
+
+    sequence = None
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, drop: float = 0.0,
                  drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6, backend: Optional[str] = None):
@@ -142,6 +150,12 @@ class STBlock(nn.Module):
 
     def temporal(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """``x`` plus the causal temporal attention residual (over the cached frames too)."""
+        if self.sequence is not None:
+            if cache is not None:
+                raise SequenceParallelError("STBlock: a key/value cache (generation) runs in one process; this "
+                                            "block is parallelized over frames")
+            return temporal_residual(self.sequence, x, self.temporal_norm1, self.temporal_attn, order="thw",
+                                     has_cls=False, causal=True, drop_path=self.drop_path, backend=self.backend)
         qkv = self._qkv(self.temporal_attn, x, self.temporal_norm1)
         q = qkv[:, :, :, 0]
         if cache is None:

@@ -14,6 +14,7 @@ from ..layers.attention import Attention
 from ..layers.mlp import ACTIVATIONS, Mlp
 from ..layers.recompute import check_memory
 from ..ops import BACKENDS
+from ..sequence_parallel import FrameShards, SequenceParallelError, shard_of
 from .checkpoint import ConvertedCheckpoint, is_transformers_state_dict, read_state_dict
 from .pos_embed import MODES
 from .scenic import is_scenic_checkpoint
@@ -139,9 +140,13 @@ class VideoModel(nn.Module):
     Subclasses build ``head`` and the blocks and implement ``forward_features`` (token
     features after the final norm) and ``attention_maps``; ``global_pool`` is
     ``"token"`` (the cls token) or ``"avg"`` (mean over tokens).
+
+    :meth:`parallelize` shards each clip's frames over a process group (``sequence``, a
+    :class:`~divattn.sequence_parallel.FrameShards`, is then set on the model and its blocks).
     """
 
     global_pool = "token"
+    sequence: Optional[FrameShards] = None
 
     def __init__(self, config: VideoModelConfig):
         super().__init__()
@@ -192,6 +197,78 @@ class VideoModel(nn.Module):
             if isinstance(m, (Attention, Mlp)):
                 m.memory = mode
         self.config.memory = mode
+
+    def parallelize(self, group, *, num_frames: Optional[int] = None, check_inputs: bool = True) -> "VideoModel":
+        """Run on one shard of each clip's frames per rank of ``group`` (None: undo); returns the model.
+
+        Every rank of ``group`` calls this with the same model (the same config and weights,
+        checked with one all-gather) and then gives the model its frames of the same clip,
+        ``model.sequence.shard(video)`` (:class:`~divattn.sequence_parallel.FrameShards`):
+        rank r gets frames ``[start, stop)`` of ``num_frames`` (default ``config.num_frames``;
+        a clip of another length needs another ``parallelize``). The outputs are those of the
+        whole clip: logits and pooled features on every rank, token features and the ST
+        transformer's predicted frames for this rank's frames. Parameter gradients: the
+        mean over the group of the ranks' gradients is the whole clip's
+        (:func:`~divattn.sequence_parallel.average_gradients`, or DDP over every rank).
+
+        Spatial attention runs on the local frames; temporal attention on all frames of
+        this rank's patches, between two all-to-alls of C values per token per block; the
+        TimeSformer cls token's mean over frames is completed with an all-reduce. Per-token
+        dropout (``drop_rate > 0``) is refused in training (stochastic depth is fine: the
+        ranks draw alike when seeded alike); joint attention over the whole clip and
+        KV-cached generation are refused. ``check_inputs`` (default on) gathers every
+        rank's input shape at each forward, so that a rank given the wrong shard stops the
+        whole group with one :class:`~divattn.sequence_parallel.SequenceParallelError`.
+        """
+        if group is None:
+            shards = None
+        else:
+            self._check_parallel()
+            c = self.config
+            frames = c.num_frames if num_frames is None else num_frames
+            if not isinstance(frames, int) or frames % c.tubelet_size:
+                raise SequenceParallelError(f"parallelize: num_frames must be a multiple of tubelet_size "
+                                            f"{c.tubelet_size}, got {frames!r}")
+            shards = FrameShards(group, frames // c.tubelet_size, tubelet_size=c.tubelet_size,
+                                 check_inputs=check_inputs)
+            with torch.no_grad():
+                checksum = sum(float(p.double().square().sum() + p.double().sum()) for p in self.parameters())
+            shards.agree({"model": type(self).__name__, "config": c.to_dict(), "weights": checksum})
+        for m in self.modules():
+            if hasattr(type(m), "sequence"):
+                m.sequence = shards
+        return self
+
+    def _check_parallel(self) -> None:
+        """Raise :class:`~divattn.sequence_parallel.SequenceParallelError` when this model's
+        configuration cannot run on frame shards."""
+
+    def _frames(self, video: torch.Tensor) -> tuple:
+        """``(T_local, T, start)`` in temporal tokens for the clip or shard ``video`` ``(B, C, T, H, W)``:
+        this input's, the whole clip's, and the first of this input's (``(T, T, 0)`` unparallelized)."""
+        shards = self.sequence
+        if shards is None:
+            mark = shard_of(video)
+            if mark is not None:
+                raise SequenceParallelError(
+                    f"{type(self).__name__} is not parallelized but was given rank {mark[0]}'s frame shard of a clip "
+                    f"split over {mark[1]} ranks; call model.parallelize(group) on every rank first")
+            T = video.shape[2] // self.config.tubelet_size
+            return T, T, 0
+        if self.training:
+            dropout = [(n, m.p) for n, m in self.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+            if dropout:
+                raise SequenceParallelError(
+                    f"{type(self).__name__}: per-token dropout ({dropout[0][0]}, p={dropout[0][1]}) in training on "
+                    "frame shards: the ranks would drop different values of what they hold alike (the cls token, "
+                    "pooled features); set drop_rate=0 (drop_path_rate is fine)")
+        shards.check_input(video, 2)
+        return shards.local_frames, shards.num_frames, shards.start
+
+    def _single_process(self, what: str) -> None:
+        if self.sequence is not None:
+            raise SequenceParallelError(f"{type(self).__name__}.{what} runs in one process; this model is "
+                                        "parallelized over frames (model.parallelize(None) undoes it)")
 
     def no_weight_decay(self) -> set:
         """Names of the embedding parameters (timm convention: no weight decay on these)."""

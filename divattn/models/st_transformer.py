@@ -105,10 +105,12 @@ class STTransformer(VideoModel):
         raise TypeError(f"{self.config.name}: the head predicts pixels; there is no classifier to reset")
 
     def embed(self, video: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Tokens entering the first block, ``(B, T, N, C)``, for frames ``start .. start + T - 1``."""
+        """Tokens entering the first block, ``(B, T, N, C)``, for frames ``start .. start + T - 1``
+        (parallelized: this rank's frames of the clip)."""
         c = self.config
         check_video(video, c.in_chans, c.patch_size)
         B, _, T, H, W = video.shape
+        start += self._frames(video)[2]
         if (H, W) != (c.img_size, c.img_size):
             raise ValueError(f"{c.name}: frames are {H}x{W}, the position embeddings are for "
                              f"{c.img_size}x{c.img_size} (config img_size)")
@@ -134,7 +136,9 @@ class STTransformer(VideoModel):
         ``config.residual``, the change from each input frame to the next)
         (``pre_logits=True``: the features pooled over tokens, ``(B, C)``)."""
         if pre_logits:
-            return x.mean((1, 2))
+            if self.sequence is None:
+                return x.mean((1, 2))
+            return self.sequence.all_reduce(x.sum((1, 2))) / (self.sequence.num_frames * x.shape[2])
         return self.unpatchify(self.head(x))
 
     def predict(self, features: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
@@ -168,6 +172,7 @@ class STTransformer(VideoModel):
         frame i. Feeding a clip in pieces gives the outputs of :meth:`forward` on the
         whole clip, up to round-off.
         """
+        self._single_process("step")
         if len(cache) != len(self.blocks):
             raise ValueError(f"{self.config.name}.step: {len(cache)} caches for {len(self.blocks)} blocks; "
                              "use model.new_cache()")
@@ -185,6 +190,7 @@ class STTransformer(VideoModel):
         Returns the new frames ``(B, C, num_frames, H, W)``. ``T0 + num_frames - 1`` must
         not exceed ``config.num_frames``.
         """
+        self._single_process("generate")
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"generate: num_frames must be a positive int, got {num_frames!r}")
         check_video(context, self.config.in_chans, self.config.patch_size)
@@ -202,6 +208,7 @@ class STTransformer(VideoModel):
 
     def attention_maps(self, video: torch.Tensor) -> list:
         """Per block, ``{"spatial": (B, T, H, N, N), "temporal": (B, N, H, T, T)}`` (reference softmax, fp32)."""
+        self._single_process("attention_maps")
         maps = []
         x = self.embed(video)
         with torch.no_grad():

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..layers.blocks import Block, DividedBlock
 from ..layers.embed import PatchEmbed, check_video
+from ..sequence_parallel import SequenceParallelError
 from .base import (
     VideoModel,
     VideoModelConfig,
@@ -135,16 +136,23 @@ class TimeSformer(VideoModel):
                 nn.init.zeros_(blk.temporal_fc.weight)
                 nn.init.zeros_(blk.temporal_fc.bias)
 
+    def _check_parallel(self) -> None:
+        if self.config.attention_type == "joint_space_time":
+            raise SequenceParallelError(f"{self.config.name}: joint_space_time attends over every token of the clip "
+                                        "at once; sharding frames serves divided_space_time and space_only")
+
     def checkpoint_filter_fn(self, state_dict: dict) -> dict:
         """A ``transformers`` state dict renamed (:func:`transformers_to_timesformer`); others as they are."""
         return transformers_to_timesformer(state_dict) if is_transformers_state_dict(state_dict) else state_dict
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """Tokens entering the first block: ``(B, 1 + N*T, C)`` in ``(h w t)`` order
-        (space_only: ``(B*T, 1 + N, C)``, one sequence per frame)."""
+        (space_only: ``(B*T, 1 + N, C)``, one sequence per frame); parallelized, for this
+        rank's T frames."""
         c = self.config
         check_video(video, c.in_chans, c.patch_size)
         B, _, T, H, W = video.shape
+        _, frames, start = self._frames(video)
         x = self.patch_embed(video)  # (B*T, N, C)
         grid = (H // c.patch_size, W // c.patch_size)
         pos = resize_pos_embed(self.pos_embed, grid, old_grid=c.grid, mode=c.interpolation)
@@ -153,16 +161,19 @@ class TimeSformer(VideoModel):
         if c.attention_type == "space_only":
             return self.pos_drop(torch.cat([cls.expand(B * T, -1, -1), x], 1))
         N, C = x.shape[1], x.shape[2]
-        time = resize_time_embed(self.time_embed, T, mode=c.interpolation)
+        time = resize_time_embed(self.time_embed, frames, mode=c.interpolation)[:, start: start + T]
         # (B*T, N, C) -> (B, N, T, C): time varies fastest, the official (h w t) order
         x = self.pos_drop(x).view(B, T, N, C).transpose(1, 2) + time[:, None]
         x = self.time_drop(x).reshape(B, N * T, C)
         return torch.cat([self.pos_drop(cls.expand(B, -1, -1)), x], 1)
 
     def _pool_frames(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        if self.config.attention_type == "space_only":
-            return x.view(-1, num_frames, *x.shape[1:]).mean(1)
-        return x
+        if self.config.attention_type != "space_only":
+            return x
+        x = x.view(-1, num_frames, *x.shape[1:])
+        if self.sequence is None:
+            return x.mean(1)
+        return self.sequence.all_reduce(x.sum(1)) / self.sequence.num_frames
 
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         """Token features after the final norm: ``(B, 1 + N*T, C)`` (space_only: ``(B, 1 + N, C)``,
@@ -179,6 +190,7 @@ class TimeSformer(VideoModel):
         (cls first); joint: ``"joint"`` ``(B, H, L, L)`` over ``[cls] + (h w t)`` tokens;
         space_only: ``"spatial"`` ``(B, T, H, 1+N, 1+N)``.
         """
+        self._single_process("attention_maps")
         T = video.shape[2]
         x = self.embed(video)
         self._sync_frames(self.blocks, T)

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..layers.blocks import ATTENTION_ORDERS, Block, FactorisedDotProductBlock, FactorisedSelfAttentionBlock
 from ..layers.embed import TubeletEmbed, check_video
+from ..sequence_parallel import SequenceParallelError
 from .base import (
     VideoModel,
     VideoModelConfig,
@@ -254,6 +255,16 @@ class ViViT(VideoModel):
                 nn.init.trunc_normal_(p, std=0.02)
         self.apply(init_weights)
 
+    def _check_parallel(self) -> None:
+        c = self.config
+        if c.variant == "spatio_temporal":
+            raise SequenceParallelError(f"{c.name}: spatio_temporal (model 1) attends over every token of the clip at "
+                                        "once; sharding frames serves factorised_encoder, factorised_self_attention "
+                                        "and factorised_dot_product")
+        if c.classifier == "gmp" and c.variant != "factorised_encoder":
+            raise SequenceParallelError(f"{c.name}: classifier 'gmp' (a max over the clip's tokens) is not supported "
+                                        "on frame shards; 'gap' and 'gsp' are")
+
     def convert_checkpoint(self, checkpoint) -> ConvertedCheckpoint:
         """A scenic checkpoint file or tree read and renamed by
         :func:`~divattn.models.scenic.scenic_checkpoint`; anything else as
@@ -275,9 +286,11 @@ class ViViT(VideoModel):
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """Tokens entering the first block: ``(B, [1 +] T'*N, C)`` in ``(t h w)`` order
-        (factorised_encoder: ``(B*T', [1 +] N, C)``, one sequence per frame)."""
+        (factorised_encoder: ``(B*T', [1 +] N, C)``, one sequence per frame); parallelized, for
+        this rank's T' temporal tokens."""
         c = self.config
         Tt, h, w = self._grid(video)
+        _, frames, start = self._frames(video)
         g = self.patch_embed(video)  # (B, C, T', h, w)
         B, C = g.shape[:2]
         prefix = int(self.has_cls)
@@ -290,8 +303,10 @@ class ViViT(VideoModel):
         x = g.flatten(2).transpose(1, 2)
         if self.has_cls:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], 1)
-        pos = resize_pos_embed_3d(self.pos_embed, (c.temporal_tokens, *c.grid), (Tt, h, w), num_prefix=prefix,
+        pos = resize_pos_embed_3d(self.pos_embed, (c.temporal_tokens, *c.grid), (frames, h, w), num_prefix=prefix,
                                   mode=c.interpolation)
+        if Tt != frames:
+            pos = pos[:, start * h * w: (start + Tt) * h * w]  # this rank's frames (no cls: model 1 is refused)
         return self.pos_drop(x + pos)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,12 +342,21 @@ class ViViT(VideoModel):
         if self.variant != "factorised_encoder":
             return self.norm(self._run_blocks(self.blocks, x, num_frames=Tt))
         x = self._frame_features(self._run_blocks(self.blocks, x), video.shape[0], Tt)
+        if self.sequence is not None:
+            x = self.sequence.gather(x, 1)  # every frame's features: the temporal transformer runs on every rank
         return self.norm(self._run_blocks(self.temporal_blocks, self._temporal_tokens(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the ``forward_features`` tokens (:meth:`pool`), then the pre-logits layer when
-        ``representation_size`` is set; ``pre_logits=True`` returns that ``(B, num_features)``."""
-        x = self.pre_logits(self.pool(x))
+        ``representation_size`` is set; ``pre_logits=True`` returns that ``(B, num_features)``.
+        Parallelized, models 3 and 4 pool over the tokens of every rank."""
+        if self.sequence is not None and self.variant != "factorised_encoder":
+            total = self.sequence.all_reduce(x.sum(1))
+            x = total / (x.shape[1] // self.sequence.local_frames * self.sequence.num_frames) \
+                if self.global_pool == "avg" else total
+        else:
+            x = self.pool(x)
+        x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
     @torch.no_grad()
@@ -346,6 +370,7 @@ class ViViT(VideoModel):
         factorised_dot_product: the same with H/2 heads each (temporal: heads
         ``[0, H/2)``, spatial: ``[H/2, H)``).
         """
+        self._single_process("attention_maps")
         Tt = self._grid(video)[0]
         x = self.embed(video)
         if self.variant != "factorised_encoder":

@@ -88,7 +88,7 @@ DEFAULTS = {
     },
     "optim": {
         "name": "adamw",  # adamw | sgd
-        "lr": 2.0e-3,  # for the global batch (batch_size x accum_steps x processes)
+        "lr": 2.0e-3,  # for the global batch (batch_size x accum_steps x processes / parallel.sequence)
         "weight_decay": 0.05,
         "momentum": 0.9,  # sgd
         "betas": [0.9, 0.999],  # adamw
@@ -103,7 +103,7 @@ DEFAULTS = {
     },
     "train": {
         "epochs": 16,
-        "batch_size": 32,  # per process
+        "batch_size": 32,  # per process (per group of parallel.sequence processes that share each clip)
         "accum_steps": 1,
         "amp": "none",  # none | bf16 | fp16 (fp16 uses a GradScaler)
         "compile": False,
@@ -123,6 +123,12 @@ DEFAULTS = {
     },
     "eval": {
         "batch_size": 64,
+    },
+    "parallel": {
+        # processes that share each clip, each holding a run of its frames (sequence parallelism:
+        # divattn.sequence_parallel); a torchrun of W processes is then a (W / sequence) x sequence
+        # data x sequence DeviceMesh. 1: every process its own clips (data parallelism only)
+        "sequence": 1,
     },
     "log": {
         "progress": "auto",  # auto (when stderr is a terminal) | true | false
@@ -430,6 +436,7 @@ SCHEMA = {
     "train.log_every": _int(1),
     "train.dist_timeout_s": _num(above=True),
     "eval.batch_size": _int(1),
+    "parallel.sequence": _int(1),
     "log.progress": _choice("auto", True, False),
     "log.tensorboard": _BOOL,
 }

@@ -34,7 +34,7 @@ from ..data import DataError, EpochSampler, ShardSampler, build_datasets, collat
 from ..data.checks import describe, find_problems
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import diff, dump
+from .config import ConfigError, diff, dump
 from .logs import CHECKPOINT, RunLog
 from .tasks import autocast, evaluate, evaluate_next_frame, make_task, next_frame_loss  # noqa: F401
 
@@ -272,16 +272,26 @@ class _Run:
         if dist.device.type == "cpu":
             threads, threads_why = cpu_threads(tcfg["threads"], cfg["data"]["num_workers"])
             torch.set_num_threads(threads)
+        self.mesh = mesh = self._mesh()
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.model = model = model_fn(cfg, num_classes, backend).to(dist.device)
-        torch.manual_seed(seed + dist.rank)
+        # the ranks of a sequence group draw alike (the same stochastic depth for their shared clips)
+        torch.manual_seed(seed + mesh.data_rank)
+        if mesh.sequence > 1:
+            self._parallelize(model)
         params = sum(p.numel() for p in model.parameters())
         next_frame = not self.task.has_top1
         self.resolved = {"device": str(dist.device), "backend": backend if backend is not None else "auto-dispatch",
                          "world_size": dist.world_size, "num_classes": None if next_frame else num_classes,
                          "train_items": len(self.train_set), "val_items": len(self.val_set), "parameters": params,
-                         "cpu_threads": torch.get_num_threads()}
+                         "cpu_threads": torch.get_num_threads(), "data_parallel": mesh.data,
+                         "sequence_parallel": mesh.sequence}
         log.info(f"device {dist.device}, {dist.world_size} process(es); {why}")
+        if mesh.sequence > 1:
+            shards = model.sequence
+            log.info(f"parallel.sequence={mesh.sequence}: a {mesh.data} x {mesh.sequence} (data x sequence) mesh; "
+                     f"the {mesh.sequence} ranks of a sequence group share each clip, holding "
+                     f"{', '.join(str(s * shards.tubelet_size) for s in shards.frame_sizes)} of its frames")
         if threads_why:
             log.info(threads_why)
         log.info(f"model {cfg['model']['name']} ({cfg['model']['attention_type']}), {params / 1e6:.2f} M parameters, "
@@ -296,11 +306,12 @@ class _Run:
             self.ema = AveragedModel(model, use_buffers=True)
         self.optimizer = build_optimizer(cfg, model)
         self.batch_size, self.accum = tcfg["batch_size"], tcfg["accum_steps"]
-        self.sampler = EpochSampler(self.train_set, num_replicas=dist.world_size, rank=dist.rank, seed=seed)
+        self.sampler = EpochSampler(self.train_set, num_replicas=mesh.data, rank=mesh.data_rank, seed=seed)
         self.micro_per_epoch = (self.sampler.num_samples // self.batch_size) // self.accum * self.accum
         self.steps_per_epoch = self.micro_per_epoch // self.accum
         if self.steps_per_epoch == 0:
-            raise DataError(f"{len(self.train_set)} training items over {dist.world_size} process(es) do not fill "
+            raise DataError(f"{len(self.train_set)} training items over {mesh.data} data-parallel process group(s) "
+                            f"do not fill "
                             f"one optimizer step of train.batch_size {self.batch_size} x train.accum_steps {self.accum}")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(dist.device.type) if tcfg["amp"] == "fp16" else None
@@ -322,7 +333,7 @@ class _Run:
             pin_memory=dist.device.type == "cuda", multiprocessing_context=context, persistent_workers=workers > 0)
         self.val_loader = torch.utils.data.DataLoader(
             self.val_set, batch_size=cfg["eval"]["batch_size"], num_workers=workers,
-            sampler=ShardSampler(self.val_set, num_replicas=dist.world_size, rank=dist.rank),
+            sampler=ShardSampler(self.val_set, num_replicas=mesh.data, rank=mesh.data_rank),
             collate_fn=collate_skipping, generator=torch.Generator().manual_seed(seed),
             pin_memory=dist.device.type == "cuda", multiprocessing_context=context, persistent_workers=workers > 0)
         self.eval_model = self.ema.module if self.ema is not None else model
@@ -351,6 +362,30 @@ class _Run:
             log.start(keep_epochs=s.epoch, purge_step=s.step + 1 if ckpt is not None else 0)
 
     # -- setup helpers ---------------------------------------------------------------------
+
+    def _mesh(self) -> distributed.Mesh:
+        """The data x sequence mesh ``parallel.sequence`` asks for (ConfigError when it cannot be)."""
+        sequence = self.cfg["parallel"]["sequence"]
+        if sequence > 1 and self.tcfg["compile"]:
+            raise ConfigError("parallel.sequence > 1 with train.compile=true: compiling a model parallelized over "
+                              "frames is not supported yet; set train.compile=false")
+        try:
+            return distributed.mesh(self.dist, sequence)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _parallelize(self, model: nn.Module) -> None:
+        """Shard each clip's frames over this rank's sequence group (the model's ``parallelize``)."""
+        from ..sequence_parallel import SequenceParallelError
+
+        if not hasattr(model, "parallelize"):
+            raise ConfigError(f"parallel.sequence={self.mesh.sequence}: {type(model).__name__} has no parallelize(); "
+                              "sequence parallelism serves the bundled video models")
+        try:
+            model.parallelize(self.mesh.sequence_group, num_frames=self.cfg["data"]["num_frames"])
+        except SequenceParallelError as e:
+            raise ConfigError(f"parallel.sequence={self.mesh.sequence}: {e}") from None
+        self.task.sequence = model.sequence
 
     def _zeros(self) -> torch.Tensor:
         return torch.zeros(4, dtype=torch.float64, device=self.dist.device)
@@ -406,7 +441,7 @@ class _Run:
     def run(self) -> dict:
         s, epochs = self.state, self.tcfg["epochs"]
         self.log.info(f"{epochs} epochs x {self.steps_per_epoch} steps of {self.batch_size} x {self.accum} x "
-                      f"{self.dist.world_size} clips")
+                      f"{self.mesh.data} clips")
         if s.report_pending:
             # killed between the epoch-end checkpoint and the end of its report: report again
             if s.step % self.tcfg["log_every"] == 0:
@@ -445,7 +480,7 @@ class _Run:
         finiteness are added to this step's sums on the device."""
         n = len(batch["label"])
         self.new_skips += [(s.path, s.reason) for s in batch["skipped"]]
-        self.epoch_clips += n * self.dist.world_size
+        self.epoch_clips += n * self.mesh.data
         self.last_index = batch["indices"]
         if n == 0 and not self.dist.enabled:
             return
@@ -457,12 +492,12 @@ class _Run:
         sync = self.train_model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
         with sync:
             with autocast(self.dist.device, self.tcfg["amp"]):
-                out = self.train_model(video)
+                out = self.train_model(video if self.task.sequence is None else self.task.sequence.shard(video))
             loss = self.task.loss(out, video, labels)
             scaled = loss / self.accum if n else loss * 0.0
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         self.backward_ran = True
-        if n:
+        if n and self.mesh.counts:  # a sequence group's ranks have the same loss: one counts it
             ok = torch.isfinite(loss)
             correct = self.task.correct(out, labels)
             zero = torch.zeros((), dtype=torch.float64, device=loss.device)

@@ -8,6 +8,10 @@ training; top-1 / top-5 and the loss over the multi-view protocol in evaluation.
 
 Training quantities stay on the device: :meth:`Task.correct` is a 0-d tensor, and
 evaluation sums on the device and reads the totals once, after its all-reduce.
+
+With ``sequence`` set (a :class:`~divattn.sequence_parallel.FrameShards`: the model is
+parallelized over frames), the model sees this rank's frames of each clip and the losses
+and evaluation sums are those of the whole clips, each clip counted once.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def autocast(device: torch.device, amp: str):
 class Classify:
     name = "classify"
     has_top1 = True
+    sequence = None
 
     def prepare(self, train_set, val_set) -> None:
         """Nothing to change: the datasets give labels."""
@@ -43,7 +48,7 @@ class Classify:
         return (out.argmax(-1) == labels).sum()
 
     def evaluate(self, model: nn.Module, loader, dist: distributed.Dist, amp: str = "none") -> dict:
-        return evaluate(model, loader, dist, amp)
+        return evaluate(model, loader, dist, amp, self.sequence)
 
     def val_text(self, val: dict) -> str:
         return f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}%"
@@ -60,13 +65,13 @@ class NextFrame(Classify):
                 dataset.labels = False
 
     def loss(self, out, video, labels):
-        return next_frame_loss(out, video)
+        return next_frame_loss(out, video, self.sequence)
 
     def correct(self, out, labels):
         return None
 
     def evaluate(self, model, loader, dist, amp="none"):
-        return evaluate_next_frame(model, loader, dist, amp)
+        return evaluate_next_frame(model, loader, dist, amp, self.sequence)
 
     def val_text(self, val):
         return (f"val MSE {val['mse']:.4f} (copy-last-frame baseline {val['baseline_mse']:.4f}, "
@@ -81,12 +86,13 @@ def make_task(name: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none") -> dict:
+def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none", sequence=None) -> dict:
     """Top-1 / top-5 (percent) and loss over every item of ``loader`` on all ranks.
 
     Items with several views ``(B, V, C, T, H, W)`` are scored by the mean of their
     views' softmax probabilities. Counts are summed across ranks, so each item counts
-    exactly once (use :class:`~divattn.data.ShardSampler`).
+    exactly once (use :class:`~divattn.data.ShardSampler`; with ``sequence``, the model is
+    given this rank's frames and only the group's first rank counts).
     """
     was_training = model.training
     model.eval()
@@ -94,6 +100,8 @@ def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none"
     for batch in loader:
         video = batch["video"].to(dist.device, non_blocking=True)
         labels = batch["label"].to(dist.device)
+        if sequence is not None:
+            video = sequence.shard(video)
         with autocast(dist.device, amp):
             if video.ndim == 6:
                 b, v = video.shape[:2]
@@ -104,23 +112,40 @@ def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none"
         sums += _stack((top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(), len(labels),
                        F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
     model.train(was_training)
+    if sequence is not None and sequence.rank != 0:
+        sums.zero_()  # the group's logits are the same on every rank
     c1, c5, n, loss = distributed.all_reduce_sum(dist, sums).tolist()
     if n == 0:
         raise RuntimeError("evaluation saw no items")
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "count": int(n)}
 
 
-def next_frame_loss(pred: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+def next_frame_loss(pred: torch.Tensor, video: torch.Tensor, sequence=None) -> torch.Tensor:
     """MSE between ``pred[:, :, t]`` and ``video[:, :, t + 1]`` over ``t < T - 1``, in fp32.
 
     ``pred`` and ``video`` are ``(B, C, T, H, W)``; ``pred[:, :, t]`` is the model's
-    prediction of frame t + 1 from frames ``<= t``.
+    prediction of frame t + 1 from frames ``<= t``. With ``sequence``, ``pred`` holds this
+    rank's frames of the clip ``video``, and the loss (the same on every rank) is the whole
+    clip's: the squared errors summed over the group (forward and backward).
     """
-    return F.mse_loss(pred[:, :, :-1].float(), video[:, :, 1:].float())
+    if sequence is None:
+        return F.mse_loss(pred[:, :, :-1].float(), video[:, :, 1:].float())
+    return sequence.all_reduce(_frame_errors(pred, video, sequence)[0]) / video[:, :, 1:].numel()
+
+
+def _frame_errors(pred: torch.Tensor, video: torch.Tensor, sequence):
+    """(squared error of ``pred``, of the copy-last-frame baseline, predicted values) over this
+    rank's frames that have a next frame; ``pred`` this rank's frames of ``video``."""
+    T = video.shape[2]
+    start, stop = sequence.start, min(sequence.stop, T - 1)
+    target = video[:, :, start + 1: stop + 1].float()
+    err = (pred[:, :, : stop - start].float() - target).square().sum()
+    base = (video[:, :, start: stop].float() - target).square().sum()
+    return err, base, video[:, :, 1:].numel() // (T - 1) * (stop - start)
 
 
 @torch.no_grad()
-def evaluate_next_frame(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none") -> dict:
+def evaluate_next_frame(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none", sequence=None) -> dict:
     """Next-frame MSE over every item of ``loader`` on all ranks, and the copy-last-frame baseline.
 
     ``mse`` (also ``loss``) is :func:`next_frame_loss` averaged over all predicted
@@ -137,10 +162,14 @@ def evaluate_next_frame(model: nn.Module, loader, dist: distributed.Dist, amp: s
         if video.ndim == 6:
             video = video.flatten(0, 1)
         with autocast(dist.device, amp):
-            pred = model(video)
-        target = video[:, :, 1:].float()
-        sums += _stack((pred[:, :, :-1].float() - target).square().sum(),
-                       (video[:, :, :-1].float() - target).square().sum(), len(batch["index"]), target.numel())
+            pred = model(video if sequence is None else sequence.shard(video))
+        if sequence is None:
+            target = video[:, :, 1:].float()
+            sums += _stack((pred[:, :, :-1].float() - target).square().sum(),
+                           (video[:, :, :-1].float() - target).square().sum(), len(batch["index"]), target.numel())
+        else:  # this rank's frames; the clips counted by one rank of the group
+            err, base, values = _frame_errors(pred, video, sequence)
+            sums += _stack(err, base, len(batch["index"]) if sequence.rank == 0 else 0, values)
     model.train(was_training)
     sq, base, n, pixels = distributed.all_reduce_sum(dist, sums).tolist()
     if n == 0:
