@@ -35,6 +35,13 @@ for joint. Temporal attention may be causal and may have fewer query frames than
 frames (``kv_frames``, query frame i being frame ``Tk - Tq + i``); its count is then
 the pairs it really computes: query frame i against key frames ``0 .. Tk - Tq + i``,
 ``Tq * (Tk - Tq) + Tq * (Tq + 1) / 2`` pairs per sequence instead of ``Tq * Tk``.
+
+A padded batch (``mask``, ``frames``, ``patches`` as the ops take them; see
+:mod:`divattn.ops.masks`) counts only its real pairs, a real query against a real key:
+per frame ``r**2`` for spatial attention over its r real patches, ``(1 + r)**2`` with the
+cls token for a frame that holds a real patch (a frame without one adds nothing: its cls
+output is not used), per patch the real query frames against the real key frames they
+see for temporal attention, ``r**2`` per sample for joint attention over r real tokens.
 """
 
 from __future__ import annotations
@@ -94,7 +101,7 @@ def attention_pairs(lq: int, lk: int, causal: bool = False) -> int:
 
 
 def attention_macs(op: str, shape: Sequence[int], pass_: str = "fwd", *, causal: bool = False,
-                   kv_frames: Optional[int] = None) -> int:
+                   kv_frames: Optional[int] = None, mask=None, frames=None, patches=None) -> int:
     """MACs of one attention op on a q of ``shape``.
 
     ``op``: ``"temporal"``, ``"spatial"``, ``"spatial_cls"`` (spatial with the cls
@@ -103,19 +110,64 @@ def attention_macs(op: str, shape: Sequence[int], pass_: str = "fwd", *, causal:
     ``Lq * Lk`` pairs per sequence. Temporal only: ``kv_frames`` is Tk when k and v
     have more frames than q (default: q's T); ``causal`` counts only the pairs a
     causal op computes (:func:`attention_pairs`). ValueError for these with another
-    op, or for ``kv_frames`` below q's T.
+    op, or for ``kv_frames`` below q's T. ``mask``, ``frames``, ``patches`` (joint:
+    ``mask`` ``(B, L)`` and ``patches`` as its ``lengths``): a padded batch, whose real
+    pairs only are counted (:func:`real_pairs`; checked as the ops check them).
     """
     shape = _check_op(op, shape, causal, kv_frames)
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     groups, lq, lk, d = _sequences(op, shape, kv_frames)
-    return _ATTN_PASS_FACTOR[pass_] * groups * attention_pairs(lq, lk, causal) * d
+    if mask is None and frames is None and patches is None:
+        return _ATTN_PASS_FACTOR[pass_] * groups * attention_pairs(lq, lk, causal) * d
+    heads = shape[-2]
+    return _ATTN_PASS_FACTOR[pass_] * heads * d * real_pairs(op, shape, mask=mask, frames=frames, patches=patches,
+                                                             causal=causal, kv_frames=kv_frames)
 
 
 def attention_flops(op: str, shape: Sequence[int], pass_: str = "fwd", *, causal: bool = False,
-                    kv_frames: Optional[int] = None) -> int:
+                    kv_frames: Optional[int] = None, mask=None, frames=None, patches=None) -> int:
     """FLOPs (2 per MAC) of one attention op; see :func:`attention_macs`."""
-    return 2 * attention_macs(op, shape, pass_, causal=causal, kv_frames=kv_frames)
+    return 2 * attention_macs(op, shape, pass_, causal=causal, kv_frames=kv_frames, mask=mask, frames=frames,
+                              patches=patches)
+
+
+def real_pairs(op: str, shape: Sequence[int], *, mask=None, frames=None, patches=None, causal: bool = False,
+               kv_frames: Optional[int] = None) -> int:
+    """The (query, key) pairs of one head of a padded batch that are both real (see the
+    module docstring), for a q of ``shape`` and the padding as the ops take it."""
+    import torch
+
+    from .ops.masks import resolve
+
+    shape = _check_op(op, shape, causal, kv_frames)
+    if op == "joint":
+        tokens = shape[:2]
+    else:
+        tokens = (shape[0], shape[1] if kv_frames is None else int(kv_frames), shape[2])
+    device = mask.device if isinstance(mask, torch.Tensor) else torch.device("cpu")
+    padding = resolve("real_pairs", torch.empty(0, device=device), mask, frames, patches, tokens)
+    return _real_pairs(op, padding.dense(), causal, shape[1])
+
+
+def _real_pairs(op: str, real, causal: bool, Tq: int) -> int:
+    """:func:`real_pairs` of the dense mask ``real`` ``(B, Tk, N)`` (joint: ``(B, L)``) with Tq query frames."""
+    import torch
+
+    real = real.to(torch.int64)
+    if op == "joint":
+        return int(real.sum(1).square().sum())
+    if op == "temporal":
+        Tk = real.shape[1]
+        real_q = real[:, Tk - Tq:]
+        if not causal:
+            return int((real_q.sum(1) * real.sum(1)).sum())
+        # query frame i (frame Tk - Tq + i) sees the real key frames up to its own
+        return int((real_q * real.cumsum(1)[:, Tk - Tq:]).sum())
+    r = real.sum(2)  # (B, T) real patches per frame
+    if op == "spatial":
+        return int(r.square().sum())
+    return int(torch.where(r > 0, (1 + r).square(), 0).sum())
 
 
 def attention_bytes(op: str, shape: Sequence[int], itemsize: int, pass_: str = "fwd", *,
@@ -329,20 +381,39 @@ def _bwd_formula(srcs, geom, op, has_cls, scale, backend, causal, *args, out_val
     return _count(geom, op, has_cls, causal, "bwd")
 
 
+def _padded_count(q, q_cls, mask, op, causal, pass_) -> int:
+    name = _op_name(op, q_cls is not None)
+    heads, d = q.shape[-2], q.shape[-1]
+    return 2 * _ATTN_PASS_FACTOR[pass_] * heads * d * _real_pairs(name, mask, bool(causal), q.shape[1])
+
+
+def _padded_fwd_formula(q, k, v, q_cls, k_cls, v_cls, mask, op, scale, causal, *args, out_val=None, **kwargs) -> int:
+    return _padded_count(q, q_cls, mask, op, causal, "fwd")
+
+
+def _padded_bwd_formula(grad, q, k, v, q_cls, k_cls, v_cls, mask, op, scale, causal, *args, out_val=None,
+                        **kwargs) -> int:
+    return _padded_count(q, q_cls, mask, op, causal, "bwd")
+
+
 def register() -> None:
     """Teach ``torch.utils.flop_counter.FlopCounterMode`` the divattn custom ops (idempotent).
 
     ``divattn::attn_fwd`` counts :func:`attention_flops` ``(..., "fwd")`` and
     ``divattn::attn_bwd`` the ``"bwd"`` count, of causal temporal attention and of
-    fewer query than key frames too (read from the op's arguments). Called when this
-    module is imported, which :mod:`divattn.ops` does.
+    fewer query than key frames too (read from the op's arguments);
+    ``divattn::padded_attention`` and ``divattn::padded_attention_bwd`` (the torch
+    backend's op on a padded batch while FlopCounterMode counts) the real pairs of
+    their mask only. Called when this module is imported, which :mod:`divattn.ops` does.
     """
     import torch
     from torch.utils import flop_counter
 
-    from .ops import functions  # noqa: F401  (defines the custom ops)
+    from .ops import functions, torch_backend  # noqa: F401  (define the custom ops)
 
-    for packet, formula in ((torch.ops.divattn.attn_fwd, _fwd_formula), (torch.ops.divattn.attn_bwd, _bwd_formula)):
+    for packet, formula in ((torch.ops.divattn.attn_fwd, _fwd_formula), (torch.ops.divattn.attn_bwd, _bwd_formula),
+                            (torch.ops.divattn.padded_attention, _padded_fwd_formula),
+                            (torch.ops.divattn.padded_attention_bwd, _padded_bwd_formula)):
         if packet not in flop_counter.flop_registry:
             flop_counter.register_flop_formula(packet, get_raw=True)(formula)
 
@@ -359,5 +430,6 @@ __all__ = [
     "attention_flops",
     "attention_bytes",
     "attention_pairs",
+    "real_pairs",
     "register",
 ]

@@ -21,7 +21,11 @@ def build_datasets(cfg: dict) -> Tuple[object, object, int]:
         s = cfg["synthetic"]
         common = dict(num_frames=cfg["num_frames"], img_size=cfg["crop_size"], num_directions=s["num_directions"],
                       num_speeds=s["num_speeds"], speed=s["speed"], num_objects=s["num_objects"], radius=s["radius"],
-                      contrast=s["contrast"], texture=s["texture"], noise=s["noise"])
+                      contrast=s["contrast"], texture=s["texture"], noise=s["noise"], min_frames=s["min_frames"],
+                      variable_frames=cfg["variable_frames"])
+        if s["min_frames"] is not None and s["min_frames"] > cfg["num_frames"]:
+            raise DataError(f"data.synthetic.min_frames={s['min_frames']} is more than data.num_frames="
+                            f"{cfg['num_frames']}")
         train = SyntheticMotion(s["train_size"], seed=s["seed"], **common)
         val = SyntheticMotion(s["val_size"], seed=s["seed"] + 1_000_003, **common)
         return train, val, train.num_classes
@@ -54,7 +58,7 @@ def build_datasets(cfg: dict) -> Tuple[object, object, int]:
     common = dict(num_frames=cfg["num_frames"], sampling_rate=cfg["sampling_rate"], crop_size=cfg["crop_size"],
                   train_scale=cfg["train_scale"], test_scale=cfg["test_scale"], num_crops=cfg["test_crops"],
                   num_clips=cfg["test_clips"], flip=bool(flip), mean=cfg["mean"], std=cfg["std"],
-                  decoder=cfg["decoder"], class_names=names)
+                  decoder=cfg["decoder"], class_names=names, variable_frames=cfg["variable_frames"])
     train = VideoDataset(train_samples, train=True, **common)
     val = VideoDataset(val_samples, train=False, **common)
     num_classes = cfg.get("num_classes") or max(train.num_classes, val.num_classes)

@@ -23,7 +23,7 @@ import torch
 from .checks import DataError
 from .decode import VideoDecodeError, read_frames, resolve_decoder
 from .sampling import split_key
-from .transforms import (KINETICS_MEAN, KINETICS_STD, eval_clip_indices, eval_transform,
+from .transforms import (KINETICS_MEAN, KINETICS_STD, clip_frames, eval_clip_indices, eval_transform,
                          train_clip_indices, train_transform)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -172,14 +172,17 @@ class VideoDataset(torch.utils.data.Dataset):
     random start, scale jitter, random crop, horizontal flip when ``flip``. A ``(i,
     seed)`` key (see :class:`~divattn.data.EpochSampler`) seeds the randomness; an int
     key uses ``i``. Evaluation items are ``(views, label, index)`` with ``views``
-    ``(num_clips * num_crops, C, T, S, S)`` whose scores the evaluator averages.
+    ``(num_clips * num_crops, C, T, S, S)`` whose scores the evaluator averages. With
+    ``variable_frames`` a video shorter than a clip's span gives a clip of the frames it
+    has (:func:`~divattn.data.transforms.clip_frames`, T < ``num_frames``), which
+    :func:`collate_skipping` pads, instead of repeating its last frame.
     """
 
     def __init__(self, samples: Samples, *, train: bool, num_frames: int = 8, sampling_rate: int = 32,
                  crop_size: int = 224, train_scale: Sequence[int] = (256, 320), test_scale: int = 224,
                  num_crops: int = 3, num_clips: int = 1, flip: bool = True,
                  mean: Sequence[float] = KINETICS_MEAN, std: Sequence[float] = KINETICS_STD,
-                 decoder: str = "auto", class_names: Optional[Sequence[str]] = None):
+                 decoder: str = "auto", class_names: Optional[Sequence[str]] = None, variable_frames: bool = False):
         if not samples:
             raise DataError("VideoDataset: no samples")
         self.samples = list(samples)
@@ -196,6 +199,11 @@ class VideoDataset(torch.utils.data.Dataset):
         self.std = tuple(std)
         self.decoder = resolve_decoder(decoder)
         self.class_names = list(class_names) if class_names is not None else None
+        self.variable_frames = bool(variable_frames)
+
+    def _frames(self, total: int) -> int:
+        """The frames of a clip of a ``total``-frame video."""
+        return clip_frames(total, self.num_frames, self.sampling_rate) if self.variable_frames else self.num_frames
 
     @property
     def num_classes(self) -> int:
@@ -212,18 +220,18 @@ class VideoDataset(torch.utils.data.Dataset):
         if self.train:
             rng = np.random.default_rng(index if seed is None else seed)
             try:
-                frames = read_frames(path, lambda total: train_clip_indices(total, self.num_frames, self.sampling_rate, rng),
-                                     self.decoder)
+                frames = read_frames(path, lambda total: train_clip_indices(total, self._frames(total),
+                                                                            self.sampling_rate, rng), self.decoder)
             except VideoDecodeError as e:
                 return Skipped(index, path, e.reason)
             video = train_transform(frames, rng, crop_size=self.crop_size, train_scale=self.train_scale,
                                     flip=self.flip, mean=self.mean, std=self.std)
             return video, label, index
         frames = read_frames(path, lambda total: np.concatenate(
-            eval_clip_indices(total, self.num_frames, self.sampling_rate, self.num_clips)), self.decoder)
+            eval_clip_indices(total, self._frames(total), self.sampling_rate, self.num_clips)), self.decoder)
         views = [eval_transform(clip, crop_size=self.crop_size, test_scale=self.test_scale, num_crops=self.num_crops,
                                 mean=self.mean, std=self.std)
-                 for clip in frames.split(self.num_frames)]
+                 for clip in frames.split(len(frames) // self.num_clips)]
         return torch.cat(views), label, index
 
 
@@ -232,18 +240,34 @@ def collate_skipping(items):
 
     Returns a dict: ``video`` ``(B, ...)``, ``label`` and ``index`` ``(B,)`` int64 (``B``
     may be 0), ``indices``, the same indices as a list (for messages, without reading a
-    tensor), and ``skipped``, the list of dropped :class:`Skipped` items.
+    tensor), and ``skipped``, the list of dropped :class:`Skipped` items. Clips of
+    different frame counts (variable frames; T is dim -3 of an item, ``(C, T, H, W)`` or
+    ``(V, C, T, H, W)``) are padded with zeros at the end to the longest: then ``frames``
+    ``(B,)`` int64 holds each clip's own count and ``mask`` ``(B, T)`` bool its real frames
+    (the models' and losses' ``frames``); both are None when no clip is padded.
     """
     good = [it for it in items if not isinstance(it, Skipped)]
     skipped = [it for it in items if isinstance(it, Skipped)]
-    if good:
+    frames = mask = None
+    if not good:
+        video = torch.empty(0)
+    elif len({it[0].shape[-3] for it in good}) == 1:
         video = torch.stack([it[0] for it in good])
     else:
-        video = torch.empty(0)
+        lengths = [it[0].shape[-3] for it in good]
+        shape = list(good[0][0].shape)
+        shape[-3] = max(lengths)
+        video = good[0][0].new_zeros((len(good), *shape))
+        for b, it in enumerate(good):
+            video[b, ..., :lengths[b], :, :] = it[0]
+        frames = torch.tensor(lengths, dtype=torch.int64)
+        mask = torch.arange(shape[-3]) < frames[:, None]
     return {
         "video": video,
         "label": torch.tensor([it[1] for it in good], dtype=torch.int64),
         "index": torch.tensor([it[2] for it in good], dtype=torch.int64),
         "indices": [int(it[2]) for it in good],
         "skipped": skipped,
+        "frames": frames,
+        "mask": mask,
     }

@@ -8,10 +8,12 @@ from typing import Iterable, Optional
 import numpy as np
 
 
-def write_video(path: str, frames: np.ndarray, fps: int = 25, codec: Optional[str] = None) -> str:
+def write_video(path: str, frames: np.ndarray, fps: int = 25, codec: Optional[str] = None,
+                keyframe_interval: Optional[int] = None) -> str:
     """Encode uint8 ``(T, H, W, 3)`` RGB frames (H, W even) to ``path``; returns ``path``.
 
-    ``codec`` defaults to H.264 where PyAV's FFmpeg has it, else MPEG-4 part 2.
+    ``codec`` defaults to H.264 where PyAV's FFmpeg has it, else MPEG-4 part 2;
+    ``keyframe_interval``: frames between keyframes (default: the encoder's, 250 for H.264).
     """
     import av
 
@@ -26,6 +28,8 @@ def write_video(path: str, frames: np.ndarray, fps: int = 25, codec: Optional[st
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        if keyframe_interval is not None:
+            stream.codec_context.gop_size = int(keyframe_interval)
         if codec == "libx264":
             stream.options = {"crf": "10", "preset": "ultrafast"}
         for frame in frames:

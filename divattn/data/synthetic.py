@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class MotionParams:
     colors: Tuple[Tuple[float, float, float], ...]
     texture_seed: int
     noise_seed: int
+    frames: Optional[int] = None  # the video's length when it is drawn (min_frames); None: num_frames
 
 
 class SyntheticMotion(torch.utils.data.Dataset):
@@ -69,6 +70,10 @@ class SyntheticMotion(torch.utils.data.Dataset):
         noise: standard deviation of per-frame pixel noise (pixels in [0, 1]).
         seed: base seed of the split (use different seeds for train and validation).
         labels: False to return -1 for every label.
+        min_frames: each video's length is drawn from ``[min_frames, num_frames]``
+            (None: every video has ``num_frames``). A shorter video's clip repeats its
+            last frame up to ``num_frames``, or with ``variable_frames`` keeps its own
+            length (``(C, T_b, H, W)``, padded by :func:`~divattn.data.collate_skipping`).
     """
 
     mean = (0.5, 0.5, 0.5)
@@ -77,7 +82,8 @@ class SyntheticMotion(torch.utils.data.Dataset):
     def __init__(self, length: int = 10000, *, num_frames: int = 8, img_size: int = 32,
                  num_directions: int = 4, num_speeds: int = 1, speed: Sequence[float] = (1.0, 2.0),
                  num_objects: int = 1, radius: Sequence[float] = (3.0, 5.0), contrast: float = 0.35,
-                 texture: Sequence[float] = (0.02, 0.08), noise: float = 0.04, seed: int = 0, labels: bool = True):
+                 texture: Sequence[float] = (0.02, 0.08), noise: float = 0.04, seed: int = 0, labels: bool = True,
+                 min_frames: Optional[int] = None, variable_frames: bool = False):
         if num_directions < 2 or num_directions % 2:
             raise ValueError(f"num_directions must be an even number >= 2 (each direction needs its reverse), got {num_directions}")
         if num_speeds < 1:
@@ -88,6 +94,8 @@ class SyntheticMotion(torch.utils.data.Dataset):
             raise ValueError(f"num_objects must be >= 1, got {num_objects}")
         if not 0 < radius[0] <= radius[1]:
             raise ValueError(f"radius must be (min, max) with 0 < min <= max, got {tuple(radius)}")
+        if min_frames is not None and not 1 <= min_frames <= num_frames:
+            raise ValueError(f"min_frames must be in [1, num_frames = {num_frames}], got {min_frames}")
         self.length = int(length)
         self.num_frames = int(num_frames)
         self.img_size = int(img_size)
@@ -101,6 +109,8 @@ class SyntheticMotion(torch.utils.data.Dataset):
         self.noise = float(noise)
         self.seed = int(seed)
         self.labels = bool(labels)
+        self.min_frames = self.num_frames if min_frames is None else int(min_frames)
+        self.variable_frames = bool(variable_frames)
 
     @property
     def num_classes(self) -> int:
@@ -135,13 +145,14 @@ class SyntheticMotion(torch.utils.data.Dataset):
         colors = np.clip(0.5 + signs * self.contrast + rng.uniform(-0.1, 0.1, size=(k, 3)), 0.0, 1.0)
         colors = tuple(tuple(float(c) for c in row) for row in colors)
         texture_seed, noise_seed = (int(s) for s in rng.integers(0, 2**62, size=2))
-        return MotionParams(label, direction, speed, starts, shapes, radii, colors, texture_seed, noise_seed)
+        frames = None if self.min_frames == self.num_frames else int(rng.integers(self.min_frames, self.num_frames + 1))
+        return MotionParams(label, direction, speed, starts, shapes, radii, colors, texture_seed, noise_seed, frames)
 
     def reverse(self, p: MotionParams) -> MotionParams:
         """The parameters whose clip is ``p``'s played backwards (same frames, reversed)."""
         direction = (p.direction + self.num_directions // 2) % self.num_directions
         dx, dy = self._velocity(p.direction, p.speed)
-        last = self.num_frames - 1
+        last = (p.frames or self.num_frames) - 1
         starts = tuple(((x + dx * last) % self.img_size, (y + dy * last) % self.img_size) for x, y in p.starts)
         label = direction * self.num_speeds + p.label % self.num_speeds
         return replace(p, label=label, direction=direction, starts=starts)
@@ -151,13 +162,13 @@ class SyntheticMotion(torch.utils.data.Dataset):
         return speed * math.cos(angle), -speed * math.sin(angle)
 
     def render(self, p: MotionParams) -> np.ndarray:
-        """Pixels of the clip: float32 ``(T, H, W, 3)`` in ``[0, 1]``.
+        """Pixels of the clip: float32 ``(T, H, W, 3)`` in ``[0, 1]`` (T: the video's length).
 
         Frame noise is drawn in time order from ``p.noise_seed`` for the frame at each
         position, so :meth:`reverse` gives the reversed clip up to that noise; pass
         ``noise=0`` to the dataset for an exact reversal.
         """
-        S, T = self.img_size, self.num_frames
+        S, T = self.img_size, p.frames or self.num_frames
         background = self._texture(p.texture_seed)
         coords = np.arange(S, dtype=np.float64) + 0.5
         dx, dy = self._velocity(p.direction, p.speed)
@@ -215,6 +226,8 @@ class SyntheticMotion(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.length} clips")
         p = self.params_for(key)
         frames = torch.from_numpy(self.render(p))  # (T, H, W, 3)
+        if len(frames) < self.num_frames and not self.variable_frames:  # a short video: its last frame repeats
+            frames = torch.cat([frames, frames[-1:].expand(self.num_frames - len(frames), -1, -1, -1)])
         mean = torch.tensor(self.mean).view(3, 1, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1, 1)
         video = (frames.permute(3, 0, 1, 2) - mean) / std

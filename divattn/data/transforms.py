@@ -2,7 +2,8 @@
 
 Temporal: a clip is ``num_frames`` frames ``sampling_rate`` apart; training takes one at
 a random start, testing takes ``num_clips`` clips evenly spread over the video (one
-clip: the centre). Spatial, on ``uint8`` ``(T, H, W, 3)`` frames: training resizes the
+clip: the centre). A video shorter than a clip's span repeats its last frame, or, with
+variable frames, gives a shorter clip (:func:`clip_frames`) that a batch pads. Spatial, on ``uint8`` ``(T, H, W, 3)`` frames: training resizes the
 short side to a random size in ``train_scale``, crops ``crop_size`` at random and flips
 horizontally with probability 1/2 where allowed; testing resizes the short side to
 ``test_scale`` and takes ``num_crops`` crops along the long side (3: start, centre,
@@ -25,6 +26,12 @@ def clip_indices(total: int, num_frames: int, sampling_rate: int, start: int) ->
     """Frames ``start, start + rate, ...``, clamped to the last frame for short videos."""
     idx = start + sampling_rate * np.arange(num_frames)
     return np.clip(idx, 0, total - 1)
+
+
+def clip_frames(total: int, num_frames: int, sampling_rate: int) -> int:
+    """Frames of a clip of a ``total``-frame video that repeat none: ``num_frames``, or fewer
+    (at least 1) when the video is shorter than a clip's span."""
+    return max(1, min(num_frames, (total - 1) // sampling_rate + 1))
 
 
 def train_clip_indices(total: int, num_frames: int, sampling_rate: int, rng: np.random.Generator) -> np.ndarray:

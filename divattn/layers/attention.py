@@ -58,6 +58,9 @@ class Attention(nn.Module):
         B, L = o.shape[:2]
         return self.proj_drop(self.proj(o.reshape(B, L, -1)))
 
-    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Joint attention over the tokens of ``x``; ``mask`` ``(B, L)`` bool: the real ones
+        (:func:`divattn.joint_attention`)."""
         q, k, v = self.qkv_heads(x, norm).unbind(2)
-        return self.out(joint_attention(q, k, v, scale=self.scale, backend=self.backend))
+        return self.out(joint_attention(q, k, v, scale=self.scale, backend=self.backend, mask=mask))

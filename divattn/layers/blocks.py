@@ -14,7 +14,8 @@ parameter names, so official checkpoints load without renaming:
 
 Blocks that need the frame count read it from ``num_frames`` (set from the model
 config, updated by the model when a clip with another frame count comes in); N comes
-from the token count. Each block's ``attention_maps(x)`` returns its attention
+from the token count. ``forward(x, mask)`` takes a padded batch's real tokens: ``(B, L)``
+for :class:`Block`, ``(B, T, N)`` for the others (see the ops' ``mask``). Each block's ``attention_maps(x)`` returns its attention
 probabilities for the input ``x`` through the reference softmax, for inspection.
 """
 
@@ -75,8 +76,8 @@ class Block(nn.Module):
     def backend(self, value: Optional[str]) -> None:
         self.attn.backend = value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(x, self.norm1))
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(x, self.norm1, mask))
         return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
@@ -102,8 +103,8 @@ class DividedBlock(DividedSpaceTimeAttention):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = super().forward(x, mask)
         return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
@@ -168,24 +169,24 @@ class FactorisedSelfAttentionBlock(nn.Module):
     def _qkv(self, attn: Attention, x: torch.Tensor, norm: nn.Module):
         return _split_frames(attn.qkv_heads(x, norm), self.num_frames, type(self).__name__)
 
-    def _spatial(self, x: torch.Tensor) -> torch.Tensor:
+    def _spatial(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, k, v = self._qkv(self.attn, x, self.norm1)
-        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend)
+        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend, mask=mask)
         return x + self.drop_path(self.attn.out(tokens_major(o)))
 
-    def _temporal(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence is not None:
+    def _temporal(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.sequence is not None:  # a parallelized model takes no mask (VideoModel.ragged)
             return temporal_residual(self.sequence, x, self.temporal_norm1, self.temporal_attn, order="thw",
                                      has_cls=False, drop_path=self.drop_path, backend=self.backend)
         q, k, v = self._qkv(self.temporal_attn, x, self.temporal_norm1)
-        o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
+        o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend, mask=mask)
         return x + self.drop_path(self.temporal_attn.out(tokens_major(o)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.attention_order == "space_time":
-            x = self._temporal(self._spatial(x))
+            x = self._temporal(self._spatial(x, mask), mask)
         else:
-            x = self._spatial(self._temporal(x))
+            x = self._spatial(self._temporal(x, mask), mask)
         return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:
@@ -249,13 +250,13 @@ class FactorisedDotProductBlock(nn.Module):
         h = self.attn.num_heads // 2
         return (q[:, :, :, :h], k[:, :, :, :h], v[:, :, :, :h]), (q[:, :, :, h:], k[:, :, :, h:], v[:, :, :, h:])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence is not None:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.sequence is not None:  # a parallelized model takes no mask (VideoModel.ragged)
             return self._forward_sharded(x)
         (qt, kt, vt), (qs, ks, vs) = self._halves(x)
         scale = self.attn.scale
-        o_t = tokens_major(temporal_attention(qt, kt, vt, scale=scale, backend=self.backend))
-        o_s = tokens_major(spatial_attention(qs, ks, vs, scale=scale, backend=self.backend))
+        o_t = tokens_major(temporal_attention(qt, kt, vt, scale=scale, backend=self.backend, mask=mask))
+        o_s = tokens_major(spatial_attention(qs, ks, vs, scale=scale, backend=self.backend, mask=mask))
         return self._project(x, o_t, o_s)
 
     def _project(self, x: torch.Tensor, o_t: torch.Tensor, o_s: torch.Tensor) -> torch.Tensor:

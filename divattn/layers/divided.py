@@ -69,6 +69,9 @@ class DividedSpaceTimeAttention(nn.Module):
     is left, in the backward: the gradient of the temporal residual skips each
     sample's cls row, and ``temporal_fc``'s GEMM needs it dense.
 
+    ``forward(x, mask)`` takes a padded batch's real patch tokens, ``mask`` ``(B, T, N)``
+    (:func:`divattn.temporal_attention`); the cls token is always real.
+
     Stochastic depth drops whole samples; the official code drops the spatial
     residual per (sample, frame) before averaging the cls outputs, which the fused
     path (one cls output per sample) cannot express. Evaluation is identical.
@@ -110,21 +113,21 @@ class DividedSpaceTimeAttention(nn.Module):
         N = (qkv.shape[1] - 1) // T
         return split_qkv(qkv, T, N, order=self.token_order, has_cls=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, L, C = x.shape
         T = self.num_frames
         if (L - 1) % T != 0:
             raise ValueError(f"DividedSpaceTimeAttention: {L} tokens is not 1 + N*T with T = num_frames = {T}")
         if self.sequence is None:
             q, k, v, _ = self._split(self.temporal_attn.qkv_heads(x, self.temporal_norm1), T)
-            o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend)
+            o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend, mask=mask)
             res_t = self._temporal_residual(tokens_major(o))
             x = add_after_first(x, res_t)
-        else:
+        else:  # a parallelized model takes no mask (VideoModel.ragged)
             x = temporal_residual(self.sequence, x, self.temporal_norm1, self.temporal_attn, order=self.token_order,
                                   has_cls=True, drop_path=self.drop_path, fc=self.temporal_fc, backend=self.backend)
 
         q, k, v, cls = self._split(self.attn.qkv_heads(x, self.norm1), T)
-        o = spatial_attention_tokens(q, k, v, cls, scale=self.attn.scale, backend=self.backend)
+        o = spatial_attention_tokens(q, k, v, cls, scale=self.attn.scale, backend=self.backend, mask=mask)
         x = x + self.drop_path(self.attn.out(o))
         return x if self.sequence is None else self.sequence.complete_cls(x)

@@ -142,15 +142,17 @@ class STBlock(nn.Module):
         B, T, N = o.shape[:3]
         return attn.out(tokens_major(o)).view(B, T, N, -1)
 
-    def spatial(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` plus the spatial attention residual."""
+    def spatial(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` plus the spatial attention residual (``mask``: the real tokens ``(B, T, N)``)."""
         q, k, v = self._qkv(self.attn, x, self.norm1).unbind(3)
-        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend)
+        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend, mask=mask)
         return x + self.drop_path(self._out(self.attn, o))
 
-    def temporal(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """``x`` plus the causal temporal attention residual (over the cached frames too)."""
-        if self.sequence is not None:
+    def temporal(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` plus the causal temporal attention residual (over the cached frames too;
+        ``mask``: the real tokens ``(B, T, N)``, without a cache)."""
+        if self.sequence is not None:  # a parallelized model takes no mask (VideoModel.ragged)
             if cache is not None:
                 raise SequenceParallelError("STBlock: a key/value cache (generation) runs in one process; this "
                                             "block is parallelized over frames")
@@ -162,13 +164,14 @@ class STBlock(nn.Module):
             k, v = qkv[:, :, :, 1], qkv[:, :, :, 2]
         else:
             k, v = cache.append(qkv[:, :, :, 1:])
-        o = temporal_attention(q, k, v, causal=True, scale=self.temporal_attn.scale, backend=self.backend)
+        o = temporal_attention(q, k, v, causal=True, scale=self.temporal_attn.scale, backend=self.backend, mask=mask)
         return x + self.drop_path(self._out(self.temporal_attn, o))
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"STBlock: x must be (B, T, N, C), got shape {tuple(x.shape)}")
-        x = self.temporal(self.spatial(x), cache)
+        x = self.temporal(self.spatial(x, mask), cache, mask)
         return x + self.drop_path(self.mlp(x, self.norm2))
 
     def attention_maps(self, x: torch.Tensor) -> dict:

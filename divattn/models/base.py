@@ -17,6 +17,7 @@ from ..ops import BACKENDS
 from ..sequence_parallel import FrameShards, SequenceParallelError, shard_of
 from .checkpoint import ConvertedCheckpoint, is_transformers_state_dict, read_state_dict
 from .pos_embed import MODES
+from .ragged import Ragged, ragged_batch
 from .scenic import is_scenic_checkpoint
 
 
@@ -143,6 +144,10 @@ class VideoModel(nn.Module):
 
     :meth:`parallelize` shards each clip's frames over a process group (``sequence``, a
     :class:`~divattn.sequence_parallel.FrameShards`, is then set on the model and its blocks).
+
+    A padded batch of clips of different lengths and sizes is one video plus ``frames``,
+    ``sizes`` and / or a token ``mask`` (:mod:`divattn.models.ragged`): each sample's
+    output is that of the clip alone at its own size.
     """
 
     global_pool = "token"
@@ -281,7 +286,32 @@ class VideoModel(nn.Module):
             if getattr(blk, "num_frames", num_frames) != num_frames:
                 blk.num_frames = num_frames
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
+    def ragged(self, video: torch.Tensor, frames=None, sizes=None, mask=None) -> Optional[Ragged]:
+        """The padded batch's real tokens (:func:`~divattn.models.ragged.ragged_batch`), or None."""
+        c = self.config
+        if self.sequence is not None and (frames is not None or sizes is not None or mask is not None):
+            raise SequenceParallelError(f"{type(self).__name__}: a padded batch (frames / sizes / mask) runs in one "
+                                        "process; this model is parallelized over frames (its ranks hold frame "
+                                        "shards of equal length)")
+        return ragged_batch(video, frames=frames, sizes=sizes, mask=mask, patch_size=c.patch_size,
+                            tubelet_size=c.tubelet_size, who=type(self).__name__)
+
+    def feature_mask(self, ragged: Optional[Ragged]) -> Optional[torch.Tensor]:
+        """The real tokens ``(B, L)`` of ``forward_features``' output for a padded batch, for
+        pooling over them; None where the pooling needs none (the cls token)."""
+        return None
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, num_frames: Optional[int] = None,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if mask is not None:  # a padded batch: the blocks' attention takes its real tokens
+            if num_frames is not None:
+                self._sync_frames(blocks, num_frames)
+            for blk in blocks:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, mask, use_reentrant=False)
+                else:
+                    x = blk(x, mask)
+            return x
         if isinstance(num_frames, torch.SymInt):
             # a dynamic frame count while torch.export traces: the blocks hold it for this trace only
             saved = [(blk, blk.num_frames) for blk in blocks if hasattr(blk, "num_frames")]
@@ -326,11 +356,26 @@ class VideoModel(nn.Module):
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the ``forward_features`` tokens; ``pre_logits=True`` returns the pooled ``(B, C)`` features."""
-        x = x[:, 0] if self.global_pool == "token" else x.mean(1)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pool the ``forward_features`` tokens; ``pre_logits=True`` returns the pooled ``(B, C)``
+        features. ``mask`` ``(B, L)`` (:meth:`feature_mask`): average over the real tokens only."""
+        if self.global_pool == "token":
+            x = x[:, 0]
+        else:
+            x = x.mean(1) if mask is None else masked_mean(x, mask)
         return x if pre_logits else self.head(x)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` (pooled features when ``num_classes == 0``) for ``(B, C, T, H, W)``."""
-        return self.forward_head(self.forward_features(video))
+    def forward(self, video: torch.Tensor, frames=None, sizes=None, mask=None) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` (pooled features when ``num_classes == 0``) for ``(B, C, T, H, W)``;
+        of a padded batch with ``frames``, ``sizes`` and / or ``mask`` (:mod:`divattn.models.ragged`)."""
+        if frames is None and sizes is None and mask is None:
+            return self.forward_head(self.forward_features(video))
+        x = self.forward_features(video, frames=frames, sizes=sizes, mask=mask)
+        return self.forward_head(x, mask=self.feature_mask(self.ragged(video, frames, sizes, mask)))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` ``(B, L, C)`` over the tokens where ``mask`` ``(B, L)`` is True (0 where none is)."""
+    w = mask.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1)

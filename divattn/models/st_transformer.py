@@ -121,14 +121,17 @@ class STTransformer(VideoModel):
         x = x.view(B, T, *x.shape[1:]) + self.pos_embed[:, None] + self.time_embed[:, start:start + T, None]
         return self.pos_drop(x)
 
-    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
-        """Token features after the final norm: ``(B, T, N, C)``, frame t's from frames ``<= t``."""
+    def forward_features(self, video: torch.Tensor, frames=None) -> torch.Tensor:
+        """Token features after the final norm: ``(B, T, N, C)``, frame t's from frames ``<= t``.
+        ``frames`` ``(B,)``: a padded batch, sample b its first ``frames[b]`` frames
+        (:mod:`divattn.models.ragged`; the padding's features are not used by any real frame)."""
         x = self.embed(video)
+        mask = None if frames is None else self.ragged(video, frames).tokens()
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, None, mask, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x) if mask is None else blk(x, mask=mask)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -146,9 +149,15 @@ class STTransformer(VideoModel):
         out = self.forward_head(features)
         return out + video if self.config.residual else out
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Predicted next frames ``(B, C, T, H, W)``: output t from input frames ``<= t``."""
-        return self.predict(self.forward_features(video), video)
+    def forward(self, video: torch.Tensor, frames=None) -> torch.Tensor:
+        """Predicted next frames ``(B, C, T, H, W)``: output t from input frames ``<= t``. With
+        ``frames`` (a padded batch of clips of ``frames[b]`` frames), each sample's predictions
+        are its clip's own, and zero on its padded frames."""
+        if frames is None:
+            return self.predict(self.forward_features(video), video)
+        pred = self.predict(self.forward_features(video, frames), video)
+        real = self.ragged(video, frames).real_frames()  # (B, T)
+        return pred * real[:, None, :, None, None].to(pred.dtype)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """``(B, T, N, p*p*C)`` patch pixels (channels last within a patch) -> ``(B, C, T, H, W)``."""

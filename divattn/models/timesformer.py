@@ -38,8 +38,10 @@ from .base import (
     init_weights,
     resolve_config,
 )
+from .base import masked_mean
 from .checkpoint import is_transformers_state_dict, layer_rules, rename_keys, top_rules
 from .pos_embed import resize_pos_embed, resize_time_embed
+from .ragged import Ragged
 from .registry import register_model
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
@@ -145,10 +147,11 @@ class TimeSformer(VideoModel):
         """A ``transformers`` state dict renamed (:func:`transformers_to_timesformer`); others as they are."""
         return transformers_to_timesformer(state_dict) if is_transformers_state_dict(state_dict) else state_dict
 
-    def embed(self, video: torch.Tensor) -> torch.Tensor:
+    def embed(self, video: torch.Tensor, ragged: Optional[Ragged] = None) -> torch.Tensor:
         """Tokens entering the first block: ``(B, 1 + N*T, C)`` in ``(h w t)`` order
         (space_only: ``(B*T, 1 + N, C)``, one sequence per frame); parallelized, for this
-        rank's T frames."""
+        rank's T frames. A padded batch (``ragged``) gets each sample's position and time
+        embeddings resized to its own size."""
         c = self.config
         check_video(video, c.in_chans, c.patch_size)
         B, _, T, H, W = video.shape
@@ -157,30 +160,56 @@ class TimeSformer(VideoModel):
         grid = (H // c.patch_size, W // c.patch_size)
         pos = resize_pos_embed(self.pos_embed, grid, old_grid=c.grid, mode=c.interpolation)
         cls = self.cls_token + pos[:, :1]
-        x = x + pos[:, 1:]
+        if ragged is None:
+            x = x + pos[:, 1:]
+        else:
+            per_sample = ragged.grid_embed(self.pos_embed[:, 1:], c.grid, c.interpolation)  # (B, N, C)
+            x = x + per_sample[:, None].expand(B, T, *per_sample.shape[1:]).reshape(x.shape)
         if c.attention_type == "space_only":
             return self.pos_drop(torch.cat([cls.expand(B * T, -1, -1), x], 1))
         N, C = x.shape[1], x.shape[2]
-        time = resize_time_embed(self.time_embed, frames, mode=c.interpolation)[:, start: start + T]
+        if ragged is None:
+            time = resize_time_embed(self.time_embed, frames, mode=c.interpolation)[:, start: start + T]
+        else:
+            time = ragged.time_embed(self.time_embed, c.interpolation)  # (B, T, C)
         # (B*T, N, C) -> (B, N, T, C): time varies fastest, the official (h w t) order
         x = self.pos_drop(x).view(B, T, N, C).transpose(1, 2) + time[:, None]
         x = self.time_drop(x).reshape(B, N * T, C)
         return torch.cat([self.pos_drop(cls.expand(B, -1, -1)), x], 1)
 
-    def _pool_frames(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def _pool_frames(self, x: torch.Tensor, num_frames: int, ragged: Optional[Ragged] = None) -> torch.Tensor:
         if self.config.attention_type != "space_only":
             return x
         x = x.view(-1, num_frames, *x.shape[1:])
-        if self.sequence is None:
+        if self.sequence is not None:
+            return self.sequence.all_reduce(x.sum(1)) / self.sequence.num_frames
+        if ragged is None:
             return x.mean(1)
-        return self.sequence.all_reduce(x.sum(1)) / self.sequence.num_frames
+        # the mean over the frames that hold a real patch (the clip's own frames)
+        return masked_mean(x.flatten(2), ragged.real_frames()).view(x.shape[0], *x.shape[2:])
 
-    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+    def _block_mask(self, ragged: Ragged) -> torch.Tensor:
+        """The real tokens as the blocks take them (see :mod:`divattn.layers.blocks`)."""
+        real = ragged.tokens()  # (B, T, N)
+        B, T, N = real.shape
+        if self.config.attention_type == "divided_space_time":
+            return real
+        if self.config.attention_type == "space_only":
+            return ragged.with_cls(real.reshape(B * T, N))
+        return ragged.with_cls(real.transpose(1, 2).reshape(B, N * T))  # (h w t) tokens
+
+    def forward_features(self, video: torch.Tensor, frames=None, sizes=None, mask=None) -> torch.Tensor:
         """Token features after the final norm: ``(B, 1 + N*T, C)`` (space_only: ``(B, 1 + N, C)``,
-        the frames averaged before the norm as in the official code); token 0 is cls."""
+        the frames averaged before the norm as in the official code); token 0 is cls. A padded
+        batch's ``frames``, ``sizes``, ``mask``: :mod:`divattn.models.ragged` (padded tokens'
+        features are not the clip's; the cls token's are)."""
         T = video.shape[2]
-        x = self._run_blocks(self.blocks, self.embed(video), num_frames=T)
-        return self.norm(self._pool_frames(x, T))
+        ragged = self.ragged(video, frames, sizes, mask)
+        if ragged is None:
+            x = self._run_blocks(self.blocks, self.embed(video), num_frames=T)
+            return self.norm(self._pool_frames(x, T))
+        x = self._run_blocks(self.blocks, self.embed(video, ragged), num_frames=T, mask=self._block_mask(ragged))
+        return self.norm(self._pool_frames(x, T, ragged))
 
     @torch.no_grad()
     def attention_maps(self, video: torch.Tensor) -> list:

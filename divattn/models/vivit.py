@@ -51,10 +51,12 @@ from .base import (
     collect_attention_maps,
     drop_path_rates,
     init_weights,
+    masked_mean,
     resolve_config,
 )
 from .checkpoint import ConvertedCheckpoint, is_transformers_state_dict, layer_rules, rename_keys, top_rules
 from .pos_embed import resize_pos_embed, resize_pos_embed_3d, resize_time_embed
+from .ragged import Ragged
 from .registry import register_model
 from .scenic import is_scenic_checkpoint, scenic_checkpoint
 
@@ -284,10 +286,11 @@ class ViViT(VideoModel):
         _, _, T, H, W = video.shape
         return T // c.tubelet_size, H // c.patch_size, W // c.patch_size
 
-    def embed(self, video: torch.Tensor) -> torch.Tensor:
+    def embed(self, video: torch.Tensor, ragged: Optional[Ragged] = None) -> torch.Tensor:
         """Tokens entering the first block: ``(B, [1 +] T'*N, C)`` in ``(t h w)`` order
         (factorised_encoder: ``(B*T', [1 +] N, C)``, one sequence per frame); parallelized, for
-        this rank's T' temporal tokens."""
+        this rank's T' temporal tokens. A padded batch (``ragged``) gets each sample's position
+        embeddings resized to its own size."""
         c = self.config
         Tt, h, w = self._grid(video)
         _, frames, start = self._frames(video)
@@ -296,66 +299,107 @@ class ViViT(VideoModel):
         prefix = int(self.has_cls)
         if self.variant == "factorised_encoder":
             pos = resize_pos_embed(self.pos_embed, (h, w), num_prefix=prefix, old_grid=c.grid, mode=c.interpolation)
-            x = g.flatten(3).permute(0, 2, 3, 1).reshape(B * Tt, h * w, C) + pos[:, prefix:]
+            patch_pos = pos[:, prefix:]
+            if ragged is not None:
+                patch_pos = ragged.grid_embed(self.pos_embed[:, prefix:], c.grid, c.interpolation)  # (B, N, C)
+                patch_pos = patch_pos[:, None].expand(B, Tt, h * w, C).reshape(B * Tt, h * w, C)
+            x = g.flatten(3).permute(0, 2, 3, 1).reshape(B * Tt, h * w, C) + patch_pos
             if self.has_cls:
                 x = torch.cat([(self.cls_token + pos[:, :1]).expand(B * Tt, -1, -1), x], 1)
             return self.pos_drop(x)
         x = g.flatten(2).transpose(1, 2)
         if self.has_cls:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], 1)
-        pos = resize_pos_embed_3d(self.pos_embed, (c.temporal_tokens, *c.grid), (frames, h, w), num_prefix=prefix,
-                                  mode=c.interpolation)
-        if Tt != frames:
-            pos = pos[:, start * h * w: (start + Tt) * h * w]  # this rank's frames (no cls: model 1 is refused)
+        if ragged is None:
+            pos = resize_pos_embed_3d(self.pos_embed, (c.temporal_tokens, *c.grid), (frames, h, w), num_prefix=prefix,
+                                      mode=c.interpolation)
+            if Tt != frames:
+                pos = pos[:, start * h * w: (start + Tt) * h * w]  # this rank's frames (no cls: model 1 is refused)
+        else:
+            pos = ragged.grid3d_embed(self.pos_embed, (c.temporal_tokens, *c.grid), prefix, c.interpolation)
         return self.pos_drop(x + pos)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, L, C)`` tokens -> ``(B, C)`` by ``config.classifier``: the cls token (first),
-        or the mean / max / sum over the L tokens."""
+        or the mean / max / sum over the L tokens (with ``mask`` ``(B, L)``, over the real ones;
+        0 for a sample with none)."""
         if self.global_pool == "token":
             return x[:, 0]
+        if mask is None:
+            if self.global_pool == "avg":
+                return x.mean(1)
+            if self.global_pool == "max":
+                return x.amax(1)
+            return x.sum(1)
         if self.global_pool == "avg":
-            return x.mean(1)
+            return masked_mean(x, mask)
+        keep = mask[..., None]
         if self.global_pool == "max":
-            return x.amax(1)
-        return x.sum(1)
+            return torch.where(keep.any(1), x.masked_fill(~keep, -torch.inf).amax(1), 0.0)
+        return (x * keep.to(x.dtype)).sum(1)
 
-    def _temporal_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+    def _temporal_tokens(self, frames: torch.Tensor, ragged: Optional[Ragged] = None) -> torch.Tensor:
         """Model 2: the temporal transformer's input from the pooled frame features ``(B, T', C)``."""
         B, Tt, _ = frames.shape
         pos = self.temporal_pos_embed
         prefix = int(self.has_cls)
-        pos = torch.cat([pos[:, :prefix], resize_time_embed(pos[:, prefix:], Tt, mode=self.config.interpolation)], 1)
+        if ragged is None:
+            time = resize_time_embed(pos[:, prefix:], Tt, mode=self.config.interpolation)
+        else:
+            time = ragged.time_embed(pos[:, prefix:], self.config.interpolation)  # (B, T', C)
+        pos = torch.cat([pos[:, :prefix].expand(time.shape[0], -1, -1), time], 1)
         if self.has_cls:
             frames = torch.cat([self.temporal_cls_token.expand(B, -1, -1), frames], 1)
         return self.pos_drop(frames + pos)
 
-    def _frame_features(self, x: torch.Tensor, B: int, Tt: int) -> torch.Tensor:
-        """Model 2: the spatial transformer's output ``(B*T', [1 +] N, C)`` -> pooled ``(B, T', C)``."""
-        return self.pool(self.spatial_norm(x)).view(B, Tt, -1)
+    def _frame_features(self, x: torch.Tensor, B: int, Tt: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Model 2: the spatial transformer's output ``(B*T', [1 +] N, C)`` -> pooled ``(B, T', C)``
+        (``mask``: its real tokens)."""
+        return self.pool(self.spatial_norm(x), mask).view(B, Tt, -1)
 
-    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+    def _masks(self, ragged: Ragged) -> tuple:
+        """The real tokens as the blocks take them (see :mod:`divattn.layers.blocks`), and those
+        of ``forward_features``' output: model 2 ``((B*T', [1+]N), (B, [1+]T'))`` for its
+        spatial and its temporal blocks."""
+        real = ragged.tokens()  # (B, T', N)
+        B, Tt, N = real.shape
+        cls = ragged.with_cls if self.has_cls else (lambda m: m)
+        if self.variant == "factorised_encoder":
+            return cls(real.reshape(B * Tt, N)), cls(ragged.real_frames())
+        tokens = cls(real.reshape(B, Tt * N))
+        return (tokens if self.variant == "spatio_temporal" else real), tokens
+
+    def feature_mask(self, ragged: Optional[Ragged]) -> Optional[torch.Tensor]:
+        return None if ragged is None else self._masks(ragged)[1]
+
+    def forward_features(self, video: torch.Tensor, frames=None, sizes=None, mask=None) -> torch.Tensor:
         """Token features after the final norm: ``(B, [1 +] T'*N, C)``; factorised_encoder:
-        the temporal transformer's ``(B, [1 +] T', C)``."""
+        the temporal transformer's ``(B, [1 +] T', C)``. A padded batch's ``frames``,
+        ``sizes``, ``mask``: :mod:`divattn.models.ragged` (:meth:`feature_mask` gives the
+        output's real tokens)."""
         Tt = self._grid(video)[0]
-        x = self.embed(video)
+        ragged = self.ragged(video, frames, sizes, mask)
+        x = self.embed(video, ragged)
+        blocks, out = (None, None) if ragged is None else self._masks(ragged)
         if self.variant != "factorised_encoder":
-            return self.norm(self._run_blocks(self.blocks, x, num_frames=Tt))
-        x = self._frame_features(self._run_blocks(self.blocks, x), video.shape[0], Tt)
+            return self.norm(self._run_blocks(self.blocks, x, num_frames=Tt, mask=blocks))
+        x = self._frame_features(self._run_blocks(self.blocks, x, mask=blocks), video.shape[0], Tt, blocks)
         if self.sequence is not None:
             x = self.sequence.gather(x, 1)  # every frame's features: the temporal transformer runs on every rank
-        return self.norm(self._run_blocks(self.temporal_blocks, self._temporal_tokens(x)))
+        return self.norm(self._run_blocks(self.temporal_blocks, self._temporal_tokens(x, ragged), mask=out))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the ``forward_features`` tokens (:meth:`pool`), then the pre-logits layer when
-        ``representation_size`` is set; ``pre_logits=True`` returns that ``(B, num_features)``.
-        Parallelized, models 3 and 4 pool over the tokens of every rank."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pool the ``forward_features`` tokens (:meth:`pool`, over the real ones with ``mask``),
+        then the pre-logits layer when ``representation_size`` is set; ``pre_logits=True``
+        returns that ``(B, num_features)``. Parallelized, models 3 and 4 pool over the tokens
+        of every rank."""
         if self.sequence is not None and self.variant != "factorised_encoder":
             total = self.sequence.all_reduce(x.sum(1))
             x = total / (x.shape[1] // self.sequence.local_frames * self.sequence.num_frames) \
                 if self.global_pool == "avg" else total
         else:
-            x = self.pool(x)
+            x = self.pool(x, mask)
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 

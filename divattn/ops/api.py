@@ -11,6 +11,7 @@ import torch
 from . import dispatch
 from .exported import exported, exporting
 from .layout import patch_view
+from .masks import Padding, resolve
 
 MAX_HEAD_DIM = 256
 
@@ -93,11 +94,29 @@ def _backend(op: str, q: torch.Tensor, D: int, backend: Optional[str], features:
     ``torch.export`` traces, it is wrapped so that the graph holds ``divattn::attention``
     (:mod:`divattn.ops.exported`)."""
     be = dispatch.select(op, q.dtype, q.device, D, backend, features)
-    return exported(be) if exporting() else be
+    if not exporting():
+        return be
+    if "mask" in features:
+        raise dispatch.BackendError(f"{op} attention with a mask or counts cannot be exported yet: "
+                                    f"divattn::attention takes no padding (export the model without it)")
+    return exported(be)
+
+
+_PADDING_DOC = """
+    Padded batches (any of ``mask``, ``frames``, ``patches``, combined with *and*; see
+    :mod:`divattn.ops.masks`): ``mask`` ``(B, T, N)`` bool on q's device, True = a real
+    token; ``frames`` ``(B,)`` ints, the first ``frames[b]`` frames of sample b are real;
+    ``patches`` ``(B,)`` ints, the first ``patches[b]`` patches of every frame are real.
+    The counts are the cheaper form (one number per sequence, which a kernel can use to
+    skip whole tiles; a mask is read per key): checked on the host, so give them as CPU
+    tensors or lists to keep the call free of device syncs. A sample with no real token
+    is allowed: its outputs are zero (with cls, ``o_cls = v_cls``) and its gradients zero
+    (with cls, ``v_cls``'s is the upstream ``o_cls`` gradient)."""
 
 
 def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None,
-                       backend: Optional[str] = None) -> torch.Tensor:
+                       backend: Optional[str] = None, mask: Optional[torch.Tensor] = None, frames=None,
+                       patches=None) -> torch.Tensor:
     """Attention over the frames of every patch, optionally causal.
 
     Args:
@@ -115,6 +134,8 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
             ``DIVATTN_BACKEND`` sets it), ``"triton"``, ``"cuda"``, ``"torch"``, or
             ``"reference"`` (the plain softmax composition the tests trust; never
             chosen automatically).
+        mask, frames, patches: the real tokens of a padded batch, over the Tk key
+            frames (the queries are the last Tq of them); see below.
 
     Returns:
         ``o`` of shape ``(B, Tq, N, H, D)``, stored token-major in q's token order, so
@@ -123,10 +144,12 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
     Raises:
         TypeError / ValueError for mismatched dtypes, devices or shapes (k and v must
         match q in B, N, H and D, and each other), ``Tq > Tk``, a last dim that is not
-        contiguous, a head dim outside [1, 256], or a ``scale`` that is not a finite
-        positive number; BackendError when the requested
-        backend cannot run the inputs (listing every backend's reason; causal
-        attention and ``Tq < Tk`` are features a backend declares).
+        contiguous, a head dim outside [1, 256], a ``scale`` that is not a finite
+        positive number, a mask that is not a ``(B, Tk, N)`` bool tensor on q's device,
+        or counts that are not ``(B,)`` integers in ``[0, Tk]`` (``[0, N]``);
+        BackendError when the requested backend cannot run the inputs (listing every
+        backend's reason; causal attention, ``Tq < Tk`` and masks are features a
+        backend declares).
 
     Equivalent to::
 
@@ -136,6 +159,15 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
             keep = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
             s = s.masked_fill(~keep, -torch.inf)
         o = torch.einsum("bnhts,bsnhd->btnhd", s.softmax(-1), v)
+
+    With padding, m ``(B, Tk, N)`` the real tokens and i' = Tk - Tq + i query frame i's
+    frame, the pairs that count are ``P(b, n, i) = {j : m[b, j, n] (and j <= i' if
+    causal)}`` and::
+
+        o[b, i, n, h] = m[b, i', n] * sum_{j in P} softmax_{j in P}(s[b, n, h, i, j]) v[b, j, n, h]
+
+    (0 when P is empty, never NaN): a padded token is never a key, its output row is
+    zero, and so are its q, k and v gradients.
     """
     _validate("temporal_attention", {"q": q, "k": k, "v": v}, 5, "(B, T, N, H, D)", kv_frames=True)
     D = q.shape[-1]
@@ -144,10 +176,14 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
     features = ()
     if causal or q.shape[1] != k.shape[1]:
         features = (("causal",) if causal else ()) + (("fewer_queries",) if q.shape[1] != k.shape[1] else ())
-    return _backend("temporal", q, D, backend, features).temporal(q, k, v, scale, causal)
+    if mask is None and frames is None and patches is None:
+        return _backend("temporal", q, D, backend, features).temporal(q, k, v, scale, causal)
+    be = _backend("temporal", q, D, backend, features + ("mask",))
+    return be.temporal(q, k, v, scale, causal, resolve("temporal_attention", q, mask, frames, patches, k.shape[:3]))
 
 
-def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None):
+def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None,
+                      mask: Optional[torch.Tensor] = None, frames=None, patches=None):
     """Attention over the N patches of every frame, optionally with a cls token.
 
     Args:
@@ -158,6 +194,7 @@ def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backe
             frame in turn; ``o_cls`` is the mean of its T per-frame outputs. This is
             the official TimeSformer divided block.
         scale, backend: as in :func:`temporal_attention`.
+        mask, frames, patches: the real tokens of a padded batch; see below.
 
     Returns:
         ``o`` ``(B, T, N, H, D)`` token-major in q's token order, or ``(o, o_cls)``
@@ -175,12 +212,27 @@ def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backe
         s = torch.einsum("btnhd,btmhd->bthnm", qq, kk) * scale
         oo = torch.einsum("bthnm,btmhd->btnhd", s.softmax(-1), vv)
         o, o_cls = oo[:, :, 1:], oo[:, :, 0].mean(1)
+
+    With padding, m ``(B, T, N)`` the real tokens: frame t's keys are ``P(b, t) = {n :
+    m[b, t, n]}`` (with cls: the cls token, always real, and those), and::
+
+        o[b, t, n, h] = m[b, t, n] * sum_{j in P} softmax_{j in P}(s[b, t, h, n, j]) v[b, t, j, h]
+        o_cls[b, h] = sum_{t in F} oo[b, t, 0, h] / |F|,   F = {t : P(b, t) holds a patch}
+
+    (0 for an empty P, never NaN; F empty: ``o_cls = v_cls``): a padded token is never
+    a key, its output row is zero, and so are its q, k and v gradients; the cls token
+    averages over the frames that hold at least one real patch.
     """
     cls = _check_spatial("spatial_attention", q, k, v, cls)
-    out = _spatial("spatial_attention", q, k, v, cls, scale, backend)
+    out = _spatial("spatial_attention", q, k, v, cls, scale, backend, mask, frames, patches)
     if cls is None:
         return out
     return patch_view(out, q, has_cls=True), out[:, 0]
+
+
+for _op in (temporal_attention, spatial_attention):
+    if _op.__doc__:  # None under python -OO
+        _op.__doc__ += _PADDING_DOC
 
 
 def _check_spatial(fn: str, q, k, v, cls) -> Optional[tuple]:
@@ -206,41 +258,63 @@ def _check_spatial(fn: str, q, k, v, cls) -> Optional[tuple]:
     return cls
 
 
-def _spatial(fn: str, q, k, v, cls, scale, backend) -> torch.Tensor:
+def _spatial(fn: str, q, k, v, cls, scale, backend, mask=None, frames=None, patches=None) -> torch.Tensor:
     D = q.shape[-1]
     scale = _scale(fn, scale, D)
     op = "spatial" if cls is None else "spatial_cls"
-    return _backend(op, q, D, backend).spatial(q, k, v, scale, cls)
+    if mask is None and frames is None and patches is None:
+        return _backend(op, q, D, backend).spatial(q, k, v, scale, cls)
+    be = _backend(op, q, D, backend, ("mask",))
+    return be.spatial(q, k, v, scale, cls, resolve(fn, q, mask, frames, patches, q.shape[:3]))
 
 
-def spatial_attention_tokens(q, k, v, cls, *, scale: Optional[float] = None, backend: Optional[str] = None):
+def spatial_attention_tokens(q, k, v, cls, *, scale: Optional[float] = None, backend: Optional[str] = None,
+                             mask: Optional[torch.Tensor] = None, frames=None, patches=None):
     """:func:`spatial_attention` with cls, returned as one ``(B, 1 + T*N, H, D)`` tensor.
 
     Token 0 is ``o_cls`` and tokens ``1:`` are ``o`` in q's token order: the layout of
     the block's input tokens, so the projection that follows reads it with a free
     ``view(B, 1 + T*N, H*D)`` and no ``cat`` of cls and patch outputs is needed.
-    Validation and errors as in :func:`spatial_attention`.
+    Padding, validation and errors as in :func:`spatial_attention`.
     """
     if cls is None:
         raise TypeError("spatial_attention_tokens: cls is required (use spatial_attention without it)")
     cls = _check_spatial("spatial_attention_tokens", q, k, v, cls)
-    return _spatial("spatial_attention_tokens", q, k, v, cls, scale, backend)
+    return _spatial("spatial_attention_tokens", q, k, v, cls, scale, backend, mask, frames, patches)
 
 
-def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional[str] = None,
+                    mask: Optional[torch.Tensor] = None, lengths=None) -> torch.Tensor:
     """Attention over all L tokens of every sequence (joint space-time attention).
 
     Args:
         q, k, v: ``(B, L, H, D)``, any strides, contiguous last dim.
         scale, backend: as in :func:`temporal_attention`.
+        mask: ``(B, L)`` bool on q's device, True = a real token.
+        lengths: ``(B,)`` ints, the first ``lengths[b]`` tokens of sample b are real
+            (the cheaper form, as :func:`temporal_attention`'s counts; checked on the
+            host). With both, a token is real when both say so.
 
     Returns:
         ``o`` ``(B, L, H, D)``, contiguous.
 
+    Raises:
+        As :func:`temporal_attention`, for a mask that is not a ``(B, L)`` bool tensor
+        on q's device, or lengths that are not ``(B,)`` integers in ``[0, L]``.
+
     Equivalent to ``F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-    v.transpose(1, 2), scale=scale).transpose(1, 2)``.
+    v.transpose(1, 2), scale=scale).transpose(1, 2)``. With padding, m ``(B, L)`` the
+    real tokens::
+
+        o[b, i, h] = m[b, i] * sum_{j : m[b, j]} softmax_{j : m[b, j]}(s[b, h, i, j]) v[b, j, h]
+
+    (a sample with no real token: zero outputs and gradients): a padded token is never
+    a key, and its output row and its q, k and v gradients are zero.
     """
     _validate("joint_attention", {"q": q, "k": k, "v": v}, 4, "(B, L, H, D)")
     D = q.shape[-1]
     scale = _scale("joint_attention", scale, D)
-    return _backend("joint", q, D, backend).joint(q, k, v, scale)
+    if mask is None and lengths is None:
+        return _backend("joint", q, D, backend).joint(q, k, v, scale)
+    be = _backend("joint", q, D, backend, ("mask",))
+    return be.joint(q, k, v, scale, resolve("joint_attention", q, mask, None, lengths, q.shape[:2]))

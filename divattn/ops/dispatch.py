@@ -37,13 +37,17 @@ import torch
 
 from . import cuda_ext, functions, reference, torch_backend
 from .layout import patch_view
+from .masks import Padding
 
 AUTO_ORDER = ("triton", "cuda", "torch")
 OPS = ("temporal", "spatial", "spatial_cls", "joint")
 FEATURES = {
     "causal": "causal attention (frame t attends to frames 0..t)",
     "fewer_queries": "attending from the last Tq of Tk frames only (Tq < Tk)",
+    "mask": "a padded batch (a token mask, or per-sample frame, patch or token counts)",
 }
+# What the kernel backends implement so far (the others implement every feature).
+KERNEL_FEATURES = ("causal", "fewer_queries")
 
 
 class BackendError(RuntimeError):
@@ -64,12 +68,13 @@ class OpsModule(Protocol):
     :mod:`divattn.ops.reference`): each function returns the public op's output."""
 
     def temporal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 causal: bool = False) -> torch.Tensor: ...
+                 causal: bool = False, padding: Optional[Padding] = None) -> torch.Tensor: ...
 
     def spatial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                cls: Optional[tuple] = None) -> torch.Tensor: ...
+                cls: Optional[tuple] = None, padding: Optional[Padding] = None) -> torch.Tensor: ...
 
-    def joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor: ...
+    def joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              padding: Optional[Padding] = None) -> torch.Tensor: ...
 
 
 _TRITON_IMPORT: list = []
@@ -163,16 +168,17 @@ class Backend:
             reasons.append(f"head dim {head_dim} is larger than {self.max_head_dim}")
         return reasons
 
-    def temporal(self, q, k, v, scale: float, causal: bool) -> torch.Tensor:
-        """The output of :func:`divattn.temporal_attention`, ``(B, Tq, N, H, D)``."""
+    def temporal(self, q, k, v, scale: float, causal: bool, padding: Optional[Padding] = None) -> torch.Tensor:
+        """The output of :func:`divattn.temporal_attention`, ``(B, Tq, N, H, D)``; ``padding``
+        (only where the backend declares ``"mask"``) says which tokens are real."""
         raise NotImplementedError
 
-    def spatial(self, q, k, v, scale: float, cls: Optional[tuple]) -> torch.Tensor:
+    def spatial(self, q, k, v, scale: float, cls: Optional[tuple], padding: Optional[Padding] = None) -> torch.Tensor:
         """The ``(B, T, N, H, D)`` output of :func:`divattn.spatial_attention`; with ``cls``, the
         ``(B, 1 + T*N, H, D)`` token buffer with the mean cls output as token 0."""
         raise NotImplementedError
 
-    def joint(self, q, k, v, scale: float) -> torch.Tensor:
+    def joint(self, q, k, v, scale: float, padding: Optional[Padding] = None) -> torch.Tensor:
         """The ``(B, L, H, D)`` output of :func:`divattn.joint_attention`."""
         raise NotImplementedError
 
@@ -233,6 +239,7 @@ BACKENDS = _Registry(
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda", "cpu"),
         max_head_dim=256,
+        features=KERNEL_FEATURES,
         cpu_needs_interpreter=True,
         interpreter_dtypes=(torch.float16, torch.float32),
         min_capability=(8, 0),
@@ -243,6 +250,7 @@ BACKENDS = _Registry(
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda",),
         max_head_dim=128,
+        features=KERNEL_FEATURES,
         cpu_needs_emulator=True,
         min_capability=(8, 0),
         runtime_reason=_cuda_runtime_reason,

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from typing import Optional
+
 from . import reference
 from .layout import alloc_tokens, is_hwt, patch_view
+from .masks import Padding
 
 
 _FAKE = torch._subclasses.FakeTensor
@@ -126,10 +130,11 @@ MAX_SPLIT_BATCH = 8
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: bool,
-            causal: bool = False, split: bool = False) -> torch.Tensor:
+            causal: bool = False, split: bool = False, allowed=None) -> torch.Tensor:
     """softmax(q k^T * scale) v over L for ``(B1, B2, L, H, D)`` views; returns ``(B1, B2, L, H, D)``.
 
-    k and v may have another L than q; with ``causal`` query i sees keys ``0 .. Lk - Lq + i``.
+    k and v may have another L than q; with ``causal`` query i sees keys ``0 .. Lk - Lq + i``;
+    ``allowed`` (bool ``(B1*B2, 1, Lq, Lk)``, causality included) replaces that mask.
 
     The batch dims merge into SDPA's one without a copy when the strides allow (packed
     ``(t h w)`` tokens for spatial attention, ``(h w t)`` tokens without cls for temporal).
@@ -147,9 +152,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kee
         dtype = torch.float32
     merges = [_merges(x, 0, 1) for x in (q, k, v)]
     mask = {}
-    if causal and Lq > 1:  # a single query is the last frame: it sees every key
+    if allowed is not None:
+        mask = dict(attn_mask=allowed)
+    elif causal and Lq > 1:  # a single query is the last frame: it sees every key
         mask = dict(is_causal=True) if Lq == Lk else dict(attn_mask=reference.causal_mask(Lq, Lk, q.device))
-    if (split and not all(merges) and dtype == out_dtype and B1 <= MAX_SPLIT_BATCH
+    if (split and allowed is None and not all(merges) and dtype == out_dtype and B1 <= MAX_SPLIT_BATCH
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         # stacked as (B1, B2, L) when keep, else as (B1, L, B2): the caller's buffer either way
         outs = [F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in xs), scale=scale, **mask).transpose(1, 2)
@@ -177,18 +184,27 @@ def _in_q_order(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def temporal(q, k, v, scale: float, causal: bool = False) -> torch.Tensor:
+def temporal(q, k, v, scale: float, causal: bool = False, padding=None) -> torch.Tensor:
     """Attention over T for every (b, n, h): q ``(B, Tq, N, H, D)``, k, v ``(B, Tk, N, H, D)``.
 
     Query frame i is frame ``Tk - Tq + i``; with ``causal`` it sees key frames
-    ``0 .. Tk - Tq + i``. Returns the ``(B, Tq, N, H, D)`` output, a view of a token-major
+    ``0 .. Tk - Tq + i``; with ``padding`` (:class:`~divattn.ops.masks.Padding`) the real
+    ones among them. Returns the ``(B, Tq, N, H, D)`` output, a view of a token-major
     ``(B, Tq*N, H, D)`` buffer in q's token order.
     """
+    if padding is not None and _counting():
+        return counted("temporal", scale, causal, padding, q, k, v)
     route, record = _route((q, k, v), causal)
     if route == "flash":
-        return _flash_op("temporal", scale, causal, record, q, k, v)
+        return _flash_op("temporal", scale, causal, record, padding, q, k, v)
     if route == "reference":
-        return reference.temporal(q, k, v, scale, causal)
+        return reference.temporal(q, k, v, scale, causal, padding)
+    if padding is not None:
+        real, real_q = padding.dense(), padding.real_queries(q.shape[1])
+        xs = _real(q, real_q), _real(k, real), _real(v, real)
+        allowed = _allowed(real_q.transpose(1, 2).flatten(0, 1), real.transpose(1, 2).flatten(0, 1), causal)
+        o = _attend(*(x.transpose(1, 2) for x in xs), scale, _temporal_keep(q), allowed=allowed)
+        return _in_q_order(_real(o.transpose(1, 2), real_q), q)
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
     o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, _temporal_keep(q), causal, split=True)
     return _in_q_order(o.transpose(1, 2), q)
@@ -198,22 +214,58 @@ def _temporal_keep(q: torch.Tensor) -> bool:
     return is_hwt(q) or min(q.shape[1], q.shape[2]) == 1
 
 
-def spatial(q, k, v, scale: float, cls=None) -> torch.Tensor:
+def _real(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, T, N, ...)`` with the tokens where ``real`` ``(B, T, N)`` is False set to zero
+    (out of place: autograd then gives them zero gradients)."""
+    return torch.where(real[(...,) + (None,) * (x.dim() - real.dim())], x, 0.0)
+
+
+def _allowed(real_q: torch.Tensor, real_k: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The pairs SDPA may use, ``(S, 1, Lq, Lk)`` bool, for sequences whose real queries and
+    keys are ``real_q`` ``(S, Lq)`` and ``real_k`` ``(S, Lk)``: a real query's real keys (and
+    with ``causal`` only those up to it); a padded query (whose output is zeroed) sees every
+    key, so that no row is empty (an empty row is NaN in SDPA's kernels)."""
+    Lq, Lk = real_q.shape[1], real_k.shape[1]
+    keys = real_k[:, None, None, :]
+    if causal and Lq > 1:
+        keys = keys & reference.causal_mask(Lq, Lk, real_k.device)
+    return keys | ~real_q[:, None, :, None]
+
+
+def spatial(q, k, v, scale: float, cls=None, padding=None) -> torch.Tensor:
     """Attention over N for every (b, t, h), optionally with a shared cls token.
 
     Returns the ``(B, T, N, H, D)`` output as in :func:`temporal`; with ``cls``, the
     token-major ``(B, 1 + T*N, H, D)`` buffer in q's token order with the mean cls output
-    as token 0.
+    as token 0 (with ``padding``, the mean over the frames that hold a real patch).
     """
+    if padding is not None and _counting():
+        return counted("spatial", scale, False, padding, q, k, v, *(cls or ()))
     route, record = _route((q, k, v) if cls is None else (q, k, v, *cls), False)
     if route == "flash":
-        return _flash_op("spatial", scale, False, record, q, k, v, *(cls or ()))
+        return _flash_op("spatial", scale, False, record, padding, q, k, v, *(cls or ()))
     if route == "reference":
-        return reference.spatial(q, k, v, scale, cls)
+        return reference.spatial(q, k, v, scale, cls, padding)
+    if padding is not None:
+        return _spatial_padded(q, k, v, scale, cls, padding)
     if cls is None:
         return _in_q_order(_attend(q, k, v, scale, not is_hwt(q), split=True), q)
     o = _attend(*_with_cls(q, k, v, cls, q.dtype), scale, False)
     return _cls_buffer(o, q)
+
+
+def _spatial_padded(q, k, v, scale: float, cls, padding) -> torch.Tensor:
+    """:func:`spatial` of a padded batch, composed from public ops."""
+    B, T, N, H, D = q.shape
+    real = padding.dense()
+    xs = _real(q, real), _real(k, real), _real(v, real)
+    if cls is None:
+        flat = real.flatten(0, 1)
+        o = _attend(*xs, scale, not is_hwt(q), allowed=_allowed(flat, flat, False))
+        return _in_q_order(_real(o, real), q)
+    flat = torch.cat([real.new_ones(B * T, 1), real.flatten(0, 1)], 1)  # the cls token is real
+    o = _attend(*_with_cls(*xs, cls, q.dtype), scale, False, allowed=_allowed(flat, flat, False))
+    return _cls_buffer(o, q, real, padding.frame_weights())
 
 
 def _with_cls(q, k, v, cls, dtype) -> tuple:
@@ -230,23 +282,37 @@ def _with_cls(q, k, v, cls, dtype) -> tuple:
     return out
 
 
-def _cls_buffer(o: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _cls_buffer(o: torch.Tensor, q: torch.Tensor, real=None, weights=None) -> torch.Tensor:
     """The ``(B, 1 + T*N, H, D)`` buffer from per-frame outputs ``o`` ``(B, T, 1 + N, H, D)``:
-    patch outputs in q's token order, the mean of the T cls outputs as token 0."""
+    patch outputs in q's token order, the mean of the T cls outputs as token 0. With
+    ``real`` ``(B, T, N)`` and ``weights`` ``(B, T)`` (a padded batch), padded patches' outputs
+    are zero and the cls output is the weighted sum of its per-frame outputs."""
     buf = alloc_tokens(q, has_cls=True)
-    patch_view(buf, q, has_cls=True).copy_(o[:, :, 1:])
-    buf[:, 0].copy_(o[:, :, 0].mean(1))
+    patches = o[:, :, 1:]
+    patch_view(buf, q, has_cls=True).copy_(patches if real is None else _real(patches, real))
+    if weights is None:
+        buf[:, 0].copy_(o[:, :, 0].mean(1))
+    else:
+        buf[:, 0].copy_((o[:, :, 0] * weights.to(o.dtype)[:, :, None, None]).sum(1))
     return buf
 
 
-def joint(q, k, v, scale: float) -> torch.Tensor:
-    """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``; contiguous output."""
+def joint(q, k, v, scale: float, padding=None) -> torch.Tensor:
+    """Attention over all L tokens for every (b, h): q, k, v ``(B, L, H, D)``; contiguous output;
+    with ``padding`` over the real tokens."""
+    if padding is not None and _counting():
+        return counted("joint", scale, False, padding, q, k, v)
     route, record = _route((q, k, v), False)
     if route == "flash":
-        return _flash_op("joint", scale, False, record, q, k, v)
+        return _flash_op("joint", scale, False, record, padding, q, k, v)
     if route == "reference":
-        return reference.joint(q, k, v, scale)
-    return _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True).squeeze(1).contiguous()
+        return reference.joint(q, k, v, scale, padding)
+    if padding is None:
+        return _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True).squeeze(1).contiguous()
+    real = padding.dense()
+    q, k, v = (_real(x, real) for x in (q, k, v))
+    o = _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True, allowed=_allowed(real, real, False))
+    return _real(o.squeeze(1), real).contiguous()
 
 
 # CPU: torch's flash kernel called directly, one autograd node per op ---------------
@@ -350,8 +416,11 @@ def _additive_mask(Lq: int, Lk: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(Lq, Lk, dtype=dtype).masked_fill_(~keep, -math.inf)
 
 
-def _mask_args(Lq: int, Lk: int, causal: bool, dtype: torch.dtype) -> tuple:
-    """(is_causal, attn_mask) for the flash kernel; a single query is the last frame and sees every key."""
+def _mask_args(Lq: int, Lk: int, causal: bool, dtype: torch.dtype, keys=None) -> tuple:
+    """(is_causal, attn_mask) for the flash kernel; a single query is the last frame and sees every key.
+    ``keys``: the additive key mask of a padded batch (:func:`_key_mask`), causality added here."""
+    if keys is not None:
+        return False, keys + _additive_mask(Lq, Lk, dtype) if causal and Lq > 1 else keys
     if not causal or Lq <= 1:
         return False, None
     if Lq == Lk:
@@ -359,12 +428,20 @@ def _mask_args(Lq: int, Lk: int, causal: bool, dtype: torch.dtype) -> tuple:
     return False, _additive_mask(Lq, Lk, dtype)
 
 
-def _flash(qs, ks, vs, scale: float, causal: bool):
-    is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, qs.dtype)
+def _key_mask(real_k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The flash kernel's additive mask ``(S, 1, 1, Lk)`` (0 or -inf, in ``dtype``) of the real
+    keys ``real_k`` ``(S, Lk)``. A row that keeps no key comes out of the CPU flash kernel as
+    zeros with zero gradients; such rows are padded queries, whose outputs are zeroed anyway."""
+    return torch.zeros(real_k.shape, dtype=dtype, device=real_k.device).masked_fill_(~real_k, -math.inf)[:, None,
+                                                                                                         None]
+
+
+def _flash(qs, ks, vs, scale: float, causal: bool, keys=None):
+    is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, qs.dtype, keys)
     return _FLASH(qs, ks, vs, 0.0, is_causal, attn_mask=mask, scale=scale)
 
 
-def _flash_split(q, k, v, dims: tuple, scale: float, causal: bool) -> torch.Tensor:
+def _flash_split(q, k, v, dims: tuple, scale: float, causal: bool, keys=None) -> torch.Tensor:
     """Inference over views whose batch dims do not merge: one flash call per batch
     element b, on uncopied views, each output placed in q's token order by the stack."""
     b1, b2, l = dims
@@ -377,7 +454,8 @@ def _flash_split(q, k, v, dims: tuple, scale: float, causal: bool) -> torch.Tens
             st = x.stride()
             xs.append(x.as_strided((x.shape[b2], H, x.shape[l], D), (st[b2], st[3], st[l], st[4]),
                                    x.storage_offset() + b * st[0]))
-        o = _flash(*xs, scale, causal)[0]
+        S = xs[0].shape[0]
+        o = _flash(*xs, scale, causal, None if keys is None else keys[b * S:(b + 1) * S])[0]
         sB, sH, sL, sD = o.stride()
         # o's rows are (b2, l); the buffer's tokens are (N, T) when hwt, else (T, N)
         first_is_b2 = (b2 == 2) == hwt
@@ -401,34 +479,57 @@ def _cls_seqs(q, k, v, cls, ct: torch.dtype) -> list:
             .view(B * T, H, 1 + N, D) for c, x in zip(cls, (q, k, v))]
 
 
-def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bool):
+def _flash_masks(op: str, padding, q_shape, ct: torch.dtype, cls: bool):
+    """(real, keys, weights) of a padded batch for the flash path: the real query tokens
+    (``(B, Tq, N)``, joint ``(B, L)``), the additive key mask of the flash sequences
+    (:func:`_key_mask`) and, with cls, the per-frame weights of the cls output."""
+    if padding is None:
+        return None, None, None
+    real = padding.dense()
+    if op == "joint":
+        return real, _key_mask(real, ct), None
+    if op == "temporal":
+        return padding.real_queries(q_shape[1]), _key_mask(real.transpose(1, 2).flatten(0, 1), ct), None
+    flat = real.flatten(0, 1)
+    if not cls:
+        return real, _key_mask(flat, ct), None
+    flat = torch.cat([flat.new_ones(flat.shape[0], 1), flat], 1)  # the cls token is real
+    return real, _key_mask(flat, ct), padding.frame_weights()
+
+
+def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bool, padding=None):
     """(out, saved): the op's output, and what the backward needs when ``record``: the
-    flash inputs, output and log-sum-exp, and the cls query's per-frame outputs (or None).
+    flash inputs, output and log-sum-exp, the cls query's per-frame outputs (or None),
+    and the padding's real query tokens, key mask and cls weights (or None).
     ``out`` is the ``(B, T, N, H, D)`` patch view of the token buffer for temporal and
     spatial attention, the ``(B, 1 + T*N, H, D)`` buffer with cls, and ``(B, L, H, D)``
-    for joint attention.
+    for joint attention. A padded query's output row is zero.
 
     Where ``out`` is a copy of the flash output in q's dtype, the flash output is not kept
     (None in ``saved``): the backward lays ``out`` out as the flash output again (see
     :func:`_flash_out`), so one tensor of the output's size is saved, not two."""
     ct = _compute_dtype(q.dtype)
+    real, keys, weights = _flash_masks(op, padding, q.shape, ct, bool(cls))
+    masks = (real, keys, weights)
     if op == "joint":
         seqs = [x.transpose(1, 2) if x.dtype == ct else x.to(ct).transpose(1, 2) for x in (q, k, v)]
-        o, lse = _flash(*seqs, scale, causal)
+        o, lse = _flash(*seqs, scale, causal, keys)
         buf = o.transpose(1, 2)
         if buf.dtype != q.dtype or not buf.is_contiguous():
             buf = buf.to(q.dtype, memory_format=torch.contiguous_format)
-        return buf, ((*seqs, o, lse, None) if record else ())
+        if real is not None:
+            buf.masked_fill_(~real[..., None, None], 0)
+        return buf, ((*seqs, o, lse, None, *masks) if record else ())
     if cls:
         seqs = _cls_seqs(q, k, v, cls, ct)
-        o, lse = _flash(*seqs, scale, False)
+        o, lse = _flash(*seqs, scale, False, keys)
         o5 = o.as_strided(*_as_patches(o, q.shape[0], _DIMS["spatial"]))  # (B, T, 1 + N, H, D)
-        buf = _cls_buffer(o5, q)
+        buf = _cls_buffer(o5, q, real, weights)
         if not record:
             return buf, ()
         if o.dtype != q.dtype:
-            return buf, (*seqs, o, lse, None)
-        return buf, (*seqs, None, lse, o[:, :, 0].clone())
+            return buf, (*seqs, o, lse, None, *masks)
+        return buf, (*seqs, None, lse, o[:, :, 0].clone(), *masks)
     dims = _DIMS[op]
     sh, st = q.shape, q.stride()
     hwt = sh[1] > 1 and sh[2] > 1 and st[2] > st[1]
@@ -436,19 +537,24 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
     if ct == q.dtype:
         seqs = _seq_views(q, k, v, dims)
         if not record and sh[0] <= MAX_SPLIT_BATCH and any(y is None for y in seqs):
-            return _flash_split(q, k, v, dims, scale, causal), ()
+            out = _flash_split(q, k, v, dims, scale, causal, keys)
+            return (out if real is None else out.masked_fill_(~real[..., None, None], 0)), ()
         seqs = [y if y is not None else _seqs(x, dims, ct, keep) for x, y in zip((q, k, v), seqs)]
     else:
         seqs = [_seqs(x, dims, ct, keep) for x in (q, k, v)]
-    o, lse = _flash(*seqs, scale, causal)
+    o, lse = _flash(*seqs, scale, causal, keys)
     shape, strides, offset = _as_patches(o, sh[0], dims)
     out = o.as_strided(shape, strides, offset)
     if o.dtype == q.dtype and _is_token_major(shape, strides, hwt):
-        return out, ((*seqs, o, lse, None) if record else ())
+        if real is not None:
+            out.masked_fill_(~real[..., None, None], 0)
+        return out, ((*seqs, o, lse, None, *masks) if record else ())
     out = _in_q_order(out, q)
+    if real is not None:
+        out.masked_fill_(~real[..., None, None], 0)
     if not record:
         return out, ()
-    return out, (*seqs, o if o.dtype != q.dtype else None, lse, None)
+    return out, (*seqs, o if o.dtype != q.dtype else None, lse, None, *masks)
 
 
 def _buffer_patches(d_buf: torch.Tensor, q_shape, hwt: bool) -> torch.Tensor:
@@ -477,8 +583,8 @@ class _FlashOp(torch.autograd.Function):
     """One op on the CPU flash kernel, forward and backward (see the section comment)."""
 
     @staticmethod
-    def forward(ctx, op: str, scale: float, causal: bool, q, k, v, *cls):
-        buf, saved = _flash_forward(op, scale, causal, q, k, v, cls, record=True)
+    def forward(ctx, op: str, scale: float, causal: bool, padding, q, k, v, *cls):
+        buf, saved = _flash_forward(op, scale, causal, q, k, v, cls, record=True, padding=padding)
         ctx.args = (op, scale, causal, q.shape, q.dtype, op != "joint" and is_hwt(q), bool(cls))
         ctx.save_for_backward(*saved, buf if saved[3] is None else None)
         return buf
@@ -486,29 +592,35 @@ class _FlashOp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_buf):
         op, scale, causal, q_shape, dtype, hwt, cls = ctx.args
-        qs, ks, vs, o, lse, cls_rows, buf = ctx.saved_tensors
+        qs, ks, vs, o, lse, cls_rows, real, keys, weights, buf = ctx.saved_tensors
         ct = qs.dtype
         if o is None:
             o = _flash_out(buf, cls_rows, op, q_shape, hwt)
         if d_buf.dtype != ct:
             d_buf = d_buf.to(ct)
         if op == "joint":
+            if real is not None:  # a padded query's output is zero: its row gets no gradient
+                d_buf = d_buf.masked_fill(~real[..., None, None], 0)
             go = d_buf.transpose(1, 2)
         elif cls:
             B, T, N, H, D = q_shape
             go = torch.empty((B, T, H, 1 + N, D), dtype=ct)
-            go[:, :, :, 0] = d_buf[:, None, 0] / T  # the cls output is the mean over frames
-            go[:, :, :, 1:] = _buffer_patches(d_buf, q_shape, hwt).transpose(2, 3)
+            if weights is None:
+                go[:, :, :, 0] = d_buf[:, None, 0] / T  # the cls output is the mean over frames
+            else:
+                go[:, :, :, 0] = d_buf[:, None, 0] * weights.to(ct)[:, :, None, None]
+            patches = _buffer_patches(d_buf, q_shape, hwt)
+            go[:, :, :, 1:] = (patches if real is None else _real(patches, real)).transpose(2, 3)
             go = go.view(B * T, H, 1 + N, D)
         else:  # the gradient of the (B, T, N, H, D) output
-            go = _seqs(d_buf, _DIMS[op], ct, True)
-        is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, ct)
+            go = _seqs(d_buf if real is None else _real(d_buf, real), _DIMS[op], ct, True)
+        is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, ct, keys)
         dxs = _FLASH_BWD(go, qs, ks, vs, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
         if op == "joint":
-            return (None, None, None, *(x.transpose(1, 2) if x.dtype == dtype else x.transpose(1, 2).to(dtype)
-                                        for x in dxs))
+            return (None,) * 4 + tuple(x.transpose(1, 2) if x.dtype == dtype else x.transpose(1, 2).to(dtype)
+                                       for x in dxs)
         grads = [_grads_of(x, q_shape[0], _DIMS["spatial" if cls else op], dtype, cls) for x in dxs]
-        return (None, None, None, *(g[0] for g in grads), *(g[1] for g in grads if cls))
+        return (None,) * 4 + tuple(g[0] for g in grads) + tuple(g[1] for g in grads if cls)
 
 
 def _flash_out(buf: torch.Tensor, cls_rows, op: str, q_shape, hwt: bool) -> torch.Tensor:
@@ -524,10 +636,10 @@ def _flash_out(buf: torch.Tensor, cls_rows, op: str, q_shape, hwt: bool) -> torc
     return o.view(B * T, H, 1 + N, D)
 
 
-def _flash_op(op: str, scale: float, causal: bool, record: bool, q, k, v, *cls) -> torch.Tensor:
+def _flash_op(op: str, scale: float, causal: bool, record: bool, padding, q, k, v, *cls) -> torch.Tensor:
     if record:
-        return _FlashOp.apply(op, scale, causal, q, k, v, *cls)
-    return _flash_forward(op, scale, causal, q, k, v, cls, record=False)[0]
+        return _FlashOp.apply(op, scale, causal, padding, q, k, v, *cls)
+    return _flash_forward(op, scale, causal, q, k, v, cls, record=False, padding=padding)[0]
 
 
 def _register_cpu_flash_flops() -> None:
@@ -549,6 +661,118 @@ def _register_cpu_flash_flops() -> None:
             return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+
+# Padded batches under FlopCounterMode: one custom op ---------------------------------
+#
+# FlopCounterMode would see the padded op as the dense kernel calls that compute it and
+# count every pair of the padded shape. While it counts, the op is one custom op instead,
+# divattn::padded_attention (its backward divattn::padded_attention_bwd), which runs the
+# same code inside and whose FLOP formulas (divattn.flops) count the real pairs only.
+
+def _counting() -> bool:
+    """Whether a FlopCounterMode counts this call."""
+    mode = _current_mode()
+    return mode is not None and isinstance(mode, _counter_mode())
+
+
+@functools.lru_cache(maxsize=None)
+def _counter_mode() -> type:
+    from torch.utils import flop_counter
+
+    return getattr(flop_counter, "_FlopCounterMode", flop_counter.FlopCounterMode)
+
+
+_current_mode = torch.utils._python_dispatch._get_current_dispatch_mode
+
+
+def _tokens(out: torch.Tensor, op: str, cls: bool, q: torch.Tensor) -> torch.Tensor:
+    """A backend output as a fresh token buffer: ``(B, [1 +] T*N, H, D)`` in q's token order
+    (joint: ``(B, L, H, D)``)."""
+    if op != "joint" and not cls:
+        B, T, N, H, D = out.shape
+        out = (out.transpose(1, 2) if is_hwt(q) else out).reshape(B, T * N, H, D)
+    return out.clone() if out._base is not None or not out.is_contiguous() else out
+
+
+def _run(impl, op: str, q, k, v, cls, mask: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """``op`` of the module ``impl`` (this one, or the reference) as a token buffer."""
+    padding = Padding(tuple(mask.shape), mask.device, mask=mask)
+    if op == "temporal":
+        out = impl.temporal(q, k, v, scale, causal, padding)
+    elif op == "spatial":
+        out = impl.spatial(q, k, v, scale, cls, padding)
+    else:
+        out = impl.joint(q, k, v, scale, padding)
+    return _tokens(out, op, cls is not None, q)
+
+
+@torch.library.custom_op("divattn::padded_attention", mutates_args=())
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_cls: Optional[torch.Tensor],
+                     k_cls: Optional[torch.Tensor], v_cls: Optional[torch.Tensor], mask: torch.Tensor, op: str,
+                     scale: float, causal: bool) -> torch.Tensor:
+    """The torch backend's ``op`` (``"temporal"``, ``"spatial"``, ``"joint"``) on a padded batch
+    whose real tokens are ``mask``; returns the token buffer (see :func:`_tokens`)."""
+    cls = None if q_cls is None else (q_cls, k_cls, v_cls)
+    with torch.no_grad():
+        return _run(sys.modules[__name__], op, q, k, v, cls, mask, scale, causal)
+
+
+@padded_attention.register_fake
+def _(q, k, v, q_cls, k_cls, v_cls, mask, op, scale, causal):
+    if op == "joint":
+        return q.new_empty(q.shape)
+    B, T, N, H, D = q.shape
+    return q.new_empty((B, int(q_cls is not None) + T * N, H, D))
+
+
+@torch.library.custom_op("divattn::padded_attention_bwd", mutates_args=())
+def padded_attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         q_cls: Optional[torch.Tensor], k_cls: Optional[torch.Tensor], v_cls: Optional[torch.Tensor],
+                         mask: torch.Tensor, op: str, scale: float, causal: bool) -> list[torch.Tensor]:
+    """The gradients of q, k, v (and the cls q, k, v) of :func:`padded_attention` for the
+    upstream gradient ``grad`` of its token buffer, by autograd through the forward again."""
+    # A custom op's implementation runs with autograd's dispatch keys excluded (under a
+    # dispatch mode, with every key the mode's handler excludes): recompute with them back.
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), _NO_KEYS), \
+            torch.enable_grad():
+        xs = [x.detach().requires_grad_(True) for x in (q, k, v, q_cls, k_cls, v_cls) if x is not None]
+        out = _run(sys.modules[__name__], op, *xs[:3], tuple(xs[3:]) or None, mask, scale, causal)
+        return list(torch.autograd.grad(out, xs, grad))
+
+
+_NO_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU) - torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+@padded_attention_bwd.register_fake
+def _(grad, q, k, v, q_cls, k_cls, v_cls, mask, op, scale, causal):
+    return [torch.empty_like(x) for x in (q, k, v, q_cls, k_cls, v_cls) if x is not None]
+
+
+def _padded_setup(ctx, inputs, output):
+    q, k, v, q_cls, k_cls, v_cls, mask, op, scale, causal = inputs
+    ctx.args = (op, scale, causal, q_cls is not None)
+    ctx.save_for_backward(q, k, v, q_cls, k_cls, v_cls, mask)
+
+
+def _padded_backward(ctx, grad):
+    q, k, v, q_cls, k_cls, v_cls, mask = ctx.saved_tensors
+    op, scale, causal, has_cls = ctx.args
+    grads = padded_attention_bwd(grad, q, k, v, q_cls, k_cls, v_cls, mask, op, scale, causal)
+    return (*grads[:3], *(grads[3:] if has_cls else (None, None, None)), None, None, None, None)
+
+
+torch.library.register_autograd("divattn::padded_attention", _padded_backward, setup_context=_padded_setup)
+
+
+def counted(op: str, scale: float, causal: bool, padding: Padding, q, k, v, *cls) -> torch.Tensor:
+    """``op`` on a padded batch as :func:`padded_attention`, laid out as the backend returns it."""
+    has_cls = bool(cls)
+    buf = padded_attention(q, k, v, *(cls or (None, None, None)), padding.dense(), op, scale, causal)
+    if op == "joint" or has_cls:
+        return buf
+    return patch_view(buf, q, has_cls=False)
+
+# last: importing torch.utils.flop_counter imports divattn.flops, which registers the custom ops' formulas
 _register_cpu_flash_flops()
 
-__all__ = ["temporal", "spatial", "joint"]
+__all__ = ["temporal", "spatial", "joint", "padded_attention"]

@@ -58,6 +58,9 @@ DEFAULTS = {
         "labels_file": None,  # SSv2 labels JSON, UCF101 classInd.txt
         "num_classes": None,  # None: from the annotations
         "num_frames": 8,
+        # clips keep their own frame count up to num_frames (a short video is padded, not
+        # looped); a batch pads them and the model and loss skip the padding (torch backend)
+        "variable_frames": False,
         "sampling_rate": 4,
         "crop_size": 32,
         "train_scale": [256, 320],  # short side drawn from this range before the random crop
@@ -84,6 +87,7 @@ DEFAULTS = {
             "texture": [0.02, 0.08],
             "noise": 0.02,
             "seed": 0,
+            "min_frames": None,  # video lengths drawn from [min_frames, num_frames]; null: all num_frames
         },
     },
     "optim": {
@@ -387,6 +391,7 @@ SCHEMA = {
     "data.labels_file": _path(),
     "data.num_classes": Spec("null or a positive integer", lambda v: v is None or (_is_int(v) and v >= 1)),
     "data.num_frames": _int(1),
+    "data.variable_frames": _BOOL,
     "data.sampling_rate": _int(1),
     "data.crop_size": _int(1),
     "data.train_scale": _nums(2, 1, ints=True, rising=True),
@@ -411,6 +416,7 @@ SCHEMA = {
     "data.synthetic.texture": _nums(2, rising=True),
     "data.synthetic.noise": _num(),
     "data.synthetic.seed": _int(),
+    "data.synthetic.min_frames": Spec("null or a positive integer", lambda v: v is None or (_is_int(v) and v >= 1)),
     "optim.name": _choice("adamw", "sgd"),
     "optim.lr": _num(),
     "optim.weight_decay": _num(),

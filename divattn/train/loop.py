@@ -36,7 +36,7 @@ from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, diff, dump
 from .logs import CHECKPOINT, RunLog
-from .tasks import autocast, evaluate, evaluate_next_frame, make_task, next_frame_loss  # noqa: F401
+from .tasks import autocast, evaluate, evaluate_next_frame, make_task, next_frame_loss, run_model  # noqa: F401
 
 CHECKPOINT_FORMAT = 2  # 1: before the run-wide sums, timings and distinct skipped files
 
@@ -369,6 +369,10 @@ class _Run:
         if sequence > 1 and self.tcfg["compile"]:
             raise ConfigError("parallel.sequence > 1 with train.compile=true: compiling a model parallelized over "
                               "frames is not supported yet; set train.compile=false")
+        if sequence > 1 and self.cfg["data"]["variable_frames"]:
+            raise ConfigError("parallel.sequence > 1 with data.variable_frames=true: a padded batch of clips of "
+                              "different lengths runs in one process (the ranks of a sequence group hold equal "
+                              "frame shards); set one of them back")
         try:
             return distributed.mesh(self.dist, sequence)
         except ValueError as e:
@@ -484,6 +488,7 @@ class _Run:
         self.last_index = batch["indices"]
         if n == 0 and not self.dist.enabled:
             return
+        frames = batch.get("frames") if n else None  # a padded batch: each clip's own frame count
         if n:
             video = batch["video"].to(self.dist.device, non_blocking=True)
             labels = batch["label"].to(self.dist.device, non_blocking=True)
@@ -492,8 +497,8 @@ class _Run:
         sync = self.train_model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
         with sync:
             with autocast(self.dist.device, self.tcfg["amp"]):
-                out = self.train_model(video if self.task.sequence is None else self.task.sequence.shard(video))
-            loss = self.task.loss(out, video, labels)
+                out = run_model(self.train_model, video, frames, self.task.sequence)
+            loss = self.task.loss(out, video, labels, frames)
             scaled = loss / self.accum if n else loss * 0.0
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         self.backward_ran = True

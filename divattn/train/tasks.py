@@ -12,6 +12,11 @@ evaluation sums on the device and reads the totals once, after its all-reduce.
 With ``sequence`` set (a :class:`~divattn.sequence_parallel.FrameShards`: the model is
 parallelized over frames), the model sees this rank's frames of each clip and the losses
 and evaluation sums are those of the whole clips, each clip counted once.
+
+A padded batch (``data.variable_frames``: the batch's ``frames``, each clip's own frame
+count) reaches the model as ``model(video, frames=frames)``, so the logits are each clip's
+own; the next-frame loss counts only the frame pairs within a clip. The two do not meet:
+the configuration refuses variable frames with sequence parallelism.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ class Classify:
     def prepare(self, train_set, val_set) -> None:
         """Nothing to change: the datasets give labels."""
 
-    def loss(self, out: torch.Tensor, video: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, video: torch.Tensor, labels: torch.Tensor,
+             frames: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cross-entropy of the logits (a padded clip's logits are the clip's own: nothing to skip)."""
         return F.cross_entropy(out.float(), labels)
 
     def correct(self, out: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
@@ -64,8 +71,8 @@ class NextFrame(Classify):
             if isinstance(dataset, SyntheticMotion):
                 dataset.labels = False
 
-    def loss(self, out, video, labels):
-        return next_frame_loss(out, video, self.sequence)
+    def loss(self, out, video, labels, frames=None):
+        return next_frame_loss(out, video, frames, self.sequence)
 
     def correct(self, out, labels):
         return None
@@ -85,6 +92,19 @@ def make_task(name: str):
     return TASKS[name]()
 
 
+def run_model(model: nn.Module, video: torch.Tensor, frames: Optional[torch.Tensor], sequence=None) -> torch.Tensor:
+    """``model(video)``, or ``model(video, frames=frames)`` for a padded batch; views
+    ``(B, V, C, T, H, W)`` are run as ``B*V`` clips (``frames`` repeated per view). With
+    ``sequence`` the model gets this rank's frames of each clip."""
+    if sequence is not None:
+        video = sequence.shard(video)
+    if video.ndim == 6:
+        video = video.flatten(0, 1)
+        if frames is not None:
+            frames = frames.repeat_interleave(len(video) // len(frames))
+    return model(video) if frames is None else model(video, frames=frames)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none", sequence=None) -> dict:
     """Top-1 / top-5 (percent) and loss over every item of ``loader`` on all ranks.
@@ -100,14 +120,10 @@ def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none"
     for batch in loader:
         video = batch["video"].to(dist.device, non_blocking=True)
         labels = batch["label"].to(dist.device)
-        if sequence is not None:
-            video = sequence.shard(video)
         with autocast(dist.device, amp):
+            probs = run_model(model, video, batch.get("frames"), sequence).float().softmax(-1)
             if video.ndim == 6:
-                b, v = video.shape[:2]
-                probs = model(video.flatten(0, 1)).float().softmax(-1).view(b, v, -1).mean(1)
-            else:
-                probs = model(video).float().softmax(-1)
+                probs = probs.view(video.shape[0], video.shape[1], -1).mean(1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
         sums += _stack((top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(), len(labels),
                        F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
@@ -120,17 +136,23 @@ def evaluate(model: nn.Module, loader, dist: distributed.Dist, amp: str = "none"
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "count": int(n)}
 
 
-def next_frame_loss(pred: torch.Tensor, video: torch.Tensor, sequence=None) -> torch.Tensor:
+def next_frame_loss(pred: torch.Tensor, video: torch.Tensor, frames: Optional[torch.Tensor] = None,
+                    sequence=None) -> torch.Tensor:
     """MSE between ``pred[:, :, t]`` and ``video[:, :, t + 1]`` over ``t < T - 1``, in fp32.
 
     ``pred`` and ``video`` are ``(B, C, T, H, W)``; ``pred[:, :, t]`` is the model's
-    prediction of frame t + 1 from frames ``<= t``. With ``sequence``, ``pred`` holds this
-    rank's frames of the clip ``video``, and the loss (the same on every rank) is the whole
-    clip's: the squared errors summed over the group (forward and backward).
+    prediction of frame t + 1 from frames ``<= t``. With ``frames`` ``(B,)`` (a padded
+    batch) the mean is over each clip's own pairs, ``t < frames[b] - 1``. With ``sequence``
+    (no ``frames``), ``pred`` holds this rank's frames of the clip ``video``, and the loss
+    (the same on every rank) is the whole clip's: the squared errors summed over the group
+    (forward and backward).
     """
-    if sequence is None:
+    if sequence is not None:
+        return sequence.all_reduce(_frame_errors(pred, video, sequence)[0]) / video[:, :, 1:].numel()
+    if frames is None:
         return F.mse_loss(pred[:, :, :-1].float(), video[:, :, 1:].float())
-    return sequence.all_reduce(_frame_errors(pred, video, sequence)[0]) / video[:, :, 1:].numel()
+    sq, pairs = _next_frame_sums(pred, video, frames)
+    return sq / (pairs * video.shape[1] * video.shape[3] * video.shape[4]).clamp_min(1)
 
 
 def _frame_errors(pred: torch.Tensor, video: torch.Tensor, sequence):
@@ -142,6 +164,16 @@ def _frame_errors(pred: torch.Tensor, video: torch.Tensor, sequence):
     err = (pred[:, :, : stop - start].float() - target).square().sum()
     base = (video[:, :, start: stop].float() - target).square().sum()
     return err, base, video[:, :, 1:].numel() // (T - 1) * (stop - start)
+
+
+def _next_frame_sums(pred: torch.Tensor, video: torch.Tensor, frames: Optional[torch.Tensor]):
+    """(summed squared error of the predicted frame pairs, pairs counted) over a batch."""
+    target = video[:, :, 1:].float()
+    err = (pred[:, :, :-1].float() - target).square()
+    if frames is None:
+        return err.sum(), torch.tensor(err.shape[0] * err.shape[2], device=err.device)
+    real = (torch.arange(err.shape[2], device=err.device) < (frames.to(err.device) - 1)[:, None])  # (B, T - 1)
+    return (err * real[:, None, :, None, None]).sum(), real.sum()
 
 
 @torch.no_grad()
@@ -159,14 +191,18 @@ def evaluate_next_frame(model: nn.Module, loader, dist: distributed.Dist, amp: s
         video = batch["video"].to(dist.device, non_blocking=True)
         if video.numel() == 0:
             continue
-        if video.ndim == 6:
-            video = video.flatten(0, 1)
+        frames = batch.get("frames")
         with autocast(dist.device, amp):
-            pred = model(video if sequence is None else sequence.shard(video))
+            pred = run_model(model, video, frames, sequence)
+        if video.ndim == 6:
+            if frames is not None:
+                frames = frames.repeat_interleave(video.shape[1])
+            video = video.flatten(0, 1)
         if sequence is None:
-            target = video[:, :, 1:].float()
-            sums += _stack((pred[:, :, :-1].float() - target).square().sum(),
-                           (video[:, :, :-1].float() - target).square().sum(), len(batch["index"]), target.numel())
+            sq, pairs = _next_frame_sums(pred, video, frames)
+            base, _ = _next_frame_sums(video, video, frames)
+            pixels = pairs * video.shape[1] * video.shape[3] * video.shape[4]
+            sums += _stack(sq, base, len(batch["index"]), pixels)
         else:  # this rank's frames; the clips counted by one rank of the group
             err, base, values = _frame_errors(pred, video, sequence)
             sums += _stack(err, base, len(batch["index"]) if sequence.rank == 0 else 0, values)

@@ -56,6 +56,8 @@ def _setup_errors(rank, world):
         torch.cat([_clip()] * (1 + rank)))))
     out["dropout in training"] = _error(lambda: _model(num_frames=4, drop_rate=0.1).parallelize(dist.group.WORLD)
                                         .train()(model.sequence.shard(_clip())))
+    out["a padded batch"] = _error(lambda: model(model.sequence.shard(torch.cat([_clip()] * 2)),
+                                                 frames=torch.tensor([4, 3])))
     st = create_model("st_transformer_tiny", **{**SMALL, "num_classes": 0}, num_frames=4).parallelize(
         dist.group.WORLD)
     out["generation"] = _error(lambda: st.generate(_clip(2), 2))
@@ -77,6 +79,7 @@ EXPECT = {
     "one rank's clip is larger": "clips differ in other dims",
     "dropout in training": "per-token dropout",
     "generation": "runs in one process",
+    "a padded batch": "a padded batch (frames / sizes / mask) runs in one process",
 }
 
 

@@ -45,8 +45,8 @@ def _train(rank, world, runs):
     losses = []
 
     def recorded(real):
-        def loss(self, out, video, labels):
-            value = real(self, out, video, labels)
+        def loss(self, out, video, labels, frames=None):
+            value = real(self, out, video, labels, frames)
             losses[-1].append(float(value.detach()))
             return value
         return loss

@@ -1,0 +1,131 @@
+"""Padded batches: which tokens of q, k and v are real, as the ops receive it.
+
+A call says it in up to three forms, combined with *and* (a token is real when every
+given form says so):
+
+- ``mask``: a ``(B, T, N)`` bool tensor (``(B, L)`` for joint attention), True for a
+  real token; the general form (dropped tokens anywhere, frames of different sizes);
+- ``frames``: ``(B,)`` integers, sample b's first ``frames[b]`` frames are real and the
+  rest is padding (clips of different lengths);
+- ``patches``: ``(B,)`` integers, the first ``patches[b]`` patches of every frame of
+  sample b are real (frames of different sizes whose patches a model lays out first;
+  joint attention calls it ``lengths``: the first ``lengths[b]`` tokens).
+
+The counts are the cheap form: a kernel reads one number per sequence and skips whole
+tiles, where a mask is read per key. They are checked on the host, so pass them as CPU
+tensors (or lists) to keep a call free of device syncs; a mask is checked for its shape,
+dtype and device only.
+
+:class:`Padding` is what the backends get: the given forms, checked, and the dense
+``(B, T, N)`` mask they make (:meth:`Padding.dense`), built once per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+Counts = Union[torch.Tensor, Sequence[int]]
+
+
+@dataclass
+class Padding:
+    """The real tokens of one call. ``shape`` is ``(B, T, N)`` (temporal: T = Tk, the key
+    frames; joint: ``(B, L)``); ``mask`` is on q's device, the counts ``(B,)`` int64
+    tensors on the host as checked, moved to q's device when the dense mask is built."""
+
+    shape: tuple
+    device: torch.device
+    mask: Optional[torch.Tensor] = None
+    frames: Optional[torch.Tensor] = None
+    patches: Optional[torch.Tensor] = None
+    _dense: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def dense(self) -> torch.Tensor:
+        """The ``(B, T, N)`` (joint: ``(B, L)``) bool mask of real tokens, on q's device."""
+        if self._dense is None:
+            B, rest = self.shape[0], self.shape[1:]
+            out = self.mask
+            # joint attention counts tokens (dim 1); the others frames (dim 1) and patches (dim 2)
+            for counts, dim in ((self.frames, 1), (self.patches, len(self.shape) - 1)):
+                if counts is not None:
+                    view = [1] * len(self.shape)
+                    view[dim] = self.shape[dim]
+                    idx = torch.arange(self.shape[dim], device=self.device).view(view)
+                    real = idx < counts.to(self.device).view([B] + [1] * len(rest))
+                    out = real if out is None else out & real
+            self._dense = out.expand(self.shape)
+        return self._dense
+
+    def real_queries(self, Tq: int) -> torch.Tensor:
+        """The dense mask of the query tokens: the last ``Tq`` frames (temporal attention
+        with fewer query frames than key frames), else the whole mask."""
+        m = self.dense()
+        return m if len(self.shape) == 2 or Tq == self.shape[1] else m[:, self.shape[1] - Tq:]
+
+    def frame_weights(self) -> torch.Tensor:
+        """``(B, T)`` weights of the cls query's per-frame outputs in ``o_cls``: 1 / the
+        number of frames holding a real patch, on those frames, 0 on the others; 1/T on
+        every frame of a sample with no real patch (each of its frames gives ``v_cls``)."""
+        real = self.dense().any(2).to(torch.float64)
+        n = real.sum(1, keepdim=True)
+        return torch.where(n > 0, real / n.clamp_min(1), 1.0 / self.shape[1])
+
+
+def _counts(fn: str, name: str, counts, B: int, limit: int, what: str) -> torch.Tensor:
+    """``counts`` as a ``(B,)`` int64 CPU tensor, or TypeError / ValueError naming it."""
+    if isinstance(counts, torch.Tensor):
+        if counts.dtype == torch.bool or counts.is_floating_point() or counts.is_complex():
+            raise TypeError(f"{fn}: {name} must hold integers ({what} per sample), got dtype {counts.dtype}")
+        t = counts.detach()
+    else:
+        try:
+            t = torch.as_tensor(counts)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{fn}: {name} must be a (B,) integer tensor or a sequence of ints, "
+                            f"got {type(counts).__name__}") from None
+        if t.dtype == torch.bool or t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must hold integers ({what} per sample), got {counts!r}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{fn}: {name} must have shape (B,) = ({B},), one count per sample, got {tuple(t.shape)}")
+    t = t.to("cpu", torch.int64)
+    bad = ((t < 0) | (t > limit)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(f"{fn}: {name}[{i}] = {int(t[i])} is outside [0, {limit}] ({what} of a sample, "
+                         f"of the {limit} the inputs hold)")
+    return t
+
+
+def resolve(fn: str, q: torch.Tensor, mask, frames, patches, shape: tuple) -> Optional[Padding]:
+    """The :class:`Padding` of a call with q ``q`` whose tokens are ``shape`` ``(B, T, N)``
+    (joint: ``(B, L)``; ``patches`` then counts tokens), or None when nothing is given.
+
+    Raises TypeError for a mask that is not a bool tensor or counts that are not
+    integers, ValueError for a mask of another shape or device than the tokens, or
+    counts of the wrong shape or out of ``[0, T]`` (``[0, N]``, ``[0, L]``).
+    """
+    if mask is None and frames is None and patches is None:
+        return None
+    shape = tuple(shape)
+    joint = len(shape) == 2
+    if mask is not None:
+        layout = "(B, L)" if joint else "(B, T, N)"
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{fn}: mask must be a {layout} bool tensor (True = real token), got "
+                            f"{type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{fn}: mask must be a bool tensor (True = real token), got dtype {mask.dtype}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"{fn}: mask has shape {tuple(mask.shape)}, expected {layout} = {tuple(shape)}")
+        if mask.device != q.device:
+            raise ValueError(f"{fn}: mask is on device {mask.device}, expected {q.device} like q")
+    B = shape[0]
+    if frames is not None:
+        frames = _counts(fn, "frames", frames, B, shape[1], "real frames")
+    if patches is not None:
+        name, what = ("lengths", "real tokens") if joint else ("patches", "real patches per frame")
+        patches = _counts(fn, name, patches, B, shape[-1], what)
+    return Padding(shape, q.device, mask, frames, patches)
