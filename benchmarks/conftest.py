@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from divattn import shapes
-from divattn.bench import providers, records, roofline, suite, timing
+from divattn.bench import providers, ragged, records, roofline, suite, timing
 
 RESULTS = Path(__file__).resolve().parent / "results"  # the committed records
 LOCAL = Path(__file__).resolve().parent.parent / ".benchmarks" / "divattn"  # a plain run's records (git-ignored)
@@ -156,7 +156,8 @@ def _batches(config):
 def _shapes(config, device, option, kind, default):
     names = _csv(config.getoption(option))
     found = [shapes.lookup(n) for n in names] if names else shapes.defaults(device.type)[default]
-    return [s.with_batch(b) for s in found if isinstance(s, kind) for b in _batches(config)]
+    return [s.with_batch(b) for s in found if isinstance(s, kind) and not isinstance(s, shapes.RaggedShape)
+            for b in _batches(config)]
 
 
 def _providers(config, sweep=False):
@@ -187,6 +188,16 @@ def _cases(metafunc):
             suite.Case(p, op, pass_, base.with_frames(t), dtype, device)
             for base in bases for dtype in dtypes for pass_ in suite.ATTENTION_PASSES for t in frames
             for op in ("temporal", "spatial_cls", "joint") for p in names
+        ]
+    if "ragged_case" in metafunc.fixturenames:
+        names = _csv(config.getoption("--bench-providers"))
+        named = _csv(config.getoption("--bench-shapes"))
+        bases = [s for s in map(shapes.lookup, named) if isinstance(s, shapes.RaggedShape)] if named else \
+            shapes.defaults(device.type)["ragged"]
+        return "ragged_case", [
+            suite.Case(p, op, pass_, base.with_batch(b), dtype, device)
+            for base in bases for b in _batches(config) for dtype in dtypes for op in base.ops()
+            for pass_ in suite.ATTENTION_PASSES for p in ragged.PROVIDERS if names is None or p in names
         ]
     if "model_case" in metafunc.fixturenames:
         names = _providers(config)

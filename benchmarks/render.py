@@ -8,8 +8,9 @@ For each it writes, next to the others in ``--out``:
 
 - ``summary.md``: per machine, the attention-core table (median ms, TFLOP/s, GB/s,
   roofline fraction, peak memory), the whole-model train steps, the frames sweep
-  (divided = temporal + spatial with cls, against joint), and every provider that did
-  not run with its reason. CPU sections say that they are CPU stand-in shapes.
+  (divided = temporal + spatial with cls, against joint), the padded batches (each way
+  against the dense call over the padding), and every provider that did not run with
+  its reason. CPU sections say that they are CPU stand-in shapes.
 - ``frames_<machine>.png``: latency versus frames T, divided against joint, per provider.
 - ``roofline_<machine>.png``: roofline fraction per op and provider, one panel per pass.
 
@@ -30,6 +31,7 @@ if str(ROOT) not in sys.path:
 
 from divattn.bench import records as rec_io  # noqa: E402
 from divattn.bench.providers import PROVIDERS  # noqa: E402
+from divattn.bench.ragged import VARIANTS as RAGGED_VARIANTS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OP_ORDER = ("temporal", "spatial", "spatial_cls", "joint")
@@ -72,6 +74,10 @@ def _is_sweep(r) -> bool:
     return "@T" in r["shape"].get("name", "")
 
 
+def _is_ragged(r) -> bool:
+    return r["shape"].get("kind") == "ragged"
+
+
 def _table(rows: list, columns: list) -> list:
     """Markdown table lines; ``columns`` are ``(header, right_aligned, cell(record))``."""
     out = ["| " + " | ".join(h for h, _, _ in columns) + " |",
@@ -93,13 +99,39 @@ MEASURED = [
 
 
 def attention_table(rs: list) -> list:
-    rows = [r for r in rs if r["status"] == "ok" and r["op"] != "model" and not _is_sweep(r)]
+    rows = [r for r in rs if r["status"] == "ok" and r["op"] != "model" and not _is_sweep(r) and not _is_ragged(r)]
     rows.sort(key=lambda r: (r["shape"]["name"], r["dtype"], r["pass"], OP_ORDER.index(r["op"]), r["median_ms"]))
     return _table(rows, [
         ("shape", False, _shape_cell), ("dtype", False, lambda r: r["dtype"]), ("pass", False, lambda r: r["pass"]),
         ("op", False, lambda r: r["op"]), ("provider", False, lambda r: r["provider"]),
         ("median ms", True, lambda r: _f(r["median_ms"], ".3f")), ("GB/s", True, lambda r: _f(r["gbps"], ".1f")),
         *MEASURED,
+    ])
+
+
+def ragged_table(rs: list) -> list:
+    """Padded batches: each provider's time against the dense call over the padding (same
+    backend, op, pass); rates count only the real pairs and tokens."""
+    rows = [r for r in rs if r["status"] == "ok" and _is_ragged(r)]
+
+    def key(r, variant):  # the same case on the provider's backend with another variant
+        backend = next(r["provider"][:-len(v) - 1] for v in RAGGED_VARIANTS if r["provider"].endswith("-" + v))
+        return (r["shape"]["name"], r["shape"]["B"], r["dtype"], r["pass"], r["op"], f"{backend}-{variant}")
+
+    padded = {key(r, "padded"): r["median_ms"] for r in rows if r["provider"].endswith("-padded")}
+
+    def versus(r):
+        ms = padded.get(key(r, "padded"))
+        return _f(r["median_ms"] / ms if ms else None, ".2f")
+
+    rows.sort(key=lambda r: (r["shape"]["name"], r["dtype"], r["pass"], OP_ORDER.index(r["op"]), r["provider"]))
+    return _table(rows, [
+        ("shape", False, _shape_cell),
+        ("real frames", True, lambda r: _f(r["shape"].get("real_fraction"), ".0%")),
+        ("dtype", False, lambda r: r["dtype"]), ("pass", False, lambda r: r["pass"]), ("op", False, lambda r: r["op"]),
+        ("provider", False, lambda r: r["provider"]), ("median ms", True, lambda r: _f(r["median_ms"], ".3f")),
+        ("x padded", True, versus), ("useful TFLOP/s", True, lambda r: _f(r["tflops"], ".4f")),
+        ("peak MB", True, lambda r: _f(r["peak_mem_mb"], ".1f")),
     ])
 
 
@@ -165,7 +197,9 @@ def summary(files: dict) -> str:
                       "CPU and are not timed. These numbers say nothing about GPU performance.", ""]
         for title, table in (("Attention core", attention_table(rs)), ("Whole-model train step", model_table(rs)),
                              ("Frames sweep (ms): divided = temporal + spatial with cls, joint = all tokens",
-                              sweep_table(rs))):
+                              sweep_table(rs)),
+                             ("Padded batches: per-sample frame counts, the dense call over the padding, one call "
+                              "per clip", ragged_table(rs))):
             if len(table) > 2:
                 lines += [f"### {title}", "", *table, ""]
         missing = not_run(rs)
@@ -224,7 +258,7 @@ def plot_frames(rs: list, path: Path, title: str) -> bool:
 
 def plot_roofline(rs: list, path: Path, title: str) -> bool:
     plt = _pyplot()
-    ok = [r for r in rs if r["status"] == "ok" and r["op"] != "model" and not _is_sweep(r)
+    ok = [r for r in rs if r["status"] == "ok" and r["op"] != "model" and not _is_sweep(r) and not _is_ragged(r)
           and r["roofline_fraction"] is not None]
     if not ok:
         return False

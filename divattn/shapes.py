@@ -8,6 +8,8 @@ tokens), N patches per frame, H heads of D, the token order of the qkv projectio
 (``"hwt"``: TimeSformer, ``"thw"``: ViViT) and whether a cls token leads the tokens.
 A ``causal`` shape is the temporal attention of an ST transformer (frame t sees frames
 ``<= t``); it has that one op.
+A :class:`RaggedShape` is a padded batch of clips of different lengths: each sample's
+frame count is drawn from a fixed seed (mean about 60% of T), the padding at the end.
 A :class:`ModelShape` is a bundled model and its input clip.
 """
 
@@ -61,6 +63,34 @@ class AttnShape:
 
 
 @dataclass(frozen=True)
+class RaggedShape(AttnShape):
+    """A padded batch: sample b holds ``frames()[b]`` real frames of T (the rest padding).
+
+    The counts are ``round(T * u)`` for u evenly spread over [0.2, 1] (the midpoints of B
+    equal steps), in the order of a ``torch.randperm`` seeded with ``seed``: 60% of T on
+    average up to rounding, whatever B; :meth:`as_dict` records the counts."""
+
+    seed: int = 0
+
+    def frames(self) -> tuple:
+        import torch
+
+        order = torch.randperm(self.B, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        return tuple(int(min(self.T, max(1, round(self.T * (0.2 + 0.8 * (i + 0.5) / self.B))))) for i in order)
+
+    def ops(self) -> tuple:
+        return ("temporal", "spatial")
+
+    def with_frames(self, T: int) -> "RaggedShape":
+        raise ValueError(f"{self.name}: a ragged shape's frames are drawn, not swept")
+
+    def as_dict(self) -> dict:
+        frames = self.frames()
+        return {**super().as_dict(), "kind": "ragged", "frames": list(frames),
+                "real_fraction": round(sum(frames) / (self.B * self.T), 4)}
+
+
+@dataclass(frozen=True)
 class ModelShape:
     name: str
     model: str
@@ -108,6 +138,13 @@ CPU_SHAPES = {
     )
 }
 
+# Ragged batches (the padded-batch benchmark): divattn's per-sample frame counts against
+# the dense computation over the padding and against one call per clip.
+GPU_RAGGED = RaggedShape("ragged_timesformer_16x224", B=16, T=16, N=196, H=12, D=64, order="hwt", cls=False,
+                         label="padded batch, 16 clips of up to 16 frames x 224 (ViT-B heads)")
+CPU_RAGGED = RaggedShape("cpu_ragged_8x64", B=8, T=8, N=16, H=2, D=32, order="hwt", cls=False,
+                         label="CPU stand-in: padded batch, 8 clips of up to 8 frames x 64 px, 2 heads of 32")
+
 # Latency versus frames: the one shape whose T is swept (divided versus joint).
 FRAMES = (1, 2, 4, 8, 16, 32, 64, 96)
 GPU_SWEEP = GPU_SHAPES["timesformer_8x224"]
@@ -145,7 +182,7 @@ CPU_MODELS = {
     )
 }
 
-ALL_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
+ALL_SHAPES = {**GPU_SHAPES, **CPU_SHAPES, GPU_RAGGED.name: GPU_RAGGED, CPU_RAGGED.name: CPU_RAGGED}
 ALL_MODELS = {**GPU_MODELS, **CPU_MODELS}
 
 
@@ -156,6 +193,7 @@ def defaults(device_type: str) -> dict:
         "attention": list((GPU_SHAPES if gpu else CPU_SHAPES).values()),
         "sweep": GPU_SWEEP if gpu else CPU_SWEEP,
         "models": list((GPU_MODELS if gpu else CPU_MODELS).values()),
+        "ragged": [GPU_RAGGED if gpu else CPU_RAGGED],
     }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from divattn import flops
 from divattn import shapes
-from divattn.bench import providers, records, roofline, suite, timing
+from divattn.bench import providers, ragged, records, roofline, suite, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -232,6 +232,40 @@ def test_named_shapes():
         shapes.lookup("nope")
 
 
+@pytest.mark.parametrize("shape", [shapes.CPU_RAGGED, shapes.GPU_RAGGED], ids=lambda s: s.name)
+def test_ragged_shapes_draw_fixed_counts_averaging_60_percent(shape):
+    frames = shape.frames()
+    assert frames == shape.frames() and len(frames) == shape.B and all(1 <= t <= shape.T for t in frames)
+    assert len(set(frames)) > 1 and abs(sum(frames) / (shape.B * shape.T) - 0.6) <= 0.02, frames
+    info = shape.as_dict()
+    assert info["kind"] == "ragged" and info["frames"] == list(frames)
+    assert shapes.lookup(shape.name) is shape and shape not in shapes.defaults("cpu")["attention"]
+
+
+RAGGED = shapes.RaggedShape("tiny_ragged", B=3, T=5, N=4, H=2, D=8, order="hwt", cls=False)
+
+
+@pytest.mark.parametrize("order", ["hwt", "thw"])
+@pytest.mark.parametrize("op", ["temporal", "spatial"])
+def test_ragged_providers_compute_each_clip_alone(op, order):
+    """One call with the frame counts and one call per clip give each clip's own attention
+    (zero on its padding), outputs and qkv gradients alike; the dense call over the padding
+    does not (its real tokens attend to the padding in temporal attention)."""
+    import dataclasses
+
+    shape = dataclasses.replace(RAGGED, order=order)
+    assert shape.frames() != (shape.T,) * shape.B
+    got = {v: _out_and_grad(ragged.PROVIDERS[f"divattn-torch-{v}"].build, op, shape, torch.float64)
+           for v in ragged.VARIANTS}
+    _close(got["frames"][0], got["one-by-one"][0], f"{op} output")
+    _close(got["frames"][1], got["one-by-one"][1], f"{op} qkv gradient")
+    if op == "temporal":
+        assert not torch.allclose(got["frames"][0], got["padded"][0])
+    flops_, bytes_ = ragged.useful_work(op, shape, "fwd", 4)
+    per_clip = sum(flops.attention_flops(op, (1, t, *shape.q_shape(op)[2:])) for t in shape.frames())
+    assert flops_ == per_clip and 0 < bytes_ < flops.attention_bytes(op, shape.q_shape(op), 4)
+
+
 def test_cli_prints_a_table_and_writes_records(tmp_path, capsys, monkeypatch):
     from divattn.__main__ import main
 
@@ -265,6 +299,23 @@ def test_pytest_suite_writes_records(tmp_path):
     assert all(r["median_ms"] > 0 and r["peak_copy_gbps"] > 0 for r in recs if r["status"] == "ok")
 
 
+def test_pytest_suite_times_padded_batches(tmp_path):
+    out = tmp_path / "cpu.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/test_ragged.py", "--benchmark-only", "--bench-quick",
+           "--bench-threads", "1", "--bench-providers", "divattn-torch-frames,divattn-torch-padded,divattn-triton-frames",
+           "-k", "temporal", "--bench-out", str(out), "-q", "-p", "no:cacheprovider"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = json.loads(out.read_text())
+    assert {(r["provider"], r["pass"], r["status"]) for r in recs} == {
+        (p, pass_, "unavailable" if "triton" in p else "ok") for p in ("divattn-torch-frames", "divattn-torch-padded",
+                                                                       "divattn-triton-frames")
+        for pass_ in ("fwd", "fwd+bwd")}
+    assert all(r["shape"]["kind"] == "ragged" and r["shape"]["name"] == "cpu_ragged_8x64" for r in recs)
+    frames = {r["pass"]: r["flops"] for r in recs if r["provider"] == "divattn-torch-frames"}
+    assert frames == {r["pass"]: r["flops"] for r in recs if r["provider"] == "divattn-torch-padded"}  # useful work
+
+
 def _synthetic_records():
     common = dict(dtype="float32")
     out = []
@@ -278,6 +329,11 @@ def _synthetic_records():
                             tflops=0.2, gbps=3.0, roofline_fraction=0.4, peak_mem_mb=1.5, **common))
     out.append(records.make(ENV, provider="divattn-triton", op="temporal", pass_="fwd", shape=shape,
                             status="unavailable", error="needs a GPU here", **common))
+    shape = shapes.CPU_RAGGED.as_dict()
+    for provider, ms in (("divattn-torch-frames", 0.5), ("divattn-torch-padded", 0.25),
+                         ("divattn-torch-one-by-one", 1.0)):
+        out.append(records.make(ENV, provider=provider, op="temporal", pass_="fwd", shape=shape, median_ms=ms,
+                                tflops=0.01, **common))
     model = shapes.CPU_MODELS["cpu_timesformer_tiny_8x64"].as_dict()
     out.append(records.make(ENV, provider="divattn-torch", op="model", pass_="train_step", shape=model, median_ms=9.0,
                             tflops=0.03, roofline_fraction=0.3, **common))
@@ -299,6 +355,9 @@ def test_render_writes_the_summary_and_plots(tmp_path):
     assert "| fwd | float32 | 1 | reference | joint | 0.500 | 32.000 |" in text
     assert "**divattn-triton** (unavailable, 1 cases): needs a GPU here" in text
     assert "train step ms" in text
+    assert "| cpu_ragged_8x64 (B8) | 61% | float32 | fwd | temporal | divattn-torch-frames | 0.500 | 2.00 |" in text
+    assert "| divattn-torch-one-by-one | 1.000 | 4.00 |" in text
+    assert "cpu_ragged" not in text.split("### Attention core")[1].split("###")[0]  # not an attention-core row
     pytest.importorskip("matplotlib")
     assert render.main(["--results", str(tmp_path)]) == 0
     for name in ("frames_cpu.png", "roofline_cpu.png"):

@@ -32,6 +32,10 @@ Steps, in order (correctness first, so a short budget cuts benchmarks, not tests
   256 patches), forward and forward + backward, against the copy-based eager code and SDPA
   with ``is_causal=True``, bf16.
 - ``bench-sweep``: frames 1..96, divided (temporal, spatial with cls) against joint.
+- ``bench-ragged``: a padded batch (16 clips of up to 16 frames, 60% real): one call with
+  the frame counts against the dense call over the padding and one call per clip, per
+  backend (``benchmarks/test_ragged.py``; a backend without masks is recorded with its
+  reason).
 - ``bench-train-step`` / ``bench-train-step-compiled``: the TimeSformer-B training step on
   the bundled model per divattn backend against ``transformers`` eager and
   ``torch.compile``d (and with its attention swapped to divattn).
@@ -236,6 +240,11 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
               "--frames", "1,2,4,8,16,32,64,96",
               "--providers", ",".join(SWEEP_PROVIDERS), "--quick", "--out", out("bench_sweep.json")],
              150, "frames 1..96: divided (temporal, spatial+cls) against joint, bf16"),
+        Step("bench-ragged", "benchmark",
+             [py, "-m", "pytest", "benchmarks/test_ragged.py", "--benchmark-only", "--bench-quick", "--bench-dtype",
+              "bfloat16", "--bench-out", out("bench_ragged.json"), *pytest_args],
+             90, "padded batch of 16 clips (60% of the frames real): frame counts against the dense call and one "
+                 "call per clip, bf16", unavailable=no_pytest),
         Step("bench-train-step", "benchmark",
              [py, script("bench_records.py"), "train-step", "--shape", "timesformer_base_8x224",
               "--providers", ",".join(TRAIN_PROVIDERS), "--quick", "--out", out("bench_train_step.json")],

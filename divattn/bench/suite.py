@@ -2,9 +2,11 @@
 
 A :class:`Case` is a provider, an op (``temporal``, ``spatial``, ``spatial_cls``,
 ``joint``, or ``model``), a pass (``fwd``, ``fwd+bwd``, ``train_step``), a shape, a
-dtype and a device. :func:`prepare` builds the callable to time and its FLOP and byte
-counts (raising :class:`~divattn.bench.providers.Unavailable` with the provider's
-reason), and :func:`run` times it and returns a record.
+dtype and a device. A ragged shape (:class:`~divattn.shapes.RaggedShape`) takes the
+padded-batch providers of :mod:`divattn.bench.ragged`. :func:`prepare` builds the
+callable to time and its FLOP and byte counts (raising
+:class:`~divattn.bench.providers.Unavailable` with the provider's reason), and :func:`run`
+times it and returns a record.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import flops as flop_model
-from . import records, timing
+from . import ragged, records, timing
 from .providers import MODEL_BACKENDS, PROVIDERS, Unavailable, model_reason
 from .roofline import Peaks, roofline
-from ..shapes import AttnShape, ModelShape
+from ..shapes import AttnShape, ModelShape, RaggedShape
 
 ATTENTION_PASSES = ("fwd", "fwd+bwd")
 MODEL_PASSES = ("train_step",)
@@ -44,7 +46,8 @@ class Case:
 
     @property
     def ours(self) -> bool:
-        return self.provider in PROVIDERS and PROVIDERS[self.provider].ours
+        found = (ragged.PROVIDERS if isinstance(self.shape, RaggedShape) else PROVIDERS).get(self.provider)
+        return found is not None and found.ours
 
 
 @dataclass
@@ -60,7 +63,8 @@ class Prepared:
 
 def _attention(case: Case) -> Prepared:
     shape, op = case.shape, case.op
-    provider = PROVIDERS[case.provider]
+    padded_batch = isinstance(shape, RaggedShape)
+    provider = (ragged.PROVIDERS if padded_batch else PROVIDERS)[case.provider]
     why = provider.why_not(op, case.pass_, case.device, case.dtype, shape)
     if why:
         raise Unavailable(why)
@@ -81,6 +85,8 @@ def _attention(case: Case) -> Prepared:
         def call():
             return torch.autograd.grad(fn(qkv), qkv, grad)
         existing = [qkv, grad]
+    if padded_batch:
+        return Prepared(call, *ragged.useful_work(op, shape, case.pass_, itemsize), existing)
     causal = op == "temporal" and shape.causal
     return Prepared(call, flop_model.attention_flops(op, q_shape, case.pass_, causal=causal),
                     flop_model.attention_bytes(op, q_shape, itemsize, case.pass_), existing,
@@ -137,8 +143,9 @@ def prepare(case: Case) -> Prepared:
         if case.provider not in MODEL_BACKENDS:
             raise Unavailable(model_reason(case.provider, case.device, case.dtype, 64))
         return _model(case)
-    if case.provider not in PROVIDERS:
-        raise ValueError(f"unknown provider {case.provider!r}; choose from {', '.join(PROVIDERS)}")
+    known = ragged.PROVIDERS if isinstance(case.shape, RaggedShape) else PROVIDERS
+    if case.provider not in known:
+        raise ValueError(f"unknown provider {case.provider!r}; choose from {', '.join(known)}")
     return _attention(case)
 
 
