@@ -12,8 +12,9 @@ the path is printed at the end); ``--bench-update-results`` writes the committed
 Options: ``--bench-device``, ``--bench-dtype``, ``--bench-batch``, ``--bench-shapes``,
 ``--bench-models``, ``--bench-providers``, ``--bench-sweep-providers``,
 ``--bench-frames``, ``--bench-threads``, ``--bench-quick``, ``--bench-out``,
-``--bench-update-results``. Under ``CI=true`` the timing is the quick one (CI checks that the
-suite runs; committed records come from ``--bench-update-results``, never quick).
+``--bench-update-results``. Under ``CI=true`` each case gets three short rounds after one
+warmup call (CI checks that every case runs; its records are no timing and are not kept:
+committed records come from ``--bench-update-results``, never quick).
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ class Session:
         self.env = records.environment(self.device)
         if self.device.type == "cpu":
             self.env["malloc"] = timing.pin_malloc()
-        # CI=true (a test machine checking that the suite runs; its records are not kept) times quickly
-        self.quick = config.getoption("--bench-quick") or (
-            os.environ.get("CI") == "true" and not config.getoption("--bench-update-results"))
-        self.budget = timing.Budget.for_device(self.device, quick=self.quick)
+        # CI=true (a test machine checking that the suite runs; its records are not kept): three
+        # short rounds a case, unless --bench-quick or --bench-update-results ask for a timing
+        quick = config.getoption("--bench-quick")
+        smoke = os.environ.get("CI") == "true" and not quick and not config.getoption("--bench-update-results")
+        self.budget = timing.Budget.for_device(self.device, quick=quick, smoke=smoke)
         self.peaks: dict = {}
+        self.frozen = False
         self.records: list = []
         self.timed: list = []  # (case, record) of what was timed, for timing disturbed cases again
         out = config.getoption("--bench-out")
@@ -107,6 +110,9 @@ class Session:
 
     def run(self, case: suite.Case, benchmark):
         """Time ``case`` through pytest-benchmark, keep its record, and skip or fail as it says."""
+        if not self.frozen:  # once, with the session's modules and collected items alive
+            suite.freeze_heap()
+            self.frozen = True
         benchmark.group = f"{case.op} {case.pass_} {case.shape.name} B{case.shape.B} {case.dtype}".replace("torch.", "")
 
         def measure(fn, device, budget):
@@ -216,6 +222,14 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    try:
+        _finish(session)
+    finally:
+        if _SESSION and _SESSION[0].frozen:
+            suite.thaw_heap()
+
+
+def _finish(session):
     if _SESSION and _SESSION[0].records:
         s = _SESSION[0]
         retimed = suite.retime(s.timed, s.env, s.peaks_for, s.budget)

@@ -197,6 +197,25 @@ def test_timing_repeats_short_calls_and_bounds_rounds():
     assert t.min_ms <= t.median_ms <= t.max_ms
 
 
+@pytest.mark.parametrize("device", [CPU, torch.device("cuda")], ids=["cpu", "cuda"])
+def test_smoke_budget_runs_each_case_five_times(device):
+    """CI's budget: one warmup call, the sizing call, three rounds; on any device."""
+    budget = timing.Budget.for_device(device, quick=True, smoke=True)
+    calls = []
+    t = timing.measure(lambda: calls.append(1), CPU, budget)
+    assert (t.rounds, t.inner, len(calls)) == (3, 1, 5) and budget.retime_s == 0
+
+
+def test_freezing_the_heap_is_undone():
+    import gc
+
+    before = gc.get_freeze_count()
+    suite.freeze_heap()
+    assert gc.get_freeze_count() > before
+    suite.thaw_heap()
+    assert gc.get_freeze_count() == 0
+
+
 def test_cpu_peak_memory_counts_new_storages_only():
     existing = torch.zeros(1 << 20)
 

@@ -185,8 +185,12 @@ def main(args) -> int:
           f"(roofline = floor / median; 1.0 is the floor)")
     budget = timing.Budget.for_device(device, quick=args.quick)
     cases = [suite.Case(n, op, p, shape, dtype, device) for op, p in plan for n in names]
-    rows = [suite.run(case, env, peaks, budget) for case in cases]
-    suite.retime(list(zip(cases, rows)), env, lambda _dtype: peaks, budget)
+    suite.freeze_heap()
+    try:
+        rows = [suite.run(case, env, peaks, budget) for case in cases]
+        suite.retime(list(zip(cases, rows)), env, lambda _dtype: peaks, budget)
+    finally:
+        suite.thaw_heap()
     print("\n".join(table(rows)))
     if args.json:
         print(f"records written to {records.write(args.json, rows)}")

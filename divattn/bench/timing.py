@@ -77,7 +77,11 @@ class Budget:
     retime_s: float = 0.0
 
     @classmethod
-    def for_device(cls, device: torch.device, quick: bool = False) -> "Budget":
+    def for_device(cls, device: torch.device, quick: bool = False, smoke: bool = False) -> "Budget":
+        """The device's budget; ``quick``: shorter timing; ``smoke``: three short rounds a
+        case after one warmup call, enough to show that every case runs (CI), not a timing."""
+        if smoke:
+            return cls(target_s=0.01, min_rounds=3, max_rounds=3, warmup=1)
         if device.type == "cpu":
             # Up to 2000 rounds: a 60 us op's case then spans 0.12 s (300 rounds were 20 ms of
             # it), and disturbances of tens of ms on a shared CPU moved the median of whole
