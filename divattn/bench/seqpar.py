@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .. import sequence_parallel as sp
 from ..layers.blocks import DividedBlock
 from ..layers.divided import add_after_first
-from ..ops import spatial_attention_tokens, temporal_attention, tokens_major
+from ..ops import spatial_attention_tokens, temporal_attention
 
 
 def _qkv_patches(qkv: torch.Tensor, T: int, order: str) -> torch.Tensor:
@@ -116,7 +116,7 @@ def _step(fn, x: torch.Tensor, w: torch.Tensor) -> None:
     (fn(xs) * w).sum().backward()
 
 
-def _variant(variant: str, world: int, shape: dict, device, dtype):
+def _variant(variant: str, shape: dict, device, dtype):
     """``(fn, x, w)``: the block step of ``variant`` on this rank's input and loss weights."""
     B, T, N = shape["B"], shape["T"], shape["N"]
     C = WIDTH["dim"]
@@ -138,10 +138,10 @@ def _variant(variant: str, world: int, shape: dict, device, dtype):
     return ulysses, x, w
 
 
-def measure(variant: str, world: int, shape: dict, rounds: int, device, dtype) -> dict:
+def measure(variant: str, shape: dict, rounds: int, device, dtype) -> dict:
     """On every rank of the default group: ``{"times": [s per step], "sent": {kind: bytes},
     "calls": {kind: n}}`` for ``rounds`` forward + backward steps of ``variant`` (the bytes of one)."""
-    fn, x, w = _variant(variant, world, shape, device, dtype)
+    fn, x, w = _variant(variant, shape, device, dtype)
     _step(fn, x, w)  # warm-up
     with sp.count_communication() as comm:
         _step(fn, x, w)
@@ -169,7 +169,7 @@ def _rank(rank: int, world: int, store: str, variants: list, shape: dict, rounds
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
                                 rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
         for variant in variants:
-            results.put((rank, variant, measure(variant, world, shape, rounds, device, dtype)))
+            results.put((rank, variant, measure(variant, shape, rounds, device, dtype)))
     except BaseException as e:
         results.put((rank, None, {"error": f"{type(e).__name__}: {e}"}))
     finally:

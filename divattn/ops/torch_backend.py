@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -483,8 +482,6 @@ def _flash_masks(op: str, padding, q_shape, ct: torch.dtype, cls: bool):
     """(real, keys, weights) of a padded batch for the flash path: the real query tokens
     (``(B, Tq, N)``, joint ``(B, L)``), the additive key mask of the flash sequences
     (:func:`_key_mask`) and, with cls, the per-frame weights of the cls output."""
-    if padding is None:
-        return None, None, None
     real = padding.dense()
     if op == "joint":
         return real, _key_mask(real, ct), None
@@ -509,7 +506,9 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
     (None in ``saved``): the backward lays ``out`` out as the flash output again (see
     :func:`_flash_out`), so one tensor of the output's size is saved, not two."""
     ct = _compute_dtype(q.dtype)
-    real, keys, weights = _flash_masks(op, padding, q.shape, ct, bool(cls))
+    real = keys = weights = None
+    if padding is not None:
+        real, keys, weights = _flash_masks(op, padding, q.shape, ct, bool(cls))
     masks = (real, keys, weights)
     if op == "joint":
         seqs = [x.transpose(1, 2) if x.dtype == ct else x.to(ct).transpose(1, 2) for x in (q, k, v)]
@@ -694,15 +693,15 @@ def _tokens(out: torch.Tensor, op: str, cls: bool, q: torch.Tensor) -> torch.Ten
     return out.clone() if out._base is not None or not out.is_contiguous() else out
 
 
-def _run(impl, op: str, q, k, v, cls, mask: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """``op`` of the module ``impl`` (this one, or the reference) as a token buffer."""
+def _run(op: str, q, k, v, cls, mask: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """``op`` of this backend on the padded batch whose real tokens are ``mask``, as a token buffer."""
     padding = Padding(tuple(mask.shape), mask.device, mask=mask)
     if op == "temporal":
-        out = impl.temporal(q, k, v, scale, causal, padding)
+        out = temporal(q, k, v, scale, causal, padding)
     elif op == "spatial":
-        out = impl.spatial(q, k, v, scale, cls, padding)
+        out = spatial(q, k, v, scale, cls, padding)
     else:
-        out = impl.joint(q, k, v, scale, padding)
+        out = joint(q, k, v, scale, padding)
     return _tokens(out, op, cls is not None, q)
 
 
@@ -714,7 +713,7 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_cls: O
     whose real tokens are ``mask``; returns the token buffer (see :func:`_tokens`)."""
     cls = None if q_cls is None else (q_cls, k_cls, v_cls)
     with torch.no_grad():
-        return _run(sys.modules[__name__], op, q, k, v, cls, mask, scale, causal)
+        return _run(op, q, k, v, cls, mask, scale, causal)
 
 
 @padded_attention.register_fake
@@ -736,7 +735,7 @@ def padded_attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), _NO_KEYS), \
             torch.enable_grad():
         xs = [x.detach().requires_grad_(True) for x in (q, k, v, q_cls, k_cls, v_cls) if x is not None]
-        out = _run(sys.modules[__name__], op, *xs[:3], tuple(xs[3:]) or None, mask, scale, causal)
+        out = _run(op, *xs[:3], tuple(xs[3:]) or None, mask, scale, causal)
         return list(torch.autograd.grad(out, xs, grad))
 
 

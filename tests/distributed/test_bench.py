@@ -10,7 +10,7 @@ SHAPE = dict(B=1, T=3, N=4)
 
 
 def _measure(rank, world):
-    return {v: seqpar.measure(v, world, SHAPE, 1, torch.device("cpu"), torch.float32) for v in ("frames", "ulysses")}
+    return {v: seqpar.measure(v, SHAPE, 1, torch.device("cpu"), torch.float32) for v in ("frames", "ulysses")}
 
 
 def test_records_and_table(ranks):
