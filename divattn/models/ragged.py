@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..ops.masks import integers
 from .pos_embed import resize_grid, resize_pos_embed_3d, resize_time_embed
 
 
@@ -116,19 +117,8 @@ class Ragged:
         return self.per_sample(lambda b: (int(self.frames[b]), *self.grids[b].tolist()), make)
 
 
-def _ints(name: str, who: str, value, shape: tuple) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-            raise TypeError(f"{who}: {name} must hold integers, got dtype {value.dtype}")
-        t = value.detach().to("cpu", torch.int64)
-    else:
-        try:
-            t = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{who}: {name} must be an integer tensor or sequence, got {type(value).__name__}") from None
-        if t.dtype == torch.bool or t.is_floating_point():
-            raise TypeError(f"{who}: {name} must hold integers, got {value!r}")
-        t = t.to(torch.int64)
+def _ints(name: str, who: str, value, shape: tuple, layout: str) -> torch.Tensor:
+    t = integers(who, name, value, layout)
     if tuple(t.shape) != shape:
         raise ValueError(f"{who}: {name} must have shape {shape}, got {tuple(t.shape)}")
     return t
@@ -151,7 +141,7 @@ def ragged_batch(video: torch.Tensor, *, frames=None, sizes=None, mask=None, pat
     if frames is None:
         frames = torch.full((B,), T, dtype=torch.int64)
     else:
-        frames = _ints("frames", who, frames, (B,))
+        frames = _ints("frames", who, frames, (B,), "(B,)")
         bad = ((frames < 1) | (frames > T) | (frames % tubelet_size != 0)).nonzero()
         if bad.numel():
             i = int(bad[0, 0])
@@ -160,7 +150,7 @@ def ragged_batch(video: torch.Tensor, *, frames=None, sizes=None, mask=None, pat
     if sizes is None:
         grids = torch.tensor([shape[1:]], dtype=torch.int64).expand(B, 2)
     else:
-        sizes = _ints("sizes", who, sizes, (B, 2))
+        sizes = _ints("sizes", who, sizes, (B, 2), "(B, 2)")
         for i in range(B):
             h, w = sizes[i].tolist()
             if not (patch_size <= h <= H and patch_size <= w <= W):

@@ -74,23 +74,30 @@ class Padding:
         return torch.where(n > 0, real / n.clamp_min(1), 1.0 / self.shape[1])
 
 
+def integers(fn: str, name: str, value, layout: str, what: str = "") -> torch.Tensor:
+    """``value`` (an integer tensor or a sequence of ints) as an int64 CPU tensor, or TypeError
+    naming it: ``layout`` is the shape a message asks for (``"(B,)"``), ``what`` what the
+    numbers count. The caller checks the shape."""
+    hold = f"{fn}: {name} must hold integers" + (f" ({what})" if what else "")
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{hold}, got dtype {value.dtype}")
+        return value.detach().to("cpu", torch.int64)
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{fn}: {name} must be a {layout} integer tensor or a sequence of ints, "
+                        f"got {type(value).__name__}") from None
+    if t.dtype == torch.bool or t.is_floating_point():
+        raise TypeError(f"{hold}, got {value!r}")
+    return t.to(torch.int64)
+
+
 def _counts(fn: str, name: str, counts, B: int, limit: int, what: str) -> torch.Tensor:
     """``counts`` as a ``(B,)`` int64 CPU tensor, or TypeError / ValueError naming it."""
-    if isinstance(counts, torch.Tensor):
-        if counts.dtype == torch.bool or counts.is_floating_point() or counts.is_complex():
-            raise TypeError(f"{fn}: {name} must hold integers ({what} per sample), got dtype {counts.dtype}")
-        t = counts.detach()
-    else:
-        try:
-            t = torch.as_tensor(counts)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{fn}: {name} must be a (B,) integer tensor or a sequence of ints, "
-                            f"got {type(counts).__name__}") from None
-        if t.dtype == torch.bool or t.is_floating_point():
-            raise TypeError(f"{fn}: {name} must hold integers ({what} per sample), got {counts!r}")
+    t = integers(fn, name, counts, "(B,)", f"{what} per sample")
     if tuple(t.shape) != (B,):
         raise ValueError(f"{fn}: {name} must have shape (B,) = ({B},), one count per sample, got {tuple(t.shape)}")
-    t = t.to("cpu", torch.int64)
     bad = ((t < 0) | (t > limit)).nonzero()
     if bad.numel():
         i = int(bad[0, 0])
