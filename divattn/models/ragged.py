@@ -63,10 +63,6 @@ class Ragged:
         """``(B, T)`` bool: the frames that hold a real token."""
         return self.tokens().any(2)
 
-    def with_cls(self, real: torch.Tensor) -> torch.Tensor:
-        """``(S, L)`` real tokens with a real cls token in front: ``(S, 1 + L)``."""
-        return torch.cat([real.new_ones(real.shape[0], 1), real], 1)
-
     def per_sample(self, key: Callable[[int], tuple], make: Callable[[tuple], torch.Tensor]) -> torch.Tensor:
         """``torch.stack([make(key(b)) for b])``, calling ``make`` once per distinct key."""
         made: dict = {}

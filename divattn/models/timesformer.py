@@ -28,6 +28,7 @@ from torch import nn
 
 from ..layers.blocks import Block, DividedBlock
 from ..layers.embed import PatchEmbed, check_video
+from ..ops.masks import with_real_cls
 from ..sequence_parallel import SequenceParallelError
 from .base import (
     VideoModel,
@@ -195,8 +196,8 @@ class TimeSformer(VideoModel):
         if self.config.attention_type == "divided_space_time":
             return real
         if self.config.attention_type == "space_only":
-            return ragged.with_cls(real.reshape(B * T, N))
-        return ragged.with_cls(real.transpose(1, 2).reshape(B, N * T))  # (h w t) tokens
+            return with_real_cls(real.reshape(B * T, N))
+        return with_real_cls(real.transpose(1, 2).reshape(B, N * T))  # (h w t) tokens
 
     def forward_features(self, video: torch.Tensor, frames=None, sizes=None, mask=None) -> torch.Tensor:
         """Token features after the final norm: ``(B, 1 + N*T, C)`` (space_only: ``(B, 1 + N, C)``,

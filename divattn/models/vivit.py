@@ -43,6 +43,7 @@ from torch import nn
 
 from ..layers.blocks import ATTENTION_ORDERS, Block, FactorisedDotProductBlock, FactorisedSelfAttentionBlock
 from ..layers.embed import TubeletEmbed, check_video
+from ..ops.masks import with_real_cls
 from ..sequence_parallel import SequenceParallelError
 from .base import (
     VideoModel,
@@ -363,7 +364,7 @@ class ViViT(VideoModel):
         spatial and its temporal blocks."""
         real = ragged.tokens()  # (B, T', N)
         B, Tt, N = real.shape
-        cls = ragged.with_cls if self.has_cls else (lambda m: m)
+        cls = with_real_cls if self.has_cls else (lambda m: m)
         if self.variant == "factorised_encoder":
             return cls(real.reshape(B * Tt, N)), cls(ragged.real_frames())
         tokens = cls(real.reshape(B, Tt * N))

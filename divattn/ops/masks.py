@@ -74,6 +74,18 @@ class Padding:
         return torch.where(n > 0, real / n.clamp_min(1), 1.0 / self.shape[1])
 
 
+def zero_padded(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, T, N, ...)`` (joint: ``(B, L, ...)``) with the tokens where ``real`` ``(B, T, N)``
+    is False set to zero, out of place: a padded token's values (NaN included) reach no
+    output, and autograd gives them zero gradients."""
+    return torch.where(real[(...,) + (None,) * (x.dim() - real.dim())], x, 0.0)
+
+
+def with_real_cls(real: torch.Tensor) -> torch.Tensor:
+    """The real tokens ``real`` ``(..., L)`` with a real cls token in front: ``(..., 1 + L)``."""
+    return torch.cat([real.new_ones(*real.shape[:-1], 1), real], -1)
+
+
 def integers(fn: str, name: str, value, layout: str, what: str = "") -> torch.Tensor:
     """``value`` (an integer tensor or a sequence of ints) as an int64 CPU tensor, or TypeError
     naming it: ``layout`` is the shape a message asks for (``"(B,)"``), ``what`` what the

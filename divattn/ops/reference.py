@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .layout import alloc_tokens, patch_view
+from .masks import with_real_cls, zero_padded
 
 
 UPCAST = True
@@ -52,12 +53,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mas
     return torch.matmul(torch.where(mask, p, 0.0), v.to(compute))
 
 
-def _real(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, T, N, H, D)`` with the tokens where ``real`` ``(B, T, N)`` is False set to zero:
-    a padded token's values (NaN included) reach no output and get a zero gradient."""
-    return torch.where(real[..., None, None], x, 0.0)
-
-
 def temporal(q, k, v, scale: float, causal: bool = False, padding=None) -> torch.Tensor:
     """Attention over T for every (b, n, h): q ``(B, Tq, N, H, D)``, k, v ``(B, Tk, N, H, D)``.
 
@@ -72,12 +67,12 @@ def temporal(q, k, v, scale: float, causal: bool = False, padding=None) -> torch
     mask = causal_mask(Tq, Tk, q.device) if causal else None
     if padding is not None:
         real, real_q = padding.dense(), padding.real_queries(Tq)
-        q, k, v = _real(q, real_q), _real(k, real), _real(v, real)
+        q, k, v = zero_padded(q, real_q), zero_padded(k, real), zero_padded(v, real)
         keys = real.transpose(1, 2)[:, :, None, None, :]  # (B, N, 1, 1, Tk)
         mask = keys if mask is None else keys & mask
     # (B, T, N, H, D) -> (B, N, H, T, D)
     o = _attend(*(x.permute(0, 2, 3, 1, 4) for x in (q, k, v)), scale, mask).permute(0, 3, 1, 2, 4)
-    out.copy_(o if padding is None else _real(o, real_q))
+    out.copy_(o if padding is None else zero_padded(o, real_q))
     return out
 
 
@@ -96,20 +91,20 @@ def spatial(q, k, v, scale: float, cls=None, padding=None) -> torch.Tensor:
     mask = None
     if padding is not None:
         real = padding.dense()
-        q, k, v = _real(q, real), _real(k, real), _real(v, real)
+        q, k, v = zero_padded(q, real), zero_padded(k, real), zero_padded(v, real)
         keys = real[:, :, None, None, :]  # (B, T, 1, 1, N)
-        mask = keys if cls is None else torch.cat([torch.ones_like(keys[..., :1]), keys], -1)
+        mask = keys if cls is None else with_real_cls(keys)
     # (B, T, N, H, D) -> (B, T, H, N, D)
     qs, ks, vs = (x.permute(0, 1, 3, 2, 4) for x in (q, k, v))
     if cls is None:
         o = _attend(qs, ks, vs, scale, mask).permute(0, 1, 3, 2, 4)
-        out.copy_(o if padding is None else _real(o, real))
+        out.copy_(o if padding is None else zero_padded(o, real))
         return out
     # The official block repeats the cls token in every frame: (B, H, D) -> (B, T, H, 1, D).
     qc, kc, vc = (c[:, None, :, None, :].expand(B, T, H, 1, D) for c in cls)
     o = _attend(torch.cat([qc, qs], 3), torch.cat([kc, ks], 3), torch.cat([vc, vs], 3), scale, mask)
     patches = o[:, :, :, 1:].permute(0, 1, 3, 2, 4)
-    out.copy_(patches if padding is None else _real(patches, real))
+    out.copy_(patches if padding is None else zero_padded(patches, real))
     if padding is None:
         buf[:, 0].copy_(o[:, :, :, 0].mean(1))
     else:
@@ -124,11 +119,11 @@ def joint(q, k, v, scale: float, padding=None) -> torch.Tensor:
     mask = None
     if padding is not None:
         real = padding.dense()  # (B, L)
-        q, k, v = (torch.where(real[..., None, None], x, 0.0) for x in (q, k, v))
+        q, k, v = (zero_padded(x, real) for x in (q, k, v))
         mask = real[:, None, None, :]
     o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, mask).transpose(1, 2)
     if padding is not None:
-        o = torch.where(real[..., None, None], o, 0.0)
+        o = zero_padded(o, real)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     out.copy_(o)
     return out

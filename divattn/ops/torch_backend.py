@@ -26,7 +26,7 @@ from typing import Optional
 
 from . import reference
 from .layout import alloc_tokens, is_hwt, patch_view
-from .masks import Padding
+from .masks import Padding, with_real_cls, zero_padded
 
 
 _FAKE = torch._subclasses.FakeTensor
@@ -200,10 +200,10 @@ def temporal(q, k, v, scale: float, causal: bool = False, padding=None) -> torch
         return reference.temporal(q, k, v, scale, causal, padding)
     if padding is not None:
         real, real_q = padding.dense(), padding.real_queries(q.shape[1])
-        xs = _real(q, real_q), _real(k, real), _real(v, real)
+        xs = zero_padded(q, real_q), zero_padded(k, real), zero_padded(v, real)
         allowed = _allowed(real_q.transpose(1, 2).flatten(0, 1), real.transpose(1, 2).flatten(0, 1), causal)
         o = _attend(*(x.transpose(1, 2) for x in xs), scale, _temporal_keep(q), allowed=allowed)
-        return _in_q_order(_real(o.transpose(1, 2), real_q), q)
+        return _in_q_order(zero_padded(o.transpose(1, 2), real_q), q)
     # (B, T, N, H, D) -> (B, N, T, H, D): N sequences of T per batch
     o = _attend(*(x.transpose(1, 2) for x in (q, k, v)), scale, _temporal_keep(q), causal, split=True)
     return _in_q_order(o.transpose(1, 2), q)
@@ -211,12 +211,6 @@ def temporal(q, k, v, scale: float, causal: bool = False, padding=None) -> torch
 
 def _temporal_keep(q: torch.Tensor) -> bool:
     return is_hwt(q) or min(q.shape[1], q.shape[2]) == 1
-
-
-def _real(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, T, N, ...)`` with the tokens where ``real`` ``(B, T, N)`` is False set to zero
-    (out of place: autograd then gives them zero gradients)."""
-    return torch.where(real[(...,) + (None,) * (x.dim() - real.dim())], x, 0.0)
 
 
 def _allowed(real_q: torch.Tensor, real_k: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -255,14 +249,13 @@ def spatial(q, k, v, scale: float, cls=None, padding=None) -> torch.Tensor:
 
 def _spatial_padded(q, k, v, scale: float, cls, padding) -> torch.Tensor:
     """:func:`spatial` of a padded batch, composed from public ops."""
-    B, T, N, H, D = q.shape
     real = padding.dense()
-    xs = _real(q, real), _real(k, real), _real(v, real)
+    xs = zero_padded(q, real), zero_padded(k, real), zero_padded(v, real)
+    flat = real.flatten(0, 1)
     if cls is None:
-        flat = real.flatten(0, 1)
         o = _attend(*xs, scale, not is_hwt(q), allowed=_allowed(flat, flat, False))
-        return _in_q_order(_real(o, real), q)
-    flat = torch.cat([real.new_ones(B * T, 1), real.flatten(0, 1)], 1)  # the cls token is real
+        return _in_q_order(zero_padded(o, real), q)
+    flat = with_real_cls(flat)
     o = _attend(*_with_cls(*xs, cls, q.dtype), scale, False, allowed=_allowed(flat, flat, False))
     return _cls_buffer(o, q, real, padding.frame_weights())
 
@@ -288,7 +281,7 @@ def _cls_buffer(o: torch.Tensor, q: torch.Tensor, real=None, weights=None) -> to
     are zero and the cls output is the weighted sum of its per-frame outputs."""
     buf = alloc_tokens(q, has_cls=True)
     patches = o[:, :, 1:]
-    patch_view(buf, q, has_cls=True).copy_(patches if real is None else _real(patches, real))
+    patch_view(buf, q, has_cls=True).copy_(patches if real is None else zero_padded(patches, real))
     if weights is None:
         buf[:, 0].copy_(o[:, :, 0].mean(1))
     else:
@@ -309,9 +302,9 @@ def joint(q, k, v, scale: float, padding=None) -> torch.Tensor:
     if padding is None:
         return _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True).squeeze(1).contiguous()
     real = padding.dense()
-    q, k, v = (_real(x, real) for x in (q, k, v))
+    q, k, v = (zero_padded(x, real) for x in (q, k, v))
     o = _attend(*(x.unsqueeze(1) for x in (q, k, v)), scale, True, allowed=_allowed(real, real, False))
-    return _real(o.squeeze(1), real).contiguous()
+    return zero_padded(o.squeeze(1), real).contiguous()
 
 
 # CPU: torch's flash kernel called directly, one autograd node per op ---------------
@@ -490,7 +483,7 @@ def _flash_masks(op: str, padding, q_shape, ct: torch.dtype, cls: bool):
     flat = real.flatten(0, 1)
     if not cls:
         return real, _key_mask(flat, ct), None
-    flat = torch.cat([flat.new_ones(flat.shape[0], 1), flat], 1)  # the cls token is real
+    flat = with_real_cls(flat)
     return real, _key_mask(flat, ct), padding.frame_weights()
 
 
@@ -609,10 +602,10 @@ class _FlashOp(torch.autograd.Function):
             else:
                 go[:, :, :, 0] = d_buf[:, None, 0] * weights.to(ct)[:, :, None, None]
             patches = _buffer_patches(d_buf, q_shape, hwt)
-            go[:, :, :, 1:] = (patches if real is None else _real(patches, real)).transpose(2, 3)
+            go[:, :, :, 1:] = (patches if real is None else zero_padded(patches, real)).transpose(2, 3)
             go = go.view(B * T, H, 1 + N, D)
         else:  # the gradient of the (B, T, N, H, D) output
-            go = _seqs(d_buf if real is None else _real(d_buf, real), _DIMS[op], ct, True)
+            go = _seqs(d_buf if real is None else zero_padded(d_buf, real), _DIMS[op], ct, True)
         is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, ct, keys)
         dxs = _FLASH_BWD(go, qs, ks, vs, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
         if op == "joint":
