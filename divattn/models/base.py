@@ -139,8 +139,9 @@ class VideoModel(nn.Module):
     """Base of the bundled models: ``forward(video)`` with video ``(B, C, T, H, W)``.
 
     Subclasses build ``head`` and the blocks and implement ``forward_features`` (token
-    features after the final norm) and ``attention_maps``; ``global_pool`` is
-    ``"token"`` (the cls token) or ``"avg"`` (mean over tokens).
+    features after the final norm), ``_features`` (the same from a resolved padded batch,
+    what ``forward`` calls) and ``attention_maps``; ``global_pool`` is ``"token"`` (the cls
+    token) or ``"avg"`` (mean over tokens).
 
     :meth:`parallelize` shards each clip's frames over a process group (``sequence``, a
     :class:`~divattn.sequence_parallel.FrameShards`, is then set on the model and its blocks).
@@ -356,6 +357,10 @@ class VideoModel(nn.Module):
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _features(self, video: torch.Tensor, ragged: Optional[Ragged]) -> torch.Tensor:
+        """``forward_features`` of a padded batch whose real tokens are resolved (None: no padding)."""
+        raise NotImplementedError
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pool the ``forward_features`` tokens; ``pre_logits=True`` returns the pooled ``(B, C)``
@@ -369,10 +374,8 @@ class VideoModel(nn.Module):
     def forward(self, video: torch.Tensor, frames=None, sizes=None, mask=None) -> torch.Tensor:
         """Logits ``(B, num_classes)`` (pooled features when ``num_classes == 0``) for ``(B, C, T, H, W)``;
         of a padded batch with ``frames``, ``sizes`` and / or ``mask`` (:mod:`divattn.models.ragged`)."""
-        if frames is None and sizes is None and mask is None:
-            return self.forward_head(self.forward_features(video))
-        x = self.forward_features(video, frames=frames, sizes=sizes, mask=mask)
-        return self.forward_head(x, mask=self.feature_mask(self.ragged(video, frames, sizes, mask)))
+        ragged = self.ragged(video, frames, sizes, mask)
+        return self.forward_head(self._features(video, ragged), mask=self.feature_mask(ragged))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

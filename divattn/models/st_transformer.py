@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.embed import PatchEmbed, check_video
 from ..layers.st import KVCache, STBlock
 from .base import VideoModel, VideoModelConfig, drop_path_rates, init_weights, resolve_config
+from .ragged import Ragged
 from .registry import register_model
 
 
@@ -125,8 +126,11 @@ class STTransformer(VideoModel):
         """Token features after the final norm: ``(B, T, N, C)``, frame t's from frames ``<= t``.
         ``frames`` ``(B,)``: a padded batch, sample b its first ``frames[b]`` frames
         (:mod:`divattn.models.ragged`; the padding's features are not used by any real frame)."""
+        return self._features(video, self.ragged(video, frames))
+
+    def _features(self, video: torch.Tensor, ragged: Optional[Ragged]) -> torch.Tensor:
         x = self.embed(video)
-        mask = None if frames is None else self.ragged(video, frames).tokens()
+        mask = None if ragged is None else ragged.tokens()
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, None, mask, use_reentrant=False)
@@ -153,10 +157,11 @@ class STTransformer(VideoModel):
         """Predicted next frames ``(B, C, T, H, W)``: output t from input frames ``<= t``. With
         ``frames`` (a padded batch of clips of ``frames[b]`` frames), each sample's predictions
         are its clip's own, and zero on its padded frames."""
-        if frames is None:
-            return self.predict(self.forward_features(video), video)
-        pred = self.predict(self.forward_features(video, frames), video)
-        real = self.ragged(video, frames).real_frames()  # (B, T)
+        ragged = self.ragged(video, frames)
+        pred = self.predict(self._features(video, ragged), video)
+        if ragged is None:
+            return pred
+        real = ragged.real_frames()  # (B, T)
         return pred * real[:, None, :, None, None].to(pred.dtype)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:

@@ -204,8 +204,10 @@ class TimeSformer(VideoModel):
         the frames averaged before the norm as in the official code); token 0 is cls. A padded
         batch's ``frames``, ``sizes``, ``mask``: :mod:`divattn.models.ragged` (padded tokens'
         features are not the clip's; the cls token's are)."""
+        return self._features(video, self.ragged(video, frames, sizes, mask))
+
+    def _features(self, video: torch.Tensor, ragged: Optional[Ragged]) -> torch.Tensor:
         T = video.shape[2]
-        ragged = self.ragged(video, frames, sizes, mask)
         if ragged is None:
             x = self._run_blocks(self.blocks, self.embed(video), num_frames=T)
             return self.norm(self._pool_frames(x, T))

@@ -378,8 +378,10 @@ class ViViT(VideoModel):
         the temporal transformer's ``(B, [1 +] T', C)``. A padded batch's ``frames``,
         ``sizes``, ``mask``: :mod:`divattn.models.ragged` (:meth:`feature_mask` gives the
         output's real tokens)."""
+        return self._features(video, self.ragged(video, frames, sizes, mask))
+
+    def _features(self, video: torch.Tensor, ragged: Optional[Ragged]) -> torch.Tensor:
         Tt = self._grid(video)[0]
-        ragged = self.ragged(video, frames, sizes, mask)
         x = self.embed(video, ragged)
         blocks, out = (None, None) if ragged is None else self._masks(ragged)
         if self.variant != "factorised_encoder":
