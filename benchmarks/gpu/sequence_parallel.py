@@ -65,21 +65,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _rel(a, b) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def _models_rank(rank: int, world: int, device_type: str, port: int, results) -> None:
     """One rank of the ``models`` check: the worst relative error of each model's output and gradients."""
-    import copy
-
     import torch
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
-    from divattn import sequence_parallel as sp
     from divattn.models import create_model
+    from divattn.testing.sequence_parallel import parallel_errors
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -95,28 +88,10 @@ def _models_rank(rank: int, world: int, device_type: str, port: int, results) ->
         for case, (name, kw) in MODELS.items():
             torch.manual_seed(0)
             model = create_model(name, **SMALL, **kw).to(device).train()
-            ref = copy.deepcopy(model)
             T, size = kw["num_frames"], kw["img_size"]
             video = torch.randn(2, 3, T, size, size, generator=torch.Generator().manual_seed(1)).to(device)
-            torch.manual_seed(2)  # the same stochastic depth draws on every rank and in the reference
-            out = ref(video)
-            weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
-            (out * weight).sum().backward()
-            model.parallelize(dist.group.WORLD, num_frames=T)
-            shards = model.sequence
-            torch.manual_seed(2)
-            mine = model(shards.shard(video))
-            if name.startswith("st_"):  # predicted frames: this rank's
-                ts = slice(shards.start, shards.stop)
-                shards.all_reduce((mine * weight[:, :, ts]).sum()).backward()
-                worst = _rel(mine, out[:, :, ts])
-            else:  # logits: the whole clip's, on every rank
-                (mine * weight).sum().backward()
-                worst = _rel(mine, out)
-            sp.average_gradients(model.parameters(), dist.group.WORLD)
-            grads = dict(ref.named_parameters())
-            worst = max([worst] + [_rel(p.grad, grads[n].grad) for n, p in model.named_parameters()])
-            errors[case] = {"frames_per_rank": list(shards.frame_sizes), "worst_relative_error": worst}
+            worst = max(parallel_errors(model, video, seed=2).values())
+            errors[case] = {"frames_per_rank": list(model.sequence.frame_sizes), "worst_relative_error": worst}
         results.put((rank, errors))
     except BaseException as e:  # reported, not swallowed
         results.put((rank, {"error": f"{type(e).__name__}: {e}"}))

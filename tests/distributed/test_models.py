@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from divattn import sequence_parallel as sp
 from divattn.layers.blocks import DividedBlock
 from divattn.models import create_model
+from divattn.testing.sequence_parallel import parallel_errors, relative_error
 
 from ..models.helpers import randomize
 from .ranks import ok
@@ -45,11 +45,6 @@ CASES = {
 }
 
 
-def _rel(a, b) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def _grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -61,28 +56,8 @@ def _model_case(rank, world, case):
     if case == "timesformer-grad-checkpointing":
         model.set_grad_checkpointing(True)
     model.train(train)
-    ref = copy.deepcopy(model)
     video = torch.randn(2, 3, T, H, W, generator=torch.Generator().manual_seed(2))
-    torch.manual_seed(3)  # the same stochastic depth draws on every rank and in one process
-    out = ref(video)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
-    (out * weight).sum().backward()
-
-    model.parallelize(dist.group.WORLD, num_frames=T)
-    shards = model.sequence
-    torch.manual_seed(3)
-    mine = model(shards.shard(video))
-    if name.startswith("st_"):  # predicted frames: this rank's
-        ts = slice(shards.start, shards.stop)
-        shards.all_reduce((mine * weight[:, :, ts]).sum()).backward()
-        errors = {"output": _rel(mine, out[:, :, ts])}
-    else:  # logits: the whole clip's, on every rank
-        (mine * weight).sum().backward()
-        errors = {"output": _rel(mine, out)}
-    sp.average_gradients(model.parameters())
-    want = _grads(ref)
-    errors.update({f"grad {n}": _rel(g, want[n]) for n, g in _grads(model).items()})
-    return errors
+    return parallel_errors(model, video, seed=3)
 
 
 @pytest.mark.parametrize("P", [2, 3])
@@ -117,10 +92,11 @@ def _block_case(rank, world, order):
     want = sp.shard_tokens(out.detach(), num_frames=T, order=order, has_cls=True)
     want_g = sp.shard_tokens(xr.grad, num_frames=T, order=order, has_cls=True)
     cls_grad = shards.all_reduce(xs.grad[:, 0]) / world  # a value every rank holds: the mean of its gradients
-    errors = {"output": _rel(mine, want), "input grad": _rel(xs.grad[:, 1:] / world, want_g[:, 1:]),
-              "cls grad": _rel(cls_grad, xr.grad[:, 0])}
+    errors = {"output": relative_error(mine, want),
+              "input grad": relative_error(xs.grad[:, 1:] / world, want_g[:, 1:]),
+              "cls grad": relative_error(cls_grad, xr.grad[:, 0])}
     ref_grads = _grads(ref)
-    errors.update({f"grad {n}": _rel(g, ref_grads[n]) for n, g in _grads(block).items()})
+    errors.update({f"grad {n}": relative_error(g, ref_grads[n]) for n, g in _grads(block).items()})
     return errors
 
 
