@@ -39,25 +39,25 @@ def _qkv_patches(qkv: torch.Tensor, T: int, order: str) -> torch.Tensor:
 
 def _frames_to_heads(qkv5: torch.Tensor, shards: sp.FrameShards) -> torch.Tensor:
     """This rank's frames of every head ``(B, T_r, N, 3, H, D)`` -> every frame of its heads,
-    time-major ``(T, B, N, 3, H/P, D)``; one differentiable all-to-all."""
+    time-major ``(T, B, N, 3, H/P, D)``; one differentiable all-to-all. The send buffer is
+    packed in one copy: per destination s, its heads of this rank's frames ``(T_r, B, N, 3, H/P, D)``."""
     B, Tr, N, _, H, D = qkv5.shape
     P, Hr = shards.size, H // shards.size
-    send = torch.cat([qkv5[:, :, :, :, s * Hr:(s + 1) * Hr].transpose(0, 1).reshape(-1) for s in range(P)])
+    send = qkv5.unflatten(4, (P, Hr)).permute(4, 1, 0, 2, 3, 5, 6).reshape(-1)
     recv = sp.all_to_all(send, [send.numel() // P] * P, [Ts * B * N * 3 * Hr * D for Ts in shards.frame_sizes],
                          shards.group)
     return recv.view(shards.num_frames, B, N, 3, Hr, D)
 
 
-def _heads_to_frames(chunks: list, shards: sp.FrameShards, frame_dim: int) -> torch.Tensor:
-    """Every frame of this rank's heads, as one contiguous run of frames per destination
-    (``chunks[s]``) -> this rank's frames of every head, the heads concatenated (last but one dim)."""
-    sizes = [c.numel() for c in chunks]
-    send = torch.cat([c.reshape(-1) for c in chunks])
-    shape = list(chunks[0].shape)
-    shape[frame_dim] = shards.local_frames
-    per = int(torch.Size(shape).numel())
-    recv = sp.all_to_all(send, sizes, [per] * shards.size, shards.group)
-    return torch.cat(list(recv.view(shards.size, *shape).unbind(0)), -2)
+def _heads_to_frames(o: torch.Tensor, shards: sp.FrameShards) -> torch.Tensor:
+    """Every frame of this rank's heads, time-major ``(T, B, N, H/P, D)`` -> this rank's frames
+    of every head ``(T_r, B, N, H, D)``; one differentiable all-to-all. The send buffer is ``o``
+    itself (one run of frames per destination), copied once where it is not contiguous."""
+    _, B, N, Hr, D = o.shape
+    per = B * N * Hr * D
+    recv = sp.all_to_all(o.reshape(-1), [Ts * per for Ts in shards.frame_sizes],
+                         [shards.local_frames * per] * shards.size, shards.group)
+    return torch.cat(recv.view(shards.size, shards.local_frames, B, N, Hr, D).unbind(0), -2)
 
 
 def _frame_tokens(x: torch.Tensor, order: str) -> torch.Tensor:
@@ -81,9 +81,8 @@ def ulysses_divided_block(block: DividedBlock, x: torch.Tensor, shards: sp.Frame
     _, _, N, _, Hr, D = qkv.shape
     q, k, v = qkv.view(1, T, B * N, 3, Hr, D).unbind(3)
     o = temporal_attention(q, k, v, scale=tattn.scale, backend=block.backend).view(T, B, N, Hr, D)
-    o = _heads_to_frames([o[a:a + s] for a, s in zip(sp._starts(shards.frame_sizes), shards.frame_sizes)],
-                         shards, 0)
-    x = add_after_first(x, block._temporal_residual(_frame_tokens(o.transpose(0, 1), order)))
+    o = _heads_to_frames(o, shards).transpose(0, 1)  # (B, T_r, N, H, D)
+    x = add_after_first(x, block._temporal_residual(_frame_tokens(o, order)))
 
     qkv_all = attn.qkv_heads(x, block.norm1)
     qkv = _frames_to_heads(_qkv_patches(qkv_all, shards.local_frames, order), shards)
@@ -91,9 +90,8 @@ def ulysses_divided_block(block: DividedBlock, x: torch.Tensor, shards: sp.Frame
     heads = slice(shards.rank * Hr, (shards.rank + 1) * Hr)
     cls = tuple(c[:, heads] for c in qkv_all[:, 0].unbind(1))
     o = spatial_attention_tokens(q, k, v, cls, scale=attn.scale, backend=block.backend)
-    patches = o[:, 1:].view(B, T, N, Hr, D)
-    patches = _heads_to_frames([patches[:, a:a + s] for a, s in zip(sp._starts(shards.frame_sizes),
-                                                                     shards.frame_sizes)], shards, 1)
+    patches = o[:, 1:].view(B, T, N, Hr, D).transpose(0, 1)  # time-major: one run of frames per destination
+    patches = _heads_to_frames(patches, shards).transpose(0, 1)  # (B, T_r, N, H, D)
     o_cls = sp.all_gather(o[:, :1], 2, shards.group)  # (B, 1, H, D): the mean over every frame, all heads
     tokens = torch.cat([o_cls.flatten(2), _frame_tokens(patches, order)], 1)
     x = x + block.drop_path(attn.out(tokens))
