@@ -300,23 +300,27 @@ class _AllToAll(torch.autograd.Function):
 
 class _Gather(torch.autograd.Function):
     """Every rank's shard along ``dim``, in rank order (sizes ``sizes``); backward: the sum of
-    the ranks' gradients, this rank's part."""
+    the ranks' gradients, this rank's part. Shards of different sizes travel zero-padded to
+    the largest (all_gather takes one shape)."""
 
     @staticmethod
     def forward(ctx, x, dim: int, sizes: tuple, rank: int, group):
         ctx.dim, ctx.start, ctx.size, ctx.group = dim, sum(sizes[:rank]), sizes[rank], group
         most = max(sizes)
-        pad = list(x.shape)
-        pad[dim] = most
-        mine = x.new_zeros(pad)
-        mine.narrow(dim, 0, sizes[rank]).copy_(x)
+        if min(sizes) == most:
+            mine = x.contiguous()
+        else:
+            pad = list(x.shape)
+            pad[dim] = most
+            mine = x.new_zeros(pad)
+            mine.narrow(dim, 0, sizes[rank]).copy_(x)
         parts = [torch.empty_like(mine) for _ in sizes]
         dist.all_gather(parts, mine, group=group)
         return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim)
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
+        g = g.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(g, group=ctx.group)
         return g.narrow(ctx.dim, ctx.start, ctx.size), None, None, None, None
 
