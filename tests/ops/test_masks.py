@@ -278,11 +278,28 @@ def test_kernel_backends_refuse_masks_with_the_dispatchers_sentence_and_auto_pic
     torch.testing.assert_close(o[0], divattn.spatial_attention(q, k, v, cls, frames=[3, 1], backend="torch")[0])
 
 
-def test_unpadded_calls_are_unchanged(kernel_calls):
-    """No padding argument: the kernel backends still run (auto picks triton under the interpreter)."""
-    q, k, v, cls = split_qkv(_qkv(1, 2, 3, 1, 16, "hwt", dtype=torch.float32), 2, 3, order="hwt", has_cls=True)
-    divattn.temporal_attention(q, k, v, backend="triton")
-    assert kernel_calls == ["temporal"]
+@pytest.mark.parametrize("op", ["temporal", "spatial", "spatial_cls", "joint"])
+def test_unpadded_calls_are_unchanged(op, kernel_calls):
+    """No padding argument: auto still picks a kernel backend (triton under the interpreter),
+    and its output is what the padded path gives with every token real (the torch backend's),
+    to fp32 rounding."""
+    B, T, N, H, D = 2, 3, 4, 2, 16
+    qkv = _qkv(B, T, N, H, D, "hwt", dtype=torch.float32)
+    q, k, v, cls = split_qkv(qkv, T, N, order="hwt", has_cls=True)
+    every = torch.ones(B, T, N, dtype=torch.bool, device=DEVICE)
+    if op == "joint":
+        xs = qkv[:, 1:].unbind(2)
+        out = divattn.joint_attention(*xs)
+        want = divattn.joint_attention(*xs, mask=every.flatten(1), backend="torch")
+    elif op == "temporal":
+        out = divattn.temporal_attention(q, k, v)
+        want = divattn.temporal_attention(q, k, v, mask=every, backend="torch")
+    else:
+        c = cls if op == "spatial_cls" else None
+        out = divattn.spatial_attention(q, k, v, c)
+        want = divattn.spatial_attention(q, k, v, c, mask=every, backend="torch")
+    assert kernel_calls == [op.removesuffix("_cls")]  # the kernel op of spatial attention with cls is "spatial"
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
 # Bad input -------------------------------------------------------------------------------
