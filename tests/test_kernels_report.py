@@ -127,12 +127,13 @@ def test_builds_name_the_tile_row_they_came_from(builds):
     for b in builds:
         if b["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_kernel") and not b["error"]:
             assert b["tiles"], _where(b)
-            rows = b["constexprs"]["GROUP"] * b["constexprs"]["SEQ"] * (2 if b["dtype"] == "fp32" else 1)
-            mine = (max(16, rows), b["num_warps"], b["num_stages"], b["max_registers"])
+            mine = (b["constexprs"]["GROUP"] * b["constexprs"]["SEQ"], b["num_warps"], b["num_stages"],
+                    b["max_registers"])
+            shrink = 2 if b["dtype"] == "fp32" else 1  # fp32 tiles take half the rows (plan.tile_candidates)
             for tile in b["tiles"]:
                 name, key = tile.split("[", 1)
                 candidates = getattr(plan, name)[ast.literal_eval(key[:-1])]
-                assert any((max(16, r), w, s, regs[0] if regs else None) == mine
+                assert any((max(16, r // shrink), w, s, regs[0] if regs else None) == mine
                            for r, w, s, *regs in candidates), (tile, _where(b))
 
 
@@ -148,6 +149,43 @@ def test_low_precision_dots_use_tensor_cores(builds):
 def test_no_spill_in_low_precision_builds(builds):
     spills = [kernels_cli.spill_line(b) for b in builds if kernels_cli.spills(b) and kernels_cli.must_not_spill(b)]
     assert not spills, "spilling builds:\n" + "\n".join(spills)
+
+
+def test_a_spill_names_the_tile_rows_to_change(builds):
+    """What a user with a spilling head dim is told: the build, its resources and the rows of
+    divattn/ops/triton/plan.py whose tile it runs."""
+    b = dict(next(b for b in builds if b["tiles"]), stack_bytes=8, local_insts=2)
+    assert kernels_cli.spills(b)
+    line = kernels_cli.spill_line(b)
+    assert all(t in line for t in b["tiles"]) and "divattn/ops/triton/plan.py" in line
+    assert f"{b['registers']} registers, 8 stack bytes, 2 local loads/stores" in line
+
+
+def test_capped_rows_reach_the_launch(builds):
+    """A row's register cap is what the JIT compiles with: the launch passes it as ``maxnreg``."""
+    capped = [b for b in builds if b["max_registers"] is not None and not b["error"]]
+    assert capped and all(b["registers"] <= b["max_registers"] for b in capped)
+
+    def launched(launch) -> dict:
+        seen = {}
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return lambda **kw: seen.update(kw)
+
+        dataclasses.replace(launch, kernel=Kernel()).run()
+        return seen
+
+    assert launched(plan.Launch(None, (1,), {"X": 1}, {"C": 2}, 8, 1, "frame", max_registers=255)) == {
+        "X": 1, "C": 2, "num_warps": 8, "num_stages": 1, "maxnreg": 255}
+    assert launched(plan.Launch(None, (1,), {"X": 1}, {}, 4, 2, "frame")) == {"X": 1, "num_warps": 4, "num_stages": 2}
+
+
+def test_update_record_takes_every_binary(tmp_path):
+    from divattn.__main__ import main
+
+    with pytest.raises(SystemExit, match="add --exact"):
+        main(["kernels", "--shapes", "timesformer_8x224", "--update-record", str(tmp_path / "r.json")])
 
 
 @pytest.mark.parametrize("arch,regs,threads,smem,blocks", [
@@ -277,7 +315,17 @@ def test_kernels_command_prints_the_report(capsys):
     assert rc == 0
     assert report["builds"] and report["traffic"] is None
     assert {b["arch"] for b in report["builds"]} == {90}
-    assert all(b["problems"][0].startswith("timesformer_8x224-hwt-D64-") for b in report["builds"])
+    assert all(b["problems"][0].startswith("timesformer_8x224-hwt-B8H12-D64-") for b in report["builds"])
+
+
+def test_a_users_head_dim_check_reads_the_record(capsys):
+    """The README's check of one head dim: every build read from the record, none spilling in fp16/bf16."""
+    from divattn.__main__ import main
+
+    rc = main(["kernels", "--head-dims", "40", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["builds"]
+    assert all(b["cached"] == "record" and b["head_dims"] == [40] for b in report["builds"])
 
 
 def test_bench_writes_modelled_records_to_their_own_file(tmp_path, capsys):
