@@ -3,10 +3,11 @@ builds at D <= 128 do not spill, and the counted memory traffic of each pass sta
 the least it can move.
 
 The launches come from the dispatch code (``plan_forward`` / ``plan_backward`` on the
-named benchmark shapes), never from a list kept here, so a new kernel or code path is
-compiled and counted as soon as the plans make it.
+named benchmark shapes and the coverage layers), never from a list kept here, so a new
+kernel or code path is compiled and counted as soon as the plans make it.
 """
 
+import ast
 import dataclasses
 import json
 import os
@@ -16,23 +17,77 @@ import pytest
 import torch
 
 from divattn.shapes import GPU_SHAPES
+from divattn.cli import kernels as kernels_cli
 from divattn.kernels_report import build, problems, traffic
+from divattn.ops.triton import TILES, plan
 
 # The traffic goal (issue 9) at TimeSformer-B head geometry: counted bytes over the minimum.
 MAX_RATIO = {"fwd": 1.25, "bwd": 1.5}
 DIVIDED = [(op, pass_) for op in ("temporal", "spatial", "spatial_cls") for pass_ in ("fwd", "bwd")]
 
-LOW_PRECISION = ("fp16", "bf16")
+LOW_PRECISION = kernels_cli.LOW_PRECISION
+RECORD_COMMAND = "python -m divattn kernels --exact --update-record benchmarks/results/kernels/builds.json"
+
+
+def _covered() -> list:
+    """What the report covers by default: every head-dim bucket, code path and (B, H) of the
+    coverage layers in fp16/bf16, the named shapes also in fp32."""
+    return kernels_cli.select()
 
 
 @pytest.fixture(scope="module")
 def builds():
-    """Every distinct build of the named GPU shapes' plans, compiled once (in a child process
-    without the interpreter when this one interprets)."""
+    """Every binary the JIT builds for the covered problems' plans (every code path, in each
+    divisibility specialisation its launches get), its resources read from the committed record
+    by binary key. Nothing is compiled here: :func:`test_record_matches_a_fresh_compile`
+    recompiles a sample."""
     start = time.perf_counter()
-    out = build.report(archs=problems.ARCHS, workers=max(1, min(2, os.cpu_count() or 1)))
-    print(f"\n{len(out)} builds compiled in {time.perf_counter() - start:.0f} s")
+    out = build.report(_covered(), archs=problems.ARCHS, exact=True, cache=None, record=build.RECORD,
+                       compile_missing=False)
+    print(f"\n{len(out)} builds planned and read from the record in {time.perf_counter() - start:.0f} s")
     return out
+
+
+def test_record_is_current(builds):
+    """Every build the plans make is in the record and the record holds nothing else: a change to
+    a kernel, the tile table, the plans or Triton changes binary keys and fails here until the
+    record is written again."""
+    missing = [b for b in builds if not b["error"] and b["registers"] is None]
+    assert not missing, (f"{len(missing)} of {len(builds)} builds are not in {build.RECORD} (e.g. {_where(missing[0])}); "
+                         f"write it again: {RECORD_COMMAND}")
+    assert set(build.load_record(build.RECORD)) == {b["binary"] for b in builds if not b["error"]}
+
+
+def _sample(builds) -> list:
+    """The build with the most registers of each kernel, arch and dtype, and one drawn build (a
+    fixed draw) of each kernel and arch."""
+    import random
+
+    groups: dict = {}
+    for b in builds:
+        if not b["error"]:
+            groups.setdefault((b["kernel"], b["arch"], b["dtype"]), []).append(b)
+    out = [max(bs, key=lambda b: (b["registers"], b["stack_bytes"])) for _, bs in sorted(groups.items())]
+    rng = random.Random(22)
+    for kernel, arch in sorted({k[:2] for k in groups}):
+        out.append(rng.choice([b for (k, a, _), bs in sorted(groups.items()) if (k, a) == (kernel, arch) for b in bs]))
+    return list({b["key"]: b for b in out}.values())
+
+
+def test_record_matches_a_fresh_compile(builds):
+    """A sample of the record (:func:`_sample`) compiled here again, with no cache: the same
+    resources."""
+    sample = _sample(builds)
+    by_id = {p.id: p for p in _covered()}
+    start = time.perf_counter()
+    fresh = build.report([by_id[b["problems"][0]] for b in sample], archs=problems.ARCHS, exact=True, cache=None,
+                         record=None, only=[b["key"] for b in sample], workers=max(1, min(2, os.cpu_count() or 1)))
+    print(f"\n{len(fresh)} builds compiled in {time.perf_counter() - start:.0f} s")
+    fresh = {b["key"]: b for b in fresh}
+    assert set(fresh) == {b["key"] for b in sample}
+    for b in sample:
+        got = {f: fresh[b["key"]][f] for f in build.RECORD_FIELDS}
+        assert got == {f: b[f] for f in build.RECORD_FIELDS}, _where(b)
 
 
 def _where(b) -> str:
@@ -46,11 +101,40 @@ def test_every_planned_launch_compiles(builds):
 
 
 def test_report_covers_every_problem_arch_and_dtype(builds):
-    wanted = {p.id for p in problems.gpu_problems()}
+    wanted = {p.id for p in _covered()}
     got = {pid for b in builds for pid in b["problems"]}
     assert got == wanted
     assert {(b["arch"], b["dtype"]) for b in builds} == {(a, d) for a in problems.ARCHS for d in problems.DTYPES}
     assert all(b["registers"] and 0 < b["blocks_per_sm"] <= 32 for b in builds if not b["error"])
+
+
+def test_every_head_dim_bucket_regime_and_pass_is_compiled(builds):
+    """Each tile-table row (regime, pass, head-dim bucket, arch, cls) serving D <= 128 is used by
+    a compiled build, and every head dim of the report reaches both kernels on both archs."""
+    rows = {t for b in builds if b["dtype"] in LOW_PRECISION for t in b["tiles"]}
+    wanted = {plan._table_row(regime, pass_, bucket, arch, cls)[0]
+              for (regime, pass_, bucket, _, arch, cls) in TILES if bucket <= 128
+              and not (regime == "packed" and cls and pass_ == "bwd" and bucket > 64)}
+    assert wanted - rows == set()
+    for arch in problems.ARCHS:
+        for kernel in ("_attn_fwd_kernel", "_attn_bwd_kernel"):
+            dims = {d for b in builds if b["kernel"] == kernel and b["arch"] == arch for d in b["head_dims"]}
+            assert set(problems.HEAD_DIMS) <= dims
+
+
+def test_builds_name_the_tile_row_they_came_from(builds):
+    """A build's tile (rows, warps, stages, register cap) is a candidate of each table row it names."""
+    for b in builds:
+        if b["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_kernel") and not b["error"]:
+            assert b["tiles"], _where(b)
+            mine = (b["constexprs"]["GROUP"] * b["constexprs"]["SEQ"], b["num_warps"], b["num_stages"],
+                    b["max_registers"])
+            shrink = 2 if b["dtype"] == "fp32" else 1  # fp32 tiles take half the rows (plan.tile_candidates)
+            for tile in b["tiles"]:
+                name, key = tile.split("[", 1)
+                candidates = getattr(plan, name)[ast.literal_eval(key[:-1])]
+                assert any((max(16, r // shrink), w, s, regs[0] if regs else None) == mine
+                           for r, w, s, *regs in candidates), (tile, _where(b))
 
 
 def test_low_precision_dots_use_tensor_cores(builds):
@@ -63,12 +147,45 @@ def test_low_precision_dots_use_tensor_cores(builds):
 
 
 def test_no_spill_in_low_precision_builds(builds):
-    spills = [f"{_where(b)}: {b['registers']} registers, {b['stack_bytes']} stack bytes, "
-              f"{b['local_insts']} local loads/stores"
-              for b in builds
-              if not b["error"] and b["dtype"] in LOW_PRECISION and min(b["head_dims"]) <= 128
-              and (b["stack_bytes"] or b["local_insts"])]
+    spills = [kernels_cli.spill_line(b) for b in builds if kernels_cli.spills(b) and kernels_cli.must_not_spill(b)]
     assert not spills, "spilling builds:\n" + "\n".join(spills)
+
+
+def test_a_spill_names_the_tile_rows_to_change(builds):
+    """What a user with a spilling head dim is told: the build, its resources and the rows of
+    divattn/ops/triton/plan.py whose tile it runs."""
+    b = dict(next(b for b in builds if b["tiles"]), stack_bytes=8, local_insts=2)
+    assert kernels_cli.spills(b)
+    line = kernels_cli.spill_line(b)
+    assert all(t in line for t in b["tiles"]) and "divattn/ops/triton/plan.py" in line
+    assert f"{b['registers']} registers, 8 stack bytes, 2 local loads/stores" in line
+
+
+def test_capped_rows_reach_the_launch(builds):
+    """A row's register cap is what the JIT compiles with: the launch passes it as ``maxnreg``."""
+    capped = [b for b in builds if b["max_registers"] is not None and not b["error"]]
+    assert capped and all(b["registers"] <= b["max_registers"] for b in capped)
+
+    def launched(launch) -> dict:
+        seen = {}
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return lambda **kw: seen.update(kw)
+
+        dataclasses.replace(launch, kernel=Kernel()).run()
+        return seen
+
+    assert launched(plan.Launch(None, (1,), {"X": 1}, {"C": 2}, 8, 1, "frame", max_registers=255)) == {
+        "X": 1, "C": 2, "num_warps": 8, "num_stages": 1, "maxnreg": 255}
+    assert launched(plan.Launch(None, (1,), {"X": 1}, {}, 4, 2, "frame")) == {"X": 1, "num_warps": 4, "num_stages": 2}
+
+
+def test_update_record_takes_every_binary(tmp_path):
+    from divattn.__main__ import main
+
+    with pytest.raises(SystemExit, match="add --exact"):
+        main(["kernels", "--shapes", "timesformer_8x224", "--update-record", str(tmp_path / "r.json")])
 
 
 @pytest.mark.parametrize("arch,regs,threads,smem,blocks", [
@@ -90,9 +207,7 @@ interpreting = pytest.mark.skipif(
 
 
 def _launch(kernel, grid, args, **constexprs):
-    from divattn.ops.triton import Launch
-
-    return Launch(kernel, grid, args, constexprs, 4, 1, "test")
+    return plan.Launch(kernel, grid, args, constexprs, 4, 1, "test")
 
 
 def _kernels():
@@ -200,7 +315,17 @@ def test_kernels_command_prints_the_report(capsys):
     assert rc == 0
     assert report["builds"] and report["traffic"] is None
     assert {b["arch"] for b in report["builds"]} == {90}
-    assert all(b["problems"][0].startswith("timesformer_8x224-hwt-D64-") for b in report["builds"])
+    assert all(b["problems"][0].startswith("timesformer_8x224-hwt-B8H12-D64-") for b in report["builds"])
+
+
+def test_a_users_head_dim_check_reads_the_record(capsys):
+    """The README's check of one head dim: every build read from the record, none spilling in fp16/bf16."""
+    from divattn.__main__ import main
+
+    rc = main(["kernels", "--head-dims", "40", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["builds"]
+    assert all(b["cached"] == "record" and b["head_dims"] == [40] for b in report["builds"])
 
 
 def test_bench_writes_modelled_records_to_their_own_file(tmp_path, capsys):

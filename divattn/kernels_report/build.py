@@ -9,10 +9,12 @@ divisibility by 16 of integers and pointers; a tensor on the ``meta`` device has
 address of its offset, as an aligned allocation would), so what is compiled is what a
 launch would compile.
 
-Per build: registers per thread, stack bytes (spills and local arrays) and the local
-load/store instructions in the SASS, static and dynamic shared memory, resident
-blocks per SM (from registers x threads, shared memory and the arch's limits) and the
-tensor-core instructions (``HMMA`` / ``HGMMA``) in the SASS.
+Per build: registers per thread and stack bytes (spills and local arrays) from
+``cuobjdump -res-usage``, static and dynamic shared memory, resident blocks per SM
+(from registers x threads, shared memory and the arch's limits) and the tensor-core
+instructions: the PTX's ``mma.sync`` (``HMMA`` in the SASS) and ``wgmma.mma_async``
+(``HGMMA``), one SASS instruction each. Only a build with stack bytes is disassembled
+(``cuobjdump -sass``, about half a second a build), to count its local loads/stores.
 
 The kernels must be compiled in a process that imported Triton without
 ``TRITON_INTERPRET=1`` (the interpreter replaces ``@triton.jit`` functions at import);
@@ -32,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from .problems import ARCHS, Problem, interpreting, launches
+from .problems import ARCHS, Problem, interpreting, plans
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,14 @@ class Build:
 
     ``stack_bytes``: the cubin's stack frame plus local memory (spills, in Triton code);
     ``local_insts``: ``LDL``/``STL`` instructions in the SASS; ``shared_*``: bytes per
-    block; ``tensor_core_insts``: ``HMMA``/``HGMMA`` instructions, ``mma`` their kinds.
+    block; ``tensor_core_insts``: ``HMMA``/``HGMMA`` instructions, ``mma`` their kinds;
+    ``key``: the build's group (one binary, or one code path when collected without ``exact``);
+    ``binary``: the key of the binary compiled for it (the cache's and the record's key);
+    ``tiles``: the tile-table rows its launches' tiles came from (several where rows of
+    different head-dim buckets give one binary; empty for the epilogues);
+    ``max_registers``: the register cap per thread the row gives ptxas (``None``: ptxas picks);
+    ``cached``: where the resources were read instead of compiled in this run ("record" or
+    "cache"; ``None``: compiled).
     """
 
     kernel: str
@@ -87,6 +96,9 @@ class Build:
     num_stages: int
     regime: str
     key: str
+    max_registers: Optional[int] = None
+    binary: Optional[str] = None
+    tiles: list = field(default_factory=list)
     problems: list = field(default_factory=list)
     head_dims: list = field(default_factory=list)
     specialisations: int = 1
@@ -100,6 +112,7 @@ class Build:
     tensor_core_insts: Optional[int] = None
     mma: Optional[str] = None
     seconds: Optional[float] = None
+    cached: Optional[str] = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -155,17 +168,23 @@ class _Specialiser:
         if binder is None:
             binder = self._binders[id(kernel)] = create_function_from_signature(
                 kernel.signature, kernel.params, self.backend)
-        kw = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+        kw = launch.options
         bound, spec, opts = binder(**launch.args, **launch.constexprs, **kw)
         return kernel._pack_args(self.backend, kw, bound, spec, opts)
 
     def keys(self, launch) -> tuple:
         """(path key, exact key, signature, attrs): launches with one exact key compile to one
-        binary; with one path key they differ at most in the divisibility hints of their
-        integer and pointer arguments."""
+        binary (the key of the on-disk cache); with one path key they differ at most in the
+        divisibility hints of their integer and pointer arguments."""
+        import triton
+
         options, signature, constexprs, attrs = self(launch)
         fn = _fn(launch.kernel)
-        parts = [f"{fn.__module__}.{fn.__qualname__}", signature, sorted(map(repr, constexprs.items())),
+        opts = options.__dict__ if hasattr(options, "__dict__") else dict(options)
+        # the kernel's source (with the jit functions it calls), the compiler and its options: what
+        # decides the binary besides the arguments
+        parts = [f"{fn.__module__}.{fn.__qualname__}", launch.kernel.cache_key, triton.__version__,
+                 sorted(map(repr, opts.items())), signature, sorted(map(repr, constexprs.items())),
                  launch.num_warps, launch.num_stages, self.target.arch]
         exact = parts + [sorted(map(repr, attrs.items()))]
         path_key, exact_key = (hashlib.sha1(json.dumps(p, sort_keys=True, default=repr).encode()).hexdigest()[:16]
@@ -185,25 +204,32 @@ def _signature_text(signature: dict, attrs: dict) -> str:
 
 
 _REG = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-_MMA = re.compile(r"\b(HGMMA|HMMA)(\.[A-Za-z0-9.]+)?")
+# PTX tensor-core instructions and the SASS instruction each becomes
+_MMA = {"mma.sync": "HMMA", "wgmma.mma_async": "HGMMA"}
+_PTX_MMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?(mma\.sync|wgmma\.mma_async)\b", re.M)
 _LOCAL = re.compile(r"\b(LDL|STL)(\.[A-Z0-9.]+)?\b")
 
 
-def _resources(cubin: bytes) -> dict:
+def _cuobjdump(flag: str, cubin: bytes) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-    m = _REG.search(res.stdout)
+        return subprocess.run([_tool("cuobjdump"), flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def _resources(cubin: bytes, ptx: str) -> dict:
+    res = _cuobjdump("-res-usage", cubin)
+    m = _REG.search(res)
     if m is None:
-        raise RuntimeError(f"cuobjdump -res-usage printed no resource line:\n{res.stdout}")
+        raise RuntimeError(f"cuobjdump -res-usage printed no resource line:\n{res}")
     regs, stack, shared, local = map(int, m.groups())
-    mma = _MMA.findall(sass)
-    kinds = sorted({a for a, _ in mma})
-    return {"registers": regs, "stack_bytes": stack + local, "shared_static": shared,
-            "local_insts": len(_LOCAL.findall(sass)), "tensor_core_insts": len(mma), "mma": "+".join(kinds) or None}
+    # without stack or local memory there is nothing to load from or store to
+    local_insts = len(_LOCAL.findall(_cuobjdump("-sass", cubin))) if stack or local else 0
+    mma = _PTX_MMA.findall(ptx)
+    kinds = sorted({_MMA[m] for m in mma})
+    return {"registers": regs, "stack_bytes": stack + local, "shared_static": shared, "local_insts": local_insts,
+            "tensor_core_insts": len(mma), "mma": "+".join(kinds) or None}
 
 
 def compile_launch(launch, arch: int, spec: Optional[_Specialiser] = None) -> dict:
@@ -217,7 +243,7 @@ def compile_launch(launch, arch: int, spec: Optional[_Specialiser] = None) -> di
     opts = options.__dict__ if hasattr(options, "__dict__") else dict(options)
     compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=spec.target,
                               options=opts)
-    out = _resources(compiled.asm["cubin"])
+    out = _resources(compiled.asm["cubin"], compiled.asm["ptx"])
     out["shared_dynamic"] = int(compiled.metadata.shared)
     threads = launch.num_warps * 32
     out["blocks_per_sm"] = resident_blocks(arch, out["registers"], threads,
@@ -230,16 +256,17 @@ def _hints(attrs: dict) -> int:
     return sum(1 for a in attrs.values() for x in a if x and x[0] == "tt.divisibility")
 
 
-def collect(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, exact: bool = False) -> tuple:
-    """Plan every problem on every arch and group the launches by what they compile.
+def collect(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, exact: bool = True) -> tuple:
+    """Plan every problem on every arch, with every tile candidate, and group the launches by
+    what they compile.
 
-    Launches group by kernel, argument types, constexprs, warps, stages and arch; with
-    ``exact`` also by the divisibility hints (one group per binary the JIT would build).
-    Without it each group is compiled once, for the member with the fewest hints: the
-    most general code of that path. ``Build.specialisations`` counts the exact ones.
+    Launches group by kernel, argument types, constexprs, warps, stages and arch and, with
+    ``exact``, the divisibility hints: one group per binary the JIT would build. Without
+    it each group is compiled once, for the member with the fewest hints: the most
+    general code of that path. ``Build.specialisations`` counts the binaries of a group.
 
     Returns ``(builds, jobs)``: the :class:`Build` records (not compiled yet) and, per
-    key, the ``(problem, arch, index)`` that re-creates the launch to compile.
+    key, the ``(problem, arch, candidate, index, binary key)`` that re-creates the launch.
     """
     builds: dict = {}
     jobs: dict = {}
@@ -248,45 +275,92 @@ def collect(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, exact: bo
         spec = _Specialiser(arch)
         for problem in problems:
             try:
-                planned = launches(problem, target=arch)
+                planned = plans(problem, target=arch)
             except Exception as e:  # a plan that cannot be made is a failed build of that problem
                 key = f"plan-{arch}-{problem.id}"
                 builds[key] = Build(kernel="(plan)", arch=arch, dtype=problem.dtype, constexprs={}, signature="",
                                     num_warps=0, num_stages=0, regime="", key=key, problems=[problem.id],
                                     head_dims=[problem.shape.D], error=f"planning failed: {type(e).__name__}: {e}")
                 continue
-            for i, launch in enumerate(planned):
-                path_key, exact_key, signature, attrs = spec.keys(launch)
-                key = exact_key if exact else path_key
-                exacts.setdefault(key, set()).add(exact_key)
-                b = builds.get(key)
-                if b is None or _hints(attrs) < b._hints:
-                    first = b is None
-                    b = builds[key] = Build(
-                        kernel=launch.name, arch=arch, dtype=problem.dtype,
-                        constexprs={k: v if isinstance(v, (bool, int, float, str)) else repr(v)
-                                    for k, v in launch.constexprs.items()},
-                        signature=_signature_text(signature, attrs), num_warps=launch.num_warps,
-                        num_stages=launch.num_stages, regime=launch.regime, key=key,
-                        problems=[] if first else b.problems, head_dims=[] if first else b.head_dims)
-                    b._hints = _hints(attrs)
-                    jobs[key] = (problem, arch, i)
-                b.problems.append(problem.id)
-                if problem.shape.D not in b.head_dims:
-                    b.head_dims.append(problem.shape.D)
+            for c, plan in enumerate(planned):
+                for i, launch in enumerate(plan):
+                    path_key, exact_key, signature, attrs = spec.keys(launch)
+                    key = exact_key if exact else path_key
+                    exacts.setdefault(key, set()).add(exact_key)
+                    b = builds.get(key)
+                    if b is None or _hints(attrs) < b._hints:
+                        first = b is None
+                        b = builds[key] = Build(
+                            kernel=launch.name, arch=arch, dtype=problem.dtype,
+                            constexprs={k: v if isinstance(v, (bool, int, float, str)) else repr(v)
+                                        for k, v in launch.constexprs.items()},
+                            signature=_signature_text(signature, attrs), num_warps=launch.num_warps,
+                            num_stages=launch.num_stages, regime=launch.regime, key=key, max_registers=launch.max_registers,
+                            tiles=[] if first else b.tiles, problems=[] if first else b.problems,
+                            head_dims=[] if first else b.head_dims)
+                        b._hints = _hints(attrs)
+                        b.binary = exact_key
+                        jobs[key] = (problem, arch, c, i, exact_key)
+                    if launch.tile and launch.tile not in b.tiles:
+                        b.tiles.append(launch.tile)
+                    if problem.id not in b.problems[-1:]:
+                        b.problems.append(problem.id)
+                    if problem.shape.D not in b.head_dims:
+                        b.head_dims.append(problem.shape.D)
     for key, b in builds.items():
         b.specialisations = len(exacts.get(key, ()))
     return list(builds.values()), jobs
 
 
-def _compile_job(job) -> dict:
-    problem, arch, index = job
+def cache_dir() -> Optional[str]:
+    """Where compiled builds' resources are kept, by binary key: ``DIVATTN_KERNEL_CACHE`` (a
+    directory, or ``off``), else ``$XDG_CACHE_HOME/divattn/kernels`` (``~/.cache/...``)."""
+    path = os.environ.get("DIVATTN_KERNEL_CACHE")
+    if path is not None:
+        return None if path.strip().lower() in ("", "0", "off", "none") else path
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "divattn", "kernels")
+
+
+# Bumped when what is read from a binary changes: older cache entries are then not read.
+RESOURCES_VERSION = 1
+
+
+def _entry(cache: str, key: str) -> str:
+    return os.path.join(cache, f"{key}-r{RESOURCES_VERSION}.json")
+
+
+def _cached(cache: Optional[str], key: str) -> Optional[dict]:
+    if cache is None:
+        return None
     try:
-        launch = launches(problem, target=arch)[index]
-        return compile_launch(launch, arch)
+        with open(_entry(cache, key), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _store(cache: Optional[str], key: str, result: dict) -> None:
+    """Keep a successful compile's resources (written whole, then renamed: readers never see half)."""
+    if cache is None or result.get("error"):
+        return
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    os.replace(tmp, _entry(cache, key))
+
+
+def _compile_job(job, cache: Optional[str] = None) -> dict:
+    problem, arch, candidate, index, key = job
+    try:
+        launch = plans(problem, target=arch)[candidate][index]
+        result = compile_launch(launch, arch)
     except Exception as e:  # a compile error is a result: reported per build, asserted by the tests
         msg = str(e).strip().splitlines()
         return {"error": f"{type(e).__name__}: " + (msg[-1] if msg else "")[:2000]}
+    _store(cache, key, result)
+    return result
 
 
 def _child_env() -> dict:
@@ -318,65 +392,191 @@ def _in_children(payloads: Sequence[dict]) -> list:
     return answers
 
 
+def _progress(done: int, total: int) -> None:
+    if done == total or done % max(1, total // 20) == 0:
+        print(f"divattn kernels: compiled {done} of {total}", file=sys.stderr, flush=True)
+
+
+def _compile_in_workers(jobs: Sequence[tuple], workers: int, cache: Optional[str], progress=None) -> list:
+    """Compile ``jobs`` in ``workers`` child processes, each taking the next job when it is done
+    with one (``python -m divattn.kernels_report.build --serve``: a JSON line in, one out)."""
+    import threading
+
+    results: list = [None] * len(jobs)
+    pending = iter(range(len(jobs)))
+    lock = threading.Lock()
+    errors: list = []
+    count = [0]
+
+    def serve():
+        log = tempfile.TemporaryFile("w+")  # the child's stderr: a pipe nobody reads could fill and block it
+        proc = subprocess.Popen([sys.executable, "-m", "divattn.kernels_report.build", "--serve"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=_child_env())
+        try:
+            while True:
+                with lock:
+                    j = next(pending, None)
+                if j is None:
+                    break
+                problem, *rest = jobs[j]
+                proc.stdin.write(json.dumps({"job": [problem.to_dict(), *rest], "cache": cache}) + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line:
+                    proc.wait()
+                    log.seek(0)
+                    raise RuntimeError(f"a compile process failed (exit {proc.returncode}):\n{log.read()[-4000:]}")
+                results[j] = json.loads(line)
+                if progress is not None:
+                    with lock:
+                        count[0] += 1
+                        progress(count[0], len(jobs))
+        except Exception as e:  # re-raised in the caller's thread
+            errors.append(e)
+        finally:
+            proc.stdin.close()
+            proc.wait()
+            log.close()
+
+    threads = [threading.Thread(target=serve) for _ in range(min(workers, len(jobs)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+# The checkout's record of every build the default report covers (`python -m divattn kernels
+# --update-record` writes it): read instead of compiling, verified by recompiling a sample in CI.
+RECORD = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
+                      "results", "kernels", "builds.json")
+RECORD_FIELDS = ("registers", "stack_bytes", "shared_static", "shared_dynamic", "local_insts", "tensor_core_insts",
+                 "mma", "blocks_per_sm")
+
+
+def load_record(path: Optional[str]) -> dict:
+    """The builds of a record written by :func:`write_record`, ``{binary key: resources}`` (empty
+    when ``path`` is None or absent)."""
+    if path is None or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    fields = data["fields"]
+    return {key: dict(zip(fields, values)) for key, values in data["builds"].items()}
+
+
+def record_meta(argv: Sequence[str], problems: int, archs: Sequence[int]) -> dict:
+    """What a record says about how it was made: the command, Triton, the commit, the date."""
+    import datetime
+    import platform
+
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"command": "python -m divattn " + " ".join(argv), "triton": triton.__version__,
+            "python": platform.python_version(), "commit": commit, "date": datetime.date.today().isoformat(),
+            "archs": list(archs), "problems": problems}
+
+
+def write_record(path: str, builds: Sequence[dict], meta: dict) -> None:
+    """Keep every compiled build's resources by binary key, one line each, with ``meta`` (what
+    made it). Builds that failed or were not compiled are left out."""
+    rows = sorted((b["binary"], [b[f] for f in RECORD_FIELDS]) for b in builds
+                  if not b.get("error") and b.get("registers") is not None)
+    head = json.dumps({**meta, "fields": list(RECORD_FIELDS)}, indent=1)[:-2]
+    body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head},\n \"builds\": {{\n{body}\n }}\n}}\n")
+
+
 def compile_all(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, workers: int = 1,
-                exact: bool = False) -> list:
+                exact: bool = True, cache: Optional[str] = None, record: Optional[str] = None,
+                compile_missing: bool = True, only: Optional[Sequence[str]] = None, progress: bool = False) -> list:
     """Every distinct build of ``problems`` on ``archs``, compiled once each (this process must not
-    interpret); ``workers`` > 1 compiles in that many child processes."""
+    interpret) unless ``record`` (a file of :func:`write_record`) or ``cache`` (a directory)
+    holds its binary's resources (``Build.cached``: "record" or "cache"); ``workers`` > 1
+    compiles in that many child processes, the backward kernels (the slow ones) first.
+    ``compile_missing=False`` compiles nothing (a build found nowhere keeps ``registers=None``);
+    ``only``: just the builds with these keys. ``progress``: say on stderr how far the compiles are."""
     builds, jobs = collect(problems, archs, exact=exact)
-    failed = [b for b in builds if b.key not in jobs]
-    builds = [b for b in builds if b.key in jobs]
-    todo = [jobs[b.key] for b in builds]
+    if only is not None:
+        builds = [b for b in builds if b.key in set(only)]
+    recorded = load_record(record)
+    todo = []
+    for b in builds:
+        if b.key not in jobs:  # its plan failed
+            continue
+        binary = b.binary
+        hit, where = recorded.get(binary), "record"
+        if hit is None:
+            hit, where = _cached(cache, binary), "cache"
+        if hit is None:
+            todo.append(b)
+        else:
+            for k, v in hit.items():
+                setattr(b, k, v)
+            b.cached = where
+    todo.sort(key=lambda b: ("bwd" not in b.kernel, b.kernel, b.arch))
+    if not compile_missing:
+        todo = []
+    report_progress = _progress if progress else None
+    if progress:
+        print(f"divattn kernels: {len(problems)} problems on sm_{', sm_'.join(map(str, archs))}: {len(builds)} "
+              f"builds, {len(builds) - len(todo)} from the record or the cache", file=sys.stderr, flush=True)
     if workers > 1 and len(todo) > 1:
-        chunks = [list(range(i, len(todo), workers)) for i in range(min(workers, len(todo)))]
-        answers = _in_children([{"jobs": [[todo[j][0].to_dict(), todo[j][1], todo[j][2]] for j in chunk]}
-                                for chunk in chunks])
-        results: list = [None] * len(todo)
-        for chunk, answer in zip(chunks, answers):
-            for j, r in zip(chunk, answer):
-                results[j] = r
+        results = _compile_in_workers([jobs[b.key] for b in todo], workers, cache, report_progress)
     else:
-        results = [_compile_job(j) for j in todo]
-    for b, r in zip(builds, results):
+        results = []
+        for b in todo:
+            results.append(_compile_job(jobs[b.key], cache))
+            if report_progress is not None:
+                report_progress(len(results), len(todo))
+    for b, r in zip(todo, results):
         for k, v in r.items():
             setattr(b, k, v)
-    return failed + builds
+    return builds
 
 
-def report(*, shapes: Optional[Sequence[str]] = None, head_dims=None, orders=None, dtypes=None, passes=None,
-           archs: Sequence[int] = ARCHS, workers: int = 1, exact: bool = False) -> list:
-    """:func:`compile_all` over the named GPU shapes (or those named), as dicts.
+def report(problems: Sequence[Problem], *, archs: Sequence[int] = ARCHS, workers: int = 1, exact: bool = True,
+           cache: Optional[str] = "default", record: Optional[str] = None, compile_missing: bool = True,
+           only: Optional[Sequence[str]] = None, progress: bool = False) -> list:
+    """:func:`compile_all` over ``problems``, as dicts; ``cache="default"`` is :func:`cache_dir`.
 
     Runs in a child process without ``TRITON_INTERPRET`` when this one interprets.
     """
-    spec = {"shapes": shapes, "head_dims": head_dims, "orders": orders, "dtypes": dtypes, "passes": passes,
-            "archs": list(archs), "workers": workers, "exact": exact}
+    spec = {"problems": [p.to_dict() for p in problems], "archs": list(archs), "workers": workers, "exact": exact,
+            "cache": cache_dir() if cache == "default" else cache, "record": record,
+            "compile_missing": compile_missing, "only": None if only is None else list(only), "progress": progress}
     if os.environ.get("TRITON_INTERPRET") == "1" or interpreting():
         return _in_children([spec])[0]
-    return [b.as_dict() for b in _run(spec)]
+    return _run(spec)
 
 
 def _run(spec: dict) -> list:
-    from ..shapes import GPU_SHAPES
-    from .problems import DTYPES, HEAD_DIMS, ORDERS, PASSES, problems, variants
-
-    names = spec.get("shapes") or list(GPU_SHAPES)
-    unknown = [n for n in names if n not in GPU_SHAPES]
-    if unknown:
-        raise ValueError(f"unknown GPU shape(s) {', '.join(unknown)}; named shapes: {', '.join(GPU_SHAPES)}")
-    shapes = [v for n in names for v in variants(GPU_SHAPES[n], spec.get("head_dims") or HEAD_DIMS,
-                                                 spec.get("orders") or ORDERS)]
-    probs = list(problems(shapes, passes=spec.get("passes") or PASSES, dtypes=spec.get("dtypes") or tuple(DTYPES)))
-    return compile_all(probs, spec.get("archs") or ARCHS, workers=int(spec.get("workers") or 1),
-                       exact=bool(spec.get("exact")))
+    probs = [Problem.from_dict(p) for p in spec["problems"]]
+    return [b.as_dict() for b in compile_all(probs, spec["archs"], workers=int(spec["workers"]),
+                                             exact=bool(spec["exact"]), cache=spec["cache"], record=spec["record"],
+                                             compile_missing=bool(spec["compile_missing"]), only=spec["only"],
+                                             progress=bool(spec.get("progress")))]
 
 
 def _main() -> None:
-    spec = json.loads(sys.stdin.read())
-    if "jobs" in spec:
-        out = [_compile_job((Problem.from_dict(p), arch, i)) for p, arch, i in spec["jobs"]]
-    else:
-        out = [b.as_dict() for b in _run(spec)]
-    json.dump(out, sys.stdout)
+    if sys.argv[1:] == ["--serve"]:
+        answers, sys.stdout = sys.stdout, sys.stderr  # only answers on stdout
+        for line in sys.stdin:
+            msg = json.loads(line)
+            problem, *rest = msg["job"]
+            answers.write(json.dumps(_compile_job((Problem.from_dict(problem), *rest), msg["cache"])) + "\n")
+            answers.flush()
+        return
+    json.dump(_run(json.loads(sys.stdin.read())), sys.stdout)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,14 @@
-"""The launches GPU dispatch makes for a named shape, built the way the op builds them.
+"""The problems the kernel report covers and the launches GPU dispatch makes for them.
 
-A :class:`Problem` is one (shape, op, pass, dtype) with its head dim and token order.
+A :class:`Geometry` is one attention layer as the kernels see it (batch, frames,
+patches, heads, head dim, token order, cls, causal); a :class:`Problem` is one op,
+pass and dtype on it. The report covers the callers' named shapes (``divattn
+kernels`` passes the benchmark shapes) and :data:`COVERAGE`: layers chosen so that
+every code path dispatch can reach is planned (every packed sequence length, the
+frame and long regimes, with and without cls, causal, joint), at every head dim of
+:data:`HEAD_DIMS` and at the batch/head counts of :data:`BATCH_HEADS`, whose strides
+and sizes give the launches the divisibility specialisations real models get.
+
 :func:`launches` lays out a packed qkv projection output like the benchmarks do,
 splits it with :func:`divattn.ops.layout.split_qkv` (joint: ``qkv.unbind(2)``),
 allocates the outputs, the saved statistics and the gradient buffers with the
@@ -21,29 +29,81 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..shapes import GPU_SHAPES, AttnShape
-
 PASSES = ("fwd", "bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARCHS = (80, 90)
-# D of the named shapes (ViT-B) and the two other head dims every GPU report covers.
-HEAD_DIMS = (64, 128, 72)
+# A representative of every head-dim bucket, aligned (a multiple of 16) and not (40, 72).
+HEAD_DIMS = (16, 32, 40, 48, 64, 72, 80, 96, 128)
 ORDERS = ("hwt", "thw")
+# (B, H): one clip and one head (every size-1 specialisation), an odd head count (strides
+# that are not multiples of 16 when D is not), a training batch of ViT-B's 12 heads.
+BATCH_HEADS = ((1, 1), (2, 3), (8, 12))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One attention layer: B clips of T frames of N patches (after an optional cls token),
+    H heads of D, tokens in ``order`` ("hwt": time fastest, "thw": frame-major); a
+    ``causal`` layer is the temporal attention of an ST transformer (that op only)."""
+
+    name: str
+    B: int
+    T: int
+    N: int
+    H: int
+    D: int
+    order: str = "hwt"
+    cls: bool = True
+    causal: bool = False
+
+    @classmethod
+    def of(cls, shape) -> "Geometry":
+        """The geometry of any shape record with these fields (e.g. a benchmark shape)."""
+        return shape if isinstance(shape, cls) else cls(**{f.name: getattr(shape, f.name)
+                                                           for f in dataclasses.fields(cls)})
+
+    @property
+    def tokens(self) -> int:
+        return int(self.cls) + self.T * self.N
+
+    def ops(self) -> tuple:
+        if self.causal:
+            return ("temporal",)
+        return ("temporal", "spatial") + (("spatial_cls",) if self.cls else ()) + ("joint",)
+
+
+# Layers that reach every code path dispatch plans, with the benchmark shapes or without
+# them: temporal attention over every packed sequence length (1 ... 64 frames) and the frame
+# regime (96); 64 px frames (N = 16: spatial sequences packed, 17 rows with cls) and a
+# joint sequence of 1 + 16 T tokens, packed (T <= 2), in the frame regime (T <= 8 ... 16)
+# or the long one; 112 px (N = 49) and 224 px (N = 196) frames; a video diffusion UNet's
+# 32x32 latent (N = 1024: the long regime, no cls); causal temporal attention (an ST
+# transformer's) packed, in the frame regime (96 frames) and the long one (320).
+COVERAGE = (
+    *(Geometry(f"clip{T}_64px", 1, T, 16, 1, 64) for T in (1, 2, 4, 8, 16, 32, 64, 96)),
+    Geometry("clip8_112px", 1, 8, 49, 1, 64),
+    Geometry("clip8_224px", 1, 8, 196, 1, 64),
+    Geometry("unet_16x32x32", 1, 16, 1024, 1, 64, "thw", False),
+    *(Geometry(f"causal{T}_64px", 1, T, 16, 1, 64, "thw", False, True) for T in (2, 4, 8, 16, 32, 64, 96, 320)),
+)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One attention op on one shape: ``op`` is temporal, spatial, spatial_cls or joint."""
+    """One attention op on one layer: ``op`` is temporal, spatial, spatial_cls or joint."""
 
-    shape: AttnShape
+    shape: Geometry
     op: str
     pass_: str
     dtype: str
 
+    def __post_init__(self):
+        object.__setattr__(self, "shape", Geometry.of(self.shape))
+
     @property
     def id(self) -> str:
         s = self.shape
-        return f"{s.name}-{s.order}-D{s.D}-{self.op}-{self.pass_}-{self.dtype}"
+        return f"{s.name}-{s.order}-B{s.B}H{s.H}-D{s.D}-{self.op}-{self.pass_}-{self.dtype}"
 
     @property
     def kernel_op(self) -> str:
@@ -55,34 +115,34 @@ class Problem:
 
     @property
     def causal(self) -> bool:
-        return bool(getattr(self.shape, "causal", False)) and self.op == "temporal"
+        return self.shape.causal and self.op == "temporal"
 
     @property
     def q_shape(self) -> tuple:
-        return self.shape.q_shape(self.op)
+        s = self.shape
+        return (s.B, s.tokens, s.H, s.D) if self.op == "joint" else (s.B, s.T, s.N, s.H, s.D)
 
     def to_dict(self) -> dict:
         return {"shape": dataclasses.asdict(self.shape), "op": self.op, "pass_": self.pass_, "dtype": self.dtype}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Problem":
-        return cls(AttnShape(**d["shape"]), d["op"], d["pass_"], d["dtype"])
+        return cls(Geometry(**d["shape"]), d["op"], d["pass_"], d["dtype"])
 
 
-def variants(shape: AttnShape, head_dims: Sequence[int] = HEAD_DIMS,
-             orders: Sequence[str] = ORDERS) -> list:
-    """``shape`` with each head dim (heads kept) in each token order (:attr:`Problem.id` names both)."""
-    out = []
-    for D in head_dims:
-        for order in orders:
-            out.append(dataclasses.replace(shape, D=int(D), order=order))
-    return out
+def variants(shape, head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] = ORDERS,
+             batch_heads: Optional[Sequence[tuple]] = None) -> list:
+    """``shape`` at each head dim in each token order, and at each (B, H) of ``batch_heads``
+    (default: its own); :attr:`Problem.id` names all three."""
+    shape = Geometry.of(shape)
+    return [dataclasses.replace(shape, D=int(D), order=order, B=B, H=H)
+            for D in head_dims for order in orders for B, H in (batch_heads or [(shape.B, shape.H)])]
 
 
-def problems(shapes: Iterable[AttnShape], *, passes: Sequence[str] = PASSES,
-             dtypes: Sequence[str] = tuple(DTYPES), ops: Optional[Sequence[str]] = None) -> Iterator[Problem]:
+def problems(shapes: Iterable, *, passes: Sequence[str] = PASSES, dtypes: Sequence[str] = tuple(DTYPES),
+             ops: Optional[Sequence[str]] = None) -> Iterator[Problem]:
     """Every (shape, op, pass, dtype); ``ops`` default to each shape's own."""
-    for shape in shapes:
+    for shape in map(Geometry.of, shapes):
         for op in shape.ops():
             if ops is not None and op not in ops:
                 continue
@@ -91,10 +151,10 @@ def problems(shapes: Iterable[AttnShape], *, passes: Sequence[str] = PASSES,
                     yield Problem(shape, op, pass_, dtype)
 
 
-def gpu_problems(head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] = ORDERS, **kw) -> list:
-    """The named GPU benchmark shapes at every head dim and token order (see :data:`HEAD_DIMS`)."""
-    shapes = [v for s in GPU_SHAPES.values() for v in variants(s, head_dims, orders)]
-    return list(problems(shapes, **kw))
+def coverage(head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] = ORDERS,
+             batch_heads: Sequence[tuple] = BATCH_HEADS) -> list:
+    """The :data:`COVERAGE` layers at every head dim, token order and (B, H)."""
+    return [v for s in COVERAGE for v in variants(s, head_dims, orders, batch_heads)]
 
 
 def _fill(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -112,17 +172,18 @@ def interpreting() -> bool:
     return not any(isinstance(k, JITFunction) for k in KERNELS)
 
 
-def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int] = 0) -> list:
-    """The :class:`~divattn.ops.triton.Launch` list of ``problem`` on ``target``.
+def plans(problem: Problem, *, target=None, device="meta", seed: Optional[int] = 0) -> list:
+    """The plans of ``problem`` on ``target``, one :class:`~divattn.ops.triton.Launch` list per
+    tile candidate dispatch may run (the first unless tuning on a GPU picks another).
 
     ``target``: ``None`` (the device's: the interpreter for CPU tensors) or an SM
     number (80, 90). ``device="meta"`` allocates nothing (for compiling); on a real
     device the inputs and the incoming gradients are random normal (``seed``) so the
-    launches can run.
+    launches can run (the backward's after the forward of the first candidate has).
     """
     from ..ops import functions
     from ..ops.layout import split_qkv
-    from ..ops.triton import plan_backward, plan_forward
+    from ..ops.triton import plan_backward, plan_forward, problem_candidates
 
     s = problem.shape
     dtype = DTYPES[problem.dtype]
@@ -147,26 +208,30 @@ def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int
         scale = s.D ** -0.5
         buf, lse, cls_frames, lse_cls = functions._outputs(op, problem.has_cls, q)
         o, o_cls = functions._out_views(op, problem.has_cls, q, buf)
-        # As the op passes it: only a causal call carries the flag.
-        extra = {"causal": True} if problem.causal else {}
+        fwd = dict(cls=cls, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal)
+        candidates = problem_candidates(op, problem.pass_, q, k, cls is not None, target)
         if problem.pass_ == "fwd":
-            return plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
-                                               cls_frames=cls_frames, lse_cls=lse_cls, target=target, **extra)
+            return [plan_forward(op, q, k, v, o, lse, scale, **fwd, target=target, candidate=c) for c in candidates]
         # The backward reads what the forward wrote: run it where that is possible.
         if device.type != "meta":
-            for launch in plan_forward(op, q, k, v, o, lse, scale, cls=cls, o_cls=o_cls,
-                                                      cls_frames=cls_frames, lse_cls=lse_cls, **extra):
+            for launch in plan_forward(op, q, k, v, o, lse, scale, **fwd):
                 launch.run()
         srcs, geom = functions.sources(views)
         grads = functions._grads(srcs, geom)
         dviews = functions._decode(grads, geom) if len(srcs) < geom[0] else grads
         d_buf = _fill(torch.empty_like(buf), gen)
         do, do_cls = functions._out_views(op, problem.has_cls, q, d_buf)
-        return plan_backward(
-            op, q, k, v, o, do, lse, *dviews[:3], scale,
-            cls=cls, d_cls=tuple(dviews[3:]) if cls is not None else None, do_cls=do_cls,
-            cls_frames=cls_frames, lse_cls=lse_cls, target=target, **extra)
+        return [plan_backward(op, q, k, v, o, do, lse, *dviews[:3], scale, cls=cls,
+                              d_cls=tuple(dviews[3:]) if cls is not None else None, do_cls=do_cls,
+                              cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal, target=target,
+                              candidate=c) for c in candidates]
 
 
-__all__ = ["Problem", "problems", "gpu_problems", "variants", "launches", "PASSES", "DTYPES", "ARCHS",
-           "HEAD_DIMS", "ORDERS", "interpreting"]
+def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int] = 0) -> list:
+    """The :class:`~divattn.ops.triton.Launch` list of ``problem`` on ``target`` with the first
+    tile candidate: what runs untuned (see :func:`plans`)."""
+    return plans(problem, target=target, device=device, seed=seed)[0]
+
+
+__all__ = ["Geometry", "Problem", "problems", "variants", "coverage", "plans", "launches", "interpreting", "COVERAGE",
+           "PASSES", "DTYPES", "ARCHS", "HEAD_DIMS", "ORDERS", "BATCH_HEADS"]

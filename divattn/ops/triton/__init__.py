@@ -8,8 +8,8 @@
   :func:`backward` run them.
 """
 
-from .plan import (LOG2E, TILES, Launch, Tiling, backward, forward, plan_backward, plan_forward, tile_candidates,
-                   tile_config)
+from .plan import (LOG2E, TILES, Launch, Tiling, backward, forward, plan_backward, plan_forward, problem_candidates,
+                   tile_candidates, tile_config)
 
 __all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "Tiling", "LOG2E", "TILES",
-           "tile_candidates", "tile_config"]
+           "tile_candidates", "problem_candidates", "tile_config"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -38,14 +39,24 @@ class Launch:
     num_warps: int
     num_stages: int
     regime: str
+    tile: Optional[str] = None  # the tile-table row of the tile, where one applies
+    max_registers: Optional[int] = None  # ptxas's per-thread register cap (.maxnreg); None: ptxas picks
 
     @property
     def name(self) -> str:
         fn = getattr(self.kernel, "fn", self.kernel)
         return getattr(fn, "__name__", str(fn))
 
+    @property
+    def options(self) -> dict:
+        """The launch options the JIT compiles with."""
+        out = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.max_registers is not None:
+            out["maxnreg"] = self.max_registers
+        return out
+
     def run(self) -> None:
-        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
 
 
 class _Kernel:
@@ -60,13 +71,13 @@ class _Kernel:
         self.runtime = frozenset(p.name for p in params) - self.constexprs
 
     def launch(self, grid: tuple, args: dict, constexprs: dict, num_warps: int, num_stages: int,
-               regime: str) -> Launch:
+               regime: str, tile: Optional[str] = None, max_registers: Optional[int] = None) -> Launch:
         for given, wanted, what in ((args, self.runtime, "arguments"), (constexprs, self.constexprs, "constexprs")):
             missing = sorted(wanted - given.keys())
             extra = sorted(given.keys() - wanted)
             if missing or extra:
                 raise TypeError(f"{self.name}: {what} missing {missing or 'none'}, not taken {extra or 'none'}")
-        return Launch(self.kernel, grid, args, constexprs, num_warps, num_stages, regime)
+        return Launch(self.kernel, grid, args, constexprs, num_warps, num_stages, regime, tile, max_registers)
 
 
 _FWD = _Kernel(kernels._attn_fwd_kernel)
@@ -85,59 +96,123 @@ def _target(device: torch.device, target):
     return major * 10 + minor
 
 
-# Tile configurations, as data: (regime, pass, head-dim bucket, precision, arch, cls) -> candidate
-# (rows, num_warps, num_stages), best first. "rows" is the tile height GROUP * SEQ; "arch"
-# is 80 (Ampere, mma.sync) or 90 (Hopper and newer). The first candidate is what runs; on a
-# GPU the candidates are the pruned tuning space (see :func:`_run`). Chosen with
-# `python -m divattn kernels`: no register spill in any fp16/bf16 build at D <= 128 on
-# sm_80 / sm_90, then the most resident blocks. The interpreter (CPU) runs small tiles of
-# its own.
+# Tile configurations, as data: (regime, pass, head-dim bucket) -> candidate (rows, num_warps,
+# num_stages[, max_registers]), best first, for sm_90 (Hopper and newer) in _HOPPER; _AMPERE holds
+# the sm_80 (mma.sync) rows that differ, _CLS the rows that differ with a cls token (either arch).
+# "rows" is the tile height GROUP * SEQ. The first candidate is what runs; on a GPU the
+# candidates are the pruned tuning space (see :func:`_run`). Head-dim buckets (:func:`_bucket`):
+# 32 (D <= 32), 64 and 128 (multiples of 16 up to 64 / 128), 40 and 72 (the other D up to 64 /
+# 128: their rows load unvectorised and hold more registers), 256.
+#
+# max_registers is the per-thread register cap given to ptxas (the launch's ``maxnreg``, PTX
+# ``.maxnreg``). Without one, the ptxas Triton 3.9 runs (``--regAllocOptLevel=2``) picks the
+# count itself and, to keep 2 or 3 blocks resident, sometimes spills a few bytes at 80 or 128
+# registers; with a cap it allocates what the code needs up to the cap. 255 lets a build use
+# what it needs (one block of 8 warps per SM above 128 registers, two of 4 warps); 128 keeps
+# two blocks of 8 warps. A row has a cap only where, without one, a build spilled.
+#
+# Chosen with `python -m divattn kernels`: no register spill in any fp16/bf16 build at D <= 128
+# on sm_80 / sm_90 (the report's head dims, every code path; its record in
+# benchmarks/results/kernels/builds.json), then the most resident blocks. The interpreter (CPU)
+# runs small tiles of its own.
 _HOPPER = {
+    ("packed", "fwd", 32): [(64, 8, 2)],
+    ("packed", "fwd", 40): [(64, 8, 2)],
     ("packed", "fwd", 64): [(64, 4, 2)],
-    ("packed", "fwd", 128): [(32, 4, 2), (64, 8, 2)],
+    ("packed", "fwd", 72): [(32, 8, 2)],
+    ("packed", "fwd", 128): [(32, 8, 2, 128), (64, 8, 2)],
     ("packed", "fwd", 256): [(16, 8, 1)],
+    ("packed", "bwd", 32): [(32, 8, 1)],
+    ("packed", "bwd", 40): [(16, 8, 1)],
     ("packed", "bwd", 64): [(32, 8, 1)],
+    ("packed", "bwd", 72): [(16, 8, 1)],
     ("packed", "bwd", 128): [(16, 4, 1)],
     ("packed", "bwd", 256): [(16, 8, 1)],
-    ("frame", "fwd", 64): [(64, 8, 2), (32, 8, 2)],
+    ("frame", "fwd", 32): [(64, 8, 2), (32, 8, 2)],
+    ("frame", "fwd", 40): [(64, 8, 2), (32, 8, 2)],
+    ("frame", "fwd", 64): [(64, 8, 2), (32, 8, 2, 255)],
+    ("frame", "fwd", 72): [(32, 8, 2)],
     ("frame", "fwd", 128): [(32, 8, 2)],
     ("frame", "fwd", 256): [(16, 8, 1)],
+    ("frame", "bwd", 32): [(64, 8, 1), (32, 8, 1, 255)],
+    ("frame", "bwd", 40): [(32, 8, 1)],
     ("frame", "bwd", 64): [(64, 8, 1), (32, 8, 1)],
-    ("frame", "bwd", 128): [(32, 8, 1), (16, 4, 1)],
+    ("frame", "bwd", 72): [(16, 8, 1, 255)],
+    ("frame", "bwd", 128): [(16, 8, 1, 255), (16, 4, 1)],
     ("frame", "bwd", 256): [(16, 8, 1)],
+    ("long", "fwd", 32): [(64, 8, 2), (32, 8, 2)],
+    ("long", "fwd", 40): [(64, 8, 2), (32, 8, 2)],
     ("long", "fwd", 64): [(64, 8, 2), (32, 8, 2)],
+    ("long", "fwd", 72): [(32, 8, 2)],
     ("long", "fwd", 128): [(32, 8, 2)],
     ("long", "fwd", 256): [(16, 8, 1)],
+    ("long", "bwd", 32): [(32, 8, 1), (64, 8, 1)],
+    ("long", "bwd", 40): [(32, 8, 1), (64, 8, 1)],
     ("long", "bwd", 64): [(32, 8, 1), (64, 8, 1)],
-    ("long", "bwd", 128): [(32, 8, 1), (16, 4, 1)],
+    ("long", "bwd", 72): [(16, 8, 1, 255)],
+    ("long", "bwd", 128): [(16, 8, 1, 255), (16, 4, 1)],
     ("long", "bwd", 256): [(16, 8, 1)],
 }
 _AMPERE = {
-    **_HOPPER,
+    ("packed", "fwd", 32): [(64, 8, 2, 128)],
+    ("packed", "fwd", 72): [(32, 8, 2, 255)],
     ("packed", "fwd", 128): [(32, 4, 2)],
+    ("frame", "fwd", 32): [(32, 8, 2)],
+    ("frame", "fwd", 40): [(32, 8, 2)],
     ("frame", "fwd", 64): [(32, 8, 2)],
+    ("frame", "bwd", 32): [(32, 4, 1, 255)],
+    ("frame", "bwd", 40): [(16, 8, 1)],
     ("frame", "bwd", 64): [(32, 8, 1)],
+    ("long", "fwd", 32): [(32, 4, 2)],
+    ("long", "fwd", 40): [(32, 8, 2, 255)],
     ("long", "fwd", 64): [(32, 8, 2)],
+    ("long", "bwd", 32): [(32, 8, 1)],
+    ("long", "bwd", 40): [(32, 8, 1)],
     ("long", "bwd", 64): [(32, 8, 1)],
 }
 # With a cls token the backward holds more per row (the cls row's merged loads): fewer rows.
 _CLS = {
+    ("frame", "bwd", 32): [(32, 8, 1)],
+    ("frame", "bwd", 40): [(32, 8, 1)],
     ("frame", "bwd", 64): [(32, 8, 1)],
+    ("frame", "bwd", 72): [(16, 8, 1)],
     ("frame", "bwd", 128): [(16, 8, 1)],
+    ("long", "bwd", 32): [(32, 8, 1)],
+    ("long", "bwd", 40): [(32, 8, 1)],
     ("long", "bwd", 64): [(32, 8, 1)],
+    ("long", "bwd", 72): [(16, 8, 1)],
     ("long", "bwd", 128): [(16, 8, 1)],
 }
+
+
+def _table_row(regime: str, pass_: str, bucket: int, arch: int, cls: bool) -> tuple:
+    """``(name, candidates)`` of the table row that applies, e.g. ``("_AMPERE[('frame', 'bwd', 64)]", [...])``."""
+    key = (regime, pass_, bucket)
+    name, table = (("_CLS", _CLS) if cls and key in _CLS else ("_AMPERE", _AMPERE) if arch == 80 and key in _AMPERE
+                   else ("_HOPPER", _HOPPER))
+    return f"{name}[{key!r}]", table[key]
+
+
 TILES = {
-    (regime, pass_, bucket, "half", arch, cls): (_CLS.get((regime, pass_, bucket)) if cls else None) or cands
-    for arch, table in ((80, _AMPERE), (90, _HOPPER))
-    for (regime, pass_, bucket), cands in table.items()
+    (regime, pass_, bucket, "half", arch, cls): _table_row(regime, pass_, bucket, arch, cls)[1]
+    for arch in (80, 90)
+    for (regime, pass_, bucket) in _HOPPER
     for cls in (False, True)
 }
 INTERPRETER_ROWS = 32
 
 
-def _bucket(block_d: int) -> int:
-    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+def _bucket(D: int) -> int:
+    """The head-dim bucket of the tile table that serves head dim ``D`` (see the table's comment)."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if block_d <= 32 or block_d > 128:
+        return max(block_d, 32)
+    return block_d if D % 16 == 0 else {64: 40, 128: 72}[block_d]
+
+
+def _arch(target) -> int:
+    """The table an SM number reads: 80 (Ampere, mma.sync) below 90, else 90."""
+    return 90 if int(target) >= 90 else 80
 
 
 def _regime(rows_per_seq: int, rows: int) -> str:
@@ -147,7 +222,7 @@ def _regime(rows_per_seq: int, rows: int) -> str:
 
 
 def tile_candidates(rows_per_seq: int, D: int, dtype: torch.dtype, target, pass_: str, has_cls: bool = False) -> list:
-    """Candidate ``(regime, rows, num_warps, num_stages)`` for sequences of ``rows_per_seq`` rows (cls included).
+    """Candidate ``(regime, rows, num_warps, num_stages, max_registers)`` for sequences of ``rows_per_seq`` rows (cls included).
 
     The regime follows from the first packed entry: sequences that fit its tile are
     packed, longer ones up to FRAME_MAX rows take the frame regime, the rest the long
@@ -155,19 +230,19 @@ def tile_candidates(rows_per_seq: int, D: int, dtype: torch.dtype, target, pass_
     per element).
     """
     if target == "interpreter":
-        return [(_regime(rows_per_seq, INTERPRETER_ROWS), INTERPRETER_ROWS, 4, 1)]
-    bucket = _bucket(max(16, triton.next_power_of_2(D)))
-    arch = 90 if int(target) >= 90 else 80
+        return [(_regime(rows_per_seq, INTERPRETER_ROWS), INTERPRETER_ROWS, 4, 1, None)]
+    bucket, arch = _bucket(D), _arch(target)
     shrink = 2 if dtype == torch.float32 else 1
     first_packed = TILES[("packed", pass_, bucket, "half", arch, has_cls)][0][0] // shrink
     regime = _regime(rows_per_seq, max(16, first_packed))
     out = []
-    for rows, warps, stages in TILES[(regime, pass_, bucket, "half", arch, has_cls)]:
+    for rows, warps, stages, *regs in TILES[(regime, pass_, bucket, "half", arch, has_cls)]:
         rows = max(16, rows // shrink)
         if regime == "packed" and triton.next_power_of_2(max(rows_per_seq, 1)) > rows:
             continue
-        if (regime, rows, warps, stages) not in out:
-            out.append((regime, rows, warps, stages))
+        candidate = (regime, rows, warps, stages, regs[0] if regs else None)
+        if candidate not in out:
+            out.append(candidate)
     return out
 
 
@@ -193,6 +268,8 @@ class Tiling:
     tiles_per_prog: int
     num_warps: int
     num_stages: int
+    tile: Optional[str] = None  # the tile-table row it came from (None in the interpreter)
+    max_registers: Optional[int] = None  # the row's register cap per thread (None: ptxas picks)
 
 
 def tile_config(op: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target, pass_: str,
@@ -204,7 +281,7 @@ def tile_config(op: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target
     (n_i0, n_i1, n_i2, L), _ = _geometry(q, op)
     L_k = _geometry(k, op)[0][3]
     q_rows, k_rows = L + int(has_cls), L_k + int(has_cls)
-    regime, rows, warps, stages = candidate or tile_candidates(max(q_rows, k_rows), q.shape[-1], q.dtype, target,
+    regime, rows, warps, stages, regs = candidate or tile_candidates(max(q_rows, k_rows), q.shape[-1], q.dtype, target,
                                                                pass_, has_cls)[0]
     if regime == "packed":
         seq = triton.next_power_of_2(max(q_rows, k_rows, 1))
@@ -212,9 +289,11 @@ def tile_config(op: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target
     else:
         seq, group = rows, 1
     n_q, n_k = triton.cdiv(max(q_rows, 1), seq), triton.cdiv(max(k_rows, 1), seq)
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    tile = None if target == "interpreter" else _table_row(regime, pass_, _bucket(D), _arch(target), has_cls)[0]
     return Tiling(n_i0 * n_i1 * n_i2, n_i1, n_i2, L, L_k, has_cls, regime, group, seq, block_d,
-                  n_q, n_k, max(n_q, n_k) if regime != "long" else 1, warps, stages)
+                  n_q, n_k, max(n_q, n_k) if regime != "long" else 1, warps, stages, tile, regs)
 
 
 def _geometry(x: torch.Tensor, op: str):
@@ -254,6 +333,14 @@ def _sequences(t: Tiling) -> dict:
                 tiles_per_prog=t.tiles_per_prog)
 
 
+def problem_candidates(op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target) -> list:
+    """The :func:`tile_candidates` of ``op`` on q, k for ``target`` (default: q's device): the
+    first runs, the others only when tuning on a GPU picks them (:func:`_run`)."""
+    L, L_k = _geometry(q, op)[0][3], _geometry(k, op)[0][3]
+    return tile_candidates(max(L, L_k) + int(has_cls), q.shape[-1], q.dtype, _target(q.device, target), pass_,
+                           has_cls)
+
+
 _TUNED: dict = {}
 
 
@@ -267,7 +354,7 @@ def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_c
     target = _target(q.device, None)
     (n_i0, n_i1, n_i2, L), _ = _geometry(q, op)
     rows_per_seq = max(L, _geometry(k, op)[0][3]) + int(has_cls)
-    candidates = tile_candidates(rows_per_seq, q.shape[-1], q.dtype, target, pass_, has_cls)
+    candidates = problem_candidates(op, pass_, q, k, has_cls, target)
     choice = candidates[0]
     if len(candidates) > 1 and q.device.type == "cuda" and os.environ.get("DIVATTN_AUTOTUNE", "1") != "0":
         key = (op, pass_, rows_per_seq, q.shape[-1], q.dtype, n_i0 * n_i1 * n_i2, target)
@@ -305,7 +392,7 @@ def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=No
                  **_cls_strides(q=qc, k=kc, v=vc), **_sequences(t), D=D, qk_scale=scale * LOG2E),
             dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
                  CAUSAL=bool(causal)),
-            t.num_warps, t.num_stages, t.regime))
+            t.num_warps, t.num_stages, t.regime, t.tile, t.max_registers))
     if has_cls:
         B, T, N, H, _ = q.shape
         if B * H > 0:
@@ -357,7 +444,7 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
                  scale=scale, inv_T=inv_T),
             dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
                  SINGLE=t.n_q == 1 and t.n_k == 1, CAUSAL=bool(causal)),
-            t.num_warps, t.num_stages, t.regime))
+            t.num_warps, t.num_stages, t.regime, t.tile, t.max_registers))
     if has_cls and B * H > 0:
         dqc, dkc, dvc = d_cls
         plan.append(_CLS_GRAD.launch(
@@ -381,4 +468,4 @@ def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
 
 
 __all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "Tiling", "LOG2E", "TILES",
-           "tile_candidates", "tile_config"]
+           "tile_candidates", "problem_candidates", "tile_config"]
