@@ -131,7 +131,7 @@ DEFAULTS = {
     "parallel": {
         # processes that share each clip, each holding a run of its frames (sequence parallelism:
         # divattn.sequence_parallel); a torchrun of W processes is then a (W / sequence) x sequence
-        # data x sequence mesh. 1: every process its own clips (data parallelism only)
+        # data x sequence DeviceMesh. 1: every process its own clips (data parallelism only)
         "sequence": 1,
     },
     "log": {

@@ -101,14 +101,18 @@ def shutdown(d: Dist) -> None:
 @dataclass(frozen=True)
 class Mesh:
     """The processes as a ``data x sequence`` grid: each row of ``sequence`` ranks shares every clip
-    (rank ``r`` is row ``r // sequence``, column ``r % sequence``); ``sequence_group`` is this
-    rank's row as a process group (None without a sequence dimension)."""
+    (rank ``r`` is row ``r // sequence``, column ``r % sequence``); ``device_mesh`` is the 2-D
+    :class:`~torch.distributed.device_mesh.DeviceMesh` (None without a sequence dimension)."""
 
     data: int = 1
     sequence: int = 1
     data_rank: int = 0
     sequence_rank: int = 0
-    sequence_group: Optional[object] = None
+    device_mesh: Optional[object] = None
+
+    @property
+    def sequence_group(self):
+        return self.device_mesh.get_group("sequence")
 
     @property
     def counts(self) -> bool:
@@ -119,20 +123,29 @@ class Mesh:
 def mesh(d: Dist, sequence: int) -> Mesh:
     """The ``data x sequence`` mesh of ``d``'s processes; ValueError unless ``sequence`` divides them.
 
-    The sequence groups are made with the run's collective timeout (``train.dist_timeout_s``),
-    so a sequence-parallel all-to-all waits no longer than any other collective. (Data
-    parallelism needs no group of its own: DDP averages over every rank.)
+    The subgroups are made with the run's collective timeout (``train.dist_timeout_s``), so a
+    sequence-parallel all-to-all waits no longer than any other collective.
     """
     if d.world_size % sequence:
         raise ValueError(f"parallel.sequence={sequence} needs a multiple of {sequence} processes (torchrun "
                          f"--nproc_per_node); this run has {d.world_size}")
     if sequence == 1:
         return Mesh(data=d.world_size, data_rank=d.rank)
+    from torch.distributed.device_mesh import DeviceMesh
+
     rows = d.world_size // sequence
+    grid = torch.arange(d.world_size).view(rows, sequence)
     timeout = datetime.timedelta(seconds=d.timeout_s)
-    # every process makes every row's group, in the same order
-    groups = [dist.new_group(list(range(r * sequence, (r + 1) * sequence)), timeout=timeout) for r in range(rows)]
-    return Mesh(rows, sequence, d.rank // sequence, d.rank % sequence, groups[d.rank // sequence])
+    mine = {}
+    # every process makes every subgroup, in the same order
+    for name, groups in (("data", grid.t().tolist()), ("sequence", grid.tolist())):
+        for ranks in groups:
+            group = dist.new_group(ranks, timeout=timeout)
+            if d.rank in ranks:
+                mine[name] = group
+    device_mesh = DeviceMesh.from_group([mine["data"], mine["sequence"]], d.device.type, mesh=grid,
+                                        mesh_dim_names=("data", "sequence"))
+    return Mesh(rows, sequence, d.rank // sequence, d.rank % sequence, device_mesh)
 
 
 def all_reduce_sum(d: Dist, values) -> torch.Tensor:
