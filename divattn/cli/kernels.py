@@ -6,15 +6,15 @@ code path dispatch can reach, at several batch and head counts) is compiled with
 Triton's own compiler for each ``--arch``, at every head dim of ``--head-dims``
 (default: a representative of every head-dim bucket, D = 16 ... 128), both token
 orders, fp16/bf16 (and fp32 on the named shapes), forward and backward. One build per
-code path: the kernel, constexprs, warps, stages and argument types (size-1 integers
-included) of a launch, compiled with the fewest divisibility hints the JIT gives any of
-its launches (``--exact``: every divisibility specialisation, about 2.3x the builds).
-Builds are compiled in parallel; their resources are read from the checkout's record
-(``--record``) or an on-disk cache, both by binary key, where they are already there.
-The summary gives per kernel the head
-dims covered and the worst registers, stack (spill) bytes and resident blocks per SM;
-``--table`` lists every build. A spilling build is printed with the tile-table row that
-gave it its tile. ``--traffic`` also counts, under the Triton interpreter, the
+code path: the kernel, constexprs, warps, stages, register cap and argument types
+(size-1 integers included) of a launch, compiled with the fewest divisibility hints the
+JIT gives any of its launches (``--exact``: every divisibility specialisation, about 2.4x
+the builds). Builds are compiled in parallel; their resources are read from the
+checkout's record (``--record``; ``--exact --update-record`` writes it) or an on-disk
+cache, both by binary key, where they are already there. The summary gives per kernel
+the head dims covered and the worst registers, stack (spill) bytes and resident blocks
+per SM; ``--table`` lists every build. A spilling build is printed with the tile-table
+rows that gave it its tile. ``--traffic`` also counts, under the Triton interpreter, the
 global-memory traffic of each pass at a small batch against the least it could move.
 Exit status 1 when a build fails to compile or an fp16/bf16 build at D <= 128 spills.
 """
