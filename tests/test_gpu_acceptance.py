@@ -126,7 +126,7 @@ def test_every_helper_script_accepts_its_arguments(plan):
             assert out.returncode == 0, f"{name}: {cmd}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
             seen.add(Path(cmd[1]).name)
     assert seen == {"probe.py", "build_cuda.py", "memcheck_ops.py", "bench_records.py", "pytest_shards.py",
-                    "aoti_package.py", "sequence_parallel.py"}
+                    "aoti_package.py", "sequence_parallel.py", "register_caps.py"}
 
 
 def test_every_divattn_subcommand_accepts_its_options(plan):
@@ -188,6 +188,47 @@ def test_memcheck_workload_runs_in_the_interpreter():
                 "--ops", "temporal,spatial_cls", "--dtypes", "float32"])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.count("\nok triton") + out.stdout.startswith("ok triton") == 2, out.stdout
+
+
+def _helper(name):
+    spec = importlib.util.spec_from_file_location(f"gpu_{name}", HELPERS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row_key(row):
+    """``(regime, pass, bucket)`` of a row name such as ``_HOPPER[('frame', 'bwd', 72)]``."""
+    import ast
+
+    return ast.literal_eval(row[row.index("[") + 1:-1])
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_register_caps_time_every_capped_row_with_and_without_its_cap(arch):
+    """register_caps.py has a case for every capped candidate the planner can pick on the arch,
+    on a problem whose plan runs it, and its uncapped variant drops that launch's cap only."""
+    from divattn.kernels_report.problems import plans
+    from divattn.ops.triton import plan as tile_plan
+
+    caps = _helper("register_caps")
+    rows = caps.capped_rows(arch)
+    assert rows, "no capped row: the step would time nothing"
+    assert all(len(c) == 4 for _, c in rows)
+    if arch == 80:
+        assert any(r.startswith("_AMPERE") for r, _ in rows)
+    else:
+        assert not any(r.startswith("_AMPERE") for r, _ in rows)
+    found = caps.cases(arch)
+    assert [(c["row"], tuple(c["candidate"])) for c in found] == rows
+    for case in found:
+        launches = plans(case["problem"], target=arch)[case["choice"]]
+        hits = [lc for lc in launches if caps._runs(lc, case["row"], tuple(case["candidate"]))]
+        assert len(hits) == 1 and hits[0].max_registers == case["candidate"][3]
+        assert tile_plan._table_row(*_row_key(case["row"]), arch, case["problem"].has_cls)[0] == case["row"]
+        un = caps.uncapped(launches, case["row"], tuple(case["candidate"]))
+        assert [lc.max_registers for lc in un] == [None if lc is hits[0] else lc.max_registers for lc in launches]
+        assert all(a.args is b.args and a.kernel is b.kernel for a, b in zip(un, launches))
 
 
 def test_junit_counts_and_exit_status(tmp_path):

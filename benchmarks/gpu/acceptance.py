@@ -39,6 +39,9 @@ Steps, in order (correctness first, so a short budget cuts benchmarks, not tests
 - ``bench-train-step`` / ``bench-train-step-compiled``: the TimeSformer-B training step on
   the bundled model per divattn backend against ``transformers`` eager and
   ``torch.compile``d (and with its attention swapped to divattn).
+- ``bench-register-caps``: each tile-table row that caps ptxas's registers, on one problem
+  that runs it, timed with the cap and without (``register_caps.py``): the trade of a few
+  spilled bytes against resident blocks that the static report cannot price.
 - ``kernels``: ``python -m divattn kernels`` for the GPU's architecture (static report).
 
 Benchmarks start once every background step has ended. Every step has its own time
@@ -253,6 +256,10 @@ def plan(run_dir: Path, nvcc: Optional[str], sanitizer: Optional[str], arch: str
              [py, script("bench_records.py"), "train-step", "--shape", "timesformer_base_8x224",
               "--providers", "transformers-compiled", "--quick", "--out", out("bench_train_step_compiled.json")],
              150, "the same training step on torch.compile(transformers model)"),
+        Step("bench-register-caps", "benchmark",
+             [py, script("register_caps.py"), "--out", out("bench_register_caps.json")],
+             90, "the tile table's register-capped rows, timed with the cap and without it (ptxas then "
+                 "picks the registers), fp16"),
         Step("kernels", "info", [py, "-m", "divattn", "kernels", "--arch", arch, "--workers", str(max(1, jobs // 2)),
                                  "--json", out("kernels.json")],
              90, "static kernel report (registers, spills, shared memory) for this GPU's architecture"),
