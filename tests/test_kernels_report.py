@@ -181,6 +181,22 @@ def test_capped_rows_reach_the_launch(builds):
     assert launched(plan.Launch(None, (1,), {"X": 1}, {}, 4, 2, "frame")) == {"X": 1, "num_warps": 4, "num_stages": 2}
 
 
+def test_binary_keys_do_not_depend_on_where_triton_is_installed():
+    """The record is read in other checkouts and environments (CI): no compile option in a key
+    names a path of this one (Triton passes libdevice by absolute path)."""
+    import triton
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    options = make_backend(GPUTarget("cuda", 90, 32)).parse_options({"num_warps": 4})
+    opts = options.__dict__ if hasattr(options, "__dict__") else dict(options)
+    assert os.path.dirname(triton.__file__) in repr(opts)  # what the key must not see
+    assert os.path.dirname(triton.__file__) not in repr(build._portable(opts))
+    assert build._portable({"extern_libs": (("libdevice", "/a/b/libdevice.10.bc"),), "x": 1}) == {
+        "extern_libs": (("libdevice", "libdevice.10.bc"),), "x": 1}
+
+
 def test_update_record_takes_every_binary(tmp_path):
     from divattn.__main__ import main
 

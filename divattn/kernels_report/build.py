@@ -148,6 +148,16 @@ def _check_compilable(kernel) -> None:
             "with TRITON_INTERPRET=1; compile in a process without it (report() does)")
 
 
+def _portable(opts: dict) -> dict:
+    """The compile options without where this Triton is installed: ``extern_libs`` names each
+    library (libdevice) by file name, not by its path in one environment, so that a binary
+    key is the same in every checkout and virtual environment (the record is read in CI)."""
+    libs = opts.get("extern_libs")
+    if not libs:
+        return opts
+    return {**opts, "extern_libs": tuple((name, os.path.basename(path)) for name, path in libs)}
+
+
 class _Specialiser:
     """What the JIT launcher would compile for a launch on one arch: (signature, constexprs, attrs, options)."""
 
@@ -180,7 +190,7 @@ class _Specialiser:
 
         options, signature, constexprs, attrs = self(launch)
         fn = _fn(launch.kernel)
-        opts = options.__dict__ if hasattr(options, "__dict__") else dict(options)
+        opts = _portable(options.__dict__ if hasattr(options, "__dict__") else dict(options))
         # the kernel's source (with the jit functions it calls), the compiler and its options: what
         # decides the binary besides the arguments
         parts = [f"{fn.__module__}.{fn.__qualname__}", launch.kernel.cache_key, triton.__version__,
