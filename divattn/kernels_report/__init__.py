@@ -14,5 +14,5 @@
 
 ``python -m divattn kernels`` prints the report; ``divattn bench --modelled`` writes the
 traffic as modelled records. Nothing here imports :mod:`divattn.bench`: shapes come in as
-:class:`~divattn.kernels_report.problems.Geometry` (or any record with its fields).
+:class:`~divattn.shapes.AttnShape`.
 """

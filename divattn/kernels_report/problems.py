@@ -1,7 +1,7 @@
 """The problems the kernel report covers and the launches GPU dispatch makes for them.
 
-A :class:`Geometry` is one attention layer as the kernels see it (batch, frames,
-patches, heads, head dim, token order, cls, causal); a :class:`Problem` is one op,
+A :class:`~divattn.shapes.AttnShape` is one attention layer as the kernels see it
+(batch, frames, patches, heads, head dim, token order, cls, causal); a :class:`Problem` is one op,
 pass and dtype on it. The report covers the callers' named shapes (``divattn
 kernels`` passes the benchmark shapes) and :data:`COVERAGE`: layers chosen so that
 every code path dispatch can reach is planned (every packed sequence length, the
@@ -29,6 +29,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from ..shapes import AttnShape
+
 PASSES = ("fwd", "bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARCHS = (80, 90)
@@ -40,38 +42,6 @@ ORDERS = ("hwt", "thw")
 BATCH_HEADS = ((1, 1), (2, 3), (8, 12))
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """One attention layer: B clips of T frames of N patches (after an optional cls token),
-    H heads of D, tokens in ``order`` ("hwt": time fastest, "thw": frame-major); a
-    ``causal`` layer is the temporal attention of an ST transformer (that op only)."""
-
-    name: str
-    B: int
-    T: int
-    N: int
-    H: int
-    D: int
-    order: str = "hwt"
-    cls: bool = True
-    causal: bool = False
-
-    @classmethod
-    def of(cls, shape) -> "Geometry":
-        """The geometry of any shape record with these fields (e.g. a benchmark shape)."""
-        return shape if isinstance(shape, cls) else cls(**{f.name: getattr(shape, f.name)
-                                                           for f in dataclasses.fields(cls)})
-
-    @property
-    def tokens(self) -> int:
-        return int(self.cls) + self.T * self.N
-
-    def ops(self) -> tuple:
-        if self.causal:
-            return ("temporal",)
-        return ("temporal", "spatial") + (("spatial_cls",) if self.cls else ()) + ("joint",)
-
-
 # Layers that reach every code path dispatch plans, with the benchmark shapes or without
 # them: temporal attention over every packed sequence length (1 ... 64 frames) and the frame
 # regime (96); 64 px frames (N = 16: spatial sequences packed, 17 rows with cls) and a
@@ -80,11 +50,11 @@ class Geometry:
 # 32x32 latent (N = 1024: the long regime, no cls); causal temporal attention (an ST
 # transformer's) packed, in the frame regime (96 frames) and the long one (320).
 COVERAGE = (
-    *(Geometry(f"clip{T}_64px", 1, T, 16, 1, 64) for T in (1, 2, 4, 8, 16, 32, 64, 96)),
-    Geometry("clip8_112px", 1, 8, 49, 1, 64),
-    Geometry("clip8_224px", 1, 8, 196, 1, 64),
-    Geometry("unet_16x32x32", 1, 16, 1024, 1, 64, "thw", False),
-    *(Geometry(f"causal{T}_64px", 1, T, 16, 1, 64, "thw", False, True) for T in (2, 4, 8, 16, 32, 64, 96, 320)),
+    *(AttnShape(f"clip{T}_64px", 1, T, 16, 1, 64) for T in (1, 2, 4, 8, 16, 32, 64, 96)),
+    AttnShape("clip8_112px", 1, 8, 49, 1, 64),
+    AttnShape("clip8_224px", 1, 8, 196, 1, 64),
+    AttnShape("unet_16x32x32", 1, 16, 1024, 1, 64, "thw", False),
+    *(AttnShape(f"causal{T}_64px", 1, T, 16, 1, 64, "thw", False, causal=True) for T in (2, 4, 8, 16, 32, 64, 96, 320)),
 )
 
 
@@ -92,13 +62,10 @@ COVERAGE = (
 class Problem:
     """One attention op on one layer: ``op`` is temporal, spatial, spatial_cls or joint."""
 
-    shape: Geometry
+    shape: AttnShape
     op: str
     pass_: str
     dtype: str
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", Geometry.of(self.shape))
 
     @property
     def id(self) -> str:
@@ -127,14 +94,14 @@ class Problem:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Problem":
-        return cls(Geometry(**d["shape"]), d["op"], d["pass_"], d["dtype"])
+        return cls(AttnShape(**d["shape"]), d["op"], d["pass_"], d["dtype"])
 
 
 def variants(shape, head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] = ORDERS,
              batch_heads: Optional[Sequence[tuple]] = None) -> list:
     """``shape`` at each head dim in each token order, and at each (B, H) of ``batch_heads``
     (default: its own); :attr:`Problem.id` names all three."""
-    shape = Geometry.of(shape)
+    shape = shape
     return [dataclasses.replace(shape, D=int(D), order=order, B=B, H=H)
             for D in head_dims for order in orders for B, H in (batch_heads or [(shape.B, shape.H)])]
 
@@ -142,7 +109,7 @@ def variants(shape, head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] 
 def problems(shapes: Iterable, *, passes: Sequence[str] = PASSES, dtypes: Sequence[str] = tuple(DTYPES),
              ops: Optional[Sequence[str]] = None) -> Iterator[Problem]:
     """Every (shape, op, pass, dtype); ``ops`` default to each shape's own."""
-    for shape in map(Geometry.of, shapes):
+    for shape in shapes:
         for op in shape.ops():
             if ops is not None and op not in ops:
                 continue
@@ -233,5 +200,5 @@ def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int
     return plans(problem, target=target, device=device, seed=seed)[0]
 
 
-__all__ = ["Geometry", "Problem", "problems", "variants", "coverage", "plans", "launches", "interpreting", "COVERAGE",
+__all__ = ["Problem", "problems", "variants", "coverage", "plans", "launches", "interpreting", "COVERAGE",
            "PASSES", "DTYPES", "ARCHS", "HEAD_DIMS", "ORDERS", "BATCH_HEADS"]
