@@ -365,20 +365,41 @@ def _op_name(op: str, has_cls: bool) -> str:
     return "spatial_cls" if op == "spatial" and has_cls else op
 
 
-def _count(geom, op, has_cls, causal, pass_) -> int:
+def _count(geom, op, has_cls, causal, pass_, rows=None, groups=None) -> int:
     name = _op_name(op, has_cls)
     q_shape, k_shape = _view_shapes(geom, 2)
+    if rows is not None:  # a padded batch given as the kernels' counts: its real pairs
+        heads, d = q_shape[-2], q_shape[-1]
+        real = _counts_dense(op, k_shape, rows, groups)
+        return 2 * _ATTN_PASS_FACTOR[pass_] * heads * d * _real_pairs(name, real, bool(causal), q_shape[1])
     if name != "temporal":
         return attention_flops(name, q_shape, pass_)
     return attention_flops(name, q_shape, pass_, causal=bool(causal), kv_frames=k_shape[1])
 
 
-def _fwd_formula(srcs, geom, op, has_cls, scale, backend, causal, *args, out_val=None, **kwargs) -> int:
-    return _count(geom, op, has_cls, causal, "fwd")
+def _counts_dense(op: str, k_shape: tuple, rows, groups):
+    """The ``(B, Tk, N)`` (joint: ``(B, L)``) real tokens of the kernels' ``(rows, groups)`` counts
+    (:meth:`divattn.ops.masks.Padding.kernel_counts`), on the host."""
+    import torch
+
+    rows, groups = rows.to("cpu", torch.int64), groups.to("cpu", torch.int64)
+    if op == "joint":
+        return torch.arange(k_shape[1]) < rows[:, None]
+    t = torch.arange(k_shape[1])[None, :, None]
+    n = torch.arange(k_shape[2])[None, None, :]
+    if op == "temporal":  # rows are frames, groups patches
+        return (t < rows[:, None, None]) & (n < groups[:, None, None])
+    return (n < rows[:, None, None]) & (t < groups[:, None, None])
 
 
-def _bwd_formula(srcs, geom, op, has_cls, scale, backend, causal, *args, out_val=None, **kwargs) -> int:
-    return _count(geom, op, has_cls, causal, "bwd")
+def _fwd_formula(srcs, geom, op, has_cls, scale, backend, causal, rows=None, groups=None, *args, out_val=None,
+                 **kwargs) -> int:
+    return _count(geom, op, has_cls, causal, "fwd", rows, groups)
+
+
+def _bwd_formula(srcs, geom, op, has_cls, scale, backend, causal, rows=None, groups=None, *args, out_val=None,
+                 **kwargs) -> int:
+    return _count(geom, op, has_cls, causal, "bwd", rows, groups)
 
 
 def _padded_count(q, q_cls, mask, op, causal, pass_) -> int:

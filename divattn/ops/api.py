@@ -96,10 +96,19 @@ def _backend(op: str, q: torch.Tensor, D: int, backend: Optional[str], features:
     be = dispatch.select(op, q.dtype, q.device, D, backend, features)
     if not exporting():
         return be
-    if "mask" in features:
+    if "mask" in features or "counts" in features:
         raise dispatch.BackendError(f"{op} attention with a mask or counts cannot be exported yet: "
                                     f"divattn::attention takes no padding (export the model without it)")
     return exported(be)
+
+
+def _padded(fn: str, op: str, q: torch.Tensor, D: int, backend: Optional[str], features: tuple, mask, frames,
+            patches, shape) -> tuple:
+    """The backend of a padded call and its :class:`~divattn.ops.masks.Padding`: a mask needs the
+    feature ``"mask"``, counts ``"counts"`` (chosen before the padding is checked, so that
+    ``torch.export`` refuses it before reading the counts)."""
+    be = _backend(op, q, D, backend, features + ("counts" if mask is None else "mask",))
+    return be, resolve(fn, q, mask, frames, patches, shape)
 
 
 _PADDING_DOC = """
@@ -178,8 +187,8 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
         features = (("causal",) if causal else ()) + (("fewer_queries",) if q.shape[1] != k.shape[1] else ())
     if mask is None and frames is None and patches is None:
         return _backend("temporal", q, D, backend, features).temporal(q, k, v, scale, causal)
-    be = _backend("temporal", q, D, backend, features + ("mask",))
-    return be.temporal(q, k, v, scale, causal, resolve("temporal_attention", q, mask, frames, patches, k.shape[:3]))
+    be, padding = _padded("temporal_attention", "temporal", q, D, backend, features, mask, frames, patches, k.shape[:3])
+    return be.temporal(q, k, v, scale, causal, padding)
 
 
 def spatial_attention(q, k, v, cls=None, *, scale: Optional[float] = None, backend: Optional[str] = None,
@@ -264,8 +273,8 @@ def _spatial(fn: str, q, k, v, cls, scale, backend, mask=None, frames=None, patc
     op = "spatial" if cls is None else "spatial_cls"
     if mask is None and frames is None and patches is None:
         return _backend(op, q, D, backend).spatial(q, k, v, scale, cls)
-    be = _backend(op, q, D, backend, ("mask",))
-    return be.spatial(q, k, v, scale, cls, resolve(fn, q, mask, frames, patches, q.shape[:3]))
+    be, padding = _padded(fn, op, q, D, backend, (), mask, frames, patches, q.shape[:3])
+    return be.spatial(q, k, v, scale, cls, padding)
 
 
 def spatial_attention_tokens(q, k, v, cls, *, scale: Optional[float] = None, backend: Optional[str] = None,
@@ -316,5 +325,5 @@ def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional
     scale = _scale("joint_attention", scale, D)
     if mask is None and lengths is None:
         return _backend("joint", q, D, backend).joint(q, k, v, scale)
-    be = _backend("joint", q, D, backend, ("mask",))
-    return be.joint(q, k, v, scale, resolve("joint_attention", q, mask, None, lengths, q.shape[:2]))
+    be, padding = _padded("joint_attention", "joint", q, D, backend, (), mask, None, lengths, q.shape[:2])
+    return be.joint(q, k, v, scale, padding)

@@ -252,7 +252,8 @@ def _lib():
         return _module
 
 
-def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
+def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None,
+            counts=None):
     """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
 
     Same contract as :func:`divattn.ops.triton.forward`: ``op`` is
@@ -265,6 +266,7 @@ def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, c
     ``v`` (Tk): query frame i is frame ``Tk - Tq + i``, and with ``causal=True`` it
     attends to key frames ``0 .. Tk - Tq + i`` (temporal attention only).
     """
+    _no_counts(counts)
     if cls is None:
         _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal))
     else:
@@ -272,19 +274,26 @@ def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, c
 
 
 def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
+             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None):
     """Write dq, dk, dv (and the cls grads ``d_cls``) for :func:`forward`.
 
     ``q, o, do, dq`` have the query frames (Tq), ``k, v, dk, dv`` the key frames (Tk).
     Every element is written, nothing accumulated, no atomics: the result is
     deterministic. Same contract as :func:`divattn.ops.triton.backward`.
     """
+    _no_counts(counts)
     lib = _lib()
     if cls is None:
         lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal))
     else:
         lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal), *cls, *d_cls, do_cls,
                      cls_frames, lse_cls)
+
+
+def _no_counts(counts) -> None:
+    """The CUDA kernels take no padded batch yet (the backend does not declare ``"counts"``)."""
+    if counts is not None:
+        raise NotImplementedError("divattn: the cuda backend's kernels take no padded batch (counts)")
 
 
 def _nvcc_version(nvcc: str) -> str:

@@ -44,10 +44,9 @@ OPS = ("temporal", "spatial", "spatial_cls", "joint")
 FEATURES = {
     "causal": "causal attention (frame t attends to frames 0..t)",
     "fewer_queries": "attending from the last Tq of Tk frames only (Tq < Tk)",
-    "mask": "a padded batch (a token mask, or per-sample frame, patch or token counts)",
+    "counts": "a padded batch given as per-sample frame, patch or token counts",
+    "mask": "a padded batch given as a token mask",
 }
-# What the kernel backends implement so far (the others implement every feature).
-KERNEL_FEATURES = ("causal", "fewer_queries")
 
 
 class BackendError(RuntimeError):
@@ -170,7 +169,8 @@ class Backend:
 
     def temporal(self, q, k, v, scale: float, causal: bool, padding: Optional[Padding] = None) -> torch.Tensor:
         """The output of :func:`divattn.temporal_attention`, ``(B, Tq, N, H, D)``; ``padding``
-        (only where the backend declares ``"mask"``) says which tokens are real."""
+        (only where the backend declares ``"mask"``, or ``"counts"`` for a padding without a
+        mask) says which tokens are real."""
         raise NotImplementedError
 
     def spatial(self, q, k, v, scale: float, cls: Optional[tuple], padding: Optional[Padding] = None) -> torch.Tensor:
@@ -191,16 +191,25 @@ class KernelBackend(Backend):
     def kernels(self) -> functions.KernelModule:
         return functions.KERNELS[self.name]()
 
-    def temporal(self, q, k, v, scale, causal):
-        return patch_view(functions.attention(self.name, "temporal", (q, k, v), scale, causal), q, has_cls=False)
+    def temporal(self, q, k, v, scale, causal, padding=None):
+        out = functions.attention(self.name, "temporal", (q, k, v), scale, causal, _counts(padding, "temporal"))
+        return patch_view(out, q, has_cls=False)
 
-    def spatial(self, q, k, v, scale, cls):
+    def spatial(self, q, k, v, scale, cls, padding=None):
+        counts = _counts(padding, "spatial")
         if cls is None:
-            return patch_view(functions.attention(self.name, "spatial", (q, k, v), scale, False), q, has_cls=False)
-        return functions.attention(self.name, "spatial", (q, k, v, *cls), scale, False)
+            return patch_view(functions.attention(self.name, "spatial", (q, k, v), scale, False, counts), q,
+                              has_cls=False)
+        return functions.attention(self.name, "spatial", (q, k, v, *cls), scale, False, counts)
 
-    def joint(self, q, k, v, scale):
-        return functions.attention(self.name, "joint", (q, k, v), scale, False)
+    def joint(self, q, k, v, scale, padding=None):
+        return functions.attention(self.name, "joint", (q, k, v), scale, False, _counts(padding, "joint"))
+
+
+def _counts(padding: Optional[Padding], op: str) -> Optional[tuple]:
+    """What a kernel backend gets of a padding: the ``(rows, groups)`` counts (the dispatcher
+    sends it no mask), or None."""
+    return None if padding is None else padding.kernel_counts(op)
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,7 @@ BACKENDS = _Registry(
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda", "cpu"),
         max_head_dim=256,
-        features=KERNEL_FEATURES,
+        features=("causal", "fewer_queries", "counts"),
         cpu_needs_interpreter=True,
         interpreter_dtypes=(torch.float16, torch.float32),
         min_capability=(8, 0),
@@ -250,7 +259,7 @@ BACKENDS = _Registry(
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda",),
         max_head_dim=128,
-        features=KERNEL_FEATURES,
+        features=("causal", "fewer_queries"),
         cpu_needs_emulator=True,
         min_capability=(8, 0),
         runtime_reason=_cuda_runtime_reason,

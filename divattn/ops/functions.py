@@ -38,14 +38,19 @@ class KernelModule(Protocol):
     ``o_cls`` is ``(B, H, D)``, ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` of the cls
     query's per-frame outputs and ``lse_cls`` a contiguous fp32 ``(B, H, T)``. Temporal
     ``q`` may have the last Tq of the Tk frames of ``k`` and ``v``; ``causal`` is temporal
-    only. Every output element is written once (no atomics): results are deterministic.
+    only. ``counts`` (a padded batch, where the backend declares ``"counts"``) is the
+    ``(rows, groups)`` pair of :meth:`divattn.ops.masks.Padding.kernel_counts`: a padded
+    row is never a key, its output, log-sum-exp-weighted gradients and q/k/v gradients are
+    zero, and ``o_cls`` weighs the frames that hold a real patch
+    (:meth:`~divattn.ops.masks.Padding.frame_weights`). Every output element is written
+    once (no atomics): results are deterministic.
     """
 
     def forward(self, op: str, q, k, v, o, lse, scale: float, *, causal: bool = False, cls=None, o_cls=None,
-                cls_frames=None, lse_cls=None) -> None: ...
+                cls_frames=None, lse_cls=None, counts=None) -> None: ...
 
     def backward(self, op: str, q, k, v, o, do, lse, dq, dk, dv, scale: float, *, causal: bool = False, cls=None,
-                 d_cls=None, do_cls=None, cls_frames=None, lse_cls=None) -> None: ...
+                 d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None) -> None: ...
 
 
 def _triton() -> KernelModule:
@@ -184,7 +189,12 @@ def _out_views(op: str, has_cls: bool, q: torch.Tensor, buf: torch.Tensor):
     return patch_view(buf, q, has_cls=has_cls), (buf[:, 0] if has_cls else None)
 
 
-def _forward(views: Sequence[torch.Tensor], op: str, has_cls: bool, scale: float, backend: str, causal: bool):
+def _counts(rows: Optional[torch.Tensor], groups: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if rows is None else (rows, groups)
+
+
+def _forward(views: Sequence[torch.Tensor], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
+             counts: Optional[tuple] = None):
     """Allocate the outputs and run the backend's forward kernels: (buf, lse, cls_frames, lse_cls)."""
     q, k, v = views[:3]
     buf, lse, cls_frames, lse_cls = _outputs(op, has_cls, q)
@@ -192,6 +202,7 @@ def _forward(views: Sequence[torch.Tensor], op: str, has_cls: bool, scale: float
     KERNELS[backend]().forward(
         op, q, k, v, o, lse, scale, causal=causal,
         cls=tuple(views[3:]) if has_cls else None, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls,
+        counts=counts,
     )
     return buf, lse, cls_frames, lse_cls
 
@@ -199,12 +210,13 @@ def _forward(views: Sequence[torch.Tensor], op: str, has_cls: bool, scale: float
 @torch.library.custom_op("divattn::attn_fwd", mutates_args=())
 def attn_fwd(
     srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
+    rows: Optional[torch.Tensor], groups: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(_decode(srcs, geom), op, has_cls, scale, backend, causal)
+    return _forward(_decode(srcs, geom), op, has_cls, scale, backend, causal, _counts(rows, groups))
 
 
 @attn_fwd.register_fake
-def _(srcs, geom, op, has_cls, scale, backend, causal):
+def _(srcs, geom, op, has_cls, scale, backend, causal, rows, groups):
     return _outputs(op, has_cls, _decode(srcs, geom)[0])
 
 
@@ -236,7 +248,8 @@ def _grads(srcs: Sequence[torch.Tensor], geom: Sequence[int]):
     return [torch.zeros_like(s) for s in srcs]
 
 
-def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, buf, d_buf, lse, cls_frames, lse_cls) -> list:
+def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, counts, buf, d_buf, lse, cls_frames,
+                      lse_cls) -> list:
     """Gradient buffers for the sources, written by the backend's backward kernels."""
     views = _decode(srcs, geom)
     q, k, v = views[:3]
@@ -253,7 +266,7 @@ def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, buf, d_bu
     KERNELS[backend]().backward(
         op, q, k, v, o, do, lse, *dviews[:3], scale, causal=causal,
         cls=tuple(views[3:]) if has_cls else None, d_cls=tuple(dviews[3:]) if has_cls else None,
-        do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls,
+        do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls, counts=counts,
     )
     return grads
 
@@ -261,33 +274,36 @@ def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, buf, d_bu
 @torch.library.custom_op("divattn::attn_bwd", mutates_args=())
 def attn_bwd(
     srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
+    rows: Optional[torch.Tensor], groups: Optional[torch.Tensor],
     buf: torch.Tensor, d_buf: torch.Tensor, lse: torch.Tensor, cls_frames: torch.Tensor, lse_cls: torch.Tensor,
 ) -> list[torch.Tensor]:
-    return _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, buf, d_buf, lse, cls_frames, lse_cls)
+    return _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, _counts(rows, groups), buf, d_buf,
+                             lse, cls_frames, lse_cls)
 
 
 @attn_bwd.register_fake
-def _(srcs, geom, op, has_cls, scale, backend, causal, buf, d_buf, lse, cls_frames, lse_cls):
+def _(srcs, geom, op, has_cls, scale, backend, causal, rows, groups, buf, d_buf, lse, cls_frames, lse_cls):
     return _grads(srcs, geom)
 
 
 def _setup_context(ctx, inputs, output):
-    srcs, geom, op, has_cls, scale, backend, causal = inputs
+    srcs, geom, op, has_cls, scale, backend, causal, rows, groups = inputs
     buf, lse, cls_frames, lse_cls = output
     ctx.set_materialize_grads(False)  # lse & co. get no gradient: do not fill zeros for them
     ctx.n_srcs = len(srcs)
     ctx.args = (geom, op, has_cls, scale, backend, causal)
-    ctx.save_for_backward(*srcs, buf, lse, cls_frames, lse_cls)
+    ctx.save_for_backward(*srcs, rows, groups, buf, lse, cls_frames, lse_cls)
 
 
 def _backward(ctx, d_buf, d_lse, d_cls_frames, d_lse_cls):
     saved = ctx.saved_tensors
-    srcs, (buf, lse, cls_frames, lse_cls) = list(saved[:ctx.n_srcs]), saved[ctx.n_srcs:]
+    srcs, (rows, groups, buf, lse, cls_frames, lse_cls) = list(saved[:ctx.n_srcs]), saved[ctx.n_srcs:]
     geom, op, has_cls, scale, backend, causal = ctx.args
     if d_buf is None:
         d_buf = torch.zeros_like(buf)
-    grads = attn_bwd(srcs, geom, op, has_cls, scale, backend, causal, buf, d_buf, lse, cls_frames, lse_cls)
-    return grads, None, None, None, None, None, None
+    grads = attn_bwd(srcs, geom, op, has_cls, scale, backend, causal, rows, groups, buf, d_buf, lse, cls_frames,
+                     lse_cls)
+    return (grads,) + (None,) * 8
 
 
 torch.library.register_autograd("divattn::attn_fwd", _backward, setup_context=_setup_context)
@@ -304,13 +320,13 @@ class _Eager(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, views, geom, op, has_cls, scale, backend, causal, *srcs):
+    def forward(ctx, views, geom, op, has_cls, scale, backend, causal, counts, *srcs):
         with _profiled("divattn::attn_fwd"):
-            buf, lse, cls_frames, lse_cls = _forward(views, op, has_cls, scale, backend, causal)
+            buf, lse, cls_frames, lse_cls = _forward(views, op, has_cls, scale, backend, causal, counts)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse, cls_frames, lse_cls)
         ctx.n_srcs = len(srcs)
-        ctx.args = (geom, op, has_cls, scale, backend, causal)
+        ctx.args = (geom, op, has_cls, scale, backend, causal, counts)
         ctx.save_for_backward(*srcs, buf, lse, cls_frames, lse_cls)
         return buf, lse, cls_frames, lse_cls
 
@@ -322,7 +338,7 @@ class _Eager(torch.autograd.Function):
             d_buf = torch.zeros_like(buf)
         with _profiled("divattn::attn_bwd"):
             grads = _backward_kernels(srcs, *ctx.args, buf, d_buf, lse, cls_frames, lse_cls)
-        return (None,) * 7 + tuple(grads)
+        return (None,) * 8 + tuple(grads)
 
 
 def _profiled(name: str):
@@ -344,15 +360,18 @@ _FAKE = torch._subclasses.FakeTensor
 _current_mode = torch.utils._python_dispatch._get_current_dispatch_mode
 
 
-def attention(backend: str, op: str, views: tuple, scale: float, causal: bool) -> torch.Tensor:
+def attention(backend: str, op: str, views: tuple, scale: float, causal: bool,
+              counts: Optional[tuple] = None) -> torch.Tensor:
     """``op`` on the kernel ``backend``: ``views`` are q, k, v and, for spatial attention
-    with cls, the cls q, k, v. Returns the token-major output buffer: ``(B, [1 +] T*N, H, D)``
-    in q's token order, or ``(B, L, H, D)`` for joint attention.
+    with cls, the cls q, k, v; ``counts`` the ``(rows, groups)`` of a padded batch
+    (:meth:`~divattn.ops.masks.Padding.kernel_counts`) or None. Returns the token-major
+    output buffer: ``(B, [1 +] T*N, H, D)`` in q's token order, or ``(B, L, H, D)`` for
+    joint attention.
 
     Eager calls run :class:`_Eager`; traced and transformed ones the custom op
     ``divattn::attn_fwd`` (with its fake kernel and FLOP formula)."""
     srcs, geom = sources(views)
     has_cls = len(views) > 3
     if _tracing(srcs):
-        return attn_fwd(srcs, geom, op, has_cls, scale, backend, causal)[0]
-    return _Eager.apply(views, geom, op, has_cls, scale, backend, causal, *srcs)[0]
+        return attn_fwd(srcs, geom, op, has_cls, scale, backend, causal, *(counts or (None, None)))[0]
+    return _Eager.apply(views, geom, op, has_cls, scale, backend, causal, counts, *srcs)[0]

@@ -12,7 +12,7 @@ given form says so):
   joint attention calls it ``lengths``: the first ``lengths[b]`` tokens).
 
 The counts are the cheap form: a kernel reads one number per sequence and skips whole
-tiles, where a mask is read per key. They are checked on the host, so pass them as CPU
+tiles, where a mask is read per key (:meth:`Padding.kernel_counts` is what the kernels get). They are checked on the host, so pass them as CPU
 tensors (or lists) to keep a call free of device syncs; a mask is checked for its shape,
 dtype and device only.
 
@@ -42,6 +42,7 @@ class Padding:
     frames: Optional[torch.Tensor] = None
     patches: Optional[torch.Tensor] = None
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
+    _kernel_counts: Optional[tuple] = field(default=None, repr=False)
 
     def dense(self) -> torch.Tensor:
         """The ``(B, T, N)`` (joint: ``(B, L)``) bool mask of real tokens, on q's device."""
@@ -58,6 +59,37 @@ class Padding:
                     out = real if out is None else out & real
             self._dense = out.expand(self.shape)
         return self._dense
+
+    def kernel_counts(self, op: str) -> tuple:
+        """The counts as the kernels take them: ``(rows, groups)``, int32 ``(B,)`` on q's device.
+
+        The kernels see an op as S sequences indexed by ``(i0, i1, i2) = (b, i1, h)`` (the
+        table of :mod:`divattn.ops.triton.kernels`): sequence ``(b, i1, h)`` has ``rows[b]``
+        real key rows, its first ones, when ``i1 < groups[b]``, else none. Temporal: rows
+        are frames, ``i1`` the patch; spatial: rows are patches, ``i1`` the frame; joint:
+        rows are tokens and ``groups`` is 1. (The queries of temporal attention with Tq <
+        Tk frames are the last Tq: ``rows[b] - (Tk - Tq)`` of them are real.) Counts only:
+        a mask has no such form.
+        """
+        if self.mask is not None:
+            raise ValueError("Padding.kernel_counts: a mask has no counts form (the kernels read it per key)")
+        if self._kernel_counts is None or self._kernel_counts[0] != op:
+            B = self.shape[0]
+            full = lambda n: torch.full((B,), n, dtype=torch.int64)  # noqa: E731
+            if op == "joint":
+                rows, groups = self.patches if self.patches is not None else full(self.shape[1]), full(1)
+            else:
+                T, N = self.shape[1:]
+                frames = self.frames if self.frames is not None else full(T)
+                patches = self.patches if self.patches is not None else full(N)
+                rows, groups = (frames, patches) if op == "temporal" else (patches, frames)
+            both = torch.stack([rows, groups]).to(torch.int32)
+            if self.device.type == "cuda":  # from pinned memory: the copy does not wait for the device
+                both = both.pin_memory().to(self.device, non_blocking=True)
+            else:
+                both = both.to(self.device)
+            self._kernel_counts = (op, both[0], both[1])
+        return self._kernel_counts[1:]
 
     def real_queries(self, Tq: int) -> torch.Tensor:
         """The dense mask of the query tokens: the last ``Tq`` frames (temporal attention

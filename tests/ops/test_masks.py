@@ -5,8 +5,9 @@ and its q/k/v gradients are zero, an empty query row is zero and never NaN, the 
 output averages over the frames holding a real patch); a padded batch gives each
 sample what the sample gives alone. The torch backend matches the reference in the
 forward and every gradient on both its paths (the CPU flash kernel and the SDPA
-composition), both token orders, causal temporal included; backends that do not
-declare masks refuse them with the dispatcher's sentence."""
+composition), both token orders, causal temporal included, and so does every backend
+that declares counts (triton) for the counts; backends that do not declare a form
+refuse it with the dispatcher's sentence."""
 
 import math
 
@@ -22,15 +23,23 @@ from ..conftest import DEVICE
 from .cases import Case, assert_close_to_reference, make_views
 
 MASKED = [name for name, be in BACKENDS.items() if "mask" in be.features and name != "reference"]
+COUNTED = [name for name, be in BACKENDS.items() if "counts" in be.features and name != "reference"]
+COUNT_FORMS = ("frames", "patches")  # the forms that reach a backend as counts; "mask" and "all" hold a mask
 
 
-@pytest.fixture(params=["flash", "sdpa"])
-def torch_path(request, monkeypatch):
-    """The torch backend's two paths: the CPU flash kernel, and the SDPA composition
-    (what GPUs, torch.compile and torch.func run), forced here by hiding the flash kernel."""
-    if request.param == "sdpa" or DEVICE.type != "cpu":
+def _paths(names) -> list:
+    """``names`` with the torch backend's second path: "torch" (the CPU flash kernel) and
+    "torch-sdpa" (the SDPA composition that GPUs, torch.compile and torch.func run)."""
+    return [p for n in names for p in ((n, "torch-sdpa") if n == "torch" else (n,))]
+
+
+@pytest.fixture
+def backend(request, monkeypatch) -> str:
+    """The backend a test runs (parametrized indirectly with :func:`_paths`); "torch-sdpa"
+    runs the torch backend with the flash kernel hidden."""
+    if request.param == "torch-sdpa" or (request.param == "torch" and DEVICE.type != "cpu"):
         monkeypatch.setattr(torch_backend, "_FLASH", None)
-    return request.param
+    return request.param.removesuffix("-sdpa")
 
 
 def _padding(form: str, case: Case, gen: torch.Generator) -> dict:
@@ -90,11 +99,11 @@ GRID = [
 FORMS = ["frames", "patches", "mask", "all"]
 
 
-@pytest.mark.parametrize("backend", MASKED)
-@pytest.mark.parametrize("case, form", [
+@pytest.mark.parametrize("case, form, backend", [
     # joint attention takes a (B, L) mask or lengths (its "frames" form)
-    pytest.param(c, f, id=f"{c.id}-{f}") for c in GRID for f in FORMS if c.op != "joint" or f in ("frames", "mask")])
-def test_matches_reference(case, form, backend, torch_path):
+    pytest.param(c, f, b, id=f"{c.id}-{f}-{b}") for c in GRID for f in FORMS if c.op != "joint" or f in ("frames", "mask")
+    for b in _paths(COUNTED if f in COUNT_FORMS else MASKED)], indirect=["backend"])
+def test_matches_reference(case, form, backend):
     gen = torch.Generator().manual_seed(hash((case.id, form)) % 2**31)
     kw_of = _joint_padding if case.op == "joint" else _padding
     assert_close_to_reference(case, backend, torch.float32, fn=_fn(case, lambda c: kw_of(form, c, gen)))
@@ -108,20 +117,23 @@ CAUSAL = [  # (case, Tq, causal)
 ]
 
 
-@pytest.mark.parametrize("backend", MASKED)
-@pytest.mark.parametrize("form", ["frames", "mask"])
+@pytest.mark.parametrize("form, backend", [pytest.param(f, b, id=f"{f}-{b}") for f in ("frames", "mask")
+                                           for b in _paths(COUNTED if f in COUNT_FORMS else MASKED)],
+                         indirect=["backend"])
 @pytest.mark.parametrize("case, tq, causal", [pytest.param(*c, id=f"{c[0].id}-Tq{c[1]}-{c[2]}") for c in CAUSAL])
-def test_causal_and_fewer_queries_match_reference(case, tq, causal, form, backend, torch_path):
+def test_causal_and_fewer_queries_match_reference(case, tq, causal, form, backend):
     gen = torch.Generator().manual_seed(7)
     assert_close_to_reference(case, backend, torch.float32, fn=_fn(case, lambda c: _padding(form, c, gen), causal, tq))
 
 
-@pytest.mark.parametrize("backend", MASKED)
+@pytest.mark.parametrize("form, backend", [pytest.param(f, b, id=f"{f}-{b}") for f in ("frames", "mask")
+                                           for b in _paths(COUNTED if f in COUNT_FORMS else MASKED)],
+                         indirect=["backend"])
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in (GRID[0], GRID[5], GRID[8])])
-def test_matches_reference_fp16(case, backend, torch_path):
+def test_matches_reference_fp16(case, form, backend):
     gen = torch.Generator().manual_seed(3)
     kw_of = _joint_padding if case.op == "joint" else _padding
-    assert_close_to_reference(case, backend, torch.float16, fn=_fn(case, lambda c: kw_of("mask", c, gen)))
+    assert_close_to_reference(case, backend, torch.float16, fn=_fn(case, lambda c: kw_of(form, c, gen)))
 
 
 # The semantics, on the reference (which defines them) and on every masking backend ---------
@@ -131,7 +143,7 @@ def _qkv(B, T, N, H, D, order, seed=0, dtype=torch.float64):
     return torch.randn(B, 1 + N * T, 3, H, D, generator=gen, dtype=dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("backend", ["reference", *MASKED])
+@pytest.mark.parametrize("backend", ["reference", *COUNTED], indirect=True)
 @pytest.mark.parametrize("order", ["hwt", "thw"])
 @pytest.mark.parametrize("op", ["temporal", "causal", "spatial", "spatial_cls"])
 def test_a_padded_batch_gives_each_sample_what_it_gives_alone(op, order, backend):
@@ -191,29 +203,43 @@ def _gather(qkv, q, Tb, Nb, order):
     return p.reshape(1, T, N, *p.shape[2:])[:, :Tb, :Nb].reshape(1, Nb * Tb, *p.shape[2:])
 
 
-@pytest.mark.parametrize("backend", ["reference", *MASKED])
+@pytest.mark.parametrize("form, backend", [pytest.param(f, b, id=f"{f}-{b}") for f in ("counts", "mask")
+                                           for b in ["reference", *(COUNTED if f == "counts" else MASKED)]],
+                         indirect=["backend"])
 @pytest.mark.parametrize("op", ["temporal", "spatial_cls", "joint"])
-def test_a_padded_token_is_never_a_key_and_nan_there_never_leaks(op, backend):
+def test_a_padded_token_is_never_a_key_and_nan_there_never_leaks(op, form, backend):
     """Padded tokens' q, k and v set to NaN (then to other numbers): the real outputs are
     the same and finite, the padded ones zero, and their gradients zero."""
     B, T, N, H, D = 2, 5, 6, 2, 8
     gen = torch.Generator().manual_seed(0)
-    real = torch.rand(B, T, N, generator=gen) < 0.6
-    real[1, 2] = False  # a whole frame of padding
+    if form == "mask":
+        real = torch.rand(B, T, N, generator=gen) < 0.6
+        real[1, 2] = False  # a whole frame of padding
+        kw = dict(mask=real.to(DEVICE))
+    else:
+        frames, patches = [5, 3], [4, 6]
+        real = (torch.arange(T)[None, :, None] < torch.tensor(frames)[:, None, None]) & \
+            (torch.arange(N)[None, None, :] < torch.tensor(patches)[:, None, None])
+        kw = dict(frames=frames, patches=patches)
     tokens = torch.cat([torch.ones(B, 1, dtype=torch.bool), real.transpose(1, 2).reshape(B, -1)], 1)  # hwt
+    if op == "joint" and form == "counts":  # joint counts: the first lengths[b] tokens are real
+        lengths = [1 + N * T, 17]
+        tokens = torch.arange(1 + N * T)[None, :] < torch.tensor(lengths)[:, None]
+        kw = dict(lengths=lengths)
+    elif op == "joint":
+        kw = dict(mask=tokens.to(DEVICE))
     results = []
     for fill in (math.nan, 3.0):
         qkv = _qkv(B, T, N, H, D, "hwt", dtype=torch.float32)
         qkv[~tokens.to(DEVICE)] = fill
         qkv.requires_grad_(True)
         q, k, v, cls = split_qkv(qkv, T, N, order="hwt", has_cls=True)
-        m = real.to(DEVICE)
         if op == "temporal":
-            out = divattn.tokens_major(divattn.temporal_attention(q, k, v, mask=m, backend=backend))
+            out = divattn.tokens_major(divattn.temporal_attention(q, k, v, **kw, backend=backend))
         elif op == "spatial_cls":
-            out = divattn.ops.spatial_attention_tokens(q, k, v, cls, mask=m, backend=backend).flatten(2)
+            out = divattn.ops.spatial_attention_tokens(q, k, v, cls, **kw, backend=backend).flatten(2)
         else:
-            out = divattn.joint_attention(*qkv.unbind(2), mask=tokens.to(DEVICE), backend=backend).flatten(2)
+            out = divattn.joint_attention(*qkv.unbind(2), **kw, backend=backend).flatten(2)
         (grad,) = torch.autograd.grad(out.sum(), qkv)
         assert torch.isfinite(out).all() and torch.isfinite(grad).all()
         patches = out[:, -T * N:]  # temporal attention's output has no cls row
@@ -226,7 +252,7 @@ def test_a_padded_token_is_never_a_key_and_nan_there_never_leaks(op, backend):
     torch.testing.assert_close(results[0][1], results[1][1], **tol)
 
 
-@pytest.mark.parametrize("backend", ["reference", *MASKED])
+@pytest.mark.parametrize("backend", ["reference", *COUNTED], indirect=True)
 def test_a_sample_with_no_real_token(backend):
     """Allowed: its outputs are zero, o_cls is v_cls, and only v_cls gets a gradient (the
     upstream o_cls gradient); the other sample is unaffected."""
@@ -264,18 +290,29 @@ def test_counts_and_masks_combine_and_give_the_same_as_the_dense_mask():
 
 # Dispatch ------------------------------------------------------------------------------
 
-def test_kernel_backends_refuse_masks_with_the_dispatchers_sentence_and_auto_picks_one_that_takes_them():
+def test_backends_refuse_a_padding_form_they_do_not_declare_with_the_dispatchers_sentence():
+    """A mask needs "mask", counts "counts"; a backend without the feature refuses with the
+    dispatcher's sentence, and auto picks the first of triton, cuda, torch that declares it."""
     q, k, v, cls = split_qkv(_qkv(2, 3, 4, 2, 16, "hwt", dtype=torch.float32), 3, 4, order="hwt", has_cls=True)
+    m = torch.ones(2, 3, 4, dtype=torch.bool, device=DEVICE)
+    forms = {"mask": (dict(mask=m), "a padded batch given as a token mask"),
+             "counts": (dict(frames=[3, 1]), "a padded batch given as per-sample frame, patch or token counts")}
+    refusals = 0
     for be in ("triton", "cuda"):
-        assert "mask" not in BACKENDS[be].features
-        with pytest.raises(BackendError, match=rf"backend='{be}' cannot run temporal attention \(mask\) .*\n(.*\n)*"
-                                               rf"  {be}: .*a padded batch \(a token mask, or per-sample frame, "
-                                               r"patch or token counts\) is not implemented"):
-            divattn.temporal_attention(q, k, v, frames=[3, 1], backend=be)
-    # auto: the first backend of triton, cuda, torch that declares masks (here triton runs without them)
-    assert dispatch.select("spatial_cls", torch.float32, DEVICE, 16, None, ("mask",)).name == "torch"
-    o = divattn.spatial_attention(q, k, v, cls, frames=[3, 1])
-    torch.testing.assert_close(o[0], divattn.spatial_attention(q, k, v, cls, frames=[3, 1], backend="torch")[0])
+        for feature, (kw, sentence) in forms.items():
+            if feature in BACKENDS[be].features:
+                continue
+            refusals += 1
+            with pytest.raises(BackendError, match=rf"backend='{be}' cannot run temporal attention \({feature}\) "
+                                                   rf".*\n(.*\n)*  {be}: .*{sentence} is not implemented"):
+                divattn.temporal_attention(q, k, v, backend=be, **kw)
+    assert refusals >= 1  # no kernel backend takes a mask yet
+    for feature, (kw, _) in forms.items():
+        name = next(n for n in dispatch.AUTO_ORDER if feature in BACKENDS[n].features)
+        assert dispatch.select("spatial_cls", torch.float32, DEVICE, 16, None, (feature,)).name == name
+        o = divattn.spatial_attention(q, k, v, cls, **kw)
+        torch.testing.assert_close(o[0], divattn.spatial_attention(q, k, v, cls, backend="reference", **kw)[0],
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("op", ["temporal", "spatial", "spatial_cls", "joint"])
@@ -400,3 +437,37 @@ def test_real_pairs_by_hand():
     assert flops.attention_macs("spatial", (1, 3, 3, 2, 8), mask=m) == 2 * 2 * 5 * 8
     with pytest.raises(ValueError, match=r"frames\[0\] = 4 is outside \[0, 3\]"):
         flops.real_pairs("temporal", (1, 3, 3, 1, 8), frames=[4])
+
+
+@pytest.mark.parametrize("backend", COUNTED, indirect=True)
+@pytest.mark.parametrize("op", ["temporal", "causal", "fewer", "spatial", "spatial_cls", "joint"])
+def test_flop_counter_counts_the_real_pairs_of_counts(op, backend):
+    """Counts reach a kernel backend's custom ops as per-sequence counts: FlopCounterMode
+    counts their real pairs, as divattn.flops does for the same counts, forward and backward."""
+    B, T, N, H, D = 3, 5, 6, 2, 16
+    qkv = _qkv(B, T, N, H, D, "hwt", dtype=torch.float32).requires_grad_(True)
+    q, k, v, cls = split_qkv(qkv, T, N, order="hwt", has_cls=True)
+    frames, patches = [5, 2, 0], [6, 3, 6]
+    with FlopCounterMode(display=False) as counter:
+        if op == "joint":
+            lengths = [1 + T * N, 7, 0]
+            out = divattn.joint_attention(*qkv.unbind(2), lengths=lengths, backend=backend)
+            want = flops.attention_flops("joint", (B, 1 + T * N, H, D), "fwd+bwd", patches=lengths)
+            dense = flops.attention_flops("joint", (B, 1 + T * N, H, D), "fwd+bwd")
+        elif op in ("spatial", "spatial_cls"):
+            c = cls if op == "spatial_cls" else None
+            out = divattn.ops.spatial_attention_tokens(q, k, v, c, frames=frames, patches=patches, backend=backend) \
+                if c is not None else divattn.spatial_attention(q, k, v, frames=frames, patches=patches, backend=backend)
+            want = flops.attention_flops(op, q.shape, "fwd+bwd", frames=frames, patches=patches)
+            dense = flops.attention_flops(op, q.shape, "fwd+bwd")
+        else:
+            tq = 2 if op == "fewer" else T
+            causal = op != "temporal"
+            out = divattn.temporal_attention(q[:, T - tq:], k, v, causal=causal, frames=frames, patches=patches,
+                                             backend=backend)
+            kw = dict(causal=causal, kv_frames=T)
+            want = flops.attention_flops("temporal", (B, tq, N, H, D), "fwd+bwd", frames=frames, patches=patches, **kw)
+            dense = flops.attention_flops("temporal", (B, tq, N, H, D), "fwd+bwd", **kw)
+        out.sum().backward()
+    assert counter.get_total_flops() == want
+    assert 0 < want < dense

@@ -37,16 +37,31 @@ argument                    meaning
 ``H, T``                    (cls kernels) heads and frames of the ``(B, H, T, ·)`` buffers
 ``qk_scale``                ``scale * log2(e)``: scores in base 2; ``inv_T`` is 1 / T
 ``n_q_tiles, n_k_tiles``    query / key tiles of one sequence; ``tiles_per_prog`` per program
+``REAL_ROWS REAL_GROUPS``   int32 ``(n_i0,)`` (COUNTS): sequence (i0, i1, i2) has ``REAL_ROWS[i0]``
+                            real key rows, its first ones, when ``i1 < REAL_GROUPS[i0]``, else none
 ``GROUP, SEQ``              (constexpr) sequences per tile, rows of each in the tile
 ``HAS_CLS CAUSAL SINGLE``   (constexpr) cls row present; causal mask; every row in one tile
+``COUNTS``                  (constexpr) a padded batch: REAL_ROWS / REAL_GROUPS are read
 ``PREC``                    (constexpr) ``tl.dot``'s input precision ("tf32" or "ieee")
 ==========================  ================================================================
 
-Inside the kernels: ``q_rows`` / ``k_rows`` are L / L_k plus the cls row, ``lane`` a
+Inside the kernels: ``q_rows`` / ``k_rows`` are L / L_k plus the cls row, ``real_q`` /
+``real_k`` the real ones among the first L / L_k (L / L_k without COUNTS), ``lane`` a
 tile position (``GROUP * SEQ`` of them), ``in_tile`` the tile-local sequence of each
 lane, ``seq`` the program's sequence (one per lane when ``GROUP > 1``), ``frame`` its
 ``(i0, i2, i1)`` = ``(b, h, t)`` position in the per-frame cls buffers, ``row`` / ``key``
-a lane's query / key row within its sequence.
+a lane's query / key row within its sequence; ``row_in`` / ``key_in`` say a lane holds a
+row of its sequence (what a store writes), ``row_ok`` / ``key_ok`` that the row is real
+(what a load reads and the scores keep).
+
+**Padded batches (COUNTS).** A sequence's real rows are its first ``real_k`` key rows
+and first ``real_q = max(real_k - (L_k - L), 0)`` query rows (the queries are the last L
+of the L_k frames), plus the cls row, always real. A padded row is never loaded and never
+a key; its output, log-sum-exp (-inf) and gradients are written as zeros. With one
+sequence per tile, the loops visit only the tiles that hold a real row
+(:func:`_tile_range`): a tile of padding costs its stores and nothing else. The cls
+query's output averages the frames that hold a real patch: frame weight ``cls_w``
+(:func:`_frame_weight`).
 
 **cls folded in.** With a cls token every frame's sequence is extended by one row:
 row ``L`` of the queries is the cls query and column ``L`` of the keys the cls key,
@@ -107,6 +122,88 @@ def _frame_index(seq, n_i1, n_i2):
     i1 = (seq // n_i2) % n_i1
     i0 = seq // (n_i1 * n_i2)
     return (i0 * n_i2 + i2) * n_i1 + i1
+
+
+@triton.jit
+def _sequence_counts(REAL_ROWS, REAL_GROUPS, seq, seq_ok, n_i1, n_i2, L_k, inv_T,
+                     COUNTS: tl.constexpr, GROUP: tl.constexpr):
+    """``real_k`` (sequence seq's real key rows, its first ones) and ``cls_w`` (the weight of its
+    frame in the cls output, :func:`_frame_weight`); L_k and 1 / T without COUNTS."""
+    real_k = L_k
+    cls_w = inv_T
+    if COUNTS:
+        i0 = seq // (n_i1 * n_i2)
+        i1 = (seq // n_i2) % n_i1
+        if GROUP == 1:
+            rows = tl.load(REAL_ROWS + i0)
+            groups = tl.load(REAL_GROUPS + i0)
+        else:
+            rows = tl.load(REAL_ROWS + i0, mask=seq_ok, other=0)
+            groups = tl.load(REAL_GROUPS + i0, mask=seq_ok, other=0)
+        real_k = tl.where(i1 < groups, rows, 0)
+        cls_w = _frame_weight(i1, rows, groups, inv_T)
+    return real_k, cls_w
+
+
+@triton.jit
+def _frame_weight(t, rows, groups, inv_T):
+    """Frame t's weight in the cls output of spatial attention (rows: patches, groups: frames):
+    ``1 / n`` on the n frames that hold a real patch, 0 on the others, ``inv_T`` on every
+    frame when none does (each then gives the cls value)."""
+    n = tl.where(rows > 0, groups, 0)
+    return tl.where(n > 0, tl.where(t < n, 1.0 / tl.maximum(n, 1).to(tl.float32), 0.0), inv_T)
+
+
+@triton.jit
+def _live(ok, row, real, L, HAS_CLS: tl.constexpr, COUNTS: tl.constexpr):
+    """``ok`` restricted (COUNTS) to real rows: the first ``real`` and the cls row L."""
+    out = ok
+    if COUNTS:
+        live = row < real
+        if HAS_CLS:
+            live = live | (row == L)
+        out = ok & live
+    return out
+
+
+@triton.jit
+def _tile_range(start, stop, real, L, SEQ: tl.constexpr, HAS_CLS: tl.constexpr, COUNTS: tl.constexpr,
+                GROUP: tl.constexpr):
+    """``(end, last)`` of a loop over tiles ``start .. stop - 1`` of one sequence that visits only
+    tiles holding a real row (COUNTS, one sequence per tile): iterations below ``end`` are the
+    tiles of the first ``real`` rows, and with cls one more, up to ``last``, is the cls row's tile
+    L // SEQ (:func:`_tile_at`). Otherwise every tile: ``(stop, stop)``."""
+    end = stop
+    last = stop
+    if COUNTS and GROUP == 1:
+        end = tl.maximum(tl.minimum(stop, tl.cdiv(real, SEQ)), start)
+        last = end
+        if HAS_CLS:
+            last = end + ((L // SEQ >= end) & (L // SEQ < stop)).to(tl.int32)
+    return end, last
+
+
+@triton.jit
+def _tile_at(i, end, L, SEQ: tl.constexpr, HAS_CLS: tl.constexpr, COUNTS: tl.constexpr, GROUP: tl.constexpr):
+    """The tile iteration ``i`` of a :func:`_tile_range` loop visits."""
+    tile = i
+    if COUNTS and GROUP == 1 and HAS_CLS:
+        tile = tl.where(i < end, i, L // SEQ)
+    return tile
+
+
+@triton.jit
+def _unless_padding(last, start, tile, real, L, SEQ: tl.constexpr, HAS_CLS: tl.constexpr, COUNTS: tl.constexpr,
+                    GROUP: tl.constexpr):
+    """``last``, or ``start`` (no iteration) when ``tile`` holds no real row (COUNTS, one
+    sequence per tile): the inner loop of a tile of padding does nothing."""
+    out = last
+    if COUNTS and GROUP == 1:
+        live = tile * SEQ < real
+        if HAS_CLS:
+            live = live | (tile == L // SEQ)
+        out = tl.where(live, last, start)
+    return out
 
 
 @triton.jit
@@ -232,7 +329,7 @@ def _dot_iso(a, b, in_tile, PREC: tl.constexpr, ISOLATE: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, Q_CLS, K_CLS, V_CLS, O_CLS_FR, LSE_CLS_FR,
+    Q, K, V, O, LSE, Q_CLS, K_CLS, V_CLS, O_CLS_FR, LSE_CLS_FR, REAL_ROWS, REAL_GROUPS,
     stride_q0, stride_q1, stride_q2, stride_qL,
     stride_k0, stride_k1, stride_k2, stride_kL,
     stride_v0, stride_v1, stride_v2, stride_vL,
@@ -240,30 +337,38 @@ def _attn_fwd_kernel(
     stride_qc0, stride_qc2, stride_kc0, stride_kc2, stride_vc0, stride_vc2,
     n_seq, n_i1, n_i2, L, L_k, D, n_q_tiles, n_k_tiles, tiles_per_prog, qk_scale,
     HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, COUNTS: tl.constexpr,
 ):
     BLOCK: tl.constexpr = GROUP * SEQ
     q_rows = L + HAS_CLS
     k_rows = L_k + HAS_CLS
     lane, in_tile, seq, seq_ok, frame, d, d_ok, first_tile = _program_sequences(
         n_seq, n_i1, n_i2, D, tiles_per_prog, GROUP, SEQ, BLOCK_D)
+    real_k, cls_w = _sequence_counts(REAL_ROWS, REAL_GROUPS, seq, seq_ok, n_i1, n_i2, L_k, 1.0, COUNTS, GROUP)
+    real_q = tl.maximum(real_k - (L_k - L), 0)
     for q_tile in range(first_tile, tl.minimum(first_tile + tiles_per_prog, n_q_tiles)):
         row = (q_tile * SEQ + lane % SEQ).to(tl.int64)  # [BLOCK] query row within its sequence
-        row_ok = seq_ok & (row < q_rows)
+        row_in = seq_ok & (row < q_rows)
+        row_ok = _live(row_in, row, real_q, L, HAS_CLS, COUNTS)
         q = _load_rows(Q, Q_CLS, seq, row, row_ok, d, d_ok, n_i1, n_i2, stride_q0, stride_q1, stride_q2, stride_qL,
                        stride_qc0, stride_qc2, L, HAS_CLS, GROUP)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        for k_tile in range(0, _key_tiles_seen(q_tile, n_k_tiles, L, L_k, SEQ, CAUSAL, GROUP)):
+        k_end, k_last = _tile_range(0, _key_tiles_seen(q_tile, n_k_tiles, L, L_k, SEQ, CAUSAL, GROUP), real_k, L_k,
+                                    SEQ, HAS_CLS, COUNTS, GROUP)
+        for i in range(0, _unless_padding(k_last, 0, q_tile, real_q, L, SEQ, HAS_CLS, COUNTS, GROUP)):
+            k_tile = _tile_at(i, k_end, L_k, SEQ, HAS_CLS, COUNTS, GROUP)
             key = (k_tile * SEQ + lane % SEQ).to(tl.int64)  # [BLOCK] key row of each column
-            key_ok = seq_ok & (key < k_rows)
+            key_ok = _live(seq_ok & (key < k_rows), key, real_k, L_k, HAS_CLS, COUNTS)
             k = _load_rows(K, K_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_k0, stride_k1, stride_k2,
                            stride_kL, stride_kc0, stride_kc2, L_k, HAS_CLS, GROUP)
             v = _load_rows(V, V_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_v0, stride_v1, stride_v2,
                            stride_vL, stride_vc0, stride_vc2, L_k, HAS_CLS, GROUP)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK, BLOCK]
             visible = _causal_mask(key_ok[None, :], row, key, L, L_k, CAUSAL)
+            if COUNTS:
+                visible = visible & row_ok[:, None]
             qk = tl.where(_pair_mask(in_tile, visible, GROUP), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -273,12 +378,12 @@ def _attn_fwd_kernel(
             acc = acc * alpha[:, None] + _dot_iso(p.to(v.dtype), v, in_tile, PREC, GROUP > 1)
             m_i = m_new
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        _store_rows(O, O_CLS_FR, acc / l_safe[:, None], seq, row, row_ok, frame, d, d_ok, n_i1, n_i2,
+        _store_rows(O, O_CLS_FR, acc / l_safe[:, None], seq, row, row_in, frame, d, d_ok, n_i1, n_i2,
                     stride_o0, stride_o1, stride_o2, stride_oL, L, D, HAS_CLS)
         lse = m_i + tl.log2(l_safe)
-        tl.store(LSE + seq * L + row, lse, mask=row_ok & (row < L))
+        tl.store(LSE + seq * L + row, lse, mask=row_in & (row < L))
         if HAS_CLS:
-            tl.store(LSE_CLS_FR + frame + tl.zeros_like(row), lse, mask=row_ok & (row == L))
+            tl.store(LSE_CLS_FR + frame + tl.zeros_like(row), lse, mask=row_in & (row == L))
 
 
 @triton.jit
@@ -286,12 +391,13 @@ def _bwd_rows(
     Q, O, DO, LSE, Q_CLS, DO_CLS, O_CLS_FR, LSE_CLS_FR, seq, row, ok, frame, d, d_ok, n_i1, n_i2,
     stride_q0, stride_q1, stride_q2, stride_qL, stride_o0, stride_o1, stride_o2, stride_oL,
     stride_do0, stride_do1, stride_do2, stride_doL, stride_qc0, stride_qc2, stride_doc0, stride_doc2,
-    L, D, inv_T, HAS_CLS: tl.constexpr, WITH_DELTA: tl.constexpr, GROUP: tl.constexpr,
+    L, D, cls_w, HAS_CLS: tl.constexpr, WITH_DELTA: tl.constexpr, GROUP: tl.constexpr,
 ):
     """q, dO (in q's dtype), lse and (WITH_DELTA) delta = rowsum(dO * O) of query rows ``row``.
 
-    The cls row's upstream gradient is d o_cls / T (o_cls is the mean over T frames);
-    its output and log-sum-exp come from the forward's per-frame fp32 buffers.
+    The cls row's upstream gradient is d o_cls times its frame's weight ``cls_w`` (1 / T:
+    o_cls is the mean over the T frames); its output and log-sum-exp come from the
+    forward's per-frame fp32 buffers.
     """
     q = _load_rows(Q, Q_CLS, seq, row, ok, d, d_ok, n_i1, n_i2, stride_q0, stride_q1, stride_q2, stride_qL,
                    stride_qc0, stride_qc2, L, HAS_CLS, GROUP)
@@ -306,7 +412,7 @@ def _bwd_rows(
             lse = tl.where(is_cls, tl.load(LSE_CLS_FR + frame), lse)
         else:
             lse = tl.where(is_cls, tl.load(LSE_CLS_FR + frame, mask=is_cls, other=0.0), lse)
-        do_f = tl.where(is_cls[:, None], do_f * inv_T, do_f)
+        do_f = tl.where(is_cls[:, None], do_f * (cls_w + tl.zeros_like(lse))[:, None], do_f)  # cls_w: one per lane when GROUP > 1
         do = do_f.to(do.dtype)
     delta = tl.zeros_like(lse)
     if WITH_DELTA:
@@ -328,7 +434,7 @@ def _bwd_rows(
 @triton.jit
 def _attn_bwd_kernel(
     Q, K, V, O, DO, LSE, DQ, DK, DV,
-    Q_CLS, K_CLS, V_CLS, DO_CLS, O_CLS_FR, LSE_CLS_FR, DQ_CLS_FR, DK_CLS_FR, DV_CLS_FR,
+    Q_CLS, K_CLS, V_CLS, DO_CLS, O_CLS_FR, LSE_CLS_FR, DQ_CLS_FR, DK_CLS_FR, DV_CLS_FR, REAL_ROWS, REAL_GROUPS,
     stride_q0, stride_q1, stride_q2, stride_qL,
     stride_k0, stride_k1, stride_k2, stride_kL,
     stride_v0, stride_v1, stride_v2, stride_vL,
@@ -340,7 +446,7 @@ def _attn_bwd_kernel(
     stride_qc0, stride_qc2, stride_kc0, stride_kc2, stride_vc0, stride_vc2, stride_doc0, stride_doc2,
     n_seq, n_i1, n_i2, L, L_k, D, n_q_tiles, n_k_tiles, tiles_per_prog, qk_scale, scale, inv_T,
     HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr, CAUSAL: tl.constexpr, COUNTS: tl.constexpr,
 ):
     """dK, dV of this program's key tiles, then dQ of its query tiles (in the first pass when SINGLE)."""
     BLOCK: tl.constexpr = GROUP * SEQ
@@ -349,24 +455,32 @@ def _attn_bwd_kernel(
     k_rows = L_k + HAS_CLS
     lane, in_tile, seq, seq_ok, frame, d, d_ok, first_tile = _program_sequences(
         n_seq, n_i1, n_i2, D, tiles_per_prog, GROUP, SEQ, BLOCK_D)
+    real_k, cls_w = _sequence_counts(REAL_ROWS, REAL_GROUPS, seq, seq_ok, n_i1, n_i2, L_k, inv_T, COUNTS, GROUP)
+    real_q = tl.maximum(real_k - (L_k - L), 0)
 
     for k_tile in range(first_tile, tl.minimum(first_tile + tiles_per_prog, n_k_tiles)):
         key = (k_tile * SEQ + lane % SEQ).to(tl.int64)
-        key_ok = seq_ok & (key < k_rows)
+        key_in = seq_ok & (key < k_rows)
+        key_ok = _live(key_in, key, real_k, L_k, HAS_CLS, COUNTS)
         k = _load_rows(K, K_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_k0, stride_k1, stride_k2, stride_kL,
                        stride_kc0, stride_kc2, L_k, HAS_CLS, GROUP)
         v = _load_rows(V, V_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_v0, stride_v1, stride_v2, stride_vL,
                        stride_vc0, stride_vc2, L_k, HAS_CLS, GROUP)
         dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        for q_tile in range(_first_query_tile(k_tile, L, L_k, SEQ, CAUSAL, GROUP), n_q_tiles):
+        first_q = _first_query_tile(k_tile, L, L_k, SEQ, CAUSAL, GROUP)
+        q_end, q_last = _tile_range(first_q, n_q_tiles, real_q, L, SEQ, HAS_CLS, COUNTS, GROUP)
+        q_last = _unless_padding(q_last, first_q, k_tile, real_k, L_k, SEQ, HAS_CLS, COUNTS, GROUP)
+        for i in range(first_q, q_last):
+            q_tile = _tile_at(i, q_end, L, SEQ, HAS_CLS, COUNTS, GROUP)
             row = (q_tile * SEQ + lane % SEQ).to(tl.int64)
-            row_ok = seq_ok & (row < q_rows)
+            row_in = seq_ok & (row < q_rows)
+            row_ok = _live(row_in, row, real_q, L, HAS_CLS, COUNTS)
             q, do, lse, delta = _bwd_rows(
                 Q, O, DO, LSE, Q_CLS, DO_CLS, O_CLS_FR, LSE_CLS_FR, seq, row, row_ok, frame, d, d_ok, n_i1, n_i2,
                 stride_q0, stride_q1, stride_q2, stride_qL, stride_o0, stride_o1, stride_o2, stride_oL,
                 stride_do0, stride_do1, stride_do2, stride_doL, stride_qc0, stride_qc2, stride_doc0, stride_doc2,
-                L, D, inv_T, HAS_CLS, not SINGLE, GROUP)
+                L, D, cls_w, HAS_CLS, not SINGLE, GROUP)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [rows, cols]
             valid = _pair_mask(in_tile, _causal_mask(row_ok[:, None] & key_ok[None, :], row, key, L, L_k, CAUSAL),
                                GROUP)
@@ -381,26 +495,35 @@ def _attn_bwd_kernel(
             dk += _dot_iso(tl.trans(ds.to(q.dtype)), q, in_tile, PREC, ISOLATE)
             if SINGLE:
                 dq = _dot_iso(ds.to(k.dtype), k, in_tile, PREC, ISOLATE) * scale
-                _store_rows(DQ, DQ_CLS_FR, dq, seq, row, row_ok, frame, d, d_ok, n_i1, n_i2,
+                _store_rows(DQ, DQ_CLS_FR, dq, seq, row, row_in, frame, d, d_ok, n_i1, n_i2,
                             stride_dq0, stride_dq1, stride_dq2, stride_dqL, L, D, HAS_CLS)
-        _store_rows(DK, DK_CLS_FR, dk * scale, seq, key, key_ok, frame, d, d_ok, n_i1, n_i2,
+        if SINGLE and COUNTS and GROUP == 1:
+            if q_last <= first_q:  # a sequence of padding: its dq rows are zero
+                row = (lane % SEQ).to(tl.int64)
+                _store_rows(DQ, DQ_CLS_FR, tl.zeros([BLOCK, BLOCK_D], tl.float32), seq, row, seq_ok & (row < q_rows),
+                            frame, d, d_ok, n_i1, n_i2, stride_dq0, stride_dq1, stride_dq2, stride_dqL, L, D, HAS_CLS)
+        _store_rows(DK, DK_CLS_FR, dk * scale, seq, key, key_in, frame, d, d_ok, n_i1, n_i2,
                     stride_dk0, stride_dk1, stride_dk2, stride_dkL, L_k, D, HAS_CLS)
-        _store_rows(DV, DV_CLS_FR, dv, seq, key, key_ok, frame, d, d_ok, n_i1, n_i2,
+        _store_rows(DV, DV_CLS_FR, dv, seq, key, key_in, frame, d, d_ok, n_i1, n_i2,
                     stride_dv0, stride_dv1, stride_dv2, stride_dvL, L_k, D, HAS_CLS)
 
     if not SINGLE:
         for q_tile in range(first_tile, tl.minimum(first_tile + tiles_per_prog, n_q_tiles)):
             row = (q_tile * SEQ + lane % SEQ).to(tl.int64)
-            row_ok = seq_ok & (row < q_rows)
+            row_in = seq_ok & (row < q_rows)
+            row_ok = _live(row_in, row, real_q, L, HAS_CLS, COUNTS)
             q, do, lse, delta = _bwd_rows(
                 Q, O, DO, LSE, Q_CLS, DO_CLS, O_CLS_FR, LSE_CLS_FR, seq, row, row_ok, frame, d, d_ok, n_i1, n_i2,
                 stride_q0, stride_q1, stride_q2, stride_qL, stride_o0, stride_o1, stride_o2, stride_oL,
                 stride_do0, stride_do1, stride_do2, stride_doL, stride_qc0, stride_qc2, stride_doc0, stride_doc2,
-                L, D, inv_T, HAS_CLS, True, GROUP)
+                L, D, cls_w, HAS_CLS, True, GROUP)
             dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-            for k_tile in range(0, _key_tiles_seen(q_tile, n_k_tiles, L, L_k, SEQ, CAUSAL, GROUP)):
+            k_end, k_last = _tile_range(0, _key_tiles_seen(q_tile, n_k_tiles, L, L_k, SEQ, CAUSAL, GROUP), real_k,
+                                        L_k, SEQ, HAS_CLS, COUNTS, GROUP)
+            for i in range(0, _unless_padding(k_last, 0, q_tile, real_q, L, SEQ, HAS_CLS, COUNTS, GROUP)):
+                k_tile = _tile_at(i, k_end, L_k, SEQ, HAS_CLS, COUNTS, GROUP)
                 key = (k_tile * SEQ + lane % SEQ).to(tl.int64)
-                key_ok = seq_ok & (key < k_rows)
+                key_ok = _live(seq_ok & (key < k_rows), key, real_k, L_k, HAS_CLS, COUNTS)
                 k = _load_rows(K, K_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_k0, stride_k1, stride_k2,
                                stride_kL, stride_kc0, stride_kc2, L_k, HAS_CLS, GROUP)
                 v = _load_rows(V, V_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_v0, stride_v1, stride_v2,
@@ -412,20 +535,30 @@ def _attn_bwd_kernel(
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-            _store_rows(DQ, DQ_CLS_FR, dq * scale, seq, row, row_ok, frame, d, d_ok, n_i1, n_i2,
+            _store_rows(DQ, DQ_CLS_FR, dq * scale, seq, row, row_in, frame, d, d_ok, n_i1, n_i2,
                         stride_dq0, stride_dq1, stride_dq2, stride_dqL, L, D, HAS_CLS)
 
 
 @triton.jit
-def _cls_mean_kernel(O_CLS_FR, O_CLS, stride_oc0, stride_oc2, H, T, D, inv_T, BLOCK_D: tl.constexpr):
-    """o_cls of one (b, h): the mean of its T per-frame outputs, summed in frame order."""
+def _cls_mean_kernel(O_CLS_FR, O_CLS, REAL_ROWS, REAL_GROUPS, stride_oc0, stride_oc2, H, T, D, inv_T,
+                     BLOCK_D: tl.constexpr, COUNTS: tl.constexpr):
+    """o_cls of one (b, h): the mean of its T per-frame outputs, summed in frame order (COUNTS:
+    of the frames that hold a real patch, the first ones; of all T when none does)."""
     pid = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
+    n_frames = T
+    w = inv_T
+    if COUNTS:
+        b = pid // H
+        rows = tl.load(REAL_ROWS + b)
+        real = tl.where(rows > 0, tl.load(REAL_GROUPS + b), 0)
+        n_frames = tl.where(real > 0, real, T)
+        w = 1.0 / n_frames.to(tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for t in range(0, T):
+    for t in range(0, n_frames):
         acc += tl.load(O_CLS_FR + (pid * T + t) * D + d, mask=d_ok, other=0.0)
-    tl.store(O_CLS + (pid // H) * stride_oc0 + (pid % H) * stride_oc2 + d, (acc * inv_T).to(O_CLS.dtype.element_ty),
+    tl.store(O_CLS + (pid // H) * stride_oc0 + (pid % H) * stride_oc2 + d, (acc * w).to(O_CLS.dtype.element_ty),
              mask=d_ok)
 
 

@@ -369,8 +369,15 @@ def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_c
         launch.run()
 
 
+def _count_args(counts: Optional[tuple], dummy: torch.Tensor) -> tuple:
+    """``(args, constexprs)`` of a padded batch's counts: ``REAL_ROWS``, ``REAL_GROUPS`` (any
+    pointer, never read, without counts) and ``COUNTS``."""
+    rows, groups = counts if counts is not None else (dummy, dummy)
+    return dict(REAL_ROWS=rows, REAL_GROUPS=groups), dict(COUNTS=counts is not None)
+
+
 def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None,
-                 lse_cls=None, target=None, candidate=None) -> list:
+                 lse_cls=None, counts=None, target=None, candidate=None) -> list:
     """The launches :func:`forward` makes for these arguments, on ``target`` (default: q's device).
 
     ``candidate``: a tile configuration from :func:`tile_candidates` (default: the first).
@@ -384,39 +391,44 @@ def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=No
     else:  # never read: any pointer, zero strides
         qc = kc = vc = None
         cls_args = dict(Q_CLS=q, K_CLS=k, V_CLS=v, O_CLS_FR=lse, LSE_CLS_FR=lse)
+    count_args, count_flag = _count_args(counts, lse)
     plan = []
     if t.n_seq > 0 and t.L + has_cls > 0:
         plan.append(_FWD.launch(
             (triton.cdiv(t.n_seq, t.group), triton.cdiv(t.n_q, t.tiles_per_prog)),
-            dict(Q=q, K=k, V=v, O=o, LSE=lse, **cls_args, **_strides(op, q=q, k=k, v=v, o=o),
+            dict(Q=q, K=k, V=v, O=o, LSE=lse, **cls_args, **count_args, **_strides(op, q=q, k=k, v=v, o=o),
                  **_cls_strides(q=qc, k=kc, v=vc), **_sequences(t), D=D, qk_scale=scale * LOG2E),
             dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
-                 CAUSAL=bool(causal)),
+                 CAUSAL=bool(causal), **count_flag),
             t.num_warps, t.num_stages, t.regime, t.tile, t.max_registers))
     if has_cls:
         B, T, N, H, _ = q.shape
         if B * H > 0:
             plan.append(_CLS_MEAN.launch(
-                (B * H,), dict(O_CLS_FR=cls_frames, O_CLS=o_cls, **_cls_strides(o=o_cls), H=H, T=T, D=D, inv_T=1.0 / T),
-                dict(BLOCK_D=t.block_d), 1, 1, "epilogue"))
+                (B * H,), dict(O_CLS_FR=cls_frames, O_CLS=o_cls, **count_args, **_cls_strides(o=o_cls), H=H, T=T, D=D,
+                               inv_T=1.0 / T),
+                dict(BLOCK_D=t.block_d, **count_flag), 1, 1, "epilogue"))
     return plan
 
 
-def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None):
+def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None,
+            counts=None):
     """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
 
     ``q, k, v, o`` are views in the op's layout (any strides, head dim contiguous);
     ``lse`` is a contiguous fp32 ``(S*L,)``; with ``cls``, ``o_cls`` is ``(B, H, D)``,
     ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` of per-frame cls outputs and
-    ``lse_cls`` a contiguous fp32 ``(B, H, T)``.
+    ``lse_cls`` a contiguous fp32 ``(B, H, T)``; ``counts`` the ``(rows, groups)`` of a padded
+    batch (:meth:`divattn.ops.masks.Padding.kernel_counts`) or None.
     """
     _run(lambda c: plan_forward(op, q, k, v, o, lse, scale, causal=causal, cls=cls, o_cls=o_cls,
-                                cls_frames=cls_frames, lse_cls=lse_cls, candidate=c), op, "fwd", q, k, cls is not None)
+                                cls_frames=cls_frames, lse_cls=lse_cls, counts=counts, candidate=c),
+         op, "fwd", q, k, cls is not None)
 
 
 def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-                  causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, target=None,
-                  candidate=None) -> list:
+                  causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None,
+                  target=None, candidate=None) -> list:
     """The launches :func:`backward` makes (cls scratch buffers allocated on q's device)."""
     has_cls = cls is not None
     t = tile_config(op, q, k, has_cls, _target(q.device, target), "bwd", candidate)
@@ -434,16 +446,17 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
         cls_args = dict(Q_CLS=q, K_CLS=k, V_CLS=v, DO_CLS=do, O_CLS_FR=lse, LSE_CLS_FR=lse, DQ_CLS_FR=lse,
                         DK_CLS_FR=lse, DV_CLS_FR=lse)
         inv_T = 1.0
+    count_args, count_flag = _count_args(counts, lse)
     plan = []
     if t.n_seq > 0 and t.L + has_cls > 0:
         plan.append(_BWD.launch(
             (triton.cdiv(t.n_seq, t.group), triton.cdiv(max(t.n_q, t.n_k), t.tiles_per_prog)),
-            dict(Q=q, K=k, V=v, O=o, DO=do, LSE=lse, DQ=dq, DK=dk, DV=dv, **cls_args,
+            dict(Q=q, K=k, V=v, O=o, DO=do, LSE=lse, DQ=dq, DK=dk, DV=dv, **cls_args, **count_args,
                  **_strides(op, q=q, k=k, v=v, o=o, do=do, dq=dq, dk=dk, dv=dv),
                  **_cls_strides(q=qc, k=kc, v=vc, do=do_cls), **_sequences(t), D=D, qk_scale=scale * LOG2E,
                  scale=scale, inv_T=inv_T),
             dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
-                 SINGLE=t.n_q == 1 and t.n_k == 1, CAUSAL=bool(causal)),
+                 SINGLE=t.n_q == 1 and t.n_k == 1, CAUSAL=bool(causal), **count_flag),
             t.num_warps, t.num_stages, t.regime, t.tile, t.max_registers))
     if has_cls and B * H > 0:
         dqc, dkc, dvc = d_cls
@@ -456,14 +469,15 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
 
 
 def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None):
+             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None):
     """Write dq, dk, dv (and the cls grads ``d_cls``) for the forward above.
 
     Every element of dq/dk/dv/d_cls is written once; nothing is accumulated across
     programs, so the result does not depend on launch order.
     """
     _run(lambda c: plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, causal=causal, cls=cls, d_cls=d_cls,
-                                 do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls, candidate=c),
+                                 do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls, counts=counts,
+                                 candidate=c),
          op, "bwd", q, k, cls is not None)
 
 
