@@ -151,6 +151,21 @@ def test_no_spill_in_low_precision_builds(builds):
     assert not spills, "spilling builds:\n" + "\n".join(spills)
 
 
+def test_the_padded_batch_path_compiles_without_spill():
+    """The COUNTS path (a padded batch given as counts) is not in the record: its builds at
+    TimeSformer-B's head geometry (every op and pass, fp16, sm_90) are compiled here, with the
+    tile table's rows as they are, and none spills (``divattn kernels --counts`` checks more)."""
+    probs = kernels_cli.select(["timesformer_8x224"], [64], ["hwt"], dtypes=["fp16"], counts=True)
+    assert probs and all(p.counts and "+counts" in p.id for p in probs)
+    out = build.report(probs, archs=(90,), exact=False, cache=None, record=None,
+                       workers=max(1, min(2, os.cpu_count() or 1)))
+    attn = [b for b in out if b["kernel"].startswith("_attn_")]
+    assert attn and all(b["constexprs"]["COUNTS"] for b in attn)
+    assert not [b for b in out if b.get("error")]
+    spills = [kernels_cli.spill_line(b) for b in out if kernels_cli.spills(b)]
+    assert not spills, "spilling builds:\n" + "\n".join(spills)
+
+
 def test_a_spill_names_the_tile_rows_to_change(builds):
     """What a user with a spilling head dim is told: the build, its resources and the rows of
     divattn/ops/triton/plan.py whose tile it runs."""

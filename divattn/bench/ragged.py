@@ -49,7 +49,7 @@ class RaggedProvider:
         if device.type == "cpu" and be.cpu_needs_interpreter:
             return ("on a CPU the Triton kernels run only in the Triton interpreter (TRITON_INTERPRET=1), "
                     "a correctness tool, not a speed: not timed")
-        features = ("mask",) if self.variant == "frames" else ()
+        features = ("counts",) if self.variant == "frames" else ()
         why = be.not_supported_reasons(op, dtype, device, shape.D, features)
         return f"divattn backend {self.backend!r} cannot run here: " + "; ".join(why) if why else None
 
@@ -58,7 +58,7 @@ class RaggedProvider:
         attend = divattn_ops.temporal_attention if op == "temporal" else divattn_ops.spatial_attention
         backend, T, N = self.backend, shape.T, shape.N
         counts = shape.frames()
-        frames = torch.tensor(counts, device=device)
+        frames = torch.tensor(counts)  # on the host: the ops check counts there, with no device sync
 
         def views(qkv):
             return divattn_ops.split_qkv(qkv, T, N, order=shape.order, has_cls=False)[:3]

@@ -61,6 +61,9 @@ def add_arguments(parser) -> None:
                              "on the coverage layers)")
     parser.add_argument("--orders", default="hwt,thw", help="token orders (default: hwt,thw)")
     parser.add_argument("--passes", default="fwd,bwd", help="comma list of fwd, bwd (default: both)")
+    parser.add_argument("--counts", action="store_true",
+                        help="the padded-batch code path (COUNTS: per-sample counts) of every problem instead of the "
+                             "dense one; not in the record")
     parser.add_argument("--exact", action="store_true",
                         help="compile every divisibility specialisation the JIT makes, not one build per code path")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -195,7 +198,8 @@ def _check(args) -> None:
         raise SystemExit(f"divattn kernels: --head-dims takes head dims in [1, 256], got {args.head_dims!r}")
 
 
-def select(shapes=None, head_dims=None, orders=None, batch_heads=None, dtypes=None, passes=None) -> list:
+def select(shapes=None, head_dims=None, orders=None, batch_heads=None, dtypes=None, passes=None,
+           counts: bool = False) -> list:
     """The problems the report covers: each named shape (default: all, and the coverage layers;
     ``COVERAGE`` names those) at each head dim and token order, the coverage layers also at
     each (B, H) of ``batch_heads``; every pass. ``dtypes`` default: fp16, bf16 and fp32 on the
@@ -208,10 +212,10 @@ def select(shapes=None, head_dims=None, orders=None, batch_heads=None, dtypes=No
     dims, orders = head_dims or problems.HEAD_DIMS, orders or problems.ORDERS
     passes = passes or problems.PASSES
     named = [v for n in names if n != COVERAGE for v in problems.variants(GPU_SHAPES[n], dims, orders)]
-    out = list(problems.problems(named, passes=passes, dtypes=dtypes or tuple(problems.DTYPES)))
+    out = list(problems.problems(named, passes=passes, dtypes=dtypes or tuple(problems.DTYPES), counts=(counts,)))
     if COVERAGE in names:
         layers = problems.coverage(dims, orders, batch_heads or problems.BATCH_HEADS)
-        out += problems.problems(layers, passes=passes, dtypes=dtypes or LOW_PRECISION)
+        out += problems.problems(layers, passes=passes, dtypes=dtypes or LOW_PRECISION, counts=(counts,))
     return out
 
 
@@ -224,7 +228,9 @@ def main(args) -> int:
     archs = _archs(args.arch)
     start = time.perf_counter()
     probs = select(_csv(args.shapes), [int(d) for d in _csv(args.head_dims)], _csv(args.orders),
-                   _batch_heads(args.batch_heads), _csv(args.dtypes), _csv(args.passes))
+                   _batch_heads(args.batch_heads), _csv(args.dtypes), _csv(args.passes), args.counts)
+    if args.counts and args.update_record:
+        raise SystemExit("divattn kernels: the record holds the dense code paths: --counts takes no --update-record")
     record = build.RECORD if args.record == "default" else None if args.record.lower() == "none" else args.record
     if args.no_cache and args.record == "default":
         record = None

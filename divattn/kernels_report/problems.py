@@ -60,17 +60,20 @@ COVERAGE = (
 
 @dataclass(frozen=True)
 class Problem:
-    """One attention op on one layer: ``op`` is temporal, spatial, spatial_cls or joint."""
+    """One attention op on one layer: ``op`` is temporal, spatial, spatial_cls or joint; with
+    ``counts`` on a padded batch given as counts (the kernels' COUNTS path)."""
 
     shape: AttnShape
     op: str
     pass_: str
     dtype: str
+    counts: bool = False
 
     @property
     def id(self) -> str:
         s = self.shape
-        return f"{s.name}-{s.order}-B{s.B}H{s.H}-D{s.D}-{self.op}-{self.pass_}-{self.dtype}"
+        op = self.op + ("+counts" if self.counts else "")
+        return f"{s.name}-{s.order}-B{s.B}H{s.H}-D{s.D}-{op}-{self.pass_}-{self.dtype}"
 
     @property
     def kernel_op(self) -> str:
@@ -90,11 +93,12 @@ class Problem:
         return (s.B, s.tokens, s.H, s.D) if self.op == "joint" else (s.B, s.T, s.N, s.H, s.D)
 
     def to_dict(self) -> dict:
-        return {"shape": dataclasses.asdict(self.shape), "op": self.op, "pass_": self.pass_, "dtype": self.dtype}
+        out = {"shape": dataclasses.asdict(self.shape), "op": self.op, "pass_": self.pass_, "dtype": self.dtype}
+        return {**out, "counts": True} if self.counts else out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Problem":
-        return cls(AttnShape(**d["shape"]), d["op"], d["pass_"], d["dtype"])
+        return cls(AttnShape(**d["shape"]), d["op"], d["pass_"], d["dtype"], d.get("counts", False))
 
 
 def variants(shape, head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] = ORDERS,
@@ -107,15 +111,16 @@ def variants(shape, head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] 
 
 
 def problems(shapes: Iterable, *, passes: Sequence[str] = PASSES, dtypes: Sequence[str] = tuple(DTYPES),
-             ops: Optional[Sequence[str]] = None) -> Iterator[Problem]:
-    """Every (shape, op, pass, dtype); ``ops`` default to each shape's own."""
+             ops: Optional[Sequence[str]] = None, counts: Sequence[bool] = (False,)) -> Iterator[Problem]:
+    """Every (shape, op, pass, dtype) with each of ``counts``; ``ops`` default to each shape's own."""
     for shape in shapes:
         for op in shape.ops():
             if ops is not None and op not in ops:
                 continue
             for pass_ in passes:
                 for dtype in dtypes:
-                    yield Problem(shape, op, pass_, dtype)
+                    for padded in counts:
+                        yield Problem(shape, op, pass_, dtype, padded)
 
 
 def coverage(head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] = ORDERS,
@@ -175,7 +180,11 @@ def plans(problem: Problem, *, target=None, device="meta", seed: Optional[int] =
         scale = s.D ** -0.5
         buf, lse, cls_frames, lse_cls = functions._outputs(op, problem.has_cls, q)
         o, o_cls = functions._out_views(op, problem.has_cls, q, buf)
-        fwd = dict(cls=cls, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal)
+        counts = None
+        if problem.counts:  # the kernels read one count per sample: the values do not enter a build
+            counts = tuple(torch.full((s.B,), n, dtype=torch.int32, device=device) for n in (1, 1))
+        fwd = dict(cls=cls, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal,
+                   counts=counts)
         candidates = problem_candidates(op, problem.pass_, q, k, cls is not None, target)
         if problem.pass_ == "fwd":
             return [plan_forward(op, q, k, v, o, lse, scale, **fwd, target=target, candidate=c) for c in candidates]
@@ -190,8 +199,8 @@ def plans(problem: Problem, *, target=None, device="meta", seed: Optional[int] =
         do, do_cls = functions._out_views(op, problem.has_cls, q, d_buf)
         return [plan_backward(op, q, k, v, o, do, lse, *dviews[:3], scale, cls=cls,
                               d_cls=tuple(dviews[3:]) if cls is not None else None, do_cls=do_cls,
-                              cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal, target=target,
-                              candidate=c) for c in candidates]
+                              cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal, counts=counts,
+                              target=target, candidate=c) for c in candidates]
 
 
 def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int] = 0) -> list:
