@@ -379,17 +379,17 @@ def _count(geom, op, has_cls, causal, pass_, rows=None, groups=None) -> int:
 
 def _counts_dense(op: str, k_shape: tuple, rows, groups):
     """The ``(B, Tk, N)`` (joint: ``(B, L)``) real tokens of the kernels' ``(rows, groups)`` counts
-    (:meth:`divattn.ops.masks.Padding.kernel_counts`), on the host."""
+    (:meth:`divattn.ops.masks.Padding.kernel_counts`, undone), on the host."""
     import torch
 
+    from .ops.masks import Padding
+
     rows, groups = rows.to("cpu", torch.int64), groups.to("cpu", torch.int64)
+    cpu = torch.device("cpu")
     if op == "joint":
-        return torch.arange(k_shape[1]) < rows[:, None]
-    t = torch.arange(k_shape[1])[None, :, None]
-    n = torch.arange(k_shape[2])[None, None, :]
-    if op == "temporal":  # rows are frames, groups patches
-        return (t < rows[:, None, None]) & (n < groups[:, None, None])
-    return (n < rows[:, None, None]) & (t < groups[:, None, None])
+        return Padding(tuple(k_shape[:2]), cpu, patches=rows).dense()
+    frames, patches = (rows, groups) if op == "temporal" else (groups, rows)
+    return Padding(tuple(k_shape[:3]), cpu, frames=frames, patches=patches).dense()
 
 
 def _fwd_formula(srcs, geom, op, has_cls, scale, backend, causal, rows=None, groups=None, *args, out_val=None,

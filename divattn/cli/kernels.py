@@ -225,12 +225,12 @@ def main(args) -> int:
     _check(args)
     if args.update_record and not args.exact:
         raise SystemExit("divattn kernels: --update-record writes every binary the JIT builds: add --exact")
+    if args.update_record and args.counts:
+        raise SystemExit("divattn kernels: the record holds the dense code paths: --counts takes no --update-record")
     archs = _archs(args.arch)
     start = time.perf_counter()
     probs = select(_csv(args.shapes), [int(d) for d in _csv(args.head_dims)], _csv(args.orders),
                    _batch_heads(args.batch_heads), _csv(args.dtypes), _csv(args.passes), args.counts)
-    if args.counts and args.update_record:
-        raise SystemExit("divattn kernels: the record holds the dense code paths: --counts takes no --update-record")
     record = build.RECORD if args.record == "default" else None if args.record.lower() == "none" else args.record
     if args.no_cache and args.record == "default":
         record = None

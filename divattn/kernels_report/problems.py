@@ -155,6 +155,7 @@ def plans(problem: Problem, *, target=None, device="meta", seed: Optional[int] =
     """
     from ..ops import functions
     from ..ops.layout import split_qkv
+    from ..ops.masks import Padding
     from ..ops.triton import plan_backward, plan_forward, problem_candidates
 
     s = problem.shape
@@ -180,9 +181,9 @@ def plans(problem: Problem, *, target=None, device="meta", seed: Optional[int] =
         scale = s.D ** -0.5
         buf, lse, cls_frames, lse_cls = functions._outputs(op, problem.has_cls, q)
         o, o_cls = functions._out_views(op, problem.has_cls, q, buf)
-        counts = None
-        if problem.counts:  # the kernels read one count per sample: the values do not enter a build
-            counts = tuple(torch.full((s.B,), n, dtype=torch.int32, device=device) for n in (1, 1))
+        # the COUNTS path with every token real: on a real device it computes the unpadded result
+        counts = Padding(tuple(k.shape[:2] if op == "joint" else k.shape[:3]), device).kernel_counts(op) \
+            if problem.counts else None
         fwd = dict(cls=cls, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal,
                    counts=counts)
         candidates = problem_candidates(op, problem.pass_, q, k, cls is not None, target)

@@ -12,8 +12,9 @@ given form says so):
   joint attention calls it ``lengths``: the first ``lengths[b]`` tokens).
 
 The counts are the cheap form: a kernel reads one number per sequence and skips whole
-tiles, where a mask is read per key (:meth:`Padding.kernel_counts` is what the kernels get). They are checked on the host, so pass them as CPU
-tensors (or lists) to keep a call free of device syncs; a mask is checked for its shape,
+tiles, where a mask is read per key (:meth:`Padding.kernel_counts` is what the kernels
+get). They are checked on the host, so pass them as CPU tensors (or lists) to keep a call
+free of device syncs; a mask is checked for its shape,
 dtype and device only.
 
 :class:`Padding` is what the backends get: the given forms, checked, and the dense
@@ -42,7 +43,6 @@ class Padding:
     frames: Optional[torch.Tensor] = None
     patches: Optional[torch.Tensor] = None
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
-    _kernel_counts: Optional[tuple] = field(default=None, repr=False)
 
     def dense(self) -> torch.Tensor:
         """The ``(B, T, N)`` (joint: ``(B, L)``) bool mask of real tokens, on q's device."""
@@ -73,23 +73,21 @@ class Padding:
         """
         if self.mask is not None:
             raise ValueError("Padding.kernel_counts: a mask has no counts form (the kernels read it per key)")
-        if self._kernel_counts is None or self._kernel_counts[0] != op:
-            B = self.shape[0]
-            full = lambda n: torch.full((B,), n, dtype=torch.int64)  # noqa: E731
-            if op == "joint":
-                rows, groups = self.patches if self.patches is not None else full(self.shape[1]), full(1)
-            else:
-                T, N = self.shape[1:]
-                frames = self.frames if self.frames is not None else full(T)
-                patches = self.patches if self.patches is not None else full(N)
-                rows, groups = (frames, patches) if op == "temporal" else (patches, frames)
-            both = torch.stack([rows, groups]).to(torch.int32)
-            if self.device.type == "cuda":  # from pinned memory: the copy does not wait for the device
-                both = both.pin_memory().to(self.device, non_blocking=True)
-            else:
-                both = both.to(self.device)
-            self._kernel_counts = (op, both[0], both[1])
-        return self._kernel_counts[1:]
+        B = self.shape[0]
+        full = lambda n: torch.full((B,), n, dtype=torch.int64)  # noqa: E731
+        if op == "joint":
+            rows, groups = self.patches if self.patches is not None else full(self.shape[1]), full(1)
+        else:
+            T, N = self.shape[1:]
+            frames = self.frames if self.frames is not None else full(T)
+            patches = self.patches if self.patches is not None else full(N)
+            rows, groups = (frames, patches) if op == "temporal" else (patches, frames)
+        both = torch.stack([rows, groups]).to(torch.int32)
+        if self.device.type == "cuda":  # from pinned memory: the copy does not wait for the device
+            both = both.pin_memory().to(self.device, non_blocking=True)
+        else:
+            both = both.to(self.device)
+        return both[0], both[1]
 
     def real_queries(self, Tq: int) -> torch.Tensor:
         """The dense mask of the query tokens: the last ``Tq`` frames (temporal attention
