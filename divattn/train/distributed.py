@@ -21,6 +21,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists: its functions take ``group=group.WORLD`` as a
+# default argument, evaluated at import, and one import under a live group (DDP makes it)
+# would hold that group past destroy_process_group. A group that outlives it is freed only
+# at interpreter exit, where a gloo worker thread that frees a collective's tensor needs the
+# GIL and aborts the process ("terminate called without an active exception").
+import torch.distributed.nn  # noqa: F401
 
 # how long a rank that met a failure waits for the others to check in before it names the
 # missing ones (every live rank meets the failure within about this time: torchrun stops
@@ -92,6 +98,8 @@ def _raise_stopped(signum, frame):
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the process group. Called once nothing else holds it (the model's DDP wrapper and
+    the mesh dropped), destroy_process_group frees the group and joins its worker threads."""
     _STORE.clear()
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -205,6 +205,7 @@ def train(cfg: dict, output_dir: str, *, resume: Optional[str] = None,
     finally:
         if run is not None:
             run.close()
+            run = None  # its DDP wrapper and mesh hold the process groups shutdown frees
         log.close()
         distributed.shutdown(dist)
 
