@@ -36,6 +36,7 @@ def _serve(rank, world, store, collective_s, env, tasks, results):
     os.environ.update(env)
     import torch
     import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401  before the group, as divattn.train.distributed explains
 
     torch.set_num_threads(1)
     try:
