@@ -168,8 +168,10 @@ class _Specialiser:
         self.target = GPUTarget("cuda", arch, 32)
         self.backend = make_backend(self.target)
         self._binders: dict = {}
+        self._keys: dict = {}
 
-    def __call__(self, launch):
+    def _bind(self, launch) -> tuple:
+        """(kernel's specialisation of the launch: a hashable tuple, what ``_pack_args`` takes)."""
         from triton.runtime.jit import create_function_from_signature
 
         kernel = launch.kernel
@@ -180,15 +182,26 @@ class _Specialiser:
                 kernel.signature, kernel.params, self.backend)
         kw = launch.options
         bound, spec, opts = binder(**launch.args, **launch.constexprs, **kw)
-        return kernel._pack_args(self.backend, kw, bound, spec, opts)
+        # the argument types, divisibility hints and constexpr values, and the options: all
+        # that _pack_args reads of the launch
+        return (id(kernel), tuple(sorted(kw.items())), tuple(spec)), (kw, bound, spec, opts)
+
+    def __call__(self, launch):
+        _, (kw, bound, spec, opts) = self._bind(launch)
+        return launch.kernel._pack_args(self.backend, kw, bound, spec, opts)
 
     def keys(self, launch) -> tuple:
         """(path key, exact key, signature, attrs): launches with one exact key compile to one
         binary (the key of the on-disk cache); with one path key they differ at most in the
-        divisibility hints of their integer and pointer arguments."""
+        divisibility hints of their integer and pointer arguments. Memoised on the launch's
+        specialisation (most launches of a sweep share one with another)."""
         import triton
 
-        options, signature, constexprs, attrs = self(launch)
+        memo, (kw, bound, spec, opts) = self._bind(launch)
+        known = self._keys.get(memo)
+        if known is not None:
+            return known
+        options, signature, constexprs, attrs = launch.kernel._pack_args(self.backend, kw, bound, spec, opts)
         fn = _fn(launch.kernel)
         opts = _portable(options.__dict__ if hasattr(options, "__dict__") else dict(options))
         # the kernel's source (with the jit functions it calls), the compiler and its options: what
@@ -199,7 +212,8 @@ class _Specialiser:
         exact = parts + [sorted(map(repr, attrs.items()))]
         path_key, exact_key = (hashlib.sha1(json.dumps(p, sort_keys=True, default=repr).encode()).hexdigest()[:16]
                                for p in (parts, exact))
-        return path_key, exact_key, signature, attrs
+        known = self._keys[memo] = (path_key, exact_key, signature, attrs)
+        return known
 
 
 def _signature_text(signature: dict, attrs: dict) -> str:
@@ -278,12 +292,15 @@ def collect(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, exact: bo
     Returns ``(builds, jobs)``: the :class:`Build` records (not compiled yet) and, per
     key, the ``(problem, arch, candidate, index, binary key)`` that re-creates the launch.
     """
-    builds: dict = {}
     jobs: dict = {}
     exacts: dict = {}
-    for arch in archs:
-        spec = _Specialiser(arch)
-        for problem in problems:
+    specs = {arch: _Specialiser(arch) for arch in archs}
+    by_arch: dict = {arch: {} for arch in archs}  # a key names its arch: the records come out arch by arch
+    # problem by problem, its archs one after the other: what planning caches of the inputs
+    # (functions._packing) serves both
+    for problem in problems:
+        for arch in archs:
+            spec, builds = specs[arch], by_arch[arch]
             try:
                 planned = plans(problem, target=arch)
             except Exception as e:  # a plan that cannot be made is a failed build of that problem
@@ -317,9 +334,10 @@ def collect(problems: Sequence[Problem], archs: Sequence[int] = ARCHS, exact: bo
                         b.problems.append(problem.id)
                     if problem.shape.D not in b.head_dims:
                         b.head_dims.append(problem.shape.D)
-    for key, b in builds.items():
-        b.specialisations = len(exacts.get(key, ()))
-    return list(builds.values()), jobs
+    builds = [b for arch in archs for b in by_arch[arch].values()]
+    for b in builds:
+        b.specialisations = len(exacts.get(b.key, ()))
+    return builds, jobs
 
 
 def cache_dir() -> Optional[str]:
