@@ -15,7 +15,8 @@ parameter names, so official checkpoints load without renaming:
 Blocks that need the frame count read it from ``num_frames`` (set from the model
 config, updated by the model when a clip with another frame count comes in); N comes
 from the token count. ``forward(x, mask)`` takes a padded batch's real tokens: ``(B, L)``
-for :class:`Block`, ``(B, T, N)`` for the others (see the ops' ``mask``). Each block's ``attention_maps(x)`` returns its attention
+for :class:`Block`, ``(B, T, N)`` or :class:`~divattn.layers.padding.Frames` for the others
+(see the ops' ``mask`` and ``frames``). Each block's ``attention_maps(x)`` returns its attention
 probabilities for the input ``x`` through the reference softmax, for inspection.
 """
 
@@ -33,6 +34,7 @@ from .attention import Attention
 from .divided import DividedSpaceTimeAttention, add_after_first
 from .drop import DropPath
 from .mlp import Mlp
+from .padding import op_padding
 from .sharded import patch_sharded_attention, temporal_residual
 
 
@@ -171,7 +173,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
 
     def _spatial(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, k, v = self._qkv(self.attn, x, self.norm1)
-        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend, mask=mask)
+        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend, **op_padding(mask))
         return x + self.drop_path(self.attn.out(tokens_major(o)))
 
     def _temporal(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -179,7 +181,7 @@ class FactorisedSelfAttentionBlock(nn.Module):
             return temporal_residual(self.sequence, x, self.temporal_norm1, self.temporal_attn, order="thw",
                                      has_cls=False, drop_path=self.drop_path, backend=self.backend)
         q, k, v = self._qkv(self.temporal_attn, x, self.temporal_norm1)
-        o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend, mask=mask)
+        o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend, **op_padding(mask))
         return x + self.drop_path(self.temporal_attn.out(tokens_major(o)))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -255,8 +257,9 @@ class FactorisedDotProductBlock(nn.Module):
             return self._forward_sharded(x)
         (qt, kt, vt), (qs, ks, vs) = self._halves(x)
         scale = self.attn.scale
-        o_t = tokens_major(temporal_attention(qt, kt, vt, scale=scale, backend=self.backend, mask=mask))
-        o_s = tokens_major(spatial_attention(qs, ks, vs, scale=scale, backend=self.backend, mask=mask))
+        padding = op_padding(mask)
+        o_t = tokens_major(temporal_attention(qt, kt, vt, scale=scale, backend=self.backend, **padding))
+        o_s = tokens_major(spatial_attention(qs, ks, vs, scale=scale, backend=self.backend, **padding))
         return self._project(x, o_t, o_s)
 
     def _project(self, x: torch.Tensor, o_t: torch.Tensor, o_s: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from ..ops import spatial_attention_tokens, split_qkv, temporal_attention, tokens_major
 from .attention import Attention
 from .drop import DropPath
+from .padding import op_padding
 from .recompute import linear_linear
 from .sharded import temporal_residual
 
@@ -69,8 +70,9 @@ class DividedSpaceTimeAttention(nn.Module):
     is left, in the backward: the gradient of the temporal residual skips each
     sample's cls row, and ``temporal_fc``'s GEMM needs it dense.
 
-    ``forward(x, mask)`` takes a padded batch's real patch tokens, ``mask`` ``(B, T, N)``
-    (:func:`divattn.temporal_attention`); the cls token is always real.
+    ``forward(x, mask)`` takes a padded batch's real patch tokens, ``mask`` ``(B, T, N)`` or
+    :class:`~divattn.layers.padding.Frames` (:func:`divattn.temporal_attention`); the cls
+    token is always real.
 
     Stochastic depth drops whole samples; the official code drops the spatial
     residual per (sample, frame) before averaging the cls outputs, which the fused
@@ -120,7 +122,7 @@ class DividedSpaceTimeAttention(nn.Module):
             raise ValueError(f"DividedSpaceTimeAttention: {L} tokens is not 1 + N*T with T = num_frames = {T}")
         if self.sequence is None:
             q, k, v, _ = self._split(self.temporal_attn.qkv_heads(x, self.temporal_norm1), T)
-            o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend, mask=mask)
+            o = temporal_attention(q, k, v, scale=self.temporal_attn.scale, backend=self.backend, **op_padding(mask))
             res_t = self._temporal_residual(tokens_major(o))
             x = add_after_first(x, res_t)
         else:  # a parallelized model takes no mask (VideoModel.ragged)
@@ -128,6 +130,6 @@ class DividedSpaceTimeAttention(nn.Module):
                                   has_cls=True, drop_path=self.drop_path, fc=self.temporal_fc, backend=self.backend)
 
         q, k, v, cls = self._split(self.attn.qkv_heads(x, self.norm1), T)
-        o = spatial_attention_tokens(q, k, v, cls, scale=self.attn.scale, backend=self.backend, mask=mask)
+        o = spatial_attention_tokens(q, k, v, cls, scale=self.attn.scale, backend=self.backend, **op_padding(mask))
         x = x + self.drop_path(self.attn.out(o))
         return x if self.sequence is None else self.sequence.complete_cls(x)

@@ -19,6 +19,7 @@ from ..sequence_parallel import SequenceParallelError
 from .attention import Attention
 from .drop import DropPath
 from .mlp import Mlp
+from .padding import op_padding
 from .sharded import temporal_residual
 
 
@@ -143,15 +144,17 @@ class STBlock(nn.Module):
         return attn.out(tokens_major(o)).view(B, T, N, -1)
 
     def spatial(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x`` plus the spatial attention residual (``mask``: the real tokens ``(B, T, N)``)."""
+        """``x`` plus the spatial attention residual (``mask``: the real tokens ``(B, T, N)``
+        or :class:`~divattn.layers.padding.Frames`)."""
         q, k, v = self._qkv(self.attn, x, self.norm1).unbind(3)
-        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend, mask=mask)
+        o = spatial_attention(q, k, v, scale=self.attn.scale, backend=self.backend, **op_padding(mask))
         return x + self.drop_path(self._out(self.attn, o))
 
     def temporal(self, x: torch.Tensor, cache: Optional[KVCache] = None,
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x`` plus the causal temporal attention residual (over the cached frames too;
-        ``mask``: the real tokens ``(B, T, N)``, without a cache)."""
+        ``mask``: the real tokens ``(B, T, N)`` or :class:`~divattn.layers.padding.Frames`,
+        without a cache)."""
         if self.sequence is not None:  # a parallelized model takes no mask (VideoModel.ragged)
             if cache is not None:
                 raise SequenceParallelError("STBlock: a key/value cache (generation) runs in one process; this "
@@ -164,7 +167,8 @@ class STBlock(nn.Module):
             k, v = qkv[:, :, :, 1], qkv[:, :, :, 2]
         else:
             k, v = cache.append(qkv[:, :, :, 1:])
-        o = temporal_attention(q, k, v, causal=True, scale=self.temporal_attn.scale, backend=self.backend, mask=mask)
+        o = temporal_attention(q, k, v, causal=True, scale=self.temporal_attn.scale, backend=self.backend,
+                               **op_padding(mask))
         return x + self.drop_path(self._out(self.temporal_attn, o))
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,

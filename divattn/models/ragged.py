@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..layers.padding import Frames
 from ..ops.masks import integers
 from .pos_embed import resize_grid, resize_pos_embed_3d, resize_time_embed
 
@@ -58,6 +59,16 @@ class Ragged:
                 real = real & self.keep
             self._tokens = real.reshape(self.batch, T, h * w)
         return self._tokens
+
+    def divided(self):
+        """The real tokens as the divided blocks take them (:mod:`divattn.layers.padding`):
+        :class:`~divattn.layers.padding.Frames` when every sample's padding is whole frames at
+        its end (no size below the video's, no token mask), the counts the Triton kernels take;
+        else the ``(B, T, N)`` mask of :meth:`tokens`."""
+        _, h, w = self.shape
+        if self.keep is None and bool((self.grids == torch.tensor([h, w])).all()):
+            return Frames(self.frames)
+        return self.tokens()
 
     def real_frames(self) -> torch.Tensor:
         """``(B, T)`` bool: the frames that hold a real token."""

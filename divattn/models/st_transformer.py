@@ -130,7 +130,7 @@ class STTransformer(VideoModel):
 
     def _features(self, video: torch.Tensor, ragged: Optional[Ragged]) -> torch.Tensor:
         x = self.embed(video)
-        mask = None if ragged is None else ragged.tokens()
+        mask = None if ragged is None else ragged.divided()
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, None, mask, use_reentrant=False)

@@ -189,12 +189,13 @@ class TimeSformer(VideoModel):
         # the mean over the frames that hold a real patch (the clip's own frames)
         return masked_mean(x.flatten(2), ragged.real_frames()).view(x.shape[0], *x.shape[2:])
 
-    def _block_mask(self, ragged: Ragged) -> torch.Tensor:
-        """The real tokens as the blocks take them (see :mod:`divattn.layers.blocks`)."""
+    def _block_mask(self, ragged: Ragged):
+        """The real tokens as the blocks take them (see :mod:`divattn.layers.blocks`): divided
+        blocks a padding of whole frames as :class:`~divattn.layers.padding.Frames`."""
+        if self.config.attention_type == "divided_space_time":
+            return ragged.divided()
         real = ragged.tokens()  # (B, T, N)
         B, T, N = real.shape
-        if self.config.attention_type == "divided_space_time":
-            return real
         if self.config.attention_type == "space_only":
             return with_real_cls(real.reshape(B * T, N))
         return with_real_cls(real.transpose(1, 2).reshape(B, N * T))  # (h w t) tokens

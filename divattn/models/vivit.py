@@ -368,7 +368,7 @@ class ViViT(VideoModel):
         if self.variant == "factorised_encoder":
             return cls(real.reshape(B * Tt, N)), cls(ragged.real_frames())
         tokens = cls(real.reshape(B, Tt * N))
-        return (tokens if self.variant == "spatio_temporal" else real), tokens
+        return (tokens if self.variant == "spatio_temporal" else ragged.divided()), tokens
 
     def feature_mask(self, ragged: Optional[Ragged]) -> Optional[torch.Tensor]:
         return None if ragged is None else self._masks(ragged)[1]

@@ -3,8 +3,10 @@
 The acceptance test: each sample's logits (the ST transformer's per-frame predictions) are
 those of its clip run alone at its own size, within 1e-5 in fp32, for every TimeSformer
 attention type, ViViT's four models with every classifier, and the ST transformer, on
-the torch backend. (The kernel backends do not take masks yet: the same test on
-``backend="triton"`` under the interpreter waits for them.) Pooling ignores the padding,
+the torch backend. Clips that differ in length only run on the Triton kernels too (the
+divided blocks pass whole frames of padding as counts); a token mask (sizes, dropped
+tokens) runs on the torch backend only, and the kernel backends refuse it naming the
+reason. Pooling ignores the padding,
 gradients of a padded batch are the sum of the clips' own, and bad inputs name the
 argument."""
 
@@ -74,6 +76,50 @@ def test_st_transformer_predicts_each_clips_own_frames():
         for b, t in enumerate(frames):
             torch.testing.assert_close(pred[b, :, :t], model(video[b:b + 1, :, :t])[0], rtol=0, atol=1e-5)
             assert (pred[b, :, t:] == 0).all()  # the padded frames' predictions
+
+
+# the models whose blocks take a padding of whole frames as counts (divattn.layers.padding.Frames)
+DIVIDED = [pytest.param("timesformer_base", {}, id="timesformer-divided"),
+           *[pytest.param("vivit_base", dict(variant=v, classifier="gap"), id=f"vivit-{v}")
+             for v in ("factorised_self_attention", "factorised_dot_product")]]
+
+
+@pytest.mark.parametrize("name, kw", DIVIDED)
+def test_clips_of_different_lengths_run_on_the_triton_kernels(name, kw):
+    """Frames alone (every clip at the video's size) reach the divided blocks as counts, which
+    the Triton kernels take (a mask they refuse): each sample's logits are its clip's own on
+    triton, and the padded batch's equal the torch backend's."""
+    model = _perturbed(create_model(name, num_frames=8, **{**TINY, "img_size": 16, "backend": "triton"}, **kw))
+    _, padded, frames, _ = _batch([(8, 16, 16), (4, 16, 16), (2, 16, 16)])
+    with torch.no_grad():
+        logits = model(padded, frames=frames)
+        for b, t in enumerate(frames.tolist()):
+            torch.testing.assert_close(logits[b], model(padded[b:b + 1, :, :t])[0], rtol=0, atol=1e-5)
+        model.set_backend("torch")
+        torch.testing.assert_close(logits, model(padded, frames=frames), rtol=0, atol=1e-5)
+
+
+def test_st_transformer_runs_clips_of_different_lengths_on_the_triton_kernels():
+    model = _perturbed(create_model("st_transformer_tiny", img_size=16, patch_size=8, num_frames=6, depth=2,
+                                    embed_dim=32, num_heads=2, backend="triton", residual=False))
+    video = torch.randn(3, 3, 6, 16, 16, generator=torch.Generator().manual_seed(0))
+    frames = [6, 3, 1]
+    with torch.no_grad():
+        pred = model(video, frames=frames)
+        for b, t in enumerate(frames):
+            torch.testing.assert_close(pred[b, :, :t], model(video[b:b + 1, :, :t])[0], rtol=0, atol=1e-5)
+        model.set_backend("torch")
+        torch.testing.assert_close(pred, model(video, frames=frames), rtol=0, atol=1e-5)
+
+
+def test_clips_of_different_sizes_are_refused_by_the_triton_kernels_with_the_reason():
+    """Sizes make a token mask, which only the torch backend takes yet: the dispatcher says so."""
+    from divattn.ops import BackendError
+
+    model = create_model("timesformer_base", num_frames=8, **{**TINY, "backend": "triton"})
+    _, padded, frames, sizes = _batch(CLIPS[:2])
+    with pytest.raises(BackendError, match="mask"):
+        model(padded, frames=frames, sizes=sizes)
 
 
 @pytest.mark.parametrize("name, kw", [pytest.param("timesformer_base", {}, id="timesformer-divided"),
