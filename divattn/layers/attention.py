@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import joint_attention
+from .padding import op_padding
 from .recompute import norm_linear
 
 
@@ -60,7 +61,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Joint attention over the tokens of ``x``; ``mask`` ``(B, L)`` bool: the real ones
-        (:func:`divattn.joint_attention`)."""
+        """Joint attention over the tokens of ``x``; ``mask`` ``(B, L)`` bool: the real ones, or
+        their :class:`~divattn.layers.padding.Lengths` (:func:`divattn.joint_attention`)."""
         q, k, v = self.qkv_heads(x, norm).unbind(2)
-        return self.out(joint_attention(q, k, v, scale=self.scale, backend=self.backend, mask=mask))
+        return self.out(joint_attention(q, k, v, scale=self.scale, backend=self.backend, **op_padding(mask)))

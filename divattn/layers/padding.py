@@ -1,10 +1,12 @@
 """What the blocks hand the divided ops of a padded batch (their ``mask`` argument).
 
-A block's ``mask`` is a ``(B, T, N)`` bool tensor of the real tokens, or :class:`Frames`
-when every sample's padding is whole frames at its end (clips shorter than the batch's T,
-all at the batch's frame size). Frames reach the ops as per-sample counts (``frames=``),
-the form the Triton kernels take, skipping whole tiles of padding; a mask is read per key
-and runs on the torch backend only (see the ops' padded-batch docs).
+A block's ``mask`` is a bool tensor of the real tokens (``(B, T, N)``, joint blocks
+``(B, L)``), or, when every sample's padding is whole frames at its end (clips shorter
+than the batch's T, all at the batch's frame size), counts: :class:`Frames` for the divided
+blocks and :class:`Lengths` for joint blocks whose real tokens are a prefix of each
+sequence. Counts reach the ops as ``frames=`` / ``lengths=``, the form the Triton kernels
+take, skipping whole tiles of padding; a mask is read per key and runs on the torch
+backend only (see the ops' padded-batch docs).
 """
 
 from __future__ import annotations
@@ -23,10 +25,21 @@ class Frames:
     counts: torch.Tensor
 
 
-def op_padding(mask: Optional[Union[torch.Tensor, Frames]]) -> dict:
-    """The ops' keyword arguments for a block's ``mask``: ``{}``, ``{"frames": counts}`` or ``{"mask": mask}``."""
+@dataclass(frozen=True)
+class Lengths:
+    """Joint-attention sequences whose sequence s is its first ``counts[s]`` tokens (``(S,)``
+    ints on the host)."""
+
+    counts: torch.Tensor
+
+
+def op_padding(mask: Optional[Union[torch.Tensor, Frames, Lengths]]) -> dict:
+    """The ops' keyword arguments for a block's ``mask``: ``{}``, ``{"frames": counts}``,
+    ``{"lengths": counts}`` or ``{"mask": mask}``."""
     if mask is None:
         return {}
     if isinstance(mask, Frames):
         return {"frames": mask.counts}
+    if isinstance(mask, Lengths):
+        return {"lengths": mask.counts}
     return {"mask": mask}

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..layers.padding import Frames
+from ..layers.padding import Frames, Lengths
 from ..ops.masks import integers
 from .pos_embed import resize_grid, resize_pos_embed_3d, resize_time_embed
 
@@ -65,10 +65,25 @@ class Ragged:
         :class:`~divattn.layers.padding.Frames` when every sample's padding is whole frames at
         its end (no size below the video's, no token mask), the counts the Triton kernels take;
         else the ``(B, T, N)`` mask of :meth:`tokens`."""
+        return Frames(self.frames) if self.whole_frames else self.tokens()
+
+    @property
+    def whole_frames(self) -> bool:
+        """Whether every sample's padding is whole frames at its end: no size below the
+        video's, no token mask."""
         _, h, w = self.shape
-        if self.keep is None and bool((self.grids == torch.tensor([h, w])).all()):
-            return Frames(self.frames)
-        return self.tokens()
+        return self.keep is None and bool((self.grids == torch.tensor([h, w])).all())
+
+    def lengths(self, per_frame: bool, prefix: int) -> Lengths:
+        """For :attr:`whole_frames`: the real tokens of the joint blocks' sequences as
+        :class:`~divattn.layers.padding.Lengths`, ``prefix`` real tokens (a cls) first, then
+        the patches in ``(t h w)`` order: one sequence a sample, or with ``per_frame`` one a
+        frame (``(B*T,)``, ``(b t)`` order)."""
+        T, h, w = self.shape
+        if per_frame:
+            real = torch.arange(T)[None, :] < self.frames[:, None]
+            return Lengths((real.to(torch.int64) * (h * w) + prefix).reshape(-1))
+        return Lengths(self.frames * (h * w) + prefix)
 
     def real_frames(self) -> torch.Tensor:
         """``(B, T)`` bool: the frames that hold a real token."""

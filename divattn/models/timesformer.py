@@ -191,9 +191,12 @@ class TimeSformer(VideoModel):
 
     def _block_mask(self, ragged: Ragged):
         """The real tokens as the blocks take them (see :mod:`divattn.layers.blocks`): divided
-        blocks a padding of whole frames as :class:`~divattn.layers.padding.Frames`."""
+        blocks a padding of whole frames as :class:`~divattn.layers.padding.Frames`, space-only
+        blocks as :class:`~divattn.layers.padding.Lengths`."""
         if self.config.attention_type == "divided_space_time":
             return ragged.divided()
+        if self.config.attention_type == "space_only" and ragged.whole_frames:
+            return ragged.lengths(per_frame=True, prefix=1)  # each frame's [cls] + N tokens
         real = ragged.tokens()  # (B, T, N)
         B, T, N = real.shape
         if self.config.attention_type == "space_only":

@@ -368,7 +368,11 @@ class ViViT(VideoModel):
         if self.variant == "factorised_encoder":
             return cls(real.reshape(B * Tt, N)), cls(ragged.real_frames())
         tokens = cls(real.reshape(B, Tt * N))
-        return (tokens if self.variant == "spatio_temporal" else ragged.divided()), tokens
+        if self.variant == "spatio_temporal":
+            # a padding of whole frames leaves each clip's [cls] + (t h w) tokens a prefix
+            blocks = ragged.lengths(per_frame=False, prefix=int(self.has_cls)) if ragged.whole_frames else tokens
+            return blocks, tokens
+        return ragged.divided(), tokens
 
     def feature_mask(self, ragged: Optional[Ragged]) -> Optional[torch.Tensor]:
         return None if ragged is None else self._masks(ragged)[1]

@@ -4,8 +4,8 @@ The acceptance test: each sample's logits (the ST transformer's per-frame predic
 those of its clip run alone at its own size, within 1e-5 in fp32, for every TimeSformer
 attention type, ViViT's four models with every classifier, and the ST transformer, on
 the torch backend. Clips that differ in length only run on the Triton kernels too (the
-divided blocks pass whole frames of padding as counts); a token mask (sizes, dropped
-tokens) runs on the torch backend only, and the kernel backends refuse it naming the
+divided blocks, and joint blocks whose real tokens are a prefix, pass whole frames of
+padding as counts); a token mask (sizes, dropped tokens) runs on the torch backend only, and the kernel backends refuse it naming the
 reason. Pooling ignores the padding,
 gradients of a padded batch are the sum of the clips' own, and bad inputs name the
 argument."""
@@ -83,17 +83,22 @@ def test_st_transformer_predicts_each_clips_own_frames(backend):
             torch.testing.assert_close(pred, model(video, frames=frames), rtol=0, atol=1e-5)
 
 
-# the models whose blocks take a padding of whole frames as counts (divattn.layers.padding.Frames)
-DIVIDED = [pytest.param("timesformer_base", {}, id="timesformer-divided"),
+# the models whose blocks take a padding of whole frames as counts (divattn.layers.padding)
+COUNTED = [pytest.param("timesformer_base", {}, id="timesformer-divided"),
+           pytest.param("timesformer_base", dict(attention_type="space_only"), id="timesformer-space_only"),
+           *[pytest.param("vivit_base", dict(variant="spatio_temporal", classifier=c), id=f"vivit-spatio_temporal-{c}")
+             for c in ("token", "gap")],
            *[pytest.param("vivit_base", dict(variant=v, classifier="gap"), id=f"vivit-{v}")
              for v in ("factorised_self_attention", "factorised_dot_product")]]
 
 
-@pytest.mark.parametrize("name, kw", DIVIDED)
+@pytest.mark.parametrize("name, kw", COUNTED)
 def test_clips_of_different_lengths_run_on_the_triton_kernels(name, kw):
-    """Frames alone (every clip at the video's size) reach the divided blocks as counts, which
-    the Triton kernels take (a mask they refuse): each sample's logits are its clip's own on
-    triton, and the padded batch's equal the torch backend's."""
+    """Frames alone (every clip at the video's size) reach the divided blocks as frame counts
+    and the joint blocks whose real tokens are a prefix (ViViT model 1, space-only
+    TimeSformer) as lengths, which the Triton kernels take (a mask they refuse): each
+    sample's logits are its clip's own on triton, and the padded batch's equal the torch
+    backend's."""
     model = _perturbed(create_model(name, num_frames=8, **{**TINY, "img_size": 16, "backend": "triton"}, **kw))
     _, padded, frames, _ = _batch([(8, 16, 16), (4, 16, 16), (2, 16, 16)])
     with torch.no_grad():
