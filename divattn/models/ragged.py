@@ -74,16 +74,17 @@ class Ragged:
         _, h, w = self.shape
         return self.keep is None and bool((self.grids == torch.tensor([h, w])).all())
 
-    def lengths(self, per_frame: bool, prefix: int) -> Lengths:
+    def lengths(self, prefix: int, *, per_frame: bool = False, frame_tokens: Optional[int] = None) -> Lengths:
         """For :attr:`whole_frames`: the real tokens of the joint blocks' sequences as
         :class:`~divattn.layers.padding.Lengths`, ``prefix`` real tokens (a cls) first, then
-        the patches in ``(t h w)`` order: one sequence a sample, or with ``per_frame`` one a
-        frame (``(B*T,)``, ``(b t)`` order)."""
+        ``frame_tokens`` a frame (default its h*w patches) in ``(t h w)`` order: one sequence
+        a sample, or with ``per_frame`` one a frame (``(B*T,)``, ``(b t)`` order)."""
         T, h, w = self.shape
+        n = h * w if frame_tokens is None else frame_tokens
         if per_frame:
             real = torch.arange(T)[None, :] < self.frames[:, None]
-            return Lengths((real.to(torch.int64) * (h * w) + prefix).reshape(-1))
-        return Lengths(self.frames * (h * w) + prefix)
+            return Lengths((real.to(torch.int64) * n + prefix).reshape(-1))
+        return Lengths(self.frames * n + prefix)
 
     def real_frames(self) -> torch.Tensor:
         """``(B, T)`` bool: the frames that hold a real token."""

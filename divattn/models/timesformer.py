@@ -196,7 +196,7 @@ class TimeSformer(VideoModel):
         if self.config.attention_type == "divided_space_time":
             return ragged.divided()
         if self.config.attention_type == "space_only" and ragged.whole_frames:
-            return ragged.lengths(per_frame=True, prefix=1)  # each frame's [cls] + N tokens
+            return ragged.lengths(1, per_frame=True)  # each frame's [cls] + N tokens
         real = ragged.tokens()  # (B, T, N)
         B, T, N = real.shape
         if self.config.attention_type == "space_only":

@@ -370,7 +370,7 @@ class ViViT(VideoModel):
         tokens = cls(real.reshape(B, Tt * N))
         if self.variant == "spatio_temporal":
             # a padding of whole frames leaves each clip's [cls] + (t h w) tokens a prefix
-            blocks = ragged.lengths(per_frame=False, prefix=int(self.has_cls)) if ragged.whole_frames else tokens
+            blocks = ragged.lengths(int(self.has_cls)) if ragged.whole_frames else tokens
             return blocks, tokens
         return ragged.divided(), tokens
 
@@ -390,10 +390,14 @@ class ViViT(VideoModel):
         blocks, out = (None, None) if ragged is None else self._masks(ragged)
         if self.variant != "factorised_encoder":
             return self.norm(self._run_blocks(self.blocks, x, num_frames=Tt, mask=blocks))
-        x = self._frame_features(self._run_blocks(self.blocks, x, mask=blocks), video.shape[0], Tt, blocks)
+        spatial, temporal = blocks, out
+        if ragged is not None and ragged.whole_frames:  # the blocks take counts, the pooling the masks
+            prefix = int(self.has_cls)
+            spatial, temporal = ragged.lengths(prefix, per_frame=True), ragged.lengths(prefix, frame_tokens=1)
+        x = self._frame_features(self._run_blocks(self.blocks, x, mask=spatial), video.shape[0], Tt, blocks)
         if self.sequence is not None:
             x = self.sequence.gather(x, 1)  # every frame's features: the temporal transformer runs on every rank
-        return self.norm(self._run_blocks(self.temporal_blocks, self._temporal_tokens(x, ragged), mask=out))
+        return self.norm(self._run_blocks(self.temporal_blocks, self._temporal_tokens(x, ragged), mask=temporal))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -86,8 +86,8 @@ def test_st_transformer_predicts_each_clips_own_frames(backend):
 # the models whose blocks take a padding of whole frames as counts (divattn.layers.padding)
 COUNTED = [pytest.param("timesformer_base", {}, id="timesformer-divided"),
            pytest.param("timesformer_base", dict(attention_type="space_only"), id="timesformer-space_only"),
-           *[pytest.param("vivit_base", dict(variant="spatio_temporal", classifier=c), id=f"vivit-spatio_temporal-{c}")
-             for c in ("token", "gap")],
+           *[pytest.param("vivit_base", dict(variant=v, classifier=c), id=f"vivit-{v}-{c}")
+             for v in ("spatio_temporal", "factorised_encoder") for c in ("token", "gap")],
            *[pytest.param("vivit_base", dict(variant=v, classifier="gap"), id=f"vivit-{v}")
              for v in ("factorised_self_attention", "factorised_dot_product")]]
 
@@ -95,8 +95,8 @@ COUNTED = [pytest.param("timesformer_base", {}, id="timesformer-divided"),
 @pytest.mark.parametrize("name, kw", COUNTED)
 def test_clips_of_different_lengths_run_on_the_triton_kernels(name, kw):
     """Frames alone (every clip at the video's size) reach the divided blocks as frame counts
-    and the joint blocks whose real tokens are a prefix (ViViT model 1, space-only
-    TimeSformer) as lengths, which the Triton kernels take (a mask they refuse): each
+    and the joint blocks whose real tokens are a prefix (ViViT models 1 and 2,
+    space-only TimeSformer) as lengths, which the Triton kernels take (a mask they refuse): each
     sample's logits are its clip's own on triton, and the padded batch's equal the torch
     backend's."""
     model = _perturbed(create_model(name, num_frames=8, **{**TINY, "img_size": 16, "backend": "triton"}, **kw))
