@@ -1,4 +1,4 @@
-"""What the blocks hand the divided ops of a padded batch (their ``mask`` argument).
+"""What the blocks hand the attention ops of a padded batch (their ``mask`` argument).
 
 A block's ``mask`` is a bool tensor of the real tokens (``(B, T, N)``, joint blocks
 ``(B, L)``), or, when every sample's padding is whole frames at its end (clips shorter
