@@ -14,6 +14,9 @@
 // - Keys may outnumber queries (Lk > L) and attention may be causal (see attn_fwd.cu): a
 //   dk/dv block starts at the first query tile that sees its keys, a dq block stops after
 //   the last key tile its queries see, and both mask the diagonal.
+// - A padded batch (AttnParams::rows): padded rows are not read, their gradients are
+//   written as zeros, and a block streams no tile past its sequences' real rows (none
+//   when its own rows are all padding).
 // Recomputing the probabilities in both passes costs a second read of q/k/v/do but
 // needs no score matrix in memory and no cross-block reduction. Block shapes, the
 // packing of short sequences and the padded row pitch follow attn_fwd.cu.
@@ -36,8 +39,9 @@ __global__ void __launch_bounds__(kDeltaWarps * kWarp) bwd_delta_kernel(const At
     const SeqIndex ix = seq_index(s, p.S1, p.S2);
     const T* orow = o + seq_offset(p.o, ix) + t * p.o.sL;
     const T* drow = dout + seq_offset(p.dout, ix) + t * p.dout.sL;
+    const int D = t < real_rows(p, ix).queries ? p.D : 0;  // a padded row's delta is never used: 0
     float acc = 0.f;
-    for (int d = lane; d < p.D; d += kWarp) acc = fmaf(to_float(gld(orow + d)), to_float(gld(drow + d)), acc);
+    for (int d = lane; d < D; d += kWarp) acc = fmaf(to_float(gld(orow + d)), to_float(gld(drow + d)), acc);
     acc = warp_sum(acc);
     if (lane == 0) gst(p.delta + r, acc);
   }
@@ -72,10 +76,11 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
   const T* v = static_cast<const T*>(p.v.ptr) + seq_offset(p.v, w.ix);
   float* Kr = Kw + warp * kRows * DP;
   float* Vr = Vw + warp * kRows * DP;
-  bool key_ok[kRows];
+  const RealRows real = real_rows(p, w.ix);
+  bool key_ok[kRows];  // a real key; a padded one (key0 + j < Lk) gets zero gradients
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
-    key_ok[j] = w.seq_ok && key0 + j < p.Lk;
+    key_ok[j] = w.seq_ok && key0 + j < p.Lk && key0 + j < real.keys;
     load_row<T, DP>(Kr + j * DP, key_ok[j] ? k + (key0 + j) * p.k.sL : k, key_ok[j], D, lane);
     load_row<T, DP>(Vr + j * DP, key_ok[j] ? v + (key0 + j) * p.v.sL : v, key_ok[j], D, lane);
   }
@@ -125,22 +130,27 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
   float* Pr = Pw + warp * kRows * kSlots;
   float* Sr = Sw + warp * kRows * kSlots;
   const int64_t shift = p.Lk - p.L;  // query row i is key row i + shift
-  const int64_t qbeg = causal_query_begin(p, static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block);
-  for (int64_t start = qbeg; start < p.L; start += w.grp.slots) {
+  const int64_t first_key = static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block;
+  const int64_t qbeg = causal_query_begin(p, first_key);
+  // no tile past the block's real queries, and none when all its keys are padding
+  const int64_t qreal = first_key < most_real(gb.keys, w.grp.G) ? most_real(gb.queries, w.grp.G) : 0;
+  const int64_t qend = qreal < p.L ? qreal : p.L;
+  for (int64_t start = qbeg; start < qend; start += w.grp.slots) {
     __syncthreads();
-    load_tile_pair<T, DP>(Qt, QP, Dt, QP, qptr, dptr, p.q, p.dout, gb, start, p.L, w.grp.slots, D, warp, lane);
+    load_tile_pair<T, DP>(Qt, QP, Dt, QP, qptr, dptr, p.q, p.dout, gb, gb.queries, start, qend, w.grp.slots, D, warp,
+                          lane);
     if (threadIdx.x < kSlots) {
       const int slot = threadIdx.x;
       const int gg = slot / w.grp.slots;
       const int64_t row = start + (slot % w.grp.slots);
       const int64_t s_row = static_cast<int64_t>(blockIdx.x) * w.grp.G + gg;
-      const bool ok = gb.ok[gg] && row < p.L;
+      const bool ok = gb.ok[gg] && row < qend && row < gb.queries[gg];
       lse_t[slot] = ok ? gld(p.lse + s_row * p.L + row) : 0.f;
       del_t[slot] = ok ? gld(p.delta + s_row * p.L + row) : 0.f;
     }
     __syncthreads();
     const int64_t qry = start + lane;
-    const bool q_ok = w.seq_ok && lane < w.grp.slots && qry < p.L;
+    const bool q_ok = w.seq_ok && lane < w.grp.slots && qry < qend && qry < real.queries;
     const float* qrow = Qt + irow * QP;
     const float* drow = Dt + irow * QP;
     const float lse_i = lse_t[irow], del_i = del_t[irow];
@@ -155,7 +165,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
       Sr[j * kSlots + lane] = ds;
     }
     __syncwarp();
-    const int n = static_cast<int>(p.L - start < w.grp.slots ? p.L - start : w.grp.slots);
+    const int n = static_cast<int>(qend - start < w.grp.slots ? qend - start : w.grp.slots);
     accumulate_tile<DCH>(dv, Pr, Dg, QP, n, lane);
     accumulate_tile<DCH>(dk, Sr, Qg, QP, n, lane);
   }
@@ -164,15 +174,15 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
   T* dvp = static_cast<T*>(p.dv.ptr) + seq_offset(p.dv, w.ix);
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
-    if (!key_ok[j]) continue;
+    if (!w.seq_ok || key0 + j >= p.Lk) continue;
     T* dkr = dkp + (key0 + j) * p.dk.sL;
     T* dvr = dvp + (key0 + j) * p.dv.sL;
 #pragma unroll
     for (int c = 0; c < DCH; ++c) {
       const int d = lane + c * kWarp;
       if (d < D) {
-        gst(dkr + d, from_float<T>(dk[j][c] * p.scale));
-        gst(dvr + d, from_float<T>(dv[j][c]));
+        gst(dkr + d, from_float<T>(key_ok[j] ? dk[j][c] * p.scale : 0.f));
+        gst(dvr + d, from_float<T>(key_ok[j] ? dv[j][c] : 0.f));
       }
     }
   }
@@ -204,12 +214,13 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
   const T* dout = static_cast<const T*>(p.dout.ptr) + seq_offset(p.dout, w.ix);
   float* Qr = Qw + warp * kRows * DP;
   float* Dr = Dw + warp * kRows * DP;
-  bool row_ok[kRows];
+  const RealRows real = real_rows(p, w.ix);
+  bool row_ok[kRows];  // a real query; a padded one (row < L) gets a zero gradient
   float lse[kRows], del[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t row = row0 + i;
-    row_ok[i] = w.seq_ok && row < p.L;
+    row_ok[i] = w.seq_ok && row < p.L && row < real.queries;
     load_row<T, DP>(Qr + i * DP, row_ok[i] ? q + row * p.q.sL : q, row_ok[i], D, lane);
     load_row<T, DP>(Dr + i * DP, row_ok[i] ? dout + row * p.dout.sL : dout, row_ok[i], D, lane);
     lse[i] = row_ok[i] ? gld(p.lse + w.s * p.L + row) : 0.f;
@@ -252,14 +263,18 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
   const float* Kg = Kt + g * w.grp.slots * KP;
   float* Sr = Sw + warp * kRows * kSlots;
   const int64_t shift = p.Lk - p.L;  // query row i is key row i + shift
-  const int64_t kend = causal_key_end(p, static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block,
-                                      w.grp.rows_per_block);
+  const int64_t first_query = static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block;
+  const int64_t kcausal = causal_key_end(p, first_query, w.grp.rows_per_block);
+  // no tile past the block's real keys, and none when all its queries are padding
+  const int64_t kreal = first_query < most_real(gb.queries, w.grp.G) ? most_real(gb.keys, w.grp.G) : 0;
+  const int64_t kend = kcausal < kreal ? kcausal : kreal;
   for (int64_t start = 0; start < kend; start += w.grp.slots) {
     __syncthreads();
-    load_tile_pair<T, DP>(Kt, KP, Vt, KP, kptr, vptr, p.k, p.v, gb, start, kend, w.grp.slots, D, warp, lane);
+    load_tile_pair<T, DP>(Kt, KP, Vt, KP, kptr, vptr, p.k, p.v, gb, gb.keys, start, kend, w.grp.slots, D, warp,
+                          lane);
     __syncthreads();
     const int64_t key = start + lane;
-    const bool key_ok = w.seq_ok && lane < w.grp.slots && key < kend;
+    const bool key_ok = w.seq_ok && lane < w.grp.slots && key < kend && key < real.keys;
     const float* krow = Kt + jrow * KP;
     const float* vrow = Vt + jrow * KP;
 #pragma unroll
@@ -279,12 +294,12 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
   T* dqp = static_cast<T*>(p.dq.ptr) + seq_offset(p.dq, w.ix);
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
-    if (!row_ok[i]) continue;
+    if (!w.seq_ok || row0 + i >= p.L) continue;
     T* dqr = dqp + (row0 + i) * p.dq.sL;
 #pragma unroll
     for (int c = 0; c < DCH; ++c) {
       const int d = lane + c * kWarp;
-      if (d < D) gst(dqr + d, from_float<T>(dq[i][c] * p.scale));
+      if (d < D) gst(dqr + d, from_float<T>(row_ok[i] ? dq[i][c] * p.scale : 0.f));
     }
   }
 }

@@ -22,6 +22,8 @@
 // - With the cls token its query is row 0 of every frame (its output gradient is
 //   d o_cls / T, its lse and delta the per-frame ones) and its key row 0; their gradient
 //   terms go to the per-frame fp32 buffers that cls.cu sums over frames.
+// - A padded batch (AttnParams::rows): padded rows are not read (zeros in the tiles) and
+//   masked out of P^T and dS^T, so their dK, dV and dQ come out zero.
 #include "mma.cuh"
 
 namespace divattn {
@@ -64,7 +66,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
   const bool seq_ok = s < p.S;
   const bool active = seq_ok && kt * 16 < EK;
   const int64_t shift = p.Lk - p.L;
-  const float inv_T = cls ? 1.f / static_cast<float>(p.T) : 1.f;
+  const RealRows real = real_rows(p, seq_index(seq_ok ? s : 0, p.S1, p.S2));  // this warp's sequence
 
   const T* q = static_cast<const T*>(p.q.ptr);
   const T* k = static_cast<const T*>(p.k.ptr);
@@ -79,6 +81,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
     if (sr >= p.S || j >= EK) return nullptr;
     const SeqIndex ix = seq_index(sr, p.S1, p.S2);
     if (cls && j == 0) return static_cast<const T*>(cv.ptr) + cls_offset(cv, ix.i0, ix.i2);
+    if (j - kCls >= real_rows(p, ix).keys) return nullptr;  // a padded key: zeros
     return x + seq_offset(view, ix) + (j - kCls) * view.sL;
   };
   load_tile<T, DP>(Ks, warps * 16, k, aligned, D, [&](int r) { return RowSrc<T>{key_ptr(r, k, p.k, p.kc), 1.f}; });
@@ -91,14 +94,17 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
     qbeg = first_key - shift > 0 ? first_key - shift : 0;
   }
   const int t0 = static_cast<int>(qbeg / bq), ntiles = static_cast<int>((E + bq - 1) / bq);
-  // Tile t, slot c: query row t * bq + c % bq of the block's sequence c / bq.
+  // Tile t, slot c: query row t * bq + c % bq of the block's sequence c / bq (not ok past
+  // the rows and for a padded row, whose tile row is zeros).
   struct QRow {
     int64_t s, i;
     bool ok;
   };
   auto q_row = [&](int c, int t) -> QRow {
     const int64_t sr = static_cast<int64_t>(blockIdx.x) * pl.G + c / bq, i = static_cast<int64_t>(t) * bq + c % bq;
-    return {sr, i, sr < p.S && i < E};
+    const bool ok = sr < p.S && i < E &&
+                    ((cls && i == 0) || i - kCls < real_rows(p, seq_index(sr, p.S1, p.S2)).queries);
+    return {sr, i, ok};
   };
   auto load_queries = [&](int t) {
     const int b = (t - t0) & 1;
@@ -113,8 +119,10 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
       const QRow r = q_row(c, t);
       if (!r.ok) return RowSrc<T>{nullptr, 1.f};
       const SeqIndex ix = seq_index(r.s, p.S1, p.S2);
-      if (cls && r.i == 0) {
-        return RowSrc<T>{static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, ix.i0, ix.i2), inv_T};
+      if (cls && r.i == 0) {  // d o_cls times the frame's weight in o_cls
+        const ClsWeight cw = cls_weight(p, ix.i0);
+        return RowSrc<T>{static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, ix.i0, ix.i2),
+                         ix.i1 < cw.frames ? cw.w : 0.f};
       }
       return RowSrc<T>{dout + seq_offset(p.dout, ix) + (r.i - kCls) * p.dout.sL, 1.f};
     });
@@ -182,7 +190,8 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
         for (int e = 0; e < 4; ++e) {
           const int col = 8 * n + 2 * t4 + (e & 1);
           const int64_t j = kt * 16 + g + 8 * (e >> 1), i = i0 + col;
-          const bool seen = col < bq && i < E && j < EK && (!p.causal || j <= i + shift);
+          const bool seen = col < bq && i < E && j < EK && (!p.causal || j <= i + shift) &&
+                            j < real.keys + kCls && ((cls && i == 0) || i - kCls < real.queries);
           const float pr = seen ? exp2f(st[n][e] * p.qk_scale - lse_t[col]) : 0.f;
           dpt[n][e] = seen ? pr * (dpt[n][e] - del_t[col]) : 0.f;
           st[n][e] = pr;

@@ -23,6 +23,10 @@
 // - Keys may outnumber queries (temporal attention from the last L of Lk frames). Causal
 //   attention is bottom-right aligned (query row i sees keys 0 .. i + Lk - L): a block
 //   stops streaming key tiles after the last key its rows see, and masks the diagonal.
+// - A padded batch (AttnParams::rows): a sequence's real keys and queries are prefixes;
+//   a block streams no tile past its sequences' real keys (none at all when its query
+//   rows are all padding); a padded query row is not read and its output and lse are
+//   written as zeros.
 // - Every load is guarded on sequence, row and head dim; addresses are 64-bit; every
 //   output row is written exactly once, with its log-sum-exp (base 2, scale included).
 #include "mma.cuh"
@@ -55,17 +59,21 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
 
   const T* q = static_cast<const T*>(p.q.ptr) + seq_offset(p.q, w.ix);
   float* Qw = Qs + warp * kRows * DP;
+  const RealRows real = real_rows(p, w.ix);
   bool row_ok[kRows];
+  unsigned padded = 0;  // bit i: row i is a padded query (read as zeros, written as zeros)
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = row0 + i;
     row_ok[i] = w.seq_ok && r < rows;
+    const bool is_cls = CLS && i == 0 && row0 == 0;
+    if (row_ok[i] && !is_cls && r - kCls >= real.queries) padded |= 1u << i;
+    const bool load = row_ok[i] && !((padded >> i) & 1u);
     const T* src = q;
-    if (row_ok[i]) {
-      src = CLS && i == 0 && row0 == 0 ? static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, w.ix.i0, w.ix.i2)
-                                        : q + (r - kCls) * p.q.sL;
+    if (load) {
+      src = is_cls ? static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, w.ix.i0, w.ix.i2) : q + (r - kCls) * p.q.sL;
     }
-    load_row<T, DP>(Qw + i * DP, src, row_ok[i], D, lane);
+    load_row<T, DP>(Qw + i * DP, src, load, D, lane);
   }
   group_bases(gb, p.k, p.v, p, w.grp.G);
   __syncthreads();
@@ -101,14 +109,19 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
   const float* Vg = Vs + g * w.grp.slots * DP;
   float* Pw = Ps + warp * kRows * kSlots;
   const int64_t shift = p.Lk - p.L;  // query row i is key row i + shift
-  const int64_t kend = causal_key_end(p, static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block,
-                                      w.grp.rows_per_block);
+  const int64_t kcausal = causal_key_end(p, static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block,
+                                         w.grp.rows_per_block);
+  // no tile past the block's real keys, and none when all its queries are padding
+  const int64_t first_query = static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block - kCls;
+  const int64_t kreal = first_query < most_real(gb.queries, w.grp.G) ? most_real(gb.keys, w.grp.G) : 0;
+  const int64_t kend = kcausal < kreal ? kcausal : kreal;
   for (int64_t start = 0; start < kend; start += w.grp.slots) {
     __syncthreads();  // the previous tile is consumed
-    load_tile_pair<T, DP>(Ks, KP, Vs, DP, kptr, vptr, p.k, p.v, gb, start, kend, w.grp.slots, D, warp, lane);
+    load_tile_pair<T, DP>(Ks, KP, Vs, DP, kptr, vptr, p.k, p.v, gb, gb.keys, start, kend, w.grp.slots, D, warp,
+                          lane);
     __syncthreads();
     const int64_t key = start + lane;
-    const bool key_ok = w.seq_ok && lane < w.grp.slots && key < kend;
+    const bool key_ok = w.seq_ok && lane < w.grp.slots && key < kend && key < real.keys;
     const float* krow = Ks + jrow * KP;
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
@@ -147,13 +160,14 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
       }
       if (lane == 0) gst(p.lse_cls + frame, m[i] + log2f(l_safe));
     } else if (row_ok[i]) {
+      const bool pad = (padded >> i) & 1u;
       T* orow = o + (r - kCls) * p.o.sL;
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {
         const int d = lane + c * kWarp;
-        if (d < D) gst(orow + d, from_float<T>(acc[i][c] * inv));
+        if (d < D) gst(orow + d, from_float<T>(pad ? 0.f : acc[i][c] * inv));
       }
-      if (lane == 0) gst(p.lse + w.s * p.L + r - kCls, m[i] + log2f(l_safe));
+      if (lane == 0) gst(p.lse + w.s * p.L + r - kCls, pad ? 0.f : m[i] + log2f(l_safe));
     }
   }
 }

@@ -16,6 +16,10 @@
 //   masks it (other keys, causal), updates the running max and sum of its rows on the
 //   accumulator fragments (two shuffles a row), rescales its output accumulators and adds
 //   P V with P taken straight from the score fragments (rounded to the input dtype).
+// - A padded batch (AttnParams::rows): padded rows of q, k and v are not read (their tile
+//   rows are zeros), padded keys are masked, no tile past the block's real keys is
+//   streamed (none when its queries are all padding), and padded query rows are written
+//   as zeros.
 // - The epilogue writes each row once, the log-sum-exp (base 2, scale included) beside
 //   it; the cls row of every frame goes to the fp32 per-frame buffers that cls.cu averages.
 #include "mma.cuh"
@@ -45,7 +49,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
   const T* q = static_cast<const T*>(p.q.ptr);
   const T* k = static_cast<const T*>(p.k.ptr);
   const T* v = static_cast<const T*>(p.v.ptr);
-  // Block row r: query row i of sequence s_r (nullptr past the rows).
+  // Block row r: query row i of sequence s_r (nullptr past the rows and for padded ones).
   auto q_ptr = [&](int r) -> const T* {
     const int w = r / 16, g = w / pl.warps_per_seq;
     const int64_t i = static_cast<int64_t>(blockIdx.y * pl.warps_per_seq + w % pl.warps_per_seq) * 16 + r % 16;
@@ -53,16 +57,36 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
     if (sr >= p.S || i >= E) return nullptr;
     const SeqIndex ix = seq_index(sr, p.S1, p.S2);
     if (cls && i == 0) return static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, ix.i0, ix.i2);
+    if (i - kCls >= real_rows(p, ix).queries) return nullptr;
     return q + seq_offset(p.q, ix) + (i - kCls) * p.q.sL;
   };
   auto q_row = [&](int r) { return RowSrc<T>{q_ptr(r), 1.f}; };
 
-  // Keys [0, kend) of each sequence are seen by some row of this block.
+  // Keys [0, kend) of each sequence are seen by some row of this block: none past the real
+  // keys of its sequences, none at all when its query rows are all padding.
   int64_t kend = EK;
   if (p.causal && pl.G == 1) {
     const int64_t rows_end = static_cast<int64_t>(blockIdx.y + 1) * pl.warps_per_seq * 16;
     const int64_t last = (rows_end < E ? rows_end : E) - 1;
     kend = last + shift + 1 < EK ? last + shift + 1 : EK;
+  }
+  if (p.rows != nullptr) {
+    const int64_t first_query = static_cast<int64_t>(blockIdx.y) * pl.warps_per_seq * 16 - kCls;
+    int64_t keys = 0;
+    for (int gg = 0; gg < pl.G; ++gg) {
+      const int64_t sr = static_cast<int64_t>(blockIdx.x) * pl.G + gg;
+      if (sr >= p.S) break;
+      const RealRows rr = real_rows(p, seq_index(sr, p.S1, p.S2));
+      if (first_query < rr.queries && rr.keys + kCls > keys) keys = rr.keys + kCls;
+    }
+    kend = keys < kend ? keys : kend;
+  }
+  // the keys this warp's sequence sees: kend, or fewer when it has fewer real keys (the
+  // bound is 32-bit: a second 64-bit one live through the loop made ptxas spill at D = 64)
+  int klim = static_cast<int>(kend);
+  if (p.rows != nullptr && s < p.S) {
+    const int64_t own = real_rows(p, seq_index(s, p.S1, p.S2)).keys + kCls;
+    klim = own < klim ? static_cast<int>(own) : klim;
   }
   const int ntiles = static_cast<int>((kend + bn - 1) / bn);
   // Tile t, slot c: key row t * bn + c % bn of the block's sequence c / bn.
@@ -73,6 +97,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
     if (sr >= p.S || j >= kend) return nullptr;
     const SeqIndex ix = seq_index(sr, p.S1, p.S2);
     if (cls && j == 0) return static_cast<const T*>(cv.ptr) + cls_offset(cv, ix.i0, ix.i2);
+    if (j - kCls >= real_rows(p, ix).keys) return nullptr;  // a padded key: zeros
     return x + seq_offset(view, ix) + (j - kCls) * view.sL;
   };
   auto load_kv = [&](int t) {
@@ -122,7 +147,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
         for (int e = 0; e < 4; ++e) {
           const int h = e >> 1;
           const int64_t i = mt * 16 + g + 8 * h, j = key0 + 8 * n + 2 * t4 + (e & 1);
-          const bool seen = 8 * n < bn && j < kend && (!p.causal || j <= i + shift);
+          const bool seen = 8 * n < bn && j < klim && (!p.causal || j <= i + shift);
           sc[n][e] = seen ? sc[n][e] * p.qk_scale : -INFINITY;
           mx[h] = fmaxf(mx[h], sc[n][e]);
         }
@@ -167,6 +192,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
 
   if (!active) return;
   const SeqIndex ix = seq_index(s, p.S1, p.S2);
+  const int64_t real_queries = real_rows(p, ix).queries;  // rows past them are padding: zeros
   T* orows = static_cast<T*>(p.o.ptr) + seq_offset(p.o, ix);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -195,10 +221,10 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * n + 2 * t4 + e;
-          if (col < D) gst(orow + col, from_float<T>(o[n][2 * h + e] * inv));
+          if (col < D) gst(orow + col, from_float<T>(i - kCls >= real_queries ? 0.f : o[n][2 * h + e] * inv));
         }
       }
-      if (t4 == 0) gst(p.lse + s * p.L + i - kCls, m[h] + log2f(l_safe));
+      if (t4 == 0) gst(p.lse + s * p.L + i - kCls, i - kCls >= real_queries ? 0.f : m[h] + log2f(l_safe));
     }
   }
 }

@@ -252,6 +252,23 @@ bool set_cls_inputs(AttnParams& p, Op op, const Geometry& g, const Checker& ck, 
   return true;
 }
 
+// The counts of a padded batch (AttnParams::rows / groups), both or neither: (B,) int32,
+// contiguous, on q's device. Their values need no check here: the kernels bound every row
+// by L and Lk as well, so any count reads and writes only the tensors' own rows.
+void set_counts(AttnParams& p, const Geometry& g, const Checker& ck, const std::optional<Tensor>& rows,
+                const std::optional<Tensor>& groups) {
+  const bool has_rows = rows.has_value() && rows->defined(), has_groups = groups.has_value() && groups->defined();
+  TORCH_CHECK(has_rows == has_groups, ck.fn, ": rows and groups (the counts of a padded batch) must be given together");
+  if (!has_rows) return;
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"rows", *rows}, {"groups", *groups}}) {
+    ck.same_place(name, t);
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == 1 && t.size(0) == g.B, ck.fn, ": ",
+                name, " must be a contiguous int32 tensor of shape (B,) = (", g.B, ",), got ", describe(t));
+  }
+  p.rows = rows->data_ptr<int32_t>();
+  p.groups = groups->data_ptr<int32_t>();
+}
+
 // What forward and backward share: the op, the checker, the geometry, q/k/v/o and lse.
 struct Call {
   Op op;
@@ -299,7 +316,8 @@ void forward(const std::string& op_name, const Tensor& q, const Tensor& k, const
              const Tensor& lse, double scale, bool causal, const std::optional<Tensor>& q_cls,
              const std::optional<Tensor>& k_cls, const std::optional<Tensor>& v_cls,
              const std::optional<Tensor>& o_cls, const std::optional<Tensor>& cls_frames,
-             const std::optional<Tensor>& lse_cls) {
+             const std::optional<Tensor>& lse_cls, const std::optional<Tensor>& rows,
+             const std::optional<Tensor>& groups) {
   Call call = begin("divattn._C.forward", op_name, q, k, v, o, lse, scale, causal, true);
   const Checker& ck = call.ck;
   const Geometry& g = call.g;
@@ -312,7 +330,8 @@ void forward(const std::string& op_name, const Tensor& q, const Tensor& k, const
     p.oc = cls_view_of(*o_cls);
   }
 
-  allow_memory({q, k, v, q_cls, k_cls, v_cls}, {o, lse, o_cls, cls_frames, lse_cls});
+  set_counts(p, g, ck, rows, groups);
+  allow_memory({q, k, v, q_cls, k_cls, v_cls, rows, groups}, {o, lse, o_cls, cls_frames, lse_cls});
   const cudaStream_t stream = stream_of(q);
   check_launch(divattn::launch_attn_fwd(p, stream), ck, "attention forward");
   if (p.has_cls) check_launch(divattn::launch_cls_fwd(p, stream), ck, "cls forward");
@@ -324,7 +343,8 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
               const std::optional<Tensor>& v_cls, const std::optional<Tensor>& dq_cls,
               const std::optional<Tensor>& dk_cls, const std::optional<Tensor>& dv_cls,
               const std::optional<Tensor>& do_cls, const std::optional<Tensor>& cls_frames,
-              const std::optional<Tensor>& lse_cls) {
+              const std::optional<Tensor>& lse_cls, const std::optional<Tensor>& rows,
+              const std::optional<Tensor>& groups) {
   Call call = begin("divattn._C.backward", op_name, q, k, v, o, lse, scale, causal, false);
   const Checker& ck = call.ck;
   const Geometry& g = call.g;
@@ -371,7 +391,8 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
     p.workspace = workspace.data_ptr<float>();
   }
 
-  allow_memory({q, k, v, o, dout, lse, q_cls, k_cls, v_cls, do_cls, cls_frames, lse_cls},
+  set_counts(p, g, ck, rows, groups);
+  allow_memory({q, k, v, o, dout, lse, q_cls, k_cls, v_cls, do_cls, cls_frames, lse_cls, rows, groups},
                {dq, dk, dv, delta, dq_cls, dk_cls, dv_cls, gc, delta_cls, cls_grad_frames, workspace});
   const cudaStream_t stream = stream_of(q);
   check_launch(divattn::launch_bwd_delta(p, stream), ck, "delta");
@@ -402,13 +423,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("scale"),
         py::arg("causal") = false, py::arg("q_cls") = py::none(), py::arg("k_cls") = py::none(),
         py::arg("v_cls") = py::none(), py::arg("o_cls") = py::none(), py::arg("cls_frames") = py::none(),
-        py::arg("lse_cls") = py::none());
+        py::arg("lse_cls") = py::none(), py::arg("rows") = py::none(), py::arg("groups") = py::none());
   m.def("backward", &backward, "Attention backward; see divattn.ops.triton.backward", py::arg("op"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("do"), py::arg("lse"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal") = false, py::arg("q_cls") = py::none(),
         py::arg("k_cls") = py::none(), py::arg("v_cls") = py::none(), py::arg("dq_cls") = py::none(),
         py::arg("dk_cls") = py::none(), py::arg("dv_cls") = py::none(), py::arg("do_cls") = py::none(),
-        py::arg("cls_frames") = py::none(), py::arg("lse_cls") = py::none());
+        py::arg("cls_frames") = py::none(), py::arg("lse_cls") = py::none(), py::arg("rows") = py::none(),
+        py::arg("groups") = py::none());
   m.def("archs", &archs, "Architectures this build targets, '+'-separated, or '' if unknown");
   m.attr("max_head_dim") = py::int_(divattn::kMaxHeadDim);
 #ifdef DIVATTN_EMULATE

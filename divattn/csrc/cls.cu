@@ -18,6 +18,9 @@
 //   combined in warp order into the frame's partial sums (3, B, H, T, D).
 // - cls_sum_frames: o_cls = sum_t cls_frames[t] / T, and dq/dk/dv_cls = the sums of the
 //   per-frame partials (times the scale for dq and dk), t in increasing order.
+// A padded batch (AttnParams::rows): o_cls weighs the frames holding a real patch
+// (cls_weight), gc carries that weight and a frame of weight 0 adds no gradient; the
+// frame kernel reads only the frame's real patches.
 // A non-finite value stays where PyTorch puts it: a frame's result depends only on that
 // frame's rows and the (b, h) cls vectors, and the sum over frames only on its (b, h).
 // Patch rows use the spatial view: i0 = b, i1 = t, i2 = h, rows n.
@@ -59,17 +62,17 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const A
   const Frame fr = frame_at(static_cast<uint32_t>(f), p);
   const int D = p.D;
   const T* doc = static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, fr.b, fr.h);
-  const float inv_T = 1.f / static_cast<float>(p.T);
+  const ClsWeight cw = cls_weight(p, fr.b);
   const float* of = p.cls_frames + f * D;
   const bool first = fr.t == 0;
   float acc = 0.f;
   for (int d = lane; d < D; d += kWarp) {
-    const float g = to_float(gld(doc + d)) * inv_T;
+    const float g = to_float(gld(doc + d)) * cw.w;
     acc = fmaf(gld(of + d), g, acc);
     if (first) gst(p.gc + fr.bh * D + d, g);
   }
   acc = warp_sum(acc);
-  if (lane == 0) gst(p.delta_cls + f, acc);
+  if (lane == 0) gst(p.delta_cls + f, fr.t < cw.frames ? acc : 0.f);  // a frame of weight 0: no gradient
 }
 
 template <typename T, int DCH>
@@ -85,7 +88,8 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const 
   load_lanes<T, DCH>(qc, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, fr.b, fr.h), true, D, lane);
   load_lanes<T, DCH>(kc, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, fr.b, fr.h), true, D, lane);
   load_lanes<T, DCH>(vc, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, fr.b, fr.h), true, D, lane);
-  load_lanes<float, DCH>(gc, p.gc + fr.bh * D, true, D, lane);
+  // gc = d o_cls times the frames' weight; zero in a frame of weight 0 (it holds no real patch)
+  load_lanes<float, DCH>(gc, p.gc + fr.bh * D, fr.t < cls_weight(p, fr.b).frames, D, lane);
   const float lse_t = gld(p.lse_cls + fr.f), delta_t = gld(p.delta_cls + fr.f);
 
   float dqc[DCH], dkc[DCH], dvc[DCH];
@@ -105,11 +109,12 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const 
   }
 
   const int64_t rows = ((fr.b * p.T + fr.t) * p.H + fr.h) * N;  // lse / delta index of row 0 of (b, t, h)
+  const int64_t real = real_rows(p, SeqIndex{fr.b, fr.t, fr.h}).keys;  // the frame's real patches
   const T* qf = static_cast<const T*>(p.q.ptr) + fr.b * p.q.s0 + fr.t * p.q.s1 + fr.h * p.q.s2;
   const T* kf = static_cast<const T*>(p.k.ptr) + fr.b * p.k.s0 + fr.t * p.k.s1 + fr.h * p.k.s2;
   const T* vf = static_cast<const T*>(p.v.ptr) + fr.b * p.v.s0 + fr.t * p.v.s1 + fr.h * p.v.s2;
   const T* df = static_cast<const T*>(p.dout.ptr) + fr.b * p.dout.s0 + fr.t * p.dout.s1 + fr.h * p.dout.s2;
-  for (int64_t n = warp; n < N; n += kClsWarps) {
+  for (int64_t n = warp; n < N && n < real; n += kClsWarps) {
     float kn[DCH], vn[DCH], qn[DCH], dn[DCH];
     load_lanes<T, DCH>(kn, kf + n * p.k.sL, true, D, lane);
     load_lanes<T, DCH>(vn, vf + n * p.v.sL, true, D, lane);
@@ -155,10 +160,12 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const 
 
 // dst[b, h, :] = factor * sum_t src[(b * H + h) * T + t, :] for blockIdx.y = 0, 1, 2 of
 // up to three (src, dst, factor) triples; one thread per (b, h, d), t in increasing order.
+// A weighted job (o_cls of a padded batch) sums w_t * src[t] instead (cls_weight).
 struct SumJob {
   const float* src;
   ClsView dst;
   float factor;
+  bool weighted;
 };
 
 struct SumJobs {
@@ -168,15 +175,20 @@ struct SumJobs {
 constexpr int kSumThreads = 256;
 
 template <typename T>
-__global__ void __launch_bounds__(kSumThreads) cls_sum_frames_kernel(const SumJobs jobs, int64_t BH, int64_t H,
-                                                                        int64_t T_, int D) {
+__global__ void __launch_bounds__(kSumThreads) cls_sum_frames_kernel(const SumJobs jobs, const AttnParams p) {
   const SumJob job = blockIdx.y == 0 ? jobs.job[0] : (blockIdx.y == 1 ? jobs.job[1] : jobs.job[2]);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kSumThreads + threadIdx.x;
-  if (i >= BH * D) return;
-  const int64_t bh = i / D, d = i - bh * D, b = bh / H, h = bh - b * H;
-  const float* src = job.src + bh * T_ * D + d;
+  const int D = p.D;
+  if (i >= p.B * p.H * D) return;
+  const int64_t bh = i / D, d = i - bh * D, b = bh / p.H, h = bh - b * p.H;
+  const float* src = job.src + bh * p.T * D + d;
   float sum = 0.f;
-  for (int64_t t = 0; t < T_; ++t) sum += gld(src + t * D);
+  if (job.weighted) {
+    const ClsWeight cw = cls_weight(p, b);
+    for (int64_t t = 0; t < cw.frames; ++t) sum += cw.w * gld(src + t * D);
+  } else {
+    for (int64_t t = 0; t < p.T; ++t) sum += gld(src + t * D);
+  }
   gst(static_cast<T*>(job.dst.ptr) + cls_offset(job.dst, b, h) + d, from_float<T>(sum * job.factor));
 }
 
@@ -184,8 +196,7 @@ template <typename T>
 cudaError_t sum_frames(const AttnParams& p, const SumJobs& jobs, int n_jobs, cudaStream_t stream) {
   const int64_t BH = p.B * p.H;
   const dim3 grid(static_cast<unsigned>((BH * p.D + kSumThreads - 1) / kSumThreads), static_cast<unsigned>(n_jobs));
-  return launch_kernel("cls_sum_frames_kernel", cls_sum_frames_kernel<T>, grid, dim3(kSumThreads), 0, stream, jobs, BH,
-                       p.H, p.T, p.D);
+  return launch_kernel("cls_sum_frames_kernel", cls_sum_frames_kernel<T>, grid, dim3(kSumThreads), 0, stream, jobs, p);
 }
 
 cudaError_t sum_frames_dtype(const AttnParams& p, const SumJobs& jobs, int n_jobs, cudaStream_t stream) {
@@ -217,7 +228,8 @@ bool cls_empty(const AttnParams& p) { return !p.has_cls || p.B * p.H == 0 || p.T
 cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
   SumJobs jobs{};
-  jobs.job[0] = {p.cls_frames, p.oc, 1.f / static_cast<float>(p.T)};
+  const bool padded = p.rows != nullptr;  // then o_cls weighs the frames that hold a real patch
+  jobs.job[0] = {p.cls_frames, p.oc, padded ? 1.f : 1.f / static_cast<float>(p.T), padded};
   return sum_frames_dtype(p, jobs, 1, stream);
 }
 
@@ -243,9 +255,9 @@ cudaError_t launch_cls_bwd(const AttnParams& p, cudaStream_t stream) {
   }
   const int64_t frames = p.B * p.H * p.T;
   SumJobs jobs{};
-  jobs.job[0] = {p.cls_grad_frames, p.dqc, p.scale};
-  jobs.job[1] = {p.cls_grad_frames + frames * p.D, p.dkc, p.scale};
-  jobs.job[2] = {p.cls_grad_frames + 2 * frames * p.D, p.dvc, 1.f};
+  jobs.job[0] = {p.cls_grad_frames, p.dqc, p.scale, false};
+  jobs.job[1] = {p.cls_grad_frames + frames * p.D, p.dkc, p.scale, false};
+  jobs.job[2] = {p.cls_grad_frames + 2 * frames * p.D, p.dvc, 1.f, false};
   return sum_frames_dtype(p, jobs, 3, stream);
 }
 

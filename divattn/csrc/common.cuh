@@ -127,6 +127,36 @@ __device__ __forceinline__ int64_t cls_offset(const ClsView& c, int64_t b, int64
   return b * c.sb + h * c.sh;
 }
 
+// The real rows of sequence ix (AttnParams::rows / groups): key rows [0, keys) and query
+// rows [0, queries); all of them when the batch is not padded. Any count is safe: the
+// kernels bound every row by L or Lk as well.
+struct RealRows {
+  int64_t keys, queries;
+};
+
+__device__ __forceinline__ RealRows real_rows(const AttnParams& p, const SeqIndex& ix) {
+  if (p.rows == nullptr) return {p.Lk, p.L};
+  const int64_t keys = ix.i1 < gld(p.groups + ix.i0) ? gld(p.rows + ix.i0) : 0;
+  const int64_t queries = keys - (p.Lk - p.L);
+  return {keys, queries > 0 ? queries : 0};
+}
+
+// The cls token's output o_cls = sum_t w_t * (frame t's cls output) of sample b (spatial
+// attention: rows = patches, groups = frames): w_t = 1 / |F| on the frames F that hold a
+// real patch and 0 on the others; 1 / T on every frame when F is empty or nothing is padded.
+struct ClsWeight {
+  float w;          // 1 / |F|, or 1 / T
+  int64_t frames;   // frames t < frames have weight w, the others 0
+};
+
+__device__ __forceinline__ ClsWeight cls_weight(const AttnParams& p, int64_t b) {
+  const float inv_T = 1.f / static_cast<float>(p.T);
+  if (p.rows == nullptr) return {inv_T, p.T};
+  const int64_t g = gld(p.groups + b), F = gld(p.rows + b) > 0 ? (g < p.T ? g : p.T) : 0;
+  if (F <= 0) return {inv_T, p.T};
+  return {1.f / static_cast<float>(F), F};
+}
+
 // Dot product of two zero-padded fp32 rows in shared memory (16-byte aligned), d < 4 * D4.
 __device__ __forceinline__ float dot_smem(const float* a, const float* b, int D4) {
   const float4* a4 = reinterpret_cast<const float4*>(a);
@@ -224,10 +254,13 @@ __device__ __forceinline__ void accumulate_tile(float (&acc)[kRows][DCH], const 
   }
 }
 
-// Per-group base offsets of up to two views, computed once per block into shared memory.
+// Per-group base offsets of up to two views and real rows (RealRows), computed once per
+// block into shared memory.
 struct GroupBases {
   int64_t a[kWarps];
   int64_t b[kWarps];
+  int64_t keys[kWarps];
+  int64_t queries[kWarps];
   bool ok[kWarps];
 };
 
@@ -243,20 +276,31 @@ __device__ __forceinline__ void group_bases(GroupBases& gb, const View& x, const
     const SeqIndex ix = seq_index(gb.ok[i] ? s : 0, p.S1, p.S2);
     gb.a[i] = seq_offset(x, ix);
     gb.b[i] = seq_offset(y, ix);
+    const RealRows real = real_rows(p, ix);
+    gb.keys[i] = gb.ok[i] ? real.keys : 0;
+    gb.queries[i] = gb.ok[i] ? real.queries : 0;
   }
 }
 
+// The most real rows (gb.keys or gb.queries) of the block's G sequences.
+__device__ __forceinline__ int64_t most_real(const int64_t (&real)[kWarps], int G) {
+  int64_t most = 0;
+  for (int i = 0; i < G; ++i) most = real[i] > most ? real[i] : most;
+  return most;
+}
+
 // Tile rows [start, start + slots) of every group's sequence from two views (k and v,
-// or q and do) into fp32 shared memory with the given row pitches; zeros past L or D.
+// or q and do) into fp32 shared memory with the given row pitches; zeros past L, past
+// the group's real rows (gb.keys or gb.queries) or past D.
 template <typename T, int DP>
 __device__ __forceinline__ void load_tile_pair(float* ta, int pitch_a, float* tb, int pitch_b, const T* xa,
                                                const T* xb, const View& va, const View& vb,
-                                               const GroupBases& gb, int64_t start, int64_t L, int slots,
-                                               int D, int warp, int lane) {
+                                               const GroupBases& gb, const int64_t (&real)[kWarps],
+                                               int64_t start, int64_t L, int slots, int D, int warp, int lane) {
   for (int slot = warp; slot < kSlots; slot += kWarps) {
     const int g = slot / slots;
     const int64_t row = start + (slot % slots);
-    const bool ok = gb.ok[g] && row < L;
+    const bool ok = gb.ok[g] && row < L && row < real[g];
     const T* pa = ok ? xa + gb.a[g] + row * va.sL : xa;
     const T* pb = ok ? xb + gb.b[g] + row * vb.sL : xb;
     load_row<T, DP>(ta + slot * pitch_a, pa, ok, D, lane);

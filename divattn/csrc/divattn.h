@@ -40,6 +40,15 @@ struct AttnParams {
   // Causal, bottom-right aligned: query row i sees key rows 0 .. i + (Lk - L).
   bool causal = false;
 
+  // A padded batch given as counts (null: every row is real). Sequence (i0, i1, i2)
+  // has real key rows 0 .. rows[i0] - 1 when i1 < groups[i0], none otherwise; its real
+  // query rows are those whose key row (i + Lk - L) is real, again a prefix. A padded
+  // row is never a key; its output, lse and gradients are written as zeros. With cls
+  // (rows = patches, groups = frames) the cls token is always real and o_cls weighs the
+  // frames that hold a real patch (all T equally when none does).
+  const int32_t* rows = nullptr;    // (B,)
+  const int32_t* groups = nullptr;  // (B,)
+
   View q, k, v, o, dout, dq, dk, dv;
   float* lse = nullptr;    // (S * L,), base 2, scale included
   float* delta = nullptr;  // (S * L,) rowsum(o * do), backward only

@@ -264,13 +264,14 @@ def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, c
     ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` and ``lse_cls`` a contiguous fp32
     ``(B, H, T)``. Temporal ``q`` and ``o`` may have fewer frames (Tq) than ``k`` and
     ``v`` (Tk): query frame i is frame ``Tk - Tq + i``, and with ``causal=True`` it
-    attends to key frames ``0 .. Tk - Tq + i`` (temporal attention only).
+    attends to key frames ``0 .. Tk - Tq + i`` (temporal attention only). ``counts``: the
+    ``(rows, groups)`` of a padded batch (:meth:`divattn.ops.masks.Padding.kernel_counts`).
     """
-    _no_counts(counts)
+    rows, groups = counts if counts is not None else (None, None)
     if cls is None:
-        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal))
+        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal), rows=rows, groups=groups)
     else:
-        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal), *cls, o_cls, cls_frames, lse_cls)
+        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal), *cls, o_cls, cls_frames, lse_cls, rows, groups)
 
 
 def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
@@ -281,19 +282,13 @@ def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
     Every element is written, nothing accumulated, no atomics: the result is
     deterministic. Same contract as :func:`divattn.ops.triton.backward`.
     """
-    _no_counts(counts)
+    rows, groups = counts if counts is not None else (None, None)
     lib = _lib()
     if cls is None:
-        lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal))
+        lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal), rows=rows, groups=groups)
     else:
         lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal), *cls, *d_cls, do_cls,
-                     cls_frames, lse_cls)
-
-
-def _no_counts(counts) -> None:
-    """The CUDA kernels take no padded batch yet (the backend does not declare ``"counts"``)."""
-    if counts is not None:
-        raise NotImplementedError("divattn: the cuda backend's kernels take no padded batch (counts)")
+                     cls_frames, lse_cls, rows, groups)
 
 
 def _nvcc_version(nvcc: str) -> str:

@@ -23,18 +23,20 @@ LIMIT = {"fwd": 1.25, "bwd": 1.5}
 TENSOR_CORE_KERNELS = ("attn_fwd_mma_kernel", "attn_bwd_mma_kernel")
 
 
-def run_pass(op: str, pass_: str, dtype=torch.float16) -> list:
-    """The launch records of one pass of ``op`` on the cuda backend."""
+def run_pass(op: str, pass_: str, dtype=torch.float16, frames=None) -> list:
+    """The launch records of one pass of ``op`` on the cuda backend (``frames``: the real
+    frames of each sample of a padded batch, or None)."""
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(B, 1 + N * T, 3, H, D, generator=gen).mul(0.5).to(dtype).requires_grad_()
     q, k, v, cls = split_qkv(qkv, T, N, order="hwt", has_cls=True)
+    kw = {} if frames is None else dict(frames=frames)
 
     def forward():
         if op == "temporal":
-            return (divattn.temporal_attention(q, k, v, backend="cuda"),)
+            return (divattn.temporal_attention(q, k, v, backend="cuda", **kw),)
         if op == "spatial":
-            return (divattn.spatial_attention(q, k, v, backend="cuda"),)
-        return divattn.spatial_attention(q, k, v, cls, backend="cuda")
+            return (divattn.spatial_attention(q, k, v, backend="cuda", **kw),)
+        return divattn.spatial_attention(q, k, v, cls, backend="cuda", **kw)
 
     if pass_ == "fwd":
         with cuda_emulator.counting() as records:
@@ -74,3 +76,23 @@ def test_tensor_core_kernels_use_mma_ldmatrix_and_cp_async_without_bank_conflict
     (r,) = records
     assert r["mma"] > 0 and r["ldmatrix"] > 0 and r["cp_async"] > 0, r
     assert r["ldmatrix_wavefronts"] == r["ldmatrix"], f"bank conflicts: {r}"
+
+
+def moved(records) -> int:
+    return sum(r["load_sectors"] + r["store_sectors"] for r in records) * 32
+
+
+# Half the frames of the sample padding: the kernels read only the real rows and write
+# every output and gradient (the zeros of the padding too), so the floor is 2.5 / 4 of the
+# unpadded forward's bytes (read q, k, v, write o) and 5.5 / 8 of the backward's (read q, k,
+# v, o, dO, write dq, dk, dv), as for the Triton kernels (tests/ops/test_counts_triton.py).
+PADDED_FLOOR = {"fwd": 2.5 / 4, "bwd": 5.5 / 8}
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "bwd"])
+@pytest.mark.parametrize("op", ["temporal", "spatial"])
+def test_a_half_padded_batch_moves_the_least_bytes(op, pass_):
+    full = moved(run_pass(op, pass_))
+    half = moved(run_pass(op, pass_, frames=[T // 2]))
+    ratio = half / full
+    assert ratio <= 1.06 * PADDED_FLOOR[pass_], f"{op} {pass_}: {ratio:.3f}x the unpadded bytes"

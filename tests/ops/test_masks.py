@@ -6,7 +6,7 @@ output averages over the frames holding a real patch); a padded batch gives each
 sample what the sample gives alone. The torch backend matches the reference in the
 forward and every gradient on both its paths (the CPU flash kernel and the SDPA
 composition), both token orders, causal temporal included, and so does every backend
-that declares counts (triton) for the counts; backends that do not declare a form
+that declares counts (triton, cuda) for the counts; backends that do not declare a form
 refuse it with the dispatcher's sentence."""
 
 import math
