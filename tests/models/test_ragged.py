@@ -3,7 +3,7 @@
 The acceptance test: each sample's logits (the ST transformer's per-frame predictions) are
 those of its clip run alone at its own size, within 1e-5 in fp32, for every TimeSformer
 attention type, ViViT's four models with every classifier, and the ST transformer, on
-the torch backend. Clips that differ in length only run on the Triton kernels too (the
+the torch backend. Clips that differ in length only run on the Triton and CUDA kernels too (the
 divided blocks, and joint blocks whose real tokens are a prefix, pass whole frames of
 padding as counts); a token mask (sizes, dropped tokens) runs on the torch backend only, and the kernel backends refuse it naming the
 reason. Pooling ignores the padding,
@@ -92,14 +92,24 @@ COUNTED = [pytest.param("timesformer_base", {}, id="timesformer-divided"),
              for v in ("factorised_self_attention", "factorised_dot_product")]]
 
 
-@pytest.mark.parametrize("name, kw", COUNTED)
-def test_clips_of_different_lengths_run_on_the_triton_kernels(name, kw):
+@pytest.mark.parametrize("name, kw, backend", [
+    *[pytest.param(*c.values, "triton", id=c.id) for c in COUNTED],
+    # the CUDA kernels, emulated on the CPU where there is no GPU
+    *[pytest.param(*c.values, "cuda", id=f"{c.id}-cuda") for c in COUNTED if c.id in ("timesformer-divided",
+                                                                                       "vivit-spatio_temporal-token")]])
+def test_clips_of_different_lengths_run_on_the_kernels(name, kw, backend, monkeypatch):
     """Frames alone (every clip at the video's size) reach the divided blocks as frame counts
     and the joint blocks whose real tokens are a prefix (ViViT models 1 and 2,
-    space-only TimeSformer) as lengths, which the Triton kernels take (a mask they refuse): each
-    sample's logits are its clip's own on triton, and the padded batch's equal the torch
-    backend's."""
-    model = _perturbed(create_model(name, num_frames=8, **{**TINY, "img_size": 16, "backend": "triton"}, **kw))
+    space-only TimeSformer) as lengths, which the Triton and CUDA kernels take (a mask they
+    refuse): each sample's logits are its clip's own on the kernels, and the padded batch's
+    equal the torch backend's."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        from divattn.ops import cuda_emulator
+
+        if cuda_emulator.unavailable_reason() is not None:
+            pytest.skip(cuda_emulator.unavailable_reason())
+        monkeypatch.setenv(cuda_emulator.ENV, "1")
+    model = _perturbed(create_model(name, num_frames=8, **{**TINY, "img_size": 16, "backend": backend}, **kw))
     _, padded, frames, _ = _batch([(8, 16, 16), (4, 16, 16), (2, 16, 16)])
     with torch.no_grad():
         logits = model(padded, frames=frames)
