@@ -2,8 +2,9 @@
 reference: the workload the GPU acceptance run puts under ``compute-sanitizer --tool memcheck``.
 
 One case per kernel family (temporal, spatial, spatial with cls, joint) on one backend,
-with odd sizes (T=3, N=7, D=40) so every masked tail is exercised, in fp16, bf16 and fp32
-(on a GPU). Each case is checked with the op tests' own bar
+with odd sizes (T=3, N=7, D=40) so every masked tail is exercised, and the same kernels on
+a padded batch given as counts (where the backend takes them: the rows a kernel skips),
+in fp16, bf16 and fp32 (on a GPU). Each case is checked with the op tests' own bar
 (:func:`tests.ops.cases.assert_close_to_reference`). Run it once without the sanitizer
 first to fill the Triton cache: under the sanitizer, compiling is the slow part.
 
@@ -31,6 +32,17 @@ CASES = (
     ("spatial_cls", 2, 3, 7, 1, 40, "hwt"),
     ("joint", 1, 3, 7, 2, 40, "hwt"),
 )
+# (op, B, T, N, H, D, order, padding): a padded batch as counts, one sample cut short, in
+# the row kernels' two roles (rows are frames; rows are patches, with the cls token); two
+# cases only, to keep the sanitized run short.
+PADDED = (
+    ("temporal", 2, 3, 7, 2, 40, "thw", dict(frames=[3, 1])),
+    ("spatial_cls", 2, 3, 7, 1, 40, "hwt", dict(frames=[2, 3], patches=[7, 3])),
+)
+
+
+def _padding(padding: dict) -> str:
+    return " ".join(f"{k}={','.join(map(str, v))}" for k, v in padding.items())
 
 
 def parse_args(argv=None):
@@ -50,10 +62,10 @@ def main(argv=None) -> int:
     bad = [o for o in ops if o not in OPS]
     if bad:
         raise SystemExit(f"memcheck_ops: unknown op {', '.join(bad)} (ops: {', '.join(OPS)})")
-    cases = [c for c in CASES if c[0] in ops]
+    cases = [(*c, {}) for c in CASES if c[0] in ops] + [c for c in PADDED if c[0] in ops]
     if args.dry_run:
         for c in cases:
-            print("case", "op={} B={} T={} N={} H={} D={} order={}".format(*c))
+            print("case", "op={} B={} T={} N={} H={} D={} order={}".format(*c[:7]), _padding(c[7]))
         return 0
 
     import torch
@@ -75,17 +87,23 @@ def main(argv=None) -> int:
     default = "float16,bfloat16,float32" if device.type == "cuda" else "float32,float16"
     dtypes = [getattr(torch, d.strip()) for d in (args.dtypes or default).split(",") if d.strip()]
     failed = 0
-    for op, B, T, N, H, D, order in cases:
+    run = 0
+    for op, B, T, N, H, D, order, padding in cases:
+        if padding and "counts" not in BACKENDS[args.backend].features:
+            print(f"skip {args.backend} {op} {_padding(padding)}: the backend takes no counts", flush=True)
+            continue
         for dtype in dtypes:
             case = op_cases.Case(op, B, T, N, H, D, order)
-            name = f"{args.backend} {case.id} {str(dtype).replace('torch.', '')}"
+            name = f"{args.backend} {case.id} {str(dtype).replace('torch.', '')}" + (
+                f" {_padding(padding)}" if padding else "")
             why = BACKENDS[args.backend].not_supported_reasons(op, dtype, device, D)
             if why:
                 print(f"UNAVAILABLE {name}: {'; '.join(why)}", flush=True)
                 return 3
             start = time.perf_counter()
+            run += 1
             try:
-                op_cases.assert_close_to_reference(case, args.backend, dtype)
+                op_cases.assert_close_to_reference(case, args.backend, dtype, fn=op_cases.case_fn(case, **padding))
             except AssertionError as e:
                 failed += 1
                 print(f"FAIL {name}: {e}", flush=True)
@@ -93,7 +111,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             print(f"ok {name} ({time.perf_counter() - start:.1f} s)", flush=True)
-    print(f"memcheck_ops: {len(cases) * len(dtypes) - failed} passed, {failed} failed")
+    print(f"memcheck_ops: {run - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 

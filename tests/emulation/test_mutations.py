@@ -51,7 +51,7 @@ MUTATIONS = [
              "attn_bwd_mma.cu", "    __syncthreads();\n    if (seq_ok) {", "    if (seq_ok) {", SPATIAL,
              torch.bfloat16),
     Mutation("fwd-mma-fragment-row", "the forward writes accumulator rows g and g + 8 swapped", "attn_fwd_mma.cu",
-             "from_float<T>(o[n][2 * h + e] * inv)", "from_float<T>(o[n][2 * (1 - h) + e] * inv)",
+             "0.f : o[n][2 * h + e] * inv)", "0.f : o[n][2 * (1 - h) + e] * inv)",
              Case("temporal", 2, 8, 7, 2, 64, "thw"), torch.float16),
     Mutation("fwd-fp32-barrier-after-load", "no barrier between the fp32 forward's key tile and its scores",
              "attn_fwd.cu", "    __syncthreads();\n    const int64_t key = start + lane;",

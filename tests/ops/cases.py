@@ -134,15 +134,16 @@ def make_views(case: Case, leaves: list):
     return q, k, v, tuple(cls)
 
 
-def call(case: Case, q, k, v, cls, backend: str):
-    """Run the case's op; returns a tuple of outputs."""
+def call(case: Case, q, k, v, cls, backend: str, **padding):
+    """Run the case's op (with the op's ``padding`` keywords: ``frames``, ``patches``,
+    ``mask``; joint ``lengths``, ``mask``); returns a tuple of outputs."""
     if case.op == "temporal":
-        return (divattn.temporal_attention(q, k, v, backend=backend),)
+        return (divattn.temporal_attention(q, k, v, backend=backend, **padding),)
     if case.op == "spatial":
-        return (divattn.spatial_attention(q, k, v, backend=backend),)
+        return (divattn.spatial_attention(q, k, v, backend=backend, **padding),)
     if case.op == "spatial_cls":
-        return divattn.spatial_attention(q, k, v, cls, backend=backend)
-    return (divattn.joint_attention(q, k, v, backend=backend),)
+        return divattn.spatial_attention(q, k, v, cls, backend=backend, **padding)
+    return (divattn.joint_attention(q, k, v, backend=backend, **padding),)
 
 
 @contextlib.contextmanager
@@ -178,9 +179,9 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().nan_to_num(math.inf).max().item()
 
 
-def case_fn(case: Case) -> Callable:
-    """``fn(leaves, backend)``: the case's op on its views of ``leaves``."""
-    return lambda leaves, backend: call(case, *make_views(case, leaves), backend)
+def case_fn(case: Case, **padding) -> Callable:
+    """``fn(leaves, backend)``: the case's op on its views of ``leaves`` (with ``padding``, see :func:`call`)."""
+    return lambda leaves, backend: call(case, *make_views(case, leaves), backend, **padding)
 
 
 def assert_close_to_reference(case: Case, backend: str, dtype: torch.dtype, seed: int = 0, fn=None):
