@@ -65,8 +65,13 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
   const int64_t s = static_cast<int64_t>(blockIdx.x) * pl.G + gw;
   const bool seq_ok = s < p.S;
   const bool active = seq_ok && kt * 16 < EK;
-  const int64_t shift = p.Lk - p.L;
-  const RealRows real = real_rows(p, seq_index(seq_ok ? s : 0, p.S1, p.S2));  // this warp's sequence
+  const int shift = static_cast<int>(p.Lk - p.L);  // 32-bit, as E and EK
+  // This warp's sequence's real keys and queries as block rows (the cls row is real), and
+  // whether its 16 keys hold a real one: a warp of padding multiplies nothing (and writes
+  // its zero dK and dV), and products over query rows that are all padding are skipped.
+  const RealRows real = real_rows(p, seq_index(seq_ok ? s : 0, p.S1, p.S2));
+  const int klim = static_cast<int>(real.keys) + kCls, qlim = static_cast<int>(real.queries) + kCls;
+  const bool computes = active && kt * 16 < klim;
 
   const T* q = static_cast<const T*>(p.q.ptr);
   const T* k = static_cast<const T*>(p.k.ptr);
@@ -164,7 +169,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
     const T* Qt = Qs + (b * qt + gw * bq) * kP;  // this warp's sequence's rows of the tile
     const T* Dt = Ds + (b * qt + gw * bq) * kP;
     const int64_t i0 = static_cast<int64_t>(t) * bq;
-    if (active) {
+    if (computes) {
       const float* lse_t = lse_s + b * qt + gw * bq;
       const float* del_t = del_s + b * qt + gw * bq;
       float st[kNQ][4], dpt[kNQ][4];  // [16 keys, kBQ queries]
@@ -176,12 +181,12 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
         load_a(a, Ks, kP, warp * 16, 16 * ks, lane);
 #pragma unroll
         for (int c = 0; c < kNQ / 2; ++c) {
-          if (16 * c < bq && i0 + 16 * c < E) mma_rows_t<T>(st[2 * c], st[2 * c + 1], a, Qt, kP, 16 * c, 16 * ks, lane);
+          if (16 * c < bq && i0 + 16 * c < qlim) mma_rows_t<T>(st[2 * c], st[2 * c + 1], a, Qt, kP, 16 * c, 16 * ks, lane);
         }
         load_a(a, Vs, kP, warp * 16, 16 * ks, lane);
 #pragma unroll
         for (int c = 0; c < kNQ / 2; ++c) {
-          if (16 * c < bq && i0 + 16 * c < E) mma_rows_t<T>(dpt[2 * c], dpt[2 * c + 1], a, Dt, kP, 16 * c, 16 * ks, lane);
+          if (16 * c < bq && i0 + 16 * c < qlim) mma_rows_t<T>(dpt[2 * c], dpt[2 * c + 1], a, Dt, kP, 16 * c, 16 * ks, lane);
         }
       }
 #pragma unroll
@@ -190,8 +195,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
         for (int e = 0; e < 4; ++e) {
           const int col = 8 * n + 2 * t4 + (e & 1);
           const int64_t j = kt * 16 + g + 8 * (e >> 1), i = i0 + col;
-          const bool seen = col < bq && i < E && j < EK && (!p.causal || j <= i + shift) &&
-                            j < real.keys + kCls && ((cls && i == 0) || i - kCls < real.queries);
+          const bool seen = col < bq && i < qlim && j < klim && (!p.causal || j <= i + shift);
           const float pr = seen ? exp2f(st[n][e] * p.qk_scale - lse_t[col]) : 0.f;
           dpt[n][e] = seen ? pr * (dpt[n][e] - del_t[col]) : 0.f;
           st[n][e] = pr;
@@ -199,7 +203,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
       }
 #pragma unroll
       for (int c = 0; c < kNQ / 2; ++c) {
-        if (16 * c < bq && i0 + 16 * c < E) {
+        if (16 * c < bq && i0 + 16 * c < qlim) {
           acc_as_a<T>(a, st, c);
           mma_rows<T, DP>(dv, a, Dt, kP, 16 * c, lane);
           acc_as_a<T>(a, dpt, c);
@@ -228,7 +232,8 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
         zero(acc);
         uint32_t a[4], bf[4];
         for (int kc = 0; kc < wps; ++kc) {
-          if ((static_cast<int>(blockIdx.y) * wps + kc) * 16 < EK) {
+          // the warps that wrote their dS^T; none for rows of padding (their dQ is 0)
+          if ((static_cast<int>(blockIdx.y) * wps + kc) * 16 < klim && i0 + 16 * qm < qlim) {
             const int krow = (gw * wps + kc) * 16;
             load_a_trans(a, dSt, kSP, krow, 16 * qm, lane);
             load_b_kn(bf, Ks, kP, krow, 16 * dp, lane);
