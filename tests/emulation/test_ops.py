@@ -1,6 +1,6 @@
 """What the op tests of tests/ops do not cover on the emulated cuda backend (they run it
 too, emulated, through tests/ops/conftest.py): the tensor-core kernels' fp16 and bf16 on
-the isolation and causal cases, and sequences longer than a block."""
+the isolation and causal cases, and sequences longer than a block, padded ones too."""
 
 import math
 
@@ -14,6 +14,7 @@ from ..ops.cases import (
     Case,
     assert_causal_close_to_reference,
     assert_close_to_reference,
+    case_fn,
     isolation_run,
     poisoned_qkv,
 )
@@ -61,3 +62,20 @@ def test_sequences_longer_than_a_block_match_reference(case, dtype):
 @pytest.mark.parametrize("tq", [140, 7], ids=["Tq140", "Tq7"])
 def test_causal_over_more_frames_than_a_block_matches_reference(tq):
     assert_causal_close_to_reference(causal_case(140, tq, 1, 1, 128, "hwt", B=1), "cuda", torch.float16)
+
+
+@pytest.mark.parametrize("case, padding", [
+    # rows cut short in the second block of keys / queries, and a sample with none
+    pytest.param(Case("spatial", 2, 2, 300, 1, 64, "thw"), dict(patches=[300, 70]), id="spatial-patches"),
+    pytest.param(Case("spatial_cls", 2, 2, 196, 1, 128, "hwt"), dict(frames=[2, 1], patches=[150, 196]),
+                 id="spatial_cls-frames-patches"),
+    pytest.param(Case("joint", 2, 4, 80, 1, 64, "thw"), dict(lengths=[320, 0]), id="joint-lengths"),
+])
+def test_padded_sequences_longer_than_a_block_match_reference(case, padding):
+    assert_close_to_reference(case, "cuda", torch.float16, fn=case_fn(case, **padding))
+
+
+@pytest.mark.parametrize("tq, causal", [(140, True), (7, True), (60, False)], ids=["Tq140", "Tq7", "Tq60-full"])
+def test_padded_causal_over_more_frames_than_a_block_matches_reference(tq, causal):
+    cc = causal_case(140, tq, 1, 1, 128, "hwt", B=2, causal=causal)
+    assert_causal_close_to_reference(cc, "cuda", torch.float16, frames=[140, 101])

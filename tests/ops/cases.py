@@ -302,11 +302,12 @@ def causal_views(cc: Causal, leaves):
     return q[:, cc.case.T - cc.tq:], k, v
 
 
-def assert_causal_close_to_reference(cc: Causal, backend: str, dtype: torch.dtype):
-    """:func:`assert_close_to_reference` for temporal attention with the last ``cc.tq`` query frames."""
+def assert_causal_close_to_reference(cc: Causal, backend: str, dtype: torch.dtype, **padding):
+    """:func:`assert_close_to_reference` for temporal attention with the last ``cc.tq`` query frames
+    (and the op's ``padding`` keywords, see :func:`call`)."""
 
     def fn(leaves, backend):
-        return (divattn.temporal_attention(*causal_views(cc, leaves), causal=cc.causal, backend=backend),)
+        return (divattn.temporal_attention(*causal_views(cc, leaves), causal=cc.causal, backend=backend, **padding),)
 
     assert_close_to_reference(cc.case, backend, dtype, fn=fn)
 
