@@ -365,12 +365,14 @@ def _op_name(op: str, has_cls: bool) -> str:
     return "spatial_cls" if op == "spatial" and has_cls else op
 
 
-def _count(geom, op, has_cls, causal, pass_, rows=None, groups=None) -> int:
+def _count(geom, op, has_cls, causal, pass_, rows=None, groups=None, mask=None) -> int:
     name = _op_name(op, has_cls)
     q_shape, k_shape = _view_shapes(geom, 2)
-    if rows is not None:  # a padded batch given as the kernels' counts: its real pairs
+    if rows is not None or mask is not None:  # a padded batch (the kernels' counts, mask): its real pairs
         heads, d = q_shape[-2], q_shape[-1]
-        real = _counts_dense(op, k_shape, rows, groups)
+        real = None if rows is None else _counts_dense(op, k_shape, rows, groups)
+        if mask is not None:
+            real = mask.to("cpu") if real is None else real & mask.to("cpu")
         return 2 * _ATTN_PASS_FACTOR[pass_] * heads * d * _real_pairs(name, real, bool(causal), q_shape[1])
     if name != "temporal":
         return attention_flops(name, q_shape, pass_)
@@ -392,14 +394,14 @@ def _counts_dense(op: str, k_shape: tuple, rows, groups):
     return Padding(tuple(k_shape[:3]), cpu, frames=frames, patches=patches).dense()
 
 
-def _fwd_formula(srcs, geom, op, has_cls, scale, backend, causal, rows=None, groups=None, *args, out_val=None,
-                 **kwargs) -> int:
-    return _count(geom, op, has_cls, causal, "fwd", rows, groups)
+def _fwd_formula(srcs, geom, op, has_cls, scale, backend, causal, rows=None, groups=None, mask=None, *args,
+                 out_val=None, **kwargs) -> int:
+    return _count(geom, op, has_cls, causal, "fwd", rows, groups, mask)
 
 
-def _bwd_formula(srcs, geom, op, has_cls, scale, backend, causal, rows=None, groups=None, *args, out_val=None,
-                 **kwargs) -> int:
-    return _count(geom, op, has_cls, causal, "bwd", rows, groups)
+def _bwd_formula(srcs, geom, op, has_cls, scale, backend, causal, rows=None, groups=None, mask=None, *args,
+                 out_val=None, **kwargs) -> int:
+    return _count(geom, op, has_cls, causal, "bwd", rows, groups, mask)
 
 
 def _padded_count(q, q_cls, mask, op, causal, pass_) -> int:

@@ -14,9 +14,9 @@
 // - Keys may outnumber queries (Lk > L) and attention may be causal (see attn_fwd.cu): a
 //   dk/dv block starts at the first query tile that sees its keys, a dq block stops after
 //   the last key tile its queries see, and both mask the diagonal.
-// - A padded batch (AttnParams::rows): padded rows are not read, their gradients are
-//   written as zeros, and a block streams no tile past its sequences' real rows (none
-//   when its own rows are all padding).
+// - A padded batch (AttnParams::rows, mask): padded rows are not read, their gradients are
+//   written as zeros, and a block streams no tile past its sequences' real rows by the
+//   counts (none when its own rows are all padding).
 // Recomputing the probabilities in both passes costs a second read of q/k/v/do but
 // needs no score matrix in memory and no cross-block reduction. Block shapes, the
 // packing of short sequences and the padded row pitch follow attn_fwd.cu.
@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(kDeltaWarps * kWarp) bwd_delta_kernel(const At
     const SeqIndex ix = seq_index(s, p.S1, p.S2);
     const T* orow = o + seq_offset(p.o, ix) + t * p.o.sL;
     const T* drow = dout + seq_offset(p.dout, ix) + t * p.dout.sL;
-    const int D = t < real_rows(p, ix).queries ? p.D : 0;  // a padded row's delta is never used: 0
+    const bool real = t < real_rows(p, ix).queries && mask_real(p, mask_base(p, ix), t + p.Lk - p.L);
+    const int D = real ? p.D : 0;  // a padded row's delta is never used: 0
     float acc = 0.f;
     for (int d = lane; d < D; d += kWarp) acc = fmaf(to_float(gld(orow + d)), to_float(gld(drow + d)), acc);
     acc = warp_sum(acc);
@@ -77,10 +78,11 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
   float* Kr = Kw + warp * kRows * DP;
   float* Vr = Vw + warp * kRows * DP;
   const RealRows real = real_rows(p, w.ix);
+  const int64_t mbase = mask_base(p, w.ix);
   bool key_ok[kRows];  // a real key; a padded one (key0 + j < Lk) gets zero gradients
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
-    key_ok[j] = w.seq_ok && key0 + j < p.Lk && key0 + j < real.keys;
+    key_ok[j] = w.seq_ok && key0 + j < p.Lk && key0 + j < real.keys && mask_real(p, mbase, key0 + j);
     load_row<T, DP>(Kr + j * DP, key_ok[j] ? k + (key0 + j) * p.k.sL : k, key_ok[j], D, lane);
     load_row<T, DP>(Vr + j * DP, key_ok[j] ? v + (key0 + j) * p.v.sL : v, key_ok[j], D, lane);
   }
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
     const float lse_c = gld(p.lse_cls + frame), delta_c = gld(p.delta_cls + frame);
     float qcr[DCH], gcr[DCH];
     load_lanes<T, DCH>(qcr, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, w.ix.i0, w.ix.i2), true, D, lane);
-    load_lanes<float, DCH>(gcr, p.gc + bh * D, true, D, lane);
+    load_lanes<float, DCH>(gcr, p.gc + frame * D, true, D, lane);
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
       float a = 0.f, b = 0.f;
@@ -137,15 +139,15 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dkdv_kernel
   const int64_t qend = qreal < p.L ? qreal : p.L;
   for (int64_t start = qbeg; start < qend; start += w.grp.slots) {
     __syncthreads();
-    load_tile_pair<T, DP>(Qt, QP, Dt, QP, qptr, dptr, p.q, p.dout, gb, gb.queries, start, qend, w.grp.slots, D, warp,
-                          lane);
+    load_tile_pair<T, DP>(Qt, QP, Dt, QP, qptr, dptr, p.q, p.dout, gb, gb.queries, p, shift, nullptr, start, qend,
+                          w.grp.slots, D, warp, lane);
     if (threadIdx.x < kSlots) {
       const int slot = threadIdx.x;
       const int gg = slot / w.grp.slots;
       const int64_t row = start + (slot % w.grp.slots);
       const int64_t s_row = static_cast<int64_t>(blockIdx.x) * w.grp.G + gg;
-      const bool ok = gb.ok[gg] && row < qend && row < gb.queries[gg];
-      lse_t[slot] = ok ? gld(p.lse + s_row * p.L + row) : 0.f;
+      const bool ok = gb.ok[gg] && row < qend && row < gb.queries[gg] && mask_real(p, gb.mask[gg], row + shift);
+      lse_t[slot] = ok ? gld(p.lse + s_row * p.L + row) : INFINITY;  // a padded query: p = 0
       del_t[slot] = ok ? gld(p.delta + s_row * p.L + row) : 0.f;
     }
     __syncthreads();
@@ -215,12 +217,13 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
   float* Qr = Qw + warp * kRows * DP;
   float* Dr = Dw + warp * kRows * DP;
   const RealRows real = real_rows(p, w.ix);
+  const int64_t mbase = mask_base(p, w.ix);
   bool row_ok[kRows];  // a real query; a padded one (row < L) gets a zero gradient
   float lse[kRows], del[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t row = row0 + i;
-    row_ok[i] = w.seq_ok && row < p.L && row < real.queries;
+    row_ok[i] = w.seq_ok && row < p.L && row < real.queries && mask_real(p, mbase, row + p.Lk - p.L);
     load_row<T, DP>(Qr + i * DP, row_ok[i] ? q + row * p.q.sL : q, row_ok[i], D, lane);
     load_row<T, DP>(Dr + i * DP, row_ok[i] ? dout + row * p.dout.sL : dout, row_ok[i], D, lane);
     lse[i] = row_ok[i] ? gld(p.lse + w.s * p.L + row) : 0.f;
@@ -270,8 +273,9 @@ __global__ void __launch_bounds__(kWarps * kWarp, kBwdMinBlocks) bwd_dq_kernel(c
   const int64_t kend = kcausal < kreal ? kcausal : kreal;
   for (int64_t start = 0; start < kend; start += w.grp.slots) {
     __syncthreads();
-    load_tile_pair<T, DP>(Kt, KP, Vt, KP, kptr, vptr, p.k, p.v, gb, gb.keys, start, kend, w.grp.slots, D, warp,
-                          lane);
+    // a key the mask pads is read as zeros: its ds multiplies a zero k row
+    load_tile_pair<T, DP>(Kt, KP, Vt, KP, kptr, vptr, p.k, p.v, gb, gb.keys, p, 0, nullptr, start, kend,
+                          w.grp.slots, D, warp, lane);
     __syncthreads();
     const int64_t key = start + lane;
     const bool key_ok = w.seq_ok && lane < w.grp.slots && key < kend && key < real.keys;

@@ -22,8 +22,10 @@
 // - With the cls token its query is row 0 of every frame (its output gradient is
 //   d o_cls / T, its lse and delta the per-frame ones) and its key row 0; their gradient
 //   terms go to the per-frame fp32 buffers that cls.cu sums over frames.
-// - A padded batch (AttnParams::rows): padded rows are not read (zeros in the tiles) and
-//   masked out of P^T and dS^T, so their dK, dV and dQ come out zero.
+// - A padded batch (AttnParams::rows, mask): padded rows are not read (zeros in the tiles);
+//   by the counts they are masked out of P^T and dS^T, so their dK, dV and dQ come out
+//   zero; a row the mask pads has a zero q and dO (no P^T, no dS^T) or zero k and v (its
+//   dK, dV rows are written as zeros, and its dS^T meets its zero k row in dQ).
 #include "mma.cuh"
 
 namespace divattn {
@@ -86,7 +88,8 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
     if (sr >= p.S || j >= EK) return nullptr;
     const SeqIndex ix = seq_index(sr, p.S1, p.S2);
     if (cls && j == 0) return static_cast<const T*>(cv.ptr) + cls_offset(cv, ix.i0, ix.i2);
-    if (j - kCls >= real_rows(p, ix).keys) return nullptr;  // a padded key: zeros
+    // a padded key: zeros (its dK, dV rows are written as zeros; its dS meets a zero k row in dQ)
+    if (j - kCls >= real_rows(p, ix).keys || !mask_real(p, mask_base(p, ix), j - kCls)) return nullptr;
     return x + seq_offset(view, ix) + (j - kCls) * view.sL;
   };
   load_tile<T, DP>(Ks, warps * 16, k, aligned, D, [&](int r) { return RowSrc<T>{key_ptr(r, k, p.k, p.kc), 1.f}; });
@@ -107,8 +110,11 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
   };
   auto q_row = [&](int c, int t) -> QRow {
     const int64_t sr = static_cast<int64_t>(blockIdx.x) * pl.G + c / bq, i = static_cast<int64_t>(t) * bq + c % bq;
-    const bool ok = sr < p.S && i < E &&
-                    ((cls && i == 0) || i - kCls < real_rows(p, seq_index(sr, p.S1, p.S2)).queries);
+    bool ok = sr < p.S && i < E;
+    if (ok && !(cls && i == 0)) {
+      const SeqIndex ix = seq_index(sr, p.S1, p.S2);
+      ok = i - kCls < real_rows(p, ix).queries && mask_real(p, mask_base(p, ix), i - kCls + shift);
+    }
     return {sr, i, ok};
   };
   auto load_queries = [&](int t) {
@@ -125,9 +131,8 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
       if (!r.ok) return RowSrc<T>{nullptr, 1.f};
       const SeqIndex ix = seq_index(r.s, p.S1, p.S2);
       if (cls && r.i == 0) {  // d o_cls times the frame's weight in o_cls
-        const ClsWeight cw = cls_weight(p, ix.i0);
         return RowSrc<T>{static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, ix.i0, ix.i2),
-                         ix.i1 < cw.frames ? cw.w : 0.f};
+                         cls_frame_weight(p, ix.i0, ix.i1)};
       }
       return RowSrc<T>{dout + seq_offset(p.dout, ix) + (r.i - kCls) * p.dout.sL, 1.f};
     });
@@ -265,7 +270,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
 
   if (!active) return;
   const SeqIndex ix = seq_index(s, p.S1, p.S2);
-  const int64_t frame = (ix.i0 * p.S2 + ix.i2) * p.S1 + ix.i1, frames = p.B * p.H * p.T;
+  const int64_t frame = (ix.i0 * p.S2 + ix.i2) * p.S1 + ix.i1, frames = p.B * p.H * p.T, mbase = mask_base(p, ix);
 #pragma unroll
   for (int n = 0; n < kDT; ++n) {
 #pragma unroll
@@ -277,9 +282,11 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kBwdWarps* kWarp)
         gst(p.cls_grad_frames + (frames + frame) * D + col, dk[n][e]);
         gst(p.cls_grad_frames + (2 * frames + frame) * D + col, dv[n][e]);
       } else {
+        const bool real = mask_real(p, mbase, j - kCls);  // the counts' padding has zero dk, dv already
         gst(static_cast<T*>(p.dk.ptr) + seq_offset(p.dk, ix) + (j - kCls) * p.dk.sL + col,
-            from_float<T>(dk[n][e] * p.scale));
-        gst(static_cast<T*>(p.dv.ptr) + seq_offset(p.dv, ix) + (j - kCls) * p.dv.sL + col, from_float<T>(dv[n][e]));
+            from_float<T>(real ? dk[n][e] * p.scale : 0.f));
+        gst(static_cast<T*>(p.dv.ptr) + seq_offset(p.dv, ix) + (j - kCls) * p.dv.sL + col,
+            from_float<T>(real ? dv[n][e] : 0.f));
       }
     }
   }

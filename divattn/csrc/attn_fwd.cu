@@ -23,7 +23,8 @@
 // - Keys may outnumber queries (temporal attention from the last L of Lk frames). Causal
 //   attention is bottom-right aligned (query row i sees keys 0 .. i + Lk - L): a block
 //   stops streaming key tiles after the last key its rows see, and masks the diagonal.
-// - A padded batch (AttnParams::rows): a sequence's real keys and queries are prefixes;
+// - A padded batch (AttnParams::rows, and a mask read per row): by the counts a sequence's
+//   real keys and queries are prefixes;
 //   a block streams no tile past its sequences' real keys (none at all when its query
 //   rows are all padding); a padded query row is not read and its output and lse are
 //   written as zeros.
@@ -36,7 +37,8 @@ namespace {
 
 template <int DP>
 constexpr size_t fwd_smem_floats() {
-  return kSlots * (DP + 4) + kSlots * DP + kWarps * kRows * DP + kWarps * kRows * kSlots + kGroupBasesFloats;
+  return kSlots * (DP + 4) + kSlots * DP + kWarps * kRows * DP + kWarps * kRows * kSlots + kSlots +
+         kGroupBasesFloats;
 }
 
 template <typename T, int DCH, bool CLS>
@@ -48,7 +50,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
   float* Vs = Ks + kSlots * KP;          // [kSlots][DP]
   float* Qs = Vs + kSlots * DP;          // [kWarps][kRows][DP]
   float* Ps = Qs + kWarps * kRows * DP;  // [kWarps][kRows][kSlots]
-  GroupBases& gb = *reinterpret_cast<GroupBases*>(Ps + kWarps * kRows * kSlots);
+  float* Kf = Ps + kWarps * kRows * kSlots;  // [kSlots] 1 for a key row of the tile that is read (a real key)
+  GroupBases& gb = *reinterpret_cast<GroupBases*>(Kf + kSlots);
 
   constexpr int kCls = CLS ? 1 : 0;  // query row r is patch row r - kCls; with cls, row 0 is the cls query
   const int64_t rows = p.L + kCls;
@@ -59,15 +62,21 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
 
   const T* q = static_cast<const T*>(p.q.ptr) + seq_offset(p.q, w.ix);
   float* Qw = Qs + warp * kRows * DP;
-  const RealRows real = real_rows(p, w.ix);
-  bool row_ok[kRows];
   unsigned padded = 0;  // bit i: row i is a padded query (read as zeros, written as zeros)
+  if (p.rows != nullptr || p.mask.ptr != nullptr) {
+    const int64_t queries = real_rows(p, w.ix).queries, mbase = mask_base(p, w.ix);
+#pragma unroll 1
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t r = row0 + i - kCls;  // the patch row (-1: the cls row)
+      if (r >= 0 && (r >= queries || !mask_real(p, mbase, r + p.Lk - p.L))) padded |= 1u << i;
+    }
+  }
+  bool row_ok[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = row0 + i;
     row_ok[i] = w.seq_ok && r < rows;
     const bool is_cls = CLS && i == 0 && row0 == 0;
-    if (row_ok[i] && !is_cls && r - kCls >= real.queries) padded |= 1u << i;
     const bool load = row_ok[i] && !((padded >> i) & 1u);
     const T* src = q;
     if (load) {
@@ -108,24 +117,28 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
   const int jrow = g * w.grp.slots + (lane & (w.grp.slots - 1));  // this lane's key row in the tile
   const float* Vg = Vs + g * w.grp.slots * DP;
   float* Pw = Ps + warp * kRows * kSlots;
-  const int64_t shift = p.Lk - p.L;  // query row i is key row i + shift
+  // query row i is key row i + shift; the loop's rows in 32 bits (the host bounds them by
+  // 65535 * 16), which the registers of this kernel need (64-bit ones spilled at D = 96)
+  const int diag = static_cast<int>(row0 + p.Lk - p.L);  // key row of the warp's first query
   const int64_t kcausal = causal_key_end(p, static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block,
                                          w.grp.rows_per_block);
   // no tile past the block's real keys, and none when all its queries are padding
   const int64_t first_query = static_cast<int64_t>(blockIdx.y) * w.grp.rows_per_block - kCls;
   const int64_t kreal = first_query < most_real(gb.queries, w.grp.G) ? most_real(gb.keys, w.grp.G) : 0;
-  const int64_t kend = kcausal < kreal ? kcausal : kreal;
-  for (int64_t start = 0; start < kend; start += w.grp.slots) {
+  const int kend = static_cast<int>(kcausal < kreal ? kcausal : kreal);
+  for (int start = 0; start < kend; start += w.grp.slots) {
     __syncthreads();  // the previous tile is consumed
-    load_tile_pair<T, DP>(Ks, KP, Vs, DP, kptr, vptr, p.k, p.v, gb, gb.keys, start, kend, w.grp.slots, D, warp,
-                          lane);
+    if (threadIdx.x < kSlots) Kf[threadIdx.x] = tile_row_read(threadIdx.x, gb, gb.keys, p, 0, start, kend, w.grp.slots);
     __syncthreads();
-    const int64_t key = start + lane;
-    const bool key_ok = w.seq_ok && lane < w.grp.slots && key < kend && key < real.keys;
+    load_tile_pair<T, DP>(Ks, KP, Vs, DP, kptr, vptr, p.k, p.v, gb, gb.keys, p, 0, Kf, start, kend, w.grp.slots, D,
+                          warp, lane);
+    __syncthreads();
+    const int key = start + lane;
+    const bool key_ok = lane < w.grp.slots && Kf[jrow] != 0.f;  // read: a real key of this sequence, before kend
     const float* krow = Ks + jrow * KP;
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
-      const bool seen = key_ok && (!p.causal || key <= row0 + i + shift);
+      const bool seen = key_ok && (!p.causal || key <= diag + i);
       const float sc = seen ? dot_smem(Qw + i * DP, krow, D4) * p.qk_scale : -INFINITY;
       const float m_new = fmaxf(m[i], warp_max(sc));
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
@@ -142,7 +155,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
     accumulate_tile<DCH>(acc, Pw, Vg, DP, n, lane);
   }
 
-  T* o = static_cast<T*>(p.o.ptr) + seq_offset(p.o, w.ix);
+  const SeqIndex ix = seq_index(w.seq_ok ? w.s : 0, p.S1, p.S2);  // again: not held through the loop
+  T* o = static_cast<T*>(p.o.ptr) + seq_offset(p.o, ix);
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const float lt = warp_sum(l[i]);
@@ -151,7 +165,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kFwdMinBlocks) attn_fwd_kernel
     const int64_t r = row0 + i;
     if (CLS && i == 0 && row0 == 0 && row_ok[i]) {
       // frame (b, h, t) of the (B, H, T) cls buffers; this sequence is (b, t, h)
-      const int64_t frame = (w.ix.i0 * p.S2 + w.ix.i2) * p.S1 + w.ix.i1;
+      const int64_t frame = (ix.i0 * p.S2 + ix.i2) * p.S1 + ix.i1;
       float* out = p.cls_frames + frame * D;
 #pragma unroll
       for (int c = 0; c < DCH; ++c) {

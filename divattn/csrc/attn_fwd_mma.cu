@@ -16,10 +16,10 @@
 //   masks it (other keys, causal), updates the running max and sum of its rows on the
 //   accumulator fragments (two shuffles a row), rescales its output accumulators and adds
 //   P V with P taken straight from the score fragments (rounded to the input dtype).
-// - A padded batch (AttnParams::rows): padded rows of q, k and v are not read (their tile
-//   rows are zeros), padded keys are masked, no tile past the block's real keys is
-//   streamed (none when its queries are all padding), and padded query rows are written
-//   as zeros.
+// - A padded batch (AttnParams::rows, mask): padded rows of q, k and v are not read (their
+//   tile rows are zeros), padded keys are masked (with a mask, by a flag per tile row), no
+//   tile past the block's real keys by the counts is streamed (none when its queries are
+//   all padding), and padded query rows are written as zeros.
 // - The epilogue writes each row once, the log-sum-exp (base 2, scale included) beside
 //   it; the cls row of every frame goes to the fp32 per-frame buffers that cls.cu averages.
 #include "mma.cuh"
@@ -38,6 +38,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
   T* Qs = reinterpret_cast<T*>(smem_raw);  // [warps * 16][kP]
   T* Ks = Qs + warps * 16 * kP;             // [2][kBN][kP]
   T* Vs = Ks + 2 * kBN * kP;                // [2][kBN][kP]
+  float* Kf = reinterpret_cast<float*>(Vs + 2 * kBN * kP);  // [2][kBN] with a mask: 1 for a key row read
 
   const int E = pl.rows, EK = pl.other, bn = pl.seq_tile, D = p.D;
   const int gw = warp / pl.warps_per_seq;                                       // this warp's sequence in the block
@@ -57,7 +58,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
     if (sr >= p.S || i >= E) return nullptr;
     const SeqIndex ix = seq_index(sr, p.S1, p.S2);
     if (cls && i == 0) return static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, ix.i0, ix.i2);
-    if (i - kCls >= real_rows(p, ix).queries) return nullptr;
+    if (i - kCls >= real_rows(p, ix).queries || !mask_real(p, mask_base(p, ix), i - kCls + shift)) return nullptr;
     return q + seq_offset(p.q, ix) + (i - kCls) * p.q.sL;
   };
   auto q_row = [&](int r) { return RowSrc<T>{q_ptr(r), 1.f}; };
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
     if (sr >= p.S || j >= kend) return nullptr;
     const SeqIndex ix = seq_index(sr, p.S1, p.S2);
     if (cls && j == 0) return static_cast<const T*>(cv.ptr) + cls_offset(cv, ix.i0, ix.i2);
-    if (j - kCls >= real_rows(p, ix).keys) return nullptr;  // a padded key: zeros
+    if (j - kCls >= real_rows(p, ix).keys || !mask_real(p, mask_base(p, ix), j - kCls)) return nullptr;  // padding
     return x + seq_offset(view, ix) + (j - kCls) * view.sL;
   };
   auto load_kv = [&](int t) {
@@ -106,6 +107,11 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
                      [&](int c) { return RowSrc<T>{kv_row(c, t, k, p.k, p.kc), 1.f}; });
     load_tile<T, DP>(Vs + b * kBN * kP, pl.G * bn, v, aligned, D,
                      [&](int c) { return RowSrc<T>{kv_row(c, t, v, p.v, p.vc), 1.f}; });
+    if (p.mask.ptr != nullptr) {  // which rows are keys: a row the mask pads is not (a zero row scores 0)
+      for (int c = threadIdx.x; c < pl.G * bn; c += blockDim.x) {
+        Kf[b * kBN + c] = kv_row(c, t, k, p.k, p.kc) != nullptr ? 1.f : 0.f;
+      }
+    }
   };
 
   load_tile<T, DP>(Qs, warps * 16, q, aligned, D, q_row);
@@ -147,7 +153,8 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
         for (int e = 0; e < 4; ++e) {
           const int h = e >> 1;
           const int64_t i = mt * 16 + g + 8 * h, j = key0 + 8 * n + 2 * t4 + (e & 1);
-          const bool seen = 8 * n < bn && j < klim && (!p.causal || j <= i + shift);
+          const bool seen = 8 * n < bn && j < klim && (!p.causal || j <= i + shift) &&
+                            (p.mask.ptr == nullptr || Kf[(t & 1) * kBN + gw * bn + (j - key0)] != 0.f);
           sc[n][e] = seen ? sc[n][e] * p.qk_scale : -INFINITY;
           mx[h] = fmaxf(mx[h], sc[n][e]);
         }
@@ -192,7 +199,7 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
 
   if (!active) return;
   const SeqIndex ix = seq_index(s, p.S1, p.S2);
-  const int64_t real_queries = real_rows(p, ix).queries;  // rows past them are padding: zeros
+  const int64_t real_queries = real_rows(p, ix).queries, mbase = mask_base(p, ix);  // the rest is padding: zeros
   T* orows = static_cast<T*>(p.o.ptr) + seq_offset(p.o, ix);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -215,16 +222,17 @@ __global__ void __launch_bounds__(MmaTraits<DP>::kFwdWarps* kWarp)
       }
       if (t4 == 0) gst(p.lse_cls + frame, m[h] + log2f(l_safe));
     } else {
+      const bool pad = i - kCls >= real_queries || !mask_real(p, mbase, i - kCls + shift);  // a padded query
       T* orow = orows + (i - kCls) * p.o.sL;
 #pragma unroll
       for (int n = 0; n < kDT; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * n + 2 * t4 + e;
-          if (col < D) gst(orow + col, from_float<T>(i - kCls >= real_queries ? 0.f : o[n][2 * h + e] * inv));
+          if (col < D) gst(orow + col, from_float<T>(pad ? 0.f : o[n][2 * h + e] * inv));
         }
       }
-      if (t4 == 0) gst(p.lse + s * p.L + i - kCls, i - kCls >= real_queries ? 0.f : m[h] + log2f(l_safe));
+      if (t4 == 0) gst(p.lse + s * p.L + i - kCls, pad ? 0.f : m[h] + log2f(l_safe));
     }
   }
 }
@@ -236,7 +244,8 @@ struct FwdMmaLaunch {
     const int kCls = p.has_cls ? 1 : 0;
     const MmaPlan pl = plan_rows(p.L + kCls, p.Lk + kCls, Tr::kFwdWarps, Tr::kFwdKeys, Tr::kFwdKeys);
     const int warps = pl.G * pl.warps_per_seq;
-    const size_t smem = static_cast<size_t>(warps * 16 + 4 * Tr::kFwdKeys) * (DP + kPad) * sizeof(T);
+    const size_t smem = static_cast<size_t>(warps * 16 + 4 * Tr::kFwdKeys) * (DP + kPad) * sizeof(T) +
+                        2 * Tr::kFwdKeys * sizeof(float);
     const auto kernel = attn_fwd_mma_kernel<T, DP>;
     const cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;

@@ -269,6 +269,39 @@ void set_counts(AttnParams& p, const Geometry& g, const Checker& ck, const std::
   p.groups = groups->data_ptr<int32_t>();
 }
 
+// The mask of a padded batch (AttnParams::mask): bool on q's device, (B, Tk, N) for temporal
+// attention (the key frames), (B, T, N) for spatial, (B, L) for joint, any strides; with
+// cls, the (B, T) contiguous fp32 weights of the frames in o_cls come with it.
+void set_mask(AttnParams& p, Op op, const Geometry& g, const Checker& ck, const std::optional<Tensor>& mask,
+              const std::optional<Tensor>& cls_weights) {
+  const bool has_mask = mask.has_value() && mask->defined();
+  const bool has_weights = cls_weights.has_value() && cls_weights->defined();
+  if (!has_mask) {
+    TORCH_CHECK(!has_weights, ck.fn, ": cls_weights come with a mask only");
+    return;
+  }
+  const Tensor& m = *mask;
+  ck.same_place("mask", m);
+  std::vector<int64_t> shape{g.B, op == Op::temporal ? g.Lk : g.T, g.N};
+  if (op == Op::joint) shape = {g.B, g.L};
+  TORCH_CHECK(m.scalar_type() == at::kBool && m.sizes() == at::IntArrayRef(shape), ck.fn, ": mask must be a bool ",
+              "tensor of shape ", at::IntArrayRef(shape), ", got ", describe(m));
+  p.mask.ptr = m.data_ptr<bool>();
+  p.mask.s0 = m.stride(0);
+  if (op == Op::temporal) {  // sequences (b, n, h), rows t
+    p.mask.s1 = m.stride(2), p.mask.sL = m.stride(1);
+  } else if (op == Op::spatial) {  // sequences (b, t, h), rows n
+    p.mask.s1 = m.stride(1), p.mask.sL = m.stride(2);
+  } else {  // sequences (b, h), rows l
+    p.mask.s1 = 0, p.mask.sL = m.stride(1);
+  }
+  TORCH_CHECK(has_weights == p.has_cls, ck.fn, ": cls_weights must be given with a mask exactly when cls is");
+  if (has_weights) {
+    ck.f32("cls_weights", *cls_weights, {g.B, g.T});
+    p.cls_weights = cls_weights->data_ptr<float>();
+  }
+}
+
 // What forward and backward share: the op, the checker, the geometry, q/k/v/o and lse.
 struct Call {
   Op op;
@@ -317,7 +350,8 @@ void forward(const std::string& op_name, const Tensor& q, const Tensor& k, const
              const std::optional<Tensor>& k_cls, const std::optional<Tensor>& v_cls,
              const std::optional<Tensor>& o_cls, const std::optional<Tensor>& cls_frames,
              const std::optional<Tensor>& lse_cls, const std::optional<Tensor>& rows,
-             const std::optional<Tensor>& groups) {
+             const std::optional<Tensor>& groups, const std::optional<Tensor>& mask,
+             const std::optional<Tensor>& cls_weights) {
   Call call = begin("divattn._C.forward", op_name, q, k, v, o, lse, scale, causal, true);
   const Checker& ck = call.ck;
   const Geometry& g = call.g;
@@ -331,7 +365,8 @@ void forward(const std::string& op_name, const Tensor& q, const Tensor& k, const
   }
 
   set_counts(p, g, ck, rows, groups);
-  allow_memory({q, k, v, q_cls, k_cls, v_cls, rows, groups}, {o, lse, o_cls, cls_frames, lse_cls});
+  set_mask(p, call.op, g, ck, mask, cls_weights);
+  allow_memory({q, k, v, q_cls, k_cls, v_cls, rows, groups, mask, cls_weights}, {o, lse, o_cls, cls_frames, lse_cls});
   const cudaStream_t stream = stream_of(q);
   check_launch(divattn::launch_attn_fwd(p, stream), ck, "attention forward");
   if (p.has_cls) check_launch(divattn::launch_cls_fwd(p, stream), ck, "cls forward");
@@ -344,7 +379,8 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
               const std::optional<Tensor>& dk_cls, const std::optional<Tensor>& dv_cls,
               const std::optional<Tensor>& do_cls, const std::optional<Tensor>& cls_frames,
               const std::optional<Tensor>& lse_cls, const std::optional<Tensor>& rows,
-              const std::optional<Tensor>& groups) {
+              const std::optional<Tensor>& groups, const std::optional<Tensor>& mask,
+              const std::optional<Tensor>& cls_weights) {
   Call call = begin("divattn._C.backward", op_name, q, k, v, o, lse, scale, causal, false);
   const Checker& ck = call.ck;
   const Geometry& g = call.g;
@@ -376,7 +412,7 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
     p.dkc = cls_view_of(*dk_cls);
     p.dvc = cls_view_of(*dv_cls);
     p.doc = cls_view_of(*do_cls);
-    gc = scratch({g.B, g.H, g.D}, f32);
+    gc = scratch({g.B, g.H, g.T, g.D}, f32);
     delta_cls = scratch({g.B, g.H, g.T}, f32);
     cls_grad_frames = scratch({3, g.B, g.H, g.T, g.D}, f32);  // per-frame partials, summed over T
     p.gc = gc.data_ptr<float>();
@@ -392,7 +428,9 @@ void backward(const std::string& op_name, const Tensor& q, const Tensor& k, cons
   }
 
   set_counts(p, g, ck, rows, groups);
-  allow_memory({q, k, v, o, dout, lse, q_cls, k_cls, v_cls, do_cls, cls_frames, lse_cls, rows, groups},
+  set_mask(p, call.op, g, ck, mask, cls_weights);
+  allow_memory({q, k, v, o, dout, lse, q_cls, k_cls, v_cls, do_cls, cls_frames, lse_cls, rows, groups, mask,
+                cls_weights},
                {dq, dk, dv, delta, dq_cls, dk_cls, dv_cls, gc, delta_cls, cls_grad_frames, workspace});
   const cudaStream_t stream = stream_of(q);
   check_launch(divattn::launch_bwd_delta(p, stream), ck, "delta");
@@ -423,14 +461,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("scale"),
         py::arg("causal") = false, py::arg("q_cls") = py::none(), py::arg("k_cls") = py::none(),
         py::arg("v_cls") = py::none(), py::arg("o_cls") = py::none(), py::arg("cls_frames") = py::none(),
-        py::arg("lse_cls") = py::none(), py::arg("rows") = py::none(), py::arg("groups") = py::none());
+        py::arg("lse_cls") = py::none(), py::arg("rows") = py::none(), py::arg("groups") = py::none(),
+        py::arg("mask") = py::none(), py::arg("cls_weights") = py::none());
   m.def("backward", &backward, "Attention backward; see divattn.ops.triton.backward", py::arg("op"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("do"), py::arg("lse"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal") = false, py::arg("q_cls") = py::none(),
         py::arg("k_cls") = py::none(), py::arg("v_cls") = py::none(), py::arg("dq_cls") = py::none(),
         py::arg("dk_cls") = py::none(), py::arg("dv_cls") = py::none(), py::arg("do_cls") = py::none(),
         py::arg("cls_frames") = py::none(), py::arg("lse_cls") = py::none(), py::arg("rows") = py::none(),
-        py::arg("groups") = py::none());
+        py::arg("groups") = py::none(), py::arg("mask") = py::none(), py::arg("cls_weights") = py::none());
   m.def("archs", &archs, "Architectures this build targets, '+'-separated, or '' if unknown");
   m.attr("max_head_dim") = py::int_(divattn::kMaxHeadDim);
 #ifdef DIVATTN_EMULATE

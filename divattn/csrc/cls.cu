@@ -10,17 +10,17 @@
 // sequences, so it spreads over the GPU like spatial attention does; no kernel walks the
 // frames of a (b, h) one after another.
 // - cls_bwd_prep: one warp per frame: delta_cls[t] = cls_frames[t] . gc with
-//   gc = d o_cls / T (the t = 0 warp writes gc), which the patch key gradients
-//   (attn_bwd.cu) need too.
+//   gc[t] = d o_cls / T (with padding: times frame t's weight, cls_frame_weight), which the
+//   patch key gradients (attn_bwd.cu) need too.
 // - cls_bwd_frame: per frame, the cls query's gradient terms (against the cls key and
 //   every patch key) and the cls key/value's gradient terms (from the frame's cls query
 //   and every patch query, through the rows' saved lse and delta); warp partials are
 //   combined in warp order into the frame's partial sums (3, B, H, T, D).
 // - cls_sum_frames: o_cls = sum_t cls_frames[t] / T, and dq/dk/dv_cls = the sums of the
 //   per-frame partials (times the scale for dq and dk), t in increasing order.
-// A padded batch (AttnParams::rows): o_cls weighs the frames holding a real patch
-// (cls_weight), gc carries that weight and a frame of weight 0 adds no gradient; the
-// frame kernel reads only the frame's real patches.
+// A padded batch (AttnParams::rows, mask): o_cls weighs the frames holding a real patch
+// (cls_frame_weight), gc carries that weight and a frame of weight 0 adds no gradient;
+// the frame kernel reads only the frame's real patches.
 // A non-finite value stays where PyTorch puts it: a frame's result depends only on that
 // frame's rows and the (b, h) cls vectors, and the sum over frames only on its (b, h).
 // Patch rows use the spatial view: i0 = b, i1 = t, i2 = h, rows n.
@@ -62,17 +62,16 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_prep_kernel(const A
   const Frame fr = frame_at(static_cast<uint32_t>(f), p);
   const int D = p.D;
   const T* doc = static_cast<const T*>(p.doc.ptr) + cls_offset(p.doc, fr.b, fr.h);
-  const ClsWeight cw = cls_weight(p, fr.b);
+  const float w = cls_frame_weight(p, fr.b, fr.t);  // 0 for a frame without a real patch: no gradient
   const float* of = p.cls_frames + f * D;
-  const bool first = fr.t == 0;
   float acc = 0.f;
   for (int d = lane; d < D; d += kWarp) {
-    const float g = to_float(gld(doc + d)) * cw.w;
+    const float g = to_float(gld(doc + d)) * w;
     acc = fmaf(gld(of + d), g, acc);
-    if (first) gst(p.gc + fr.bh * D + d, g);
+    gst(p.gc + f * D + d, g);
   }
   acc = warp_sum(acc);
-  if (lane == 0) gst(p.delta_cls + f, fr.t < cw.frames ? acc : 0.f);  // a frame of weight 0: no gradient
+  if (lane == 0) gst(p.delta_cls + f, acc);
 }
 
 template <typename T, int DCH>
@@ -88,8 +87,7 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const 
   load_lanes<T, DCH>(qc, static_cast<const T*>(p.qc.ptr) + cls_offset(p.qc, fr.b, fr.h), true, D, lane);
   load_lanes<T, DCH>(kc, static_cast<const T*>(p.kc.ptr) + cls_offset(p.kc, fr.b, fr.h), true, D, lane);
   load_lanes<T, DCH>(vc, static_cast<const T*>(p.vc.ptr) + cls_offset(p.vc, fr.b, fr.h), true, D, lane);
-  // gc = d o_cls times the frames' weight; zero in a frame of weight 0 (it holds no real patch)
-  load_lanes<float, DCH>(gc, p.gc + fr.bh * D, fr.t < cls_weight(p, fr.b).frames, D, lane);
+  load_lanes<float, DCH>(gc, p.gc + fr.f * D, true, D, lane);  // d o_cls times the frame's weight
   const float lse_t = gld(p.lse_cls + fr.f), delta_t = gld(p.delta_cls + fr.f);
 
   float dqc[DCH], dkc[DCH], dvc[DCH];
@@ -109,12 +107,14 @@ __global__ void __launch_bounds__(kClsWarps * kWarp) cls_bwd_frame_kernel(const 
   }
 
   const int64_t rows = ((fr.b * p.T + fr.t) * p.H + fr.h) * N;  // lse / delta index of row 0 of (b, t, h)
-  const int64_t real = real_rows(p, SeqIndex{fr.b, fr.t, fr.h}).keys;  // the frame's real patches
+  const SeqIndex seq{fr.b, fr.t, fr.h};
+  const int64_t real = real_rows(p, seq).keys, mbase = mask_base(p, seq);  // the frame's real patches
   const T* qf = static_cast<const T*>(p.q.ptr) + fr.b * p.q.s0 + fr.t * p.q.s1 + fr.h * p.q.s2;
   const T* kf = static_cast<const T*>(p.k.ptr) + fr.b * p.k.s0 + fr.t * p.k.s1 + fr.h * p.k.s2;
   const T* vf = static_cast<const T*>(p.v.ptr) + fr.b * p.v.s0 + fr.t * p.v.s1 + fr.h * p.v.s2;
   const T* df = static_cast<const T*>(p.dout.ptr) + fr.b * p.dout.s0 + fr.t * p.dout.s1 + fr.h * p.dout.s2;
   for (int64_t n = warp; n < N && n < real; n += kClsWarps) {
+    if (!mask_real(p, mbase, n)) continue;  // a patch the mask pads: not a key, not a query
     float kn[DCH], vn[DCH], qn[DCH], dn[DCH];
     load_lanes<T, DCH>(kn, kf + n * p.k.sL, true, D, lane);
     load_lanes<T, DCH>(vn, vf + n * p.v.sL, true, D, lane);
@@ -184,8 +184,10 @@ __global__ void __launch_bounds__(kSumThreads) cls_sum_frames_kernel(const SumJo
   const float* src = job.src + bh * p.T * D + d;
   float sum = 0.f;
   if (job.weighted) {
-    const ClsWeight cw = cls_weight(p, b);
-    for (int64_t t = 0; t < cw.frames; ++t) sum += cw.w * gld(src + t * D);
+    for (int64_t t = 0; t < p.T; ++t) {
+      const float w = cls_frame_weight(p, b, t);
+      if (w != 0.f) sum += w * gld(src + t * D);  // a frame of weight 0 is not read
+    }
   } else {
     for (int64_t t = 0; t < p.T; ++t) sum += gld(src + t * D);
   }
@@ -228,7 +230,7 @@ bool cls_empty(const AttnParams& p) { return !p.has_cls || p.B * p.H == 0 || p.T
 cudaError_t launch_cls_fwd(const AttnParams& p, cudaStream_t stream) {
   if (cls_empty(p)) return cudaSuccess;
   SumJobs jobs{};
-  const bool padded = p.rows != nullptr;  // then o_cls weighs the frames that hold a real patch
+  const bool padded = p.rows != nullptr || p.mask.ptr != nullptr;  // o_cls weighs the frames holding a real patch
   jobs.job[0] = {p.cls_frames, p.oc, padded ? 1.f : 1.f / static_cast<float>(p.T), padded};
   return sum_frames_dtype(p, jobs, 1, stream);
 }

@@ -141,20 +141,27 @@ __device__ __forceinline__ RealRows real_rows(const AttnParams& p, const SeqInde
   return {keys, queries > 0 ? queries : 0};
 }
 
-// The cls token's output o_cls = sum_t w_t * (frame t's cls output) of sample b (spatial
-// attention: rows = patches, groups = frames): w_t = 1 / |F| on the frames F that hold a
-// real patch and 0 on the others; 1 / T on every frame when F is empty or nothing is padded.
-struct ClsWeight {
-  float w;          // 1 / |F|, or 1 / T
-  int64_t frames;   // frames t < frames have weight w, the others 0
-};
+// Whether key row `row` of sequence ix is real by the mask (AttnParams::mask; true without
+// one). `base` is the sequence's offset in the mask, ix.i0 * s0 + ix.i1 * s1.
+__device__ __forceinline__ int64_t mask_base(const AttnParams& p, const SeqIndex& ix) {
+  return ix.i0 * p.mask.s0 + ix.i1 * p.mask.s1;
+}
 
-__device__ __forceinline__ ClsWeight cls_weight(const AttnParams& p, int64_t b) {
+__device__ __forceinline__ bool mask_real(const AttnParams& p, int64_t base, int64_t row) {
+  return p.mask.ptr == nullptr || gld(p.mask.ptr + base + row * p.mask.sL);
+}
+
+// The weight of frame t's cls output in sample b's o_cls = sum_t w_t * (frame t's output):
+// with a mask, AttnParams::cls_weights; else (rows = patches, groups = frames) 1 / |F| on
+// the frames F that hold a real patch and 0 on the others, 1 / T on every frame when F is
+// empty or nothing is padded.
+__device__ __forceinline__ float cls_frame_weight(const AttnParams& p, int64_t b, int64_t t) {
+  if (p.cls_weights != nullptr) return gld(p.cls_weights + b * p.T + t);
   const float inv_T = 1.f / static_cast<float>(p.T);
-  if (p.rows == nullptr) return {inv_T, p.T};
+  if (p.rows == nullptr) return inv_T;
   const int64_t g = gld(p.groups + b), F = gld(p.rows + b) > 0 ? (g < p.T ? g : p.T) : 0;
-  if (F <= 0) return {inv_T, p.T};
-  return {1.f / static_cast<float>(F), F};
+  if (F <= 0) return inv_T;
+  return t < F ? 1.f / static_cast<float>(F) : 0.f;
 }
 
 // Dot product of two zero-padded fp32 rows in shared memory (16-byte aligned), d < 4 * D4.
@@ -261,6 +268,7 @@ struct GroupBases {
   int64_t b[kWarps];
   int64_t keys[kWarps];
   int64_t queries[kWarps];
+  int64_t mask[kWarps];  // mask_base of the sequence
   bool ok[kWarps];
 };
 
@@ -279,6 +287,7 @@ __device__ __forceinline__ void group_bases(GroupBases& gb, const View& x, const
     const RealRows real = real_rows(p, ix);
     gb.keys[i] = gb.ok[i] ? real.keys : 0;
     gb.queries[i] = gb.ok[i] ? real.queries : 0;
+    gb.mask[i] = mask_base(p, ix);
   }
 }
 
@@ -289,18 +298,31 @@ __device__ __forceinline__ int64_t most_real(const int64_t (&real)[kWarps], int 
   return most;
 }
 
+// Whether tile row `slot` (row start + slot % slots of group slot / slots) is read: not
+// past L, past the group's real rows (gb.keys or gb.queries) or where the mask pads it
+// (mask row: the row + mask_shift).
+__device__ __forceinline__ bool tile_row_read(int slot, const GroupBases& gb, const int64_t (&real)[kWarps],
+                                              const AttnParams& p, int64_t mask_shift, int64_t start, int64_t L,
+                                              int slots) {
+  const int g = slot / slots;
+  const int64_t row = start + (slot % slots);
+  return gb.ok[g] && row < L && row < real[g] && mask_real(p, gb.mask[g], row + mask_shift);
+}
+
 // Tile rows [start, start + slots) of every group's sequence from two views (k and v,
-// or q and do) into fp32 shared memory with the given row pitches; zeros past L, past
-// the group's real rows (gb.keys or gb.queries) or past D.
+// or q and do) into fp32 shared memory with the given row pitches; zeros for a row not
+// read (tile_row_read, or flags[slot] == 0 where the caller computed them) and past D.
 template <typename T, int DP>
 __device__ __forceinline__ void load_tile_pair(float* ta, int pitch_a, float* tb, int pitch_b, const T* xa,
                                                const T* xb, const View& va, const View& vb,
                                                const GroupBases& gb, const int64_t (&real)[kWarps],
+                                               const AttnParams& p, int64_t mask_shift, const float* flags,
                                                int64_t start, int64_t L, int slots, int D, int warp, int lane) {
   for (int slot = warp; slot < kSlots; slot += kWarps) {
     const int g = slot / slots;
     const int64_t row = start + (slot % slots);
-    const bool ok = gb.ok[g] && row < L && row < real[g];
+    const bool ok = flags != nullptr ? flags[slot] != 0.f
+                                     : tile_row_read(slot, gb, real, p, mask_shift, start, L, slots);
     const T* pa = ok ? xa + gb.a[g] + row * va.sL : xa;
     const T* pb = ok ? xb + gb.b[g] + row * vb.sL : xb;
     load_row<T, DP>(ta + slot * pitch_a, pa, ok, D, lane);

@@ -24,6 +24,13 @@ struct View {
   int64_t s0 = 0, s1 = 0, s2 = 0, sL = 0;
 };
 
+// A padded batch's token mask over the key rows (true = a real token): row t of sequence
+// (i0, i1, i2) at i0 * s0 + i1 * s1 + t * sL (bool elements; the heads share it).
+struct MaskView {
+  const bool* ptr = nullptr;
+  int64_t s0 = 0, s1 = 0, sL = 0;
+};
+
 // A (B, H, D) cls tensor: element (b, h, :) at b * sb + h * sh.
 struct ClsView {
   void* ptr = nullptr;
@@ -48,6 +55,10 @@ struct AttnParams {
   // frames that hold a real patch (all T equally when none does).
   const int32_t* rows = nullptr;    // (B,)
   const int32_t* groups = nullptr;  // (B,)
+  // A padded batch given as a mask (ptr null: none), with the counts or alone: a row is real
+  // where both say so. With cls, o_cls = sum_t cls_weights[b, t] * (frame t's cls output).
+  MaskView mask;
+  const float* cls_weights = nullptr;  // (B, T), with a mask and cls only
 
   View q, k, v, o, dout, dq, dk, dv;
   float* lse = nullptr;    // (S * L,), base 2, scale included
@@ -59,7 +70,7 @@ struct AttnParams {
   ClsView qc, kc, vc, oc, doc, dqc, dkc, dvc;
   float* cls_frames = nullptr;  // (B, H, T, D) per-frame cls outputs
   float* lse_cls = nullptr;     // (B, H, T)
-  float* gc = nullptr;          // (B, H, D) d o_cls / T, backward only
+  float* gc = nullptr;          // (B, H, T, D) d o_cls times frame t's weight in o_cls, backward only
   float* delta_cls = nullptr;   // (B, H, T) rowsum(cls_frames * gc), backward only
   float* cls_grad_frames = nullptr;  // (3, B, H, T, D) per-frame dq/dk/dv_cls partials, backward only
   float* workspace = nullptr;        // bwd_workspace_floats(p) floats, backward only

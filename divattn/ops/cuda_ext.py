@@ -253,7 +253,7 @@ def _lib():
 
 
 def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None,
-            counts=None):
+            counts=None, mask=None, cls_weights=None):
     """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
 
     Same contract as :func:`divattn.ops.triton.forward`: ``op`` is
@@ -264,18 +264,21 @@ def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, c
     ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` and ``lse_cls`` a contiguous fp32
     ``(B, H, T)``. Temporal ``q`` and ``o`` may have fewer frames (Tq) than ``k`` and
     ``v`` (Tk): query frame i is frame ``Tk - Tq + i``, and with ``causal=True`` it
-    attends to key frames ``0 .. Tk - Tq + i`` (temporal attention only). ``counts``: the
-    ``(rows, groups)`` of a padded batch (:meth:`divattn.ops.masks.Padding.kernel_counts`).
+    attends to key frames ``0 .. Tk - Tq + i`` (temporal attention only). A padded batch:
+    ``counts``, the ``(rows, groups)`` of :meth:`divattn.ops.masks.Padding.kernel_counts`,
+    and ``mask`` with ``cls_weights``, of :meth:`~divattn.ops.masks.Padding.kernel_mask`.
     """
     rows, groups = counts if counts is not None else (None, None)
     if cls is None:
-        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal), rows=rows, groups=groups)
+        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal), rows=rows, groups=groups, mask=mask)
     else:
-        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal), *cls, o_cls, cls_frames, lse_cls, rows, groups)
+        _lib().forward(op, q, k, v, o, lse, float(scale), bool(causal), *cls, o_cls, cls_frames, lse_cls, rows, groups,
+                       mask, cls_weights)
 
 
 def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None):
+             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None, mask=None,
+             cls_weights=None):
     """Write dq, dk, dv (and the cls grads ``d_cls``) for :func:`forward`.
 
     ``q, o, do, dq`` have the query frames (Tq), ``k, v, dk, dv`` the key frames (Tk).
@@ -285,10 +288,11 @@ def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
     rows, groups = counts if counts is not None else (None, None)
     lib = _lib()
     if cls is None:
-        lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal), rows=rows, groups=groups)
+        lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal), rows=rows, groups=groups,
+                     mask=mask)
     else:
         lib.backward(op, q, k, v, o, do, lse, dq, dk, dv, float(scale), bool(causal), *cls, *d_cls, do_cls,
-                     cls_frames, lse_cls, rows, groups)
+                     cls_frames, lse_cls, rows, groups, mask, cls_weights)
 
 
 def _nvcc_version(nvcc: str) -> str:

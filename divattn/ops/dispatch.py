@@ -192,24 +192,28 @@ class KernelBackend(Backend):
         return functions.KERNELS[self.name]()
 
     def temporal(self, q, k, v, scale, causal, padding=None):
-        out = functions.attention(self.name, "temporal", (q, k, v), scale, causal, _counts(padding, "temporal"))
+        out = functions.attention(self.name, "temporal", (q, k, v), scale, causal, **_padded(padding, "temporal"))
         return patch_view(out, q, has_cls=False)
 
     def spatial(self, q, k, v, scale, cls, padding=None):
-        counts = _counts(padding, "spatial")
+        kw = _padded(padding, "spatial", cls is not None)
         if cls is None:
-            return patch_view(functions.attention(self.name, "spatial", (q, k, v), scale, False, counts), q,
+            return patch_view(functions.attention(self.name, "spatial", (q, k, v), scale, False, **kw), q,
                               has_cls=False)
-        return functions.attention(self.name, "spatial", (q, k, v, *cls), scale, False, counts)
+        return functions.attention(self.name, "spatial", (q, k, v, *cls), scale, False, **kw)
 
     def joint(self, q, k, v, scale, padding=None):
-        return functions.attention(self.name, "joint", (q, k, v), scale, False, _counts(padding, "joint"))
+        return functions.attention(self.name, "joint", (q, k, v), scale, False, **_padded(padding, "joint"))
 
 
-def _counts(padding: Optional[Padding], op: str) -> Optional[tuple]:
-    """What a kernel backend gets of a padding: the ``(rows, groups)`` counts (the dispatcher
-    sends it no mask), or None."""
-    return None if padding is None else padding.kernel_counts(op)
+def _padded(padding: Optional[Padding], op: str, cls: bool = False) -> dict:
+    """What a kernel backend gets of a padding, as :func:`divattn.ops.functions.attention`'s
+    keywords: the ``(rows, groups)`` counts and the mask with its cls frame weights (each
+    only where the backend declares it: the dispatcher chose it for them)."""
+    if padding is None:
+        return {}
+    mask, cls_weights = padding.kernel_mask(cls)
+    return dict(counts=padding.kernel_counts(op), mask=mask, cls_weights=cls_weights)
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ BACKENDS = _Registry(
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         device_types=("cuda",),
         max_head_dim=128,
-        features=("causal", "fewer_queries", "counts"),
+        features=("causal", "fewer_queries", "counts", "mask"),
         cpu_needs_emulator=True,
         min_capability=(8, 0),
         runtime_reason=_cuda_runtime_reason,

@@ -39,18 +39,22 @@ class KernelModule(Protocol):
     query's per-frame outputs and ``lse_cls`` a contiguous fp32 ``(B, H, T)``. Temporal
     ``q`` may have the last Tq of the Tk frames of ``k`` and ``v``; ``causal`` is temporal
     only. ``counts`` (a padded batch, where the backend declares ``"counts"``) is the
-    ``(rows, groups)`` pair of :meth:`divattn.ops.masks.Padding.kernel_counts`: a padded
-    row is never a key, its output, log-sum-exp-weighted gradients and q/k/v gradients are
-    zero, and ``o_cls`` weighs the frames that hold a real patch
+    ``(rows, groups)`` pair of :meth:`divattn.ops.masks.Padding.kernel_counts`; ``mask``
+    (where it declares ``"mask"``) the ``(B, Tk, N)`` (joint ``(B, L)``) bool mask and
+    ``cls_weights`` its ``(B, T)`` fp32 cls frame weights, of
+    :meth:`~divattn.ops.masks.Padding.kernel_mask`; a token is real where both say so. A
+    padded row is never a key, its output, log-sum-exp-weighted gradients and q/k/v
+    gradients are zero, and ``o_cls`` weighs the frames that hold a real patch
     (:meth:`~divattn.ops.masks.Padding.frame_weights`). Every output element is written
     once (no atomics): results are deterministic.
     """
 
     def forward(self, op: str, q, k, v, o, lse, scale: float, *, causal: bool = False, cls=None, o_cls=None,
-                cls_frames=None, lse_cls=None, counts=None) -> None: ...
+                cls_frames=None, lse_cls=None, counts=None, mask=None, cls_weights=None) -> None: ...
 
     def backward(self, op: str, q, k, v, o, do, lse, dq, dk, dv, scale: float, *, causal: bool = False, cls=None,
-                 d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None) -> None: ...
+                 d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None, mask=None,
+                 cls_weights=None) -> None: ...
 
 
 def _triton() -> KernelModule:
@@ -189,20 +193,23 @@ def _out_views(op: str, has_cls: bool, q: torch.Tensor, buf: torch.Tensor):
     return patch_view(buf, q, has_cls=has_cls), (buf[:, 0] if has_cls else None)
 
 
-def _counts(rows: Optional[torch.Tensor], groups: Optional[torch.Tensor]) -> Optional[tuple]:
-    return None if rows is None else (rows, groups)
+def _padding(rows: Optional[torch.Tensor], groups: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+             cls_weights: Optional[torch.Tensor]) -> dict:
+    """A kernel module's padding keywords (see :class:`KernelModule`); only those given, so
+    that a backend that takes no mask is never passed one."""
+    kw = {} if rows is None else dict(counts=(rows, groups))
+    return kw if mask is None else dict(kw, mask=mask, cls_weights=cls_weights)
 
 
 def _forward(views: Sequence[torch.Tensor], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
-             counts: Optional[tuple] = None):
+             padding: dict):
     """Allocate the outputs and run the backend's forward kernels: (buf, lse, cls_frames, lse_cls)."""
     q, k, v = views[:3]
     buf, lse, cls_frames, lse_cls = _outputs(op, has_cls, q)
     o, o_cls = _out_views(op, has_cls, q, buf)
     KERNELS[backend]().forward(
         op, q, k, v, o, lse, scale, causal=causal,
-        cls=tuple(views[3:]) if has_cls else None, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls,
-        counts=counts,
+        cls=tuple(views[3:]) if has_cls else None, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls, **padding,
     )
     return buf, lse, cls_frames, lse_cls
 
@@ -210,13 +217,15 @@ def _forward(views: Sequence[torch.Tensor], op: str, has_cls: bool, scale: float
 @torch.library.custom_op("divattn::attn_fwd", mutates_args=())
 def attn_fwd(
     srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
-    rows: Optional[torch.Tensor], groups: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor], groups: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+    cls_weights: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(_decode(srcs, geom), op, has_cls, scale, backend, causal, _counts(rows, groups))
+    return _forward(_decode(srcs, geom), op, has_cls, scale, backend, causal,
+                    _padding(rows, groups, mask, cls_weights))
 
 
 @attn_fwd.register_fake
-def _(srcs, geom, op, has_cls, scale, backend, causal, rows, groups):
+def _(srcs, geom, op, has_cls, scale, backend, causal, rows, groups, mask, cls_weights):
     return _outputs(op, has_cls, _decode(srcs, geom)[0])
 
 
@@ -248,7 +257,7 @@ def _grads(srcs: Sequence[torch.Tensor], geom: Sequence[int]):
     return [torch.zeros_like(s) for s in srcs]
 
 
-def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, counts, buf, d_buf, lse, cls_frames,
+def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, padding, buf, d_buf, lse, cls_frames,
                       lse_cls) -> list:
     """Gradient buffers for the sources, written by the backend's backward kernels."""
     views = _decode(srcs, geom)
@@ -266,7 +275,7 @@ def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, counts, b
     KERNELS[backend]().backward(
         op, q, k, v, o, do, lse, *dviews[:3], scale, causal=causal,
         cls=tuple(views[3:]) if has_cls else None, d_cls=tuple(dviews[3:]) if has_cls else None,
-        do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls, counts=counts,
+        do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls, **padding,
     )
     return grads
 
@@ -274,36 +283,39 @@ def _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, counts, b
 @torch.library.custom_op("divattn::attn_bwd", mutates_args=())
 def attn_bwd(
     srcs: list[torch.Tensor], geom: list[int], op: str, has_cls: bool, scale: float, backend: str, causal: bool,
-    rows: Optional[torch.Tensor], groups: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor], groups: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+    cls_weights: Optional[torch.Tensor],
     buf: torch.Tensor, d_buf: torch.Tensor, lse: torch.Tensor, cls_frames: torch.Tensor, lse_cls: torch.Tensor,
 ) -> list[torch.Tensor]:
-    return _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal, _counts(rows, groups), buf, d_buf,
-                             lse, cls_frames, lse_cls)
+    return _backward_kernels(srcs, geom, op, has_cls, scale, backend, causal,
+                             _padding(rows, groups, mask, cls_weights), buf, d_buf, lse, cls_frames, lse_cls)
 
 
 @attn_bwd.register_fake
-def _(srcs, geom, op, has_cls, scale, backend, causal, rows, groups, buf, d_buf, lse, cls_frames, lse_cls):
+def _(srcs, geom, op, has_cls, scale, backend, causal, rows, groups, mask, cls_weights, buf, d_buf, lse,
+      cls_frames, lse_cls):
     return _grads(srcs, geom)
 
 
 def _setup_context(ctx, inputs, output):
-    srcs, geom, op, has_cls, scale, backend, causal, rows, groups = inputs
+    srcs, geom, op, has_cls, scale, backend, causal, rows, groups, mask, cls_weights = inputs
     buf, lse, cls_frames, lse_cls = output
     ctx.set_materialize_grads(False)  # lse & co. get no gradient: do not fill zeros for them
     ctx.n_srcs = len(srcs)
     ctx.args = (geom, op, has_cls, scale, backend, causal)
-    ctx.save_for_backward(*srcs, rows, groups, buf, lse, cls_frames, lse_cls)
+    ctx.save_for_backward(*srcs, rows, groups, mask, cls_weights, buf, lse, cls_frames, lse_cls)
 
 
 def _backward(ctx, d_buf, d_lse, d_cls_frames, d_lse_cls):
     saved = ctx.saved_tensors
-    srcs, (rows, groups, buf, lse, cls_frames, lse_cls) = list(saved[:ctx.n_srcs]), saved[ctx.n_srcs:]
+    srcs, padding = list(saved[:ctx.n_srcs]), saved[ctx.n_srcs:ctx.n_srcs + 4]
+    buf, lse, cls_frames, lse_cls = saved[ctx.n_srcs + 4:]
     geom, op, has_cls, scale, backend, causal = ctx.args
     if d_buf is None:
         d_buf = torch.zeros_like(buf)
-    grads = attn_bwd(srcs, geom, op, has_cls, scale, backend, causal, rows, groups, buf, d_buf, lse, cls_frames,
+    grads = attn_bwd(srcs, geom, op, has_cls, scale, backend, causal, *padding, buf, d_buf, lse, cls_frames,
                      lse_cls)
-    return (grads,) + (None,) * 8
+    return (grads,) + (None,) * 10
 
 
 torch.library.register_autograd("divattn::attn_fwd", _backward, setup_context=_setup_context)
@@ -320,13 +332,13 @@ class _Eager(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, views, geom, op, has_cls, scale, backend, causal, counts, *srcs):
+    def forward(ctx, views, geom, op, has_cls, scale, backend, causal, padding, *srcs):
         with _profiled("divattn::attn_fwd"):
-            buf, lse, cls_frames, lse_cls = _forward(views, op, has_cls, scale, backend, causal, counts)
+            buf, lse, cls_frames, lse_cls = _forward(views, op, has_cls, scale, backend, causal, padding)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse, cls_frames, lse_cls)
         ctx.n_srcs = len(srcs)
-        ctx.args = (geom, op, has_cls, scale, backend, causal, counts)
+        ctx.args = (geom, op, has_cls, scale, backend, causal, padding)
         ctx.save_for_backward(*srcs, buf, lse, cls_frames, lse_cls)
         return buf, lse, cls_frames, lse_cls
 
@@ -360,18 +372,21 @@ _FAKE = torch._subclasses.FakeTensor
 _current_mode = torch.utils._python_dispatch._get_current_dispatch_mode
 
 
-def attention(backend: str, op: str, views: tuple, scale: float, causal: bool,
-              counts: Optional[tuple] = None) -> torch.Tensor:
+def attention(backend: str, op: str, views: tuple, scale: float, causal: bool, counts: Optional[tuple] = None,
+              mask: Optional[torch.Tensor] = None, cls_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``op`` on the kernel ``backend``: ``views`` are q, k, v and, for spatial attention
     with cls, the cls q, k, v; ``counts`` the ``(rows, groups)`` of a padded batch
-    (:meth:`~divattn.ops.masks.Padding.kernel_counts`) or None. Returns the token-major
-    output buffer: ``(B, [1 +] T*N, H, D)`` in q's token order, or ``(B, L, H, D)`` for
-    joint attention.
+    (:meth:`~divattn.ops.masks.Padding.kernel_counts`) or None, ``mask`` and
+    ``cls_weights`` its mask (:meth:`~divattn.ops.masks.Padding.kernel_mask`) or None.
+    Returns the token-major output buffer: ``(B, [1 +] T*N, H, D)`` in q's token order, or
+    ``(B, L, H, D)`` for joint attention.
 
     Eager calls run :class:`_Eager`; traced and transformed ones the custom op
     ``divattn::attn_fwd`` (with its fake kernel and FLOP formula)."""
     srcs, geom = sources(views)
     has_cls = len(views) > 3
+    rows, groups = counts or (None, None)
     if _tracing(srcs):
-        return attn_fwd(srcs, geom, op, has_cls, scale, backend, causal, *(counts or (None, None)))[0]
-    return _Eager.apply(views, geom, op, has_cls, scale, backend, causal, counts, *srcs)[0]
+        return attn_fwd(srcs, geom, op, has_cls, scale, backend, causal, rows, groups, mask, cls_weights)[0]
+    return _Eager.apply(views, geom, op, has_cls, scale, backend, causal, _padding(rows, groups, mask, cls_weights),
+                        *srcs)[0]

@@ -12,10 +12,10 @@ given form says so):
   joint attention calls it ``lengths``: the first ``lengths[b]`` tokens).
 
 The counts are the cheap form: a kernel reads one number per sequence and skips whole
-tiles, where a mask is read per key (:meth:`Padding.kernel_counts` is what the kernels
-get). They are checked on the host, so pass them as CPU tensors (or lists) to keep a call
-free of device syncs; a mask is checked for its shape,
-dtype and device only.
+tiles, where a mask is read per key (:meth:`Padding.kernel_counts` and
+:meth:`Padding.kernel_mask` are what the kernels get). The counts are checked on the host,
+so pass them as CPU tensors (or lists) to keep a call free of device syncs; a mask is
+checked for its shape, dtype and device only.
 
 :class:`Padding` is what the backends get: the given forms, checked, and the dense
 ``(B, T, N)`` mask they make (:meth:`Padding.dense`), built once per call.
@@ -60,19 +60,20 @@ class Padding:
             self._dense = out.expand(self.shape)
         return self._dense
 
-    def kernel_counts(self, op: str) -> tuple:
-        """The counts as the kernels take them: ``(rows, groups)``, int32 ``(B,)`` on q's device.
+    def kernel_counts(self, op: str) -> Optional[tuple]:
+        """The counts as the kernels take them: ``(rows, groups)``, int32 ``(B,)`` on q's device
+        (every row real where none is given), or None when only a mask is given
+        (:meth:`kernel_mask`).
 
         The kernels see an op as S sequences indexed by ``(i0, i1, i2) = (b, i1, h)`` (the
         table of :mod:`divattn.ops.triton.kernels`): sequence ``(b, i1, h)`` has ``rows[b]``
         real key rows, its first ones, when ``i1 < groups[b]``, else none. Temporal: rows
         are frames, ``i1`` the patch; spatial: rows are patches, ``i1`` the frame; joint:
         rows are tokens and ``groups`` is 1. (The queries of temporal attention with Tq <
-        Tk frames are the last Tq: ``rows[b] - (Tk - Tq)`` of them are real.) Counts only:
-        a mask has no such form.
+        Tk frames are the last Tq: ``rows[b] - (Tk - Tq)`` of them are real.)
         """
-        if self.mask is not None:
-            raise ValueError("Padding.kernel_counts: a mask has no counts form (the kernels read it per key)")
+        if self.mask is not None and self.frames is None and self.patches is None:
+            return None
         B = self.shape[0]
         full = lambda n: torch.full((B,), n, dtype=torch.int64)  # noqa: E731
         if op == "joint":
@@ -88,6 +89,15 @@ class Padding:
         else:
             both = both.to(self.device)
         return both[0], both[1]
+
+    def kernel_mask(self, cls: bool) -> tuple:
+        """The mask as the kernels take it: ``(mask, cls_weights)``, the given ``(B, T, N)``
+        (joint: ``(B, L)``) bool mask on q's device and, with ``cls``, the ``(B, T)`` fp32
+        :meth:`frame_weights` of this padding (counts included); ``(None, None)`` without a
+        mask (the counts' frame weights are the kernels' own)."""
+        if self.mask is None:
+            return None, None
+        return self.mask, (self.frame_weights().to(torch.float32) if cls else None)
 
     def real_queries(self, Tq: int) -> torch.Tensor:
         """The dense mask of the query tokens: the last ``Tq`` frames (temporal attention

@@ -5,8 +5,8 @@ those of its clip run alone at its own size, within 1e-5 in fp32, for every Time
 attention type, ViViT's four models with every classifier, and the ST transformer, on
 the torch backend. Clips that differ in length only run on the Triton and CUDA kernels too (the
 divided blocks, and joint blocks whose real tokens are a prefix, pass whole frames of
-padding as counts); a token mask (sizes, dropped tokens) runs on the torch backend only, and the kernel backends refuse it naming the
-reason. Pooling ignores the padding,
+padding as counts); a token mask (sizes, dropped tokens) runs on the torch backend and the
+CUDA kernels, and the Triton kernels refuse it naming the reason. Pooling ignores the padding,
 gradients of a padded batch are the sum of the clips' own, and bad inputs name the
 argument."""
 
@@ -103,12 +103,8 @@ def test_clips_of_different_lengths_run_on_the_kernels(name, kw, backend, monkey
     space-only TimeSformer) as lengths, which the Triton and CUDA kernels take (a mask they
     refuse): each sample's logits are its clip's own on the kernels, and the padded batch's
     equal the torch backend's."""
-    if backend == "cuda" and not torch.cuda.is_available():
-        from divattn.ops import cuda_emulator
-
-        if cuda_emulator.unavailable_reason() is not None:
-            pytest.skip(cuda_emulator.unavailable_reason())
-        monkeypatch.setenv(cuda_emulator.ENV, "1")
+    if backend == "cuda":
+        _cuda_kernels(monkeypatch)
     model = _perturbed(create_model(name, num_frames=8, **{**TINY, "img_size": 16, "backend": backend}, **kw))
     _, padded, frames, _ = _batch([(8, 16, 16), (4, 16, 16), (2, 16, 16)])
     with torch.no_grad():
@@ -119,8 +115,34 @@ def test_clips_of_different_lengths_run_on_the_kernels(name, kw, backend, monkey
         torch.testing.assert_close(logits, model(padded, frames=frames), rtol=0, atol=1e-5)
 
 
+def _cuda_kernels(monkeypatch):
+    """The cuda backend's kernels: on the GPU, else emulated on the CPU (or the test skips)."""
+    if torch.cuda.is_available():
+        return
+    from divattn.ops import cuda_emulator
+
+    if cuda_emulator.unavailable_reason() is not None:
+        pytest.skip(cuda_emulator.unavailable_reason())
+    monkeypatch.setenv(cuda_emulator.ENV, "1")
+
+
+@pytest.mark.parametrize("name, kw", [pytest.param("timesformer_base", {}, id="timesformer-divided"),
+                                      pytest.param("timesformer_base", dict(attention_type="joint_space_time"),
+                                                   id="timesformer-joint_space_time")])
+def test_clips_of_different_sizes_run_on_the_cuda_kernels(name, kw, monkeypatch):
+    """Sizes (and joint space-time's (h w t) padding) make a token mask, which the CUDA
+    kernels take: each sample's logits are its clip's own there too."""
+    _cuda_kernels(monkeypatch)
+    model = _perturbed(create_model(name, num_frames=8, **{**TINY, "backend": "cuda"}, **kw))
+    videos, padded, frames, sizes = _batch(CLIPS[:3])
+    with torch.no_grad():
+        logits = model(padded, frames=frames, sizes=sizes)
+        for b, video in enumerate(videos):
+            torch.testing.assert_close(logits[b], model(video)[0], rtol=0, atol=1e-5)
+
+
 def test_clips_of_different_sizes_are_refused_by_the_triton_kernels_with_the_reason():
-    """Sizes make a token mask, which only the torch backend takes yet: the dispatcher says so."""
+    """Sizes make a token mask, which the Triton kernels do not take yet: the dispatcher says so."""
     from divattn.ops import BackendError
 
     model = create_model("timesformer_base", num_frames=8, **{**TINY, "backend": "triton"})

@@ -6,8 +6,8 @@ output averages over the frames holding a real patch); a padded batch gives each
 sample what the sample gives alone. The torch backend matches the reference in the
 forward and every gradient on both its paths (the CPU flash kernel and the SDPA
 composition), both token orders, causal temporal included, and so does every backend
-that declares counts (triton, cuda) for the counts; backends that do not declare a form
-refuse it with the dispatcher's sentence."""
+that declares counts (triton, cuda) for the counts and a mask (cuda) for the mask;
+backends that do not declare a form refuse it with the dispatcher's sentence."""
 
 import math
 
@@ -390,11 +390,12 @@ def test_export_refuses_padding_with_a_sentence():
 
 # FLOPs -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", MASKED, indirect=True)
 @pytest.mark.parametrize("op", ["temporal", "causal", "fewer", "spatial", "spatial_cls", "joint"])
-def test_flop_counter_counts_the_real_pairs(op):
-    """FlopCounterMode on the torch backend counts, for a padded batch, what
+def test_flop_counter_counts_the_real_pairs(op, backend):
+    """FlopCounterMode on every backend that takes a mask counts, for a padded batch, what
     divattn.flops.attention_flops counts for the padding: the real pairs only, forward and
-    backward."""
+    backward (on a kernel backend, through its custom ops' formulas)."""
     B, T, N, H, D = 3, 5, 6, 2, 8
     qkv = _qkv(B, T, N, H, D, "hwt", dtype=torch.float32).requires_grad_(True)
     q, k, v, cls = split_qkv(qkv, T, N, order="hwt", has_cls=True)
@@ -402,21 +403,21 @@ def test_flop_counter_counts_the_real_pairs(op):
     with FlopCounterMode(display=False) as counter:
         if op == "joint":
             lm = m.reshape(B, -1)
-            out = divattn.joint_attention(*qkv[:, 1:].unbind(2), mask=lm, backend="torch")
+            out = divattn.joint_attention(*qkv[:, 1:].unbind(2), mask=lm, backend=backend)
             want = flops.attention_flops("joint", (B, T * N, H, D), "fwd+bwd", mask=lm)
             dense = flops.attention_flops("joint", (B, T * N, H, D), "fwd+bwd")
         elif op == "spatial_cls":
-            out = divattn.ops.spatial_attention_tokens(q, k, v, cls, mask=m, backend="torch")
+            out = divattn.ops.spatial_attention_tokens(q, k, v, cls, mask=m, backend=backend)
             want = flops.attention_flops("spatial_cls", q.shape, "fwd+bwd", mask=m)
             dense = flops.attention_flops("spatial_cls", q.shape, "fwd+bwd")
         elif op == "spatial":
-            out = divattn.spatial_attention(q, k, v, frames=[5, 2, 0], patches=[6, 3, 6], backend="torch")
+            out = divattn.spatial_attention(q, k, v, frames=[5, 2, 0], patches=[6, 3, 6], backend=backend)
             want = flops.attention_flops("spatial", q.shape, "fwd+bwd", frames=[5, 2, 0], patches=[6, 3, 6])
             dense = flops.attention_flops("spatial", q.shape, "fwd+bwd")
         else:
             tq = 2 if op == "fewer" else T
             causal = op != "temporal"
-            out = divattn.temporal_attention(q[:, T - tq:], k, v, causal=causal, mask=m, backend="torch")
+            out = divattn.temporal_attention(q[:, T - tq:], k, v, causal=causal, mask=m, backend=backend)
             want = flops.attention_flops("temporal", (B, tq, N, H, D), "fwd+bwd", causal=causal, kv_frames=T, mask=m)
             dense = flops.attention_flops("temporal", (B, tq, N, H, D), "fwd+bwd", causal=causal, kv_frames=T)
         out.sum().backward()
