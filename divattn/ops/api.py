@@ -20,59 +20,63 @@ def _describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}, strides {x.stride()}"
 
 
-def _validate(fn: str, named: dict, ndim: int, layout: str, kv_frames: bool = False) -> None:
-    """Raise TypeError/ValueError naming the tensor, what was expected and what came.
+_NAMES = ("q", "k", "v", "q_cls", "k_cls", "v_cls")
 
-    ``kv_frames``: k and v may have another frame count (dim 1) than q, the same as each other.
+
+def _validate(fn: str, xs: tuple, ndim: int, layout: str, kv_frames: bool = False) -> torch.Size:
+    """Raise TypeError/ValueError naming the tensor, what was expected and what came; returns q's shape.
+
+    ``xs``: q, k, v, then any cls q, k, v. ``kv_frames``: k and v may have another frame
+    count (dim 1) than q, the same as each other.
     """
-    items = tuple(named.items())
-    for name, x in items:
+    for name, x in zip(_NAMES, xs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    qn, q = items[0]
+    q, k, v = xs[0], xs[1], xs[2]
     qs = q.shape
     if len(qs) != ndim:
-        raise ValueError(f"{fn}: {qn} must be {ndim}-D {layout}, got {q.dim()}-D ({_describe(q)})")
+        raise ValueError(f"{fn}: q must be {ndim}-D {layout}, got {q.dim()}-D ({_describe(q)})")
     dtype, device = q.dtype, q.device
     if not dtype.is_floating_point:
-        raise TypeError(f"{fn}: {qn} must be a floating-point tensor, got dtype {dtype}")
-    for name, x in items[1:]:
+        raise TypeError(f"{fn}: q must be a floating-point tensor, got dtype {dtype}")
+    for name, x in zip(_NAMES[1:], xs[1:]):
         if x.dtype != dtype:
-            raise TypeError(f"{fn}: {name} has dtype {x.dtype}, expected {dtype} like {qn}")
+            raise TypeError(f"{fn}: {name} has dtype {x.dtype}, expected {dtype} like q")
         if x.device != device:
-            raise ValueError(f"{fn}: {name} is on device {x.device}, expected {device} like {qn}")
-    for name, x in items[1:3]:
-        xs = x.shape
-        if xs == qs:
-            continue
-        if kv_frames and len(xs) == ndim:
-            want = (qs[0], xs[1], *qs[2:])
-            if tuple(xs) != want:
-                raise ValueError(f"{fn}: {name} has shape {tuple(xs)}, expected {want} like {qn} {layout} "
-                                 f"in every dim but the frames (dim 1)")
-        else:
-            raise ValueError(f"{fn}: {name} has shape {tuple(xs)}, expected {tuple(qs)} like {qn} {layout}")
-    if kv_frames:
-        (kn, k), (vn, v) = items[1:3]
-        if v.shape != k.shape:
-            raise ValueError(f"{fn}: {vn} has shape {tuple(v.shape)}, expected {tuple(k.shape)} like {kn} "
-                             f"(keys and values have the same frames)")
-        if qs[1] > k.shape[1]:
-            raise ValueError(
-                f"{fn}: {qn} has Tq = {qs[1]} frames, more than the Tk = {k.shape[1]} of {kn} and {vn} "
-                f"({qn} shape {tuple(qs)}, {kn} shape {tuple(k.shape)}); the queries are the last Tq "
-                f"of the Tk frames, so Tq <= Tk"
-            )
+            raise ValueError(f"{fn}: {name} is on device {x.device}, expected {device} like q")
+    if k.shape != qs or v.shape != qs:
+        for name, x in (("k", k), ("v", v)):
+            shape = x.shape
+            if shape == qs:
+                continue
+            if kv_frames and len(shape) == ndim:
+                want = (qs[0], shape[1], *qs[2:])
+                if tuple(shape) != want:
+                    raise ValueError(f"{fn}: {name} has shape {tuple(shape)}, expected {want} like q {layout} "
+                                     f"in every dim but the frames (dim 1)")
+            else:
+                raise ValueError(f"{fn}: {name} has shape {tuple(shape)}, expected {tuple(qs)} like q {layout}")
+        if kv_frames:
+            if v.shape != k.shape:
+                raise ValueError(f"{fn}: v has shape {tuple(v.shape)}, expected {tuple(k.shape)} like k "
+                                 f"(keys and values have the same frames)")
+            if qs[1] > k.shape[1]:
+                raise ValueError(
+                    f"{fn}: q has Tq = {qs[1]} frames, more than the Tk = {k.shape[1]} of k and v "
+                    f"(q shape {tuple(qs)}, k shape {tuple(k.shape)}); the queries are the last Tq "
+                    f"of the Tk frames, so Tq <= Tk"
+                )
     D = qs[-1]
     if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"{fn}: head dim (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {D}")
+        raise ValueError(f"{fn}: head dim (last dim of q) must be in [1, {MAX_HEAD_DIM}], got {D}")
     if D > 1:
-        for name, x in items:
-            if x.stride(-1) != 1:
+        for name, x in zip(_NAMES, xs):
+            if x.stride()[-1] != 1:
                 raise ValueError(
                     f"{fn}: {name} must have a contiguous last dim (stride(-1) == 1), got {_describe(x)}; "
                     f"pass {name}.contiguous() if a copy is acceptable"
                 )
+    return qs
 
 
 def _scale(fn: str, scale, D: int) -> float:
@@ -179,13 +183,14 @@ def temporal_attention(q, k, v, *, causal: bool = False, scale: Optional[float] 
     (0 when P is empty, never NaN): a padded token is never a key, its output row is
     zero, and so are its q, k and v gradients.
     """
-    _validate("temporal_attention", {"q": q, "k": k, "v": v}, 5, "(B, T, N, H, D)", kv_frames=True)
-    D = q.shape[-1]
+    qs = _validate("temporal_attention", (q, k, v), 5, "(B, T, N, H, D)", kv_frames=True)
+    D = qs[-1]
     scale = _scale("temporal_attention", scale, D)
     causal = bool(causal)
     features = ()
-    if causal or q.shape[1] != k.shape[1]:
-        features = (("causal",) if causal else ()) + (("fewer_queries",) if q.shape[1] != k.shape[1] else ())
+    fewer = qs[1] != k.shape[1]
+    if causal or fewer:
+        features = (("causal",) if causal else ()) + (("fewer_queries",) if fewer else ())
     if mask is None and frames is None and patches is None:
         return _backend("temporal", q, D, backend, features).temporal(q, k, v, scale, causal)
     be, padding = _padded("temporal_attention", "temporal", q, D, backend, features, mask, frames, patches, k.shape[:3])
@@ -247,7 +252,7 @@ for _op in (temporal_attention, spatial_attention):
 
 def _check_spatial(fn: str, q, k, v, cls) -> Optional[tuple]:
     """Validate the inputs of spatial attention; returns ``cls`` as a tuple (or None)."""
-    named = {"q": q, "k": k, "v": v}
+    xs = (q, k, v)
     if cls is not None:
         if not isinstance(cls, (tuple, list)):
             raise TypeError(f"{fn}: cls must be a tuple (q_cls, k_cls, v_cls) of three tensors, "
@@ -256,9 +261,8 @@ def _check_spatial(fn: str, q, k, v, cls) -> Optional[tuple]:
             raise ValueError(f"{fn}: cls must hold three tensors (q_cls, k_cls, v_cls), "
                              f"got a {type(cls).__name__} of {len(cls)}")
         cls = tuple(cls)
-        named.update(zip(("q_cls", "k_cls", "v_cls"), cls))
-    _validate(fn, named, 5, "(B, T, N, H, D)")
-    B, T, N, H, D = q.shape
+        xs += cls
+    B, T, N, H, D = _validate(fn, xs, 5, "(B, T, N, H, D)")
     if cls is not None:
         for name, c in zip(("q_cls", "k_cls", "v_cls"), cls):
             if tuple(c.shape) != (B, H, D):
@@ -321,8 +325,7 @@ def joint_attention(q, k, v, *, scale: Optional[float] = None, backend: Optional
     (a sample with no real token: zero outputs and gradients): a padded token is never
     a key, and its output row and its q, k and v gradients are zero.
     """
-    _validate("joint_attention", {"q": q, "k": k, "v": v}, 4, "(B, L, H, D)")
-    D = q.shape[-1]
+    D = _validate("joint_attention", (q, k, v), 4, "(B, L, H, D)")[-1]
     scale = _scale("joint_attention", scale, D)
     if mask is None and lengths is None:
         return _backend("joint", q, D, backend).joint(q, k, v, scale)

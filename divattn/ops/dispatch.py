@@ -292,8 +292,8 @@ def _fitting(op: str, dtype: torch.dtype, device: torch.device, backend: Optiona
     default = os.environ.get("DIVATTN_BACKEND") if backend is None else None
     named = backend or default
     emulated = None
-    if device.type == "cpu" and (named is None or named not in BACKENDS or BACKENDS[named].cpu_needs_interpreter
-                                 or BACKENDS[named].cpu_needs_emulator):
+    if (named is None or named not in BACKENDS or BACKENDS[named].cpu_needs_interpreter
+            or BACKENDS[named].cpu_needs_emulator) and device.type == "cpu":
         emulated = (os.environ.get("TRITON_INTERPRET"), os.environ.get("DIVATTN_CUDA_EMULATE"))
     key = (op, dtype, device, backend, features, default, emulated)
     names = _CHOICES.get(key)

@@ -30,6 +30,7 @@ from .masks import Padding, with_real_cls, zero_padded
 
 
 _FAKE = torch._subclasses.FakeTensor
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _route(xs: tuple, causal: bool) -> tuple:
@@ -51,13 +52,13 @@ def _route(xs: tuple, causal: bool) -> tuple:
     q = xs[0]
     if not q.is_cpu or torch.compiler.is_compiling() or isinstance(q, _FAKE):
         return "sdpa", record  # SDPA's kernels decide; shape-only tensors have no values to check
-    need = slice(None) if causal or record else slice(2)
-    groups = (xs[:3][need],) if len(xs) == 3 else (xs[:3][need], xs[3:][need])
+    need = 3 if causal or record else 2
+    groups = (xs[:need],) if len(xs) == 3 else (xs[:need], xs[3:3 + need])
     if not _finite(groups, q.dtype):
         return "reference", record
     if _FLASH is None or torch._C._are_functorch_transforms_active():
         return "sdpa", record  # torch.func transforms differentiate the composition, not _FlashOp
-    if q.shape[-1] == 1 and any(x.stride(-1) != 1 for x in xs):
+    if q.shape[-1] == 1 and any(x.stride()[-1] != 1 for x in xs):
         return "sdpa", record  # the flash kernel wants a unit-stride last dim; SDPA copies for it
     return "flash", record
 
@@ -66,7 +67,7 @@ def _finite(groups: tuple, dtype: torch.dtype) -> bool:
     """Whether every element of the tensors in ``groups`` is finite, in one sum per
     :func:`_summands` entry and one host sync (NaN and inf survive a sum; a finite sum that
     overflows only sends the inputs to the reference, which computes the same)."""
-    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+    acc = torch.float32 if dtype in _HALF else None
     total = None
     for x in _summands(groups):
         if x.requires_grad:
@@ -90,7 +91,7 @@ def _summands(groups) -> tuple:
                     base = None
                     break
                 n += x.numel()
-        if base is not None and (4 * base.numel() <= 5 * n or base.numel() <= _SMALL):
+        if base is not None and (base.numel() <= _SMALL or 4 * base.numel() <= 5 * n):
             return (base,)
     return tuple(x for group in groups for x in _packed(group))
 
@@ -195,7 +196,9 @@ def temporal(q, k, v, scale: float, causal: bool = False, padding=None) -> torch
         return counted("temporal", scale, causal, padding, q, k, v)
     route, record = _route((q, k, v), causal)
     if route == "flash":
-        return _flash_op("temporal", scale, causal, record, padding, q, k, v)
+        if record:
+            return _FlashOp.apply("temporal", scale, causal, padding, q, k, v)
+        return _flash_forward("temporal", scale, causal, q, k, v, (), False, padding)[0]
     if route == "reference":
         return reference.temporal(q, k, v, scale, causal, padding)
     if padding is not None:
@@ -236,7 +239,10 @@ def spatial(q, k, v, scale: float, cls=None, padding=None) -> torch.Tensor:
         return counted("spatial", scale, False, padding, q, k, v, *(cls or ()))
     route, record = _route((q, k, v) if cls is None else (q, k, v, *cls), False)
     if route == "flash":
-        return _flash_op("spatial", scale, False, record, padding, q, k, v, *(cls or ()))
+        cls = cls or ()
+        if record:
+            return _FlashOp.apply("spatial", scale, False, padding, q, k, v, *cls)
+        return _flash_forward("spatial", scale, False, q, k, v, cls, False, padding)[0]
     if route == "reference":
         return reference.spatial(q, k, v, scale, cls, padding)
     if padding is not None:
@@ -296,7 +302,9 @@ def joint(q, k, v, scale: float, padding=None) -> torch.Tensor:
         return counted("joint", scale, False, padding, q, k, v)
     route, record = _route((q, k, v), False)
     if route == "flash":
-        return _flash_op("joint", scale, False, record, padding, q, k, v)
+        if record:
+            return _FlashOp.apply("joint", scale, False, padding, q, k, v)
+        return _flash_forward("joint", scale, False, q, k, v, (), False, padding)[0]
     if route == "reference":
         return reference.joint(q, k, v, scale, padding)
     if padding is None:
@@ -322,40 +330,37 @@ else:  # a torch without them: the public composition serves CPUs too
     _FLASH = _FLASH_BWD = None
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 # The dims of a (B, T, N, H, D) view that make the flash kernel's batch (b1, b2) and sequence (l).
 _DIMS = {"temporal": (0, 2, 1), "spatial": (0, 1, 2)}
 
 
-def _seq_view(x: torch.Tensor, dims: tuple):
-    """The dims ``(b1, b2, l)`` of a 5-D view (H and D last) as the flash kernel's
-    ``(B1*B2, H, L, D)`` input, a view; None when b1 and b2 do not merge without a copy."""
+def _seq_layout(sh, st, dims: tuple):
+    """(shape, strides) of the dims ``(b1, b2, l)`` of a 5-D layout ``sh``, ``st`` (H and D last)
+    as the flash kernel's ``(B1*B2, H, L, D)``; None when b1 and b2 do not merge without a copy."""
     b1, b2, l = dims
-    sh, st = x.shape, x.stride()
     if sh[b1] != 1 and sh[b2] != 1 and st[b1] != sh[b2] * st[b2]:
         return None
-    return x.as_strided((sh[b1] * sh[b2], sh[3], sh[l], sh[4]), (st[b1] if sh[b2] == 1 else st[b2], st[3], st[l], st[4]),
-                        x.storage_offset())
+    return (sh[b1] * sh[b2], sh[3], sh[l], sh[4]), (st[b1] if sh[b2] == 1 else st[b2], st[3], st[l], st[4])
 
 
-def _seq_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: tuple) -> list:
-    """:func:`_seq_view` of q, k and v; from one strided view of their base, unbound, when
-    they are evenly spaced views of one tensor (q, k, v of a qkv projection)."""
-    sh, st = q.shape, q.stride()
+def _seq_view(x: torch.Tensor, dims: tuple):
+    """:func:`_seq_layout` of ``x`` as a view, or None."""
+    layout = _seq_layout(x.shape, x.stride(), dims)
+    return None if layout is None else x.as_strided(*layout, x.storage_offset())
+
+
+def _seq_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: tuple, sh, st) -> list:
+    """:func:`_seq_view` of q, k and v (q's shape ``sh`` and strides ``st``); from one strided
+    view of their base, unbound, when they are evenly spaced views of one tensor with q's
+    layout (q, k, v of a qkv projection)."""
     base = q._base
     if (base is not None and k._base is base and v._base is base and k.shape == sh and v.shape == sh
             and k.stride() == st and v.stride() == st):
-        b1, b2, l = dims
         off = q.storage_offset()
         step = k.storage_offset() - off
-        if step > 0 and v.storage_offset() - off == 2 * step and (
-                sh[b1] == 1 or sh[b2] == 1 or st[b1] == sh[b2] * st[b2]):
-            return list(base.as_strided((3, sh[b1] * sh[b2], sh[3], sh[l], sh[4]),
-                                        (step, st[b1] if sh[b2] == 1 else st[b2], st[3], st[l], st[4]),
-                                        off).unbind(0))
+        layout = _seq_layout(sh, st, dims)
+        if step > 0 and v.storage_offset() - off == 2 * step and layout is not None:
+            return list(base.as_strided((3, *layout[0]), (step, *layout[1]), off).unbind(0))
     return [_seq_view(x, dims) for x in (q, k, v)]
 
 
@@ -385,10 +390,10 @@ def _as_patches(o: torch.Tensor, B1: int, dims: tuple, offset: int = 0) -> tuple
     Bp, H, L, D = o.shape
     sB, sH, sL, sD = o.stride()
     B2 = Bp // B1
-    shape, strides = [B1, 0, 0, H, D], [B2 * sB, 0, 0, sH, sD]
-    shape[dims[1]], strides[dims[1]] = B2, sB
-    shape[dims[2]], strides[dims[2]] = L - offset, sL
-    return shape, strides, o.storage_offset() + offset * sL
+    start = o.storage_offset() + offset * sL
+    if dims[1] == 1:  # (b1, b2, l)
+        return (B1, B2, L - offset, H, D), (B2 * sB, sB, sL, sH, sD), start
+    return (B1, L - offset, B2, H, D), (B2 * sB, sL, sB, sH, sD), start
 
 
 def _is_token_major(shape, strides, hwt: bool) -> bool:
@@ -408,16 +413,20 @@ def _additive_mask(Lq: int, Lk: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(Lq, Lk, dtype=dtype).masked_fill_(~keep, -math.inf)
 
 
-def _mask_args(Lq: int, Lk: int, causal: bool, dtype: torch.dtype, keys=None) -> tuple:
-    """(is_causal, attn_mask) for the flash kernel; a single query is the last frame and sees every key.
-    ``keys``: the additive key mask of a padded batch (:func:`_key_mask`), causality added here."""
+def _mask_args(qs: torch.Tensor, ks: torch.Tensor, causal: bool, keys=None) -> tuple:
+    """(is_causal, attn_mask) for the flash kernel on sequences ``qs``, ``ks`` ``(S, H, L, D)``; a
+    single query is the last frame and sees every key. ``keys``: the additive key mask of a
+    padded batch (:func:`_key_mask`), causality added here."""
+    if keys is None and not causal:
+        return False, None
+    Lq, Lk = qs.shape[2], ks.shape[2]
     if keys is not None:
-        return False, keys + _additive_mask(Lq, Lk, dtype) if causal and Lq > 1 else keys
-    if not causal or Lq <= 1:
+        return False, keys + _additive_mask(Lq, Lk, qs.dtype) if causal and Lq > 1 else keys
+    if Lq <= 1:
         return False, None
     if Lq == Lk:
         return True, None
-    return False, _additive_mask(Lq, Lk, dtype)
+    return False, _additive_mask(Lq, Lk, qs.dtype)
 
 
 def _key_mask(real_k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -429,7 +438,7 @@ def _key_mask(real_k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _flash(qs, ks, vs, scale: float, causal: bool, keys=None):
-    is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, qs.dtype, keys)
+    is_causal, mask = _mask_args(qs, ks, causal, keys)
     return _FLASH(qs, ks, vs, 0.0, is_causal, attn_mask=mask, scale=scale)
 
 
@@ -498,7 +507,8 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
     Where ``out`` is a copy of the flash output in q's dtype, the flash output is not kept
     (None in ``saved``): the backward lays ``out`` out as the flash output again (see
     :func:`_flash_out`), so one tensor of the output's size is saved, not two."""
-    ct = _compute_dtype(q.dtype)
+    dtype = q.dtype
+    ct = torch.float32 if dtype in _HALF else dtype  # half precision is computed in fp32 on a CPU
     real = keys = weights = None
     if padding is not None:
         real, keys, weights = _flash_masks(op, padding, q.shape, ct, bool(cls))
@@ -526,18 +536,19 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
     sh, st = q.shape, q.stride()
     hwt = sh[1] > 1 and sh[2] > 1 and st[2] > st[1]
     keep = (hwt or sh[1] == 1 or sh[2] == 1) if op == "temporal" else not hwt
-    if ct == q.dtype:
-        seqs = _seq_views(q, k, v, dims)
-        if not record and sh[0] <= MAX_SPLIT_BATCH and any(y is None for y in seqs):
-            out = _flash_split(q, k, v, dims, scale, causal, keys)
-            return (out if real is None else out.masked_fill_(~real[..., None, None], 0)), ()
-        seqs = [y if y is not None else _seqs(x, dims, ct, keep) for x, y in zip((q, k, v), seqs)]
-    else:
+    if ct != dtype:
         seqs = [_seqs(x, dims, ct, keep) for x in (q, k, v)]
+    else:
+        seqs = _seq_views(q, k, v, dims, sh, st)
+        if seqs[0] is None or seqs[1] is None or seqs[2] is None:
+            if not record and sh[0] <= MAX_SPLIT_BATCH:
+                out = _flash_split(q, k, v, dims, scale, causal, keys)
+                return (out if real is None else out.masked_fill_(~real[..., None, None], 0)), ()
+            seqs = [y if y is not None else _seqs(x, dims, ct, keep) for x, y in zip((q, k, v), seqs)]
     o, lse = _flash(*seqs, scale, causal, keys)
     shape, strides, offset = _as_patches(o, sh[0], dims)
     out = o.as_strided(shape, strides, offset)
-    if o.dtype == q.dtype and _is_token_major(shape, strides, hwt):
+    if ct == dtype and _is_token_major(shape, strides, hwt):
         if real is not None:
             out.masked_fill_(~real[..., None, None], 0)
         return out, ((*seqs, o, lse, None, *masks) if record else ())
@@ -546,7 +557,7 @@ def _flash_forward(op: str, scale: float, causal: bool, q, k, v, cls, record: bo
         out.masked_fill_(~real[..., None, None], 0)
     if not record:
         return out, ()
-    return out, (*seqs, o if o.dtype != q.dtype else None, lse, None, *masks)
+    return out, (*seqs, o if ct != dtype else None, lse, None, *masks)
 
 
 def _buffer_patches(d_buf: torch.Tensor, q_shape, hwt: bool) -> torch.Tensor:
@@ -606,7 +617,7 @@ class _FlashOp(torch.autograd.Function):
             go = go.view(B * T, H, 1 + N, D)
         else:  # the gradient of the (B, T, N, H, D) output
             go = _seqs(d_buf if real is None else zero_padded(d_buf, real), _DIMS[op], ct, True)
-        is_causal, mask = _mask_args(qs.shape[2], ks.shape[2], causal, ct, keys)
+        is_causal, mask = _mask_args(qs, ks, causal, keys)
         dxs = _FLASH_BWD(go, qs, ks, vs, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
         if op == "joint":
             return (None,) * 4 + tuple(x.transpose(1, 2) if x.dtype == dtype else x.transpose(1, 2).to(dtype)
@@ -626,12 +637,6 @@ def _flash_out(buf: torch.Tensor, cls_rows, op: str, q_shape, hwt: bool) -> torc
     o[:, :, :, 0] = cls_rows.view(B, T, H, D)
     o[:, :, :, 1:] = _buffer_patches(buf, q_shape, hwt).transpose(2, 3)
     return o.view(B * T, H, 1 + N, D)
-
-
-def _flash_op(op: str, scale: float, causal: bool, record: bool, padding, q, k, v, *cls) -> torch.Tensor:
-    if record:
-        return _FlashOp.apply(op, scale, causal, padding, q, k, v, *cls)
-    return _flash_forward(op, scale, causal, q, k, v, cls, record=False, padding=padding)[0]
 
 
 def _register_cpu_flash_flops() -> None:
