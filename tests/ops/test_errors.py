@@ -51,6 +51,30 @@ def test_cls_shape_and_type():
         divattn.spatial_attention(e, e, e, (c, c, c), backend="torch")
 
 
+@pytest.mark.parametrize("slot", [0, 1, 2], ids=["q_cls", "k_cls", "v_cls"])
+def test_cls_tensors_are_named(slot):
+    """The cls vectors are checked like q, k and v, each under its own name."""
+    q, k, v = qkv()
+    name = ("q_cls", "k_cls", "v_cls")[slot]
+
+    def cls_with(bad):
+        cls = [torch.randn(1, 2, 8) for _ in range(3)]
+        cls[slot] = bad
+        return tuple(cls)
+
+    bad = {
+        TypeError: [(2.0, rf"{name} must be a torch.Tensor, got float"),
+                    (torch.randn(1, 2, 8, dtype=torch.float64), rf"{name} has dtype torch.float64, expected "
+                                                                  rf"torch.float32 like q")],
+        ValueError: [(torch.randn(1, 2, 8, device="meta"), rf"{name} is on device meta, expected cpu like q"),
+                     (torch.randn(1, 2, 16)[..., ::2], rf"{name} must have a contiguous last dim")],
+    }
+    for error, cases in bad.items():
+        for x, message in cases:
+            with pytest.raises(error, match=message):
+                divattn.spatial_attention(q, k, v, cls_with(x), backend="torch")
+
+
 def test_last_dim_must_be_contiguous():
     q, k, v = qkv()
     bad = torch.randn(1, 2, 3, 2, 16)[..., ::2]
