@@ -14,8 +14,8 @@ import torch
 
 def is_hwt(x: torch.Tensor) -> bool:
     """True when a ``(B, T, N, ...)`` tensor's patches are stored in (h w t) order."""
-    T, N = x.shape[1], x.shape[2]
-    return T > 1 and N > 1 and x.stride(2) > x.stride(1)
+    sh, st = x.shape, x.stride()
+    return sh[1] > 1 and sh[2] > 1 and st[2] > st[1]
 
 
 def alloc_tokens(q: torch.Tensor, *, has_cls: bool) -> torch.Tensor:
