@@ -8,6 +8,7 @@ memcheck workload runs in the Triton interpreter; and the run's bookkeeping (JUn
 counts, exit status, records written here and mirrored to ``$OUT``) works.
 """
 
+import concurrent.futures
 import functools
 import importlib.util
 import json
@@ -60,6 +61,12 @@ def _acceptance():
 
 def _run(cmd, env=None):
     return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=300)
+
+
+def _run_all(cmds, env=None) -> list:
+    """``_run`` of each command, a few at a time (each starts its own interpreter), in order."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(functools.partial(_run, env=env), cmds))
 
 
 def test_script_is_valid_bash():
@@ -117,14 +124,16 @@ def _commands(plan):
 
 def test_every_helper_script_accepts_its_arguments(plan):
     seen = set()
+    runs = []
     for name, cmd in _commands(plan):
         if len(cmd) > 1 and cmd[1].startswith(str(HELPERS)):
             assert Path(cmd[1]).is_file(), cmd[1]
             args = cmd[1:]
             args.insert(args.index("--") if "--" in args else len(args), "--dry-run")
-            out = _run([sys.executable, *args])
-            assert out.returncode == 0, f"{name}: {cmd}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
-            seen.add(Path(cmd[1]).name)
+            runs.append((name, cmd, [sys.executable, *args]))
+    for (name, cmd, _), out in zip(runs, _run_all([r[2] for r in runs])):
+        assert out.returncode == 0, f"{name}: {cmd}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        seen.add(Path(cmd[1]).name)
     assert seen == {"probe.py", "build_cuda.py", "memcheck_ops.py", "bench_records.py", "pytest_shards.py",
                     "aoti_package.py", "sequence_parallel.py", "register_caps.py"}
 
@@ -133,13 +142,14 @@ def test_every_divattn_subcommand_accepts_its_options(plan):
     from divattn import shapes
     from divattn.bench import providers
 
-    found = 0
-    for name, cmd in _commands(plan):
-        if cmd[1:3] != ["-m", "divattn"]:
-            continue
-        found += 1
+    found = [(name, cmd) for name, cmd in _commands(plan) if cmd[1:3] == ["-m", "divattn"]]
+    # every subcommand's --help and every bench command's --list, run together up front
+    runs = [[sys.executable, "-m", "divattn", cmd[3], "--help"] for _, cmd in found]
+    runs += [[sys.executable, "-m", "divattn", *cmd[3:], "--list"] for _, cmd in found if cmd[3] == "bench"]
+    outs = dict(zip(map(tuple, runs), _run_all(runs)))
+    for name, cmd in found:
         sub = cmd[3]
-        help_text = _run([sys.executable, "-m", "divattn", sub, "--help"]).stdout
+        help_text = outs[(sys.executable, "-m", "divattn", sub, "--help")].stdout
         for token in cmd[4:]:
             if token.startswith("--"):
                 assert token in help_text, f"{name}: divattn {sub} has no option {token}"
@@ -149,29 +159,30 @@ def test_every_divattn_subcommand_accepts_its_options(plan):
             assert set(value("--ops").split(",")) <= set(shape.ops())
             providers.select(value("--providers").split(","))
             # unknown options or bad values fail here; --list then exits before any timing
-            out = _run([sys.executable, "-m", "divattn", *cmd[3:], "--list"])
+            out = outs[(sys.executable, "-m", "divattn", *cmd[3:], "--list")]
             assert out.returncode == 0, out.stderr[-2000:]
-    assert found == 4  # info, bench (headline and causal), kernels
+    assert len(found) == 4  # info, bench (headline and causal), kernels
 
 
-def _collected(args) -> list:
-    out = _run([sys.executable, "-m", "pytest", *args, "--collect-only"],
-               env=dict(_env(), PYTHONPATH=str(HELPERS)))
-    assert out.returncode == 0, f"{args}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
-    return [ln for ln in out.stdout.splitlines() if "::" in ln]
+def _collected(*selections) -> list:
+    """The test ids pytest collects for each selection (the collections run together)."""
+    outs = _run_all([[sys.executable, "-m", "pytest", *args, "--collect-only"] for args in selections],
+                    env=dict(_env(), PYTHONPATH=str(HELPERS)))
+    for args, out in zip(selections, outs):
+        assert out.returncode == 0, f"{args}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    return [[ln for ln in out.stdout.splitlines() if "::" in ln] for out in outs]
 
 
 def test_pytest_steps_collect_their_selection_and_shards_cover_it(plan, tmp_path):
     steps = {s["name"]: s["cmd"] for s in plan["steps"]}
     cuda = steps["ops-cuda"][3:]
     cuda[cuda.index("--junitxml") + 1] = str(tmp_path / "cuda.xml")
-    cuda_ids = _collected(cuda)
-    assert cuda_ids
     triton = steps["ops-triton"]
     assert triton[1].endswith("pytest_shards.py")
     selection = triton[triton.index("--") + 1:]
-    whole = _collected(selection)
-    shards = [_collected([*selection, "-p", "pytest_shards", f"--shard={i}/3"]) for i in (1, 2, 3)]
+    cuda_ids, whole, *shards = _collected(cuda, selection,
+                                          *([*selection, "-p", "pytest_shards", f"--shard={i}/3"] for i in (1, 2, 3)))
+    assert cuda_ids
     assert sorted(sum(shards, [])) == sorted(whole) and all(shards)
     assert not set(whole) & set(cuda_ids), "a test in both the triton and the cuda step"
 
