@@ -8,6 +8,7 @@
   extension) are shown, not run; tests/test_packaging.py installs a built wheel.
 """
 
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -73,18 +74,27 @@ def is_train(cmd):
     return without_env(cmd).startswith(("divattn train", "python -m divattn train"))
 
 
-@pytest.mark.parametrize("cmd", sorted({c for b in blocks("bash") if "pytest tests" not in b for c in commands(b)}))
-def test_shell_command_runs(cmd, tmp_path):
+def skip_reason(cmd):
+    """Why a README shell command does not run here (None: it runs)."""
     if is_install(cmd) and os.environ.get("CI") != "true":
-        pytest.skip("changes this environment's packages; runs under CI=true, after .ci/run has installed")
+        return "changes this environment's packages; runs under CI=true, after .ci/run has installed"
     if runs_the_benchmarks(cmd) and os.environ.get("CI") != "true":
-        pytest.skip("the whole benchmark suite takes minutes; runs under CI=true")
+        return "the whole benchmark suite takes minutes; runs under CI=true"
+    return None
+
+
+def run_shell_command(cmd, tmp_path):
+    """Run a README shell command as a user would: ``(first, command run, process)``, where
+    ``first`` is the training run a ``--resume`` resumes (else None; when it fails, the
+    command does not run and the process is None)."""
     env = user_env()
+    first = None
     if is_train(cmd) and "--print-config" not in cmd:
         if "--resume" in cmd:  # resume needs a run to resume: make one first
             first = subprocess.run([sys.executable, "-m", "divattn", "train", *SHORT_TRAIN, "--output-dir",
                                     str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True)
-            assert first.returncode == 0, first.stderr[-3000:]
+            if first.returncode != 0:
+                return first, cmd, None
         cmd = f"{cmd} {' '.join(SHORT_TRAIN)} --output-dir {tmp_path / 'run'}"
     if without_env(cmd).startswith("divattn "):
         cmd = cmd.replace("divattn ", "python -m divattn ", 1)
@@ -98,6 +108,76 @@ def test_shell_command_runs(cmd, tmp_path):
                 break
         cmd = prefix + bare
     out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return first, cmd, out
+
+
+def run_python_block(index):
+    return subprocess.run([sys.executable, "-c", blocks("python")[index]], cwd=ROOT, env=user_env(),
+                          capture_output=True, text=True, timeout=900)
+
+
+class Ahead:
+    """The selected tests' commands, started ahead of their tests a few at a time (each is its
+    own process, most of them busy on one core), in the tests' order. A command that changes
+    the environment or times the benchmarks runs alone, in its test: the commands before it
+    have ended and none after it has started."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs  # [(key, runs alone, function)] in the tests' order
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        self.started = {}
+        self.next = 0
+        self._start()
+
+    def _start(self):
+        while self.next < len(self.jobs) and not self.jobs[self.next][1]:
+            key, _, fn = self.jobs[self.next]
+            self.started.setdefault(key, self.pool.submit(fn))
+            self.next += 1
+
+    def result(self, key, fn):
+        """What ``fn`` (the command of ``key``) returns: from its run started ahead, else run now."""
+        if key in self.started:
+            return self.started.pop(key).result()
+        concurrent.futures.wait(list(self.started.values()))
+        try:
+            return fn()
+        finally:
+            keys = [k for k, _, _ in self.jobs]
+            if key in keys:
+                self.next = max(self.next, keys.index(key) + 1)
+            self._start()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def ahead(request, tmp_path_factory):
+    jobs = []
+    for item in request.session.items:
+        if getattr(item, "module", None) is not request.module or not hasattr(item, "callspec"):
+            continue
+        params = item.callspec.params
+        if item.originalname == "test_shell_command_runs" and skip_reason(params["cmd"]) is None:
+            cmd, alone = params["cmd"], is_install(params["cmd"]) or runs_the_benchmarks(params["cmd"])
+            jobs.append((("shell", cmd), alone,
+                         lambda cmd=cmd, tmp=tmp_path_factory.mktemp("cmd"): run_shell_command(cmd, tmp)))
+        elif item.originalname == "test_python_block_runs":
+            jobs.append((("python", params["index"]), False, lambda i=params["index"]: run_python_block(i)))
+    runs = Ahead(jobs)
+    yield runs
+    runs.close()
+
+
+@pytest.mark.parametrize("cmd", sorted({c for b in blocks("bash") if "pytest tests" not in b for c in commands(b)}))
+def test_shell_command_runs(cmd, tmp_path, ahead):
+    reason = skip_reason(cmd)
+    if reason:
+        pytest.skip(reason)
+    first, cmd, out = ahead.result(("shell", cmd), lambda: run_shell_command(cmd, tmp_path))
+    if first is not None:
+        assert first.returncode == 0, first.stderr[-3000:]
     assert out.returncode == 0, f"{cmd!r} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
 
 
@@ -113,8 +193,6 @@ def test_install_section_names_every_way_and_this_version():
 
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
-def test_python_block_runs(index):
-    code = blocks("python")[index]
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=user_env(), capture_output=True, text=True,
-                         timeout=900)
+def test_python_block_runs(index, ahead):
+    out = ahead.result(("python", index), lambda: run_python_block(index))
     assert out.returncode == 0, f"README python block {index} failed:\n{out.stderr[-3000:]}"
