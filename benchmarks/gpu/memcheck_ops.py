@@ -3,8 +3,8 @@ reference: the workload the GPU acceptance run puts under ``compute-sanitizer --
 
 One case per kernel family (temporal, spatial, spatial with cls, joint) on one backend,
 with odd sizes (T=3, N=7, D=40) so every masked tail is exercised, and the same kernels on
-a padded batch given as counts (where the backend takes them: the rows a kernel skips),
-in fp16, bf16 and fp32 (on a GPU). Each case is checked with the op tests' own bar
+a padded batch given as counts or a mask (where the backend takes them: the rows a kernel
+skips), in fp16, bf16 and fp32 (on a GPU). Each case is checked with the op tests' own bar
 (:func:`tests.ops.cases.assert_close_to_reference`). Run it once without the sanitizer
 first to fill the Triton cache: under the sanitizer, compiling is the slow part.
 
@@ -33,16 +33,28 @@ CASES = (
     ("joint", 1, 3, 7, 2, 40, "hwt"),
 )
 # (op, B, T, N, H, D, order, padding): a padded batch as counts, one sample cut short, in
-# the row kernels' two roles (rows are frames; rows are patches, with the cls token); two
-# cases only, to keep the sanitized run short.
+# the row kernels' two roles (rows are frames; rows are patches, with the cls token), and
+# as a random token mask (``mask``: the share of real tokens); three cases only, to keep
+# the sanitized run short.
 PADDED = (
     ("temporal", 2, 3, 7, 2, 40, "thw", dict(frames=[3, 1])),
     ("spatial_cls", 2, 3, 7, 1, 40, "hwt", dict(frames=[2, 3], patches=[7, 3])),
+    ("temporal", 2, 3, 7, 2, 40, "hwt", dict(mask=0.6)),
 )
 
 
 def _padding(padding: dict) -> str:
-    return " ".join(f"{k}={','.join(map(str, v))}" for k, v in padding.items())
+    return " ".join(f"{k}={v}" if k == "mask" else f"{k}={','.join(map(str, v))}" for k, v in padding.items())
+
+
+def _op_padding(padding: dict, B: int, T: int, N: int, device) -> dict:
+    """The op's keywords of ``padding``: a ``mask`` share becomes a ``(B, T, N)`` bool mask on the device."""
+    import torch
+
+    if "mask" not in padding:
+        return padding
+    real = torch.rand(B, T, N, generator=torch.Generator().manual_seed(0)) < padding["mask"]
+    return dict(padding, mask=real.to(device))
 
 
 def parse_args(argv=None):
@@ -89,8 +101,9 @@ def main(argv=None) -> int:
     failed = 0
     run = 0
     for op, B, T, N, H, D, order, padding in cases:
-        if padding and "counts" not in BACKENDS[args.backend].features:
-            print(f"skip {args.backend} {op} {_padding(padding)}: the backend takes no counts", flush=True)
+        form = "mask" if "mask" in padding else "counts"
+        if padding and form not in BACKENDS[args.backend].features:
+            print(f"skip {args.backend} {op} {_padding(padding)}: the backend takes no {form}", flush=True)
             continue
         for dtype in dtypes:
             case = op_cases.Case(op, B, T, N, H, D, order)
@@ -103,7 +116,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             run += 1
             try:
-                op_cases.assert_close_to_reference(case, args.backend, dtype, fn=op_cases.case_fn(case, **padding))
+                kw = _op_padding(padding, B, T, N, device)
+                op_cases.assert_close_to_reference(case, args.backend, dtype, fn=op_cases.case_fn(case, **kw))
             except AssertionError as e:
                 failed += 1
                 print(f"FAIL {name}: {e}", flush=True)
