@@ -104,3 +104,24 @@ def test_swapped_transformers_model_compiles_fullgraph_with_the_default_backend(
     assert divattn.swap_attention(model) == 1
     _check(_Logits(model), video(B=1, T=4, size=16))
     assert kernel_calls
+
+
+def test_dispatch_marks_its_memoised_choices_as_dynamo_does():
+    """The dispatcher marks its memoised choices constant for dynamo (the fullgraph tests
+    above need it) without importing torch._dynamo: its mark must be dynamo's own, and
+    importing the ops must leave torch._dynamo unimported (about a second a process)."""
+    import subprocess
+    import sys
+
+    from divattn.ops import dispatch
+
+    def mark(decorate):
+        fn = decorate(lambda: None)
+        return {k: v for k, v in vars(fn).items()}
+
+    assert mark(dispatch._constant_result) == mark(torch.compiler.assume_constant_result) != {}
+    for fn in (dispatch._triton_runtime_reason, dispatch._cuda_runtime_reason, dispatch._fitting):
+        assert fn._dynamo_marked_constant is True
+    out = subprocess.run([sys.executable, "-c", "import sys, divattn.ops; print('torch._dynamo' in sys.modules)"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

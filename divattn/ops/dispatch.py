@@ -76,10 +76,18 @@ class OpsModule(Protocol):
               padding: Optional[Padding] = None) -> torch.Tensor: ...
 
 
+def _constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without its import of ``torch._dynamo``
+    (about a second of every process that imports divattn): the mark dynamo reads, set as
+    ``torch._dynamo.decorators`` sets it (tests/test_compile.py checks that they agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 _TRITON_IMPORT: list = []
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _triton_runtime_reason() -> Optional[str]:
     """Why triton cannot be used at all (checked once), or None."""
     if not _TRITON_IMPORT:
@@ -93,7 +101,7 @@ def _triton_runtime_reason() -> Optional[str]:
     return _TRITON_IMPORT[0]
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _cuda_runtime_reason() -> Optional[str]:
     return cuda_ext.unavailable_reason()
 
@@ -283,7 +291,7 @@ def default_backend() -> Optional[str]:
     return name
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def _fitting(op: str, dtype: torch.dtype, device: torch.device, backend: Optional[str], features: tuple) -> tuple:
     """The names of the backends, in the order tried, that fit everything but the head
     dim and a change of availability (memoised; a constant under ``torch.compile``)."""
