@@ -70,6 +70,10 @@ def test_causal_over_more_frames_than_a_block_matches_reference(tq):
     pytest.param(Case("spatial_cls", 2, 2, 196, 1, 128, "hwt"), dict(frames=[2, 1], patches=[150, 196]),
                  id="spatial_cls-frames-patches"),
     pytest.param(Case("joint", 2, 4, 80, 1, 64, "thw"), dict(lengths=[320, 0]), id="joint-lengths"),
+    # D = 40 (a padded head dim) and an odd batch x heads, counts and a mask together
+    pytest.param(Case("spatial_cls", 3, 5, 7, 5, 40, "thw"),
+                 dict(frames=[5, 2, 0], mask=torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(3)) < 0.6),
+                 id="spatial_cls-D40-B3-H5-frames-mask"),
 ])
 def test_padded_sequences_longer_than_a_block_match_reference(case, padding):
     assert_close_to_reference(case, "cuda", torch.float16, fn=case_fn(case, **padding))
