@@ -155,7 +155,8 @@ class VivitJointAttention(VivitAttention):
         if attention_mask is not None or (self.training and self.attention_dropout > 0):
             if attention_mask is not None:
                 _warn_once("vivit-mask", "VivitJointAttention: a call with an attention_mask runs on the "
-                           "transformers attention it replaced (the divattn ops take no mask yet)")
+                           "transformers attention it replaced (an attention_mask masks scores; the divattn "
+                           "ops take a token mask)")
             else:
                 _dropout_warning(VivitAttention, self.attention_dropout)
             return super().forward(hidden_states, attention_mask, **kwargs)

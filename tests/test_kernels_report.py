@@ -153,16 +153,19 @@ def test_no_spill_in_low_precision_builds(builds):
     assert not spills, "spilling builds:\n" + "\n".join(spills)
 
 
-def test_the_padded_batch_path_compiles_without_spill():
-    """The COUNTS path (a padded batch given as counts) is not in the record: its builds at
-    TimeSformer-B's head geometry (every op and pass, fp16, sm_90) are compiled here, with the
-    tile table's rows as they are, and none spills (``divattn kernels --counts`` checks more)."""
-    probs = kernels_cli.select(["timesformer_8x224"], [64], ["hwt"], dtypes=["fp16"], counts=True)
-    assert probs and all(p.counts and "+counts" in p.id for p in probs)
+@pytest.mark.parametrize("form", ["counts", "mask"])
+def test_the_padded_batch_path_compiles_without_spill(form):
+    """The COUNTS and MASKED paths (a padded batch given as counts, as a token mask) are not in
+    the record: their builds at TimeSformer-B's head geometry (every op and pass, fp16, sm_90)
+    are compiled here, with the tile table's rows as they are, and none spills (``divattn
+    kernels --counts`` / ``--mask`` check every head dim, arch and code path)."""
+    probs = kernels_cli.select(["timesformer_8x224"], [64], ["hwt"], dtypes=["fp16"], **{form: True})
+    assert probs and all(getattr(p, form) and f"+{form}" in p.id for p in probs)
     out = build.report(probs, archs=(90,), exact=False, cache=None, record=None,
                        workers=max(1, min(2, os.cpu_count() or 1)))
     attn = [b for b in out if b["kernel"].startswith("_attn_")]
-    assert attn and all(b["constexprs"]["COUNTS"] for b in attn)
+    flag = {"counts": "COUNTS", "mask": "MASKED"}[form]
+    assert attn and all(b["constexprs"][flag] for b in attn)
     assert not [b for b in out if b.get("error")]
     spills = [kernels_cli.spill_line(b) for b in out if kernels_cli.spills(b)]
     assert not spills, "spilling builds:\n" + "\n".join(spills)

@@ -64,6 +64,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--counts", action="store_true",
                         help="the padded-batch code path (COUNTS: per-sample counts) of every problem instead of the "
                              "dense one; not in the record")
+    parser.add_argument("--mask", action="store_true",
+                        help="the token-mask code path (MASKED) of every problem instead of the dense one (with "
+                             "--counts: both); not in the record")
     parser.add_argument("--exact", action="store_true",
                         help="compile every divisibility specialisation the JIT makes, not one build per code path")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -199,7 +202,7 @@ def _check(args) -> None:
 
 
 def select(shapes=None, head_dims=None, orders=None, batch_heads=None, dtypes=None, passes=None,
-           counts: bool = False) -> list:
+           counts: bool = False, mask: bool = False) -> list:
     """The problems the report covers: each named shape (default: all, and the coverage layers;
     ``COVERAGE`` names those) at each head dim and token order, the coverage layers also at
     each (B, H) of ``batch_heads``; every pass. ``dtypes`` default: fp16, bf16 and fp32 on the
@@ -212,10 +215,11 @@ def select(shapes=None, head_dims=None, orders=None, batch_heads=None, dtypes=No
     dims, orders = head_dims or problems.HEAD_DIMS, orders or problems.ORDERS
     passes = passes or problems.PASSES
     named = [v for n in names if n != COVERAGE for v in problems.variants(GPU_SHAPES[n], dims, orders)]
-    out = list(problems.problems(named, passes=passes, dtypes=dtypes or tuple(problems.DTYPES), counts=(counts,)))
+    padding = dict(counts=(counts,), masks=(mask,))
+    out = list(problems.problems(named, passes=passes, dtypes=dtypes or tuple(problems.DTYPES), **padding))
     if COVERAGE in names:
         layers = problems.coverage(dims, orders, batch_heads or problems.BATCH_HEADS)
-        out += problems.problems(layers, passes=passes, dtypes=dtypes or LOW_PRECISION, counts=(counts,))
+        out += problems.problems(layers, passes=passes, dtypes=dtypes or LOW_PRECISION, **padding)
     return out
 
 
@@ -225,12 +229,14 @@ def main(args) -> int:
     _check(args)
     if args.update_record and not args.exact:
         raise SystemExit("divattn kernels: --update-record writes every binary the JIT builds: add --exact")
-    if args.update_record and args.counts:
-        raise SystemExit("divattn kernels: the record holds the dense code paths: --counts takes no --update-record")
+    if args.update_record and (args.counts or args.mask):
+        raise SystemExit("divattn kernels: the record holds the dense code paths: --counts and --mask take no "
+                         "--update-record")
     archs = _archs(args.arch)
     start = time.perf_counter()
     probs = select(_csv(args.shapes), [int(d) for d in _csv(args.head_dims)], _csv(args.orders),
-                   _batch_heads(args.batch_heads), _csv(args.dtypes), _csv(args.passes), args.counts)
+                   _batch_heads(args.batch_heads), _csv(args.dtypes), _csv(args.passes), args.counts,
+                   args.mask)
     record = build.RECORD if args.record == "default" else None if args.record.lower() == "none" else args.record
     if args.no_cache and args.record == "default":
         record = None

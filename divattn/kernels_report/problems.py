@@ -61,18 +61,20 @@ COVERAGE = (
 @dataclass(frozen=True)
 class Problem:
     """One attention op on one layer: ``op`` is temporal, spatial, spatial_cls or joint; with
-    ``counts`` on a padded batch given as counts (the kernels' COUNTS path)."""
+    ``counts`` on a padded batch given as counts (the kernels' COUNTS path), with ``mask`` as a
+    token mask (MASKED)."""
 
     shape: AttnShape
     op: str
     pass_: str
     dtype: str
     counts: bool = False
+    mask: bool = False
 
     @property
     def id(self) -> str:
         s = self.shape
-        op = self.op + ("+counts" if self.counts else "")
+        op = self.op + ("+counts" if self.counts else "") + ("+mask" if self.mask else "")
         return f"{s.name}-{s.order}-B{s.B}H{s.H}-D{s.D}-{op}-{self.pass_}-{self.dtype}"
 
     @property
@@ -94,11 +96,12 @@ class Problem:
 
     def to_dict(self) -> dict:
         out = {"shape": dataclasses.asdict(self.shape), "op": self.op, "pass_": self.pass_, "dtype": self.dtype}
-        return {**out, "counts": True} if self.counts else out
+        return {**out, **({"counts": True} if self.counts else {}), **({"mask": True} if self.mask else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Problem":
-        return cls(AttnShape(**d["shape"]), d["op"], d["pass_"], d["dtype"], d.get("counts", False))
+        return cls(AttnShape(**d["shape"]), d["op"], d["pass_"], d["dtype"], d.get("counts", False),
+                   d.get("mask", False))
 
 
 def variants(shape, head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] = ORDERS,
@@ -111,8 +114,10 @@ def variants(shape, head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] 
 
 
 def problems(shapes: Iterable, *, passes: Sequence[str] = PASSES, dtypes: Sequence[str] = tuple(DTYPES),
-             ops: Optional[Sequence[str]] = None, counts: Sequence[bool] = (False,)) -> Iterator[Problem]:
-    """Every (shape, op, pass, dtype) with each of ``counts``; ``ops`` default to each shape's own."""
+             ops: Optional[Sequence[str]] = None, counts: Sequence[bool] = (False,),
+             masks: Sequence[bool] = (False,)) -> Iterator[Problem]:
+    """Every (shape, op, pass, dtype) with each of ``counts`` and ``masks``; ``ops`` default to each
+    shape's own."""
     for shape in shapes:
         for op in shape.ops():
             if ops is not None and op not in ops:
@@ -120,7 +125,8 @@ def problems(shapes: Iterable, *, passes: Sequence[str] = PASSES, dtypes: Sequen
             for pass_ in passes:
                 for dtype in dtypes:
                     for padded in counts:
-                        yield Problem(shape, op, pass_, dtype, padded)
+                        for masked in masks:
+                            yield Problem(shape, op, pass_, dtype, padded, masked)
 
 
 def coverage(head_dims: Sequence[int] = HEAD_DIMS, orders: Sequence[str] = ORDERS,
@@ -182,11 +188,15 @@ def plans(problem: Problem, *, target=None, device="meta", seed: Optional[int] =
         buf, lse, cls_frames, lse_cls = functions._outputs(op, problem.has_cls, q)
         o, o_cls = functions._out_views(op, problem.has_cls, q, buf)
         # the COUNTS path with every token real: on a real device it computes the unpadded result
-        counts = Padding(tuple(k.shape[:2] if op == "joint" else k.shape[:3]), device).kernel_counts(op) \
-            if problem.counts else None
+        tokens = tuple(k.shape[:2] if op == "joint" else k.shape[:3])
+        counts = Padding(tokens, device).kernel_counts(op) if problem.counts else None
+        # the MASKED path with every token real, likewise
+        mask, cls_weights = Padding(tokens, device, torch.ones(tokens, dtype=torch.bool, device=device)).kernel_mask(
+            cls is not None) if problem.mask else (None, None)
         fwd = dict(cls=cls, o_cls=o_cls, cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal,
-                   counts=counts)
-        candidates = problem_candidates(op, problem.pass_, q, k, cls is not None, target)
+                   counts=counts, mask=mask, cls_weights=cls_weights)
+        candidates = problem_candidates(op, problem.pass_, q, k, cls is not None, target,
+                                        problem.counts or problem.mask)
         if problem.pass_ == "fwd":
             return [plan_forward(op, q, k, v, o, lse, scale, **fwd, target=target, candidate=c) for c in candidates]
         # The backward reads what the forward wrote: run it where that is possible.
@@ -201,7 +211,7 @@ def plans(problem: Problem, *, target=None, device="meta", seed: Optional[int] =
         return [plan_backward(op, q, k, v, o, do, lse, *dviews[:3], scale, cls=cls,
                               d_cls=tuple(dviews[3:]) if cls is not None else None, do_cls=do_cls,
                               cls_frames=cls_frames, lse_cls=lse_cls, causal=problem.causal, counts=counts,
-                              target=target, candidate=c) for c in candidates]
+                              mask=mask, cls_weights=cls_weights, target=target, candidate=c) for c in candidates]
 
 
 def launches(problem: Problem, *, target=None, device="meta", seed: Optional[int] = 0) -> list:

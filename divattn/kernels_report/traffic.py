@@ -9,7 +9,8 @@ the elements it loads and of those it stores, mask applied. A launch's traffic i
 the number of distinct sectors of each program, summed over programs: a GPU program
 that reads a sector twice usually hits its L1 or registers, two programs reading it
 each pay for it. The distinct sectors of the whole launch (what an ideal L2 would
-fetch) are reported beside it.
+fetch) are reported beside it, and so are the FLOPs of the launch's ``tl.dot`` products
+(``create_dot``: 2 M N K each), the tensor-core work it does.
 
 The minimum a pass can move (:func:`divattn.flops.attention_bytes`): forward, read
 q, k, v once and write o once; backward, read q, k, v, o, do once and write dq, dk,
@@ -55,6 +56,7 @@ class LaunchTraffic:
     store_sectors: int = 0
     unique_load_sectors: int = 0
     unique_store_sectors: int = 0
+    dot_flops: int = 0
 
     @property
     def bytes(self) -> int:
@@ -68,6 +70,7 @@ class _Recorder:
     def __init__(self):
         self.loads: dict = {}
         self.stores: dict = {}
+        self.dot_flops = 0
 
     @staticmethod
     def _sectors(ptrs, mask) -> np.ndarray:
@@ -87,6 +90,7 @@ class _Recorder:
         out = LaunchTraffic(kernel=launch.name, regime=launch.regime, grid=tuple(launch.grid))
         programs = set(self.loads) | set(self.stores)
         out.programs = len(programs)
+        out.dot_flops = self.dot_flops
         all_loads, all_stores = [], []
         for idx in programs:
             if idx in self.loads:
@@ -134,6 +138,14 @@ def recording():
         hook("create_atomic_rmw", ("loads", "stores"), (1, "ptr"), (3, "mask"))
     if hasattr(cls, "create_atomic_cas"):
         hook("create_atomic_cas", ("loads", "stores"), (0, "ptr"), None)
+    saved["create_dot"] = dot = cls.create_dot
+
+    def counted_dot(self, a, b, *args, **kwargs):
+        m, k = np.shape(a.data)[-2:]
+        rec.dot_flops += 2 * m * k * np.shape(b.data)[-1] * int(np.prod(np.shape(a.data)[:-2], dtype=np.int64))
+        return dot(self, a, b, *args, **kwargs)
+
+    cls.create_dot = counted_dot
     try:
         yield rec
     finally:

@@ -121,8 +121,8 @@ _PADDING_DOC = """
     token; ``frames`` ``(B,)`` ints, the first ``frames[b]`` frames of sample b are real;
     ``patches`` ``(B,)`` ints, the first ``patches[b]`` patches of every frame are real.
     The counts are the cheaper form (one number per sequence, with which the Triton
-    and CUDA kernels skip whole tiles of padding; a mask is read per key, by the CUDA
-    kernels and the torch backend): checked on the host, so give them as CPU tensors or lists to
+    and CUDA kernels skip whole tiles of padding; a mask is read per row, its padded rows
+    not loaded): checked on the host, so give them as CPU tensors or lists to
     keep the call free of device syncs. A sample with no real token
     is allowed: its outputs are zero (with cls, ``o_cls = v_cls``) and its gradients zero
     (with cls, ``v_cls``'s is the upstream ``o_cls`` gradient)."""

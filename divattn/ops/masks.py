@@ -12,7 +12,9 @@ given form says so):
   joint attention calls it ``lengths``: the first ``lengths[b]`` tokens).
 
 The counts are the cheap form: a kernel reads one number per sequence and skips whole
-tiles, where a mask is read per key (:meth:`Padding.kernel_counts` and
+tiles, where a mask is read per row, and a tile is skipped only after its rows' mask is
+read (the Triton kernels) or not at all (the CUDA kernels: padded rows are not loaded,
+but their tiles are multiplied) (:meth:`Padding.kernel_counts` and
 :meth:`Padding.kernel_mask` are what the kernels get). The counts are checked on the host,
 so pass them as CPU tensors (or lists) to keep a call free of device syncs; a mask is
 checked for its shape, dtype and device only.

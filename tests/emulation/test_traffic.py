@@ -85,7 +85,7 @@ def moved(records) -> int:
 # Half the frames of the sample padding: the kernels read only the real rows and write
 # every output and gradient (the zeros of the padding too), so the floor is 2.5 / 4 of the
 # unpadded forward's bytes (read q, k, v, write o) and 5.5 / 8 of the backward's (read q, k,
-# v, o, dO, write dq, dk, dv), as for the Triton kernels (tests/ops/test_counts_triton.py).
+# v, o, dO, write dq, dk, dv), as for the Triton kernels (tests/ops/test_padding_triton.py).
 PADDED_FLOOR = {"fwd": 2.5 / 4, "bwd": 5.5 / 8}
 
 

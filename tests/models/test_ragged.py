@@ -3,12 +3,11 @@
 The acceptance test: each sample's logits (the ST transformer's per-frame predictions) are
 those of its clip run alone at its own size, within 1e-5 in fp32, for every TimeSformer
 attention type, ViViT's four models with every classifier, and the ST transformer, on
-the torch backend. Clips that differ in length only run on the Triton and CUDA kernels too (the
-divided blocks, and joint blocks whose real tokens are a prefix, pass whole frames of
-padding as counts); a token mask (sizes, dropped tokens) runs on the torch backend and the
-CUDA kernels, and the Triton kernels refuse it naming the reason. Pooling ignores the padding,
-gradients of a padded batch are the sum of the clips' own, and bad inputs name the
-argument."""
+the torch backend and on the Triton kernels. Clips that differ in length only run on the
+CUDA kernels too (the divided blocks, and joint blocks whose real tokens are a prefix, pass
+whole frames of padding as counts); a token mask (sizes, dropped tokens) runs on every
+backend. Pooling ignores the padding, gradients of a padded batch are the sum of the
+clips' own, and bad inputs name the argument."""
 
 import pytest
 import torch
@@ -51,14 +50,19 @@ MODELS = [
 ]
 
 
-@pytest.mark.parametrize("name, kw", MODELS)
-def test_each_sample_gives_its_clip_alone(name, kw):
-    model = _perturbed(create_model(name, num_frames=8, **TINY, **kw))
+@pytest.mark.parametrize("name, kw, backend", [
+    *[pytest.param(*m.values, "torch", id=m.id) for m in MODELS],
+    # the Triton kernels (the interpreter here), where sizes make a token mask
+    *[pytest.param(*m.values, "triton", id=f"{m.id}-triton") for m in MODELS]])
+def test_each_sample_gives_its_clip_alone(name, kw, backend):
+    model = _perturbed(create_model(name, num_frames=8, **{**TINY, "backend": backend}, **kw))
     videos, padded, frames, sizes = _batch(CLIPS)
     with torch.no_grad():
         logits = model(padded, frames=frames, sizes=sizes)
         for b, video in enumerate(videos):
             torch.testing.assert_close(logits[b], model(video)[0], rtol=0, atol=1e-5)
+        if backend != "torch":  # frames alone reach the kernels as counts: the test below
+            return
         # the frames alone (every clip at the padded size) and the sizes alone
         same_size = padded[..., :32, :32]
         logits = model(same_size, frames=frames)
@@ -68,7 +72,7 @@ def test_each_sample_gives_its_clip_alone(name, kw):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_st_transformer_predicts_each_clips_own_frames(backend):
-    """On triton the frames reach the blocks as counts (a mask the kernels would refuse)."""
+    """On triton the frames reach the blocks as counts."""
     model = _perturbed(create_model("st_transformer_tiny", img_size=16, patch_size=8, num_frames=6, depth=2,
                                     embed_dim=32, num_heads=2, backend=backend, residual=False))
     video = torch.randn(3, 3, 6, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -100,9 +104,9 @@ COUNTED = [pytest.param("timesformer_base", {}, id="timesformer-divided"),
 def test_clips_of_different_lengths_run_on_the_kernels(name, kw, backend, monkeypatch):
     """Frames alone (every clip at the video's size) reach the divided blocks as frame counts
     and the joint blocks whose real tokens are a prefix (ViViT models 1 and 2,
-    space-only TimeSformer) as lengths, which the Triton and CUDA kernels take (a mask they
-    refuse): each sample's logits are its clip's own on the kernels, and the padded batch's
-    equal the torch backend's."""
+    space-only TimeSformer) as lengths, which the Triton and CUDA kernels take: each sample's
+    logits are its clip's own on the kernels, and the padded batch's equal the torch
+    backend's."""
     if backend == "cuda":
         _cuda_kernels(monkeypatch)
     model = _perturbed(create_model(name, num_frames=8, **{**TINY, "img_size": 16, "backend": backend}, **kw))
@@ -139,16 +143,6 @@ def test_clips_of_different_sizes_run_on_the_cuda_kernels(name, kw, monkeypatch)
         logits = model(padded, frames=frames, sizes=sizes)
         for b, video in enumerate(videos):
             torch.testing.assert_close(logits[b], model(video)[0], rtol=0, atol=1e-5)
-
-
-def test_clips_of_different_sizes_are_refused_by_the_triton_kernels_with_the_reason():
-    """Sizes make a token mask, which the Triton kernels do not take yet: the dispatcher says so."""
-    from divattn.ops import BackendError
-
-    model = create_model("timesformer_base", num_frames=8, **{**TINY, "backend": "triton"})
-    _, padded, frames, sizes = _batch(CLIPS[:2])
-    with pytest.raises(BackendError, match="mask"):
-        model(padded, frames=frames, sizes=sizes)
 
 
 @pytest.mark.parametrize("name, kw", [pytest.param("timesformer_base", {}, id="timesformer-divided"),

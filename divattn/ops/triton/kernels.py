@@ -39,9 +39,14 @@ argument                    meaning
 ``n_q_tiles, n_k_tiles``    query / key tiles of one sequence; ``tiles_per_prog`` per program
 ``REAL_ROWS REAL_GROUPS``   int32 ``(n_i0,)`` (COUNTS): sequence (i0, i1, i2) has ``REAL_ROWS[i0]``
                             real key rows, its first ones, when ``i1 < REAL_GROUPS[i0]``, else none
+``MASK``                    uint8 (MASKED): the token mask, 1 = real; row r of sequence (i0, i1, i2)
+                            is its element ``i0 * stride_m0 + i1 * stride_m1 + r * stride_mL``
+                            (queries: ``r + L_k - L``); none over i2 (heads share it)
+``CLS_W``                   fp32 ``(n_i0, T)`` (MASKED, cls): frame t's weight in o_cls
 ``GROUP, SEQ``              (constexpr) sequences per tile, rows of each in the tile
 ``HAS_CLS CAUSAL SINGLE``   (constexpr) cls row present; causal mask; every row in one tile
 ``COUNTS``                  (constexpr) a padded batch: REAL_ROWS / REAL_GROUPS are read
+``MASKED``                  (constexpr) a padded batch given as a token mask: MASK / CLS_W are read
 ``PREC``                    (constexpr) ``tl.dot``'s input precision ("tf32" or "ieee")
 ==========================  ================================================================
 
@@ -62,6 +67,17 @@ sequence per tile, the loops visit only the tiles that hold a real row
 (:func:`_tile_range`): a tile of padding costs its stores and nothing else. The cls
 query's output averages the frames that hold a real patch: frame weight ``cls_w``
 (:func:`_frame_weight`).
+
+**Token masks (MASKED).** A mask is read once per row, where the row is loaded: a row it
+calls padding is not loaded, is never a key, and its output and gradients are written as
+zeros, as with counts (and both may be given: a row is real where both say so). The cls
+row is always real, and its frame weights come from the host (``CLS_W``, the weights of
+:meth:`divattn.ops.masks.Padding.frame_weights`). A query tile with no real row visits no
+key tile (forward with one sequence per tile, dQ), and a key tile with no real key no
+query tile (dK/dV): no loads, no products. Inside a real tile's loop a key (query) tile of
+padding is not loaded but is multiplied, as zeros: skipping it there takes a branch in
+the inner loop, whose registers spill. Counts skip by loop bounds alone, and are the
+cheap form.
 
 **cls folded in.** With a cls token every frame's sequence is extended by one row:
 row ``L`` of the queries is the cls query and column ``L`` of the keys the cls key,
@@ -163,6 +179,42 @@ def _live(ok, row, real, L, HAS_CLS: tl.constexpr, COUNTS: tl.constexpr):
         if HAS_CLS:
             live = live | (row == L)
         out = ok & live
+    return out
+
+
+@triton.jit
+def _masked(ok, seq, row, shift, L, MASK, n_i1, n_i2, stride_m0, stride_m1, stride_mL,
+            HAS_CLS: tl.constexpr, MASKED: tl.constexpr):
+    """``ok`` restricted (MASKED) to the rows the token mask calls real: row ``r < L`` is mask
+    token ``r + shift`` of its sequence (``shift = L_k - L`` for the queries, 0 for the keys);
+    the cls row L is always real."""
+    out = ok
+    if MASKED:
+        at = _seq_offset(seq, n_i1, n_i2, stride_m0, stride_m1, 0) + (row + shift) * stride_mL
+        real = tl.load(MASK + at, mask=ok & (row < L), other=0) != 0
+        if HAS_CLS:
+            real = real | (row == L)
+        out = ok & real
+    return out
+
+
+@triton.jit
+def _any(ok):
+    """Whether any lane of ``ok`` is set: a tile holds a real row."""
+    return tl.max(ok.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _cls_weight(cls_w, CLS_W, seq, seq_ok, n_i1, n_i2, HAS_CLS: tl.constexpr, MASKED: tl.constexpr,
+                GROUP: tl.constexpr):
+    """``cls_w``, or (MASKED, cls) the host's weight of sequence seq's frame: ``CLS_W[i0, i1]``."""
+    out = cls_w
+    if MASKED and HAS_CLS:
+        at = (seq // (n_i1 * n_i2)) * n_i1 + (seq // n_i2) % n_i1
+        if GROUP == 1:
+            out = tl.load(CLS_W + at)
+        else:
+            out = tl.load(CLS_W + at, mask=seq_ok, other=0.0)
     return out
 
 
@@ -329,15 +381,15 @@ def _dot_iso(a, b, in_tile, PREC: tl.constexpr, ISOLATE: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, Q_CLS, K_CLS, V_CLS, O_CLS_FR, LSE_CLS_FR, REAL_ROWS, REAL_GROUPS,
+    Q, K, V, O, LSE, Q_CLS, K_CLS, V_CLS, O_CLS_FR, LSE_CLS_FR, REAL_ROWS, REAL_GROUPS, MASK,
     stride_q0, stride_q1, stride_q2, stride_qL,
     stride_k0, stride_k1, stride_k2, stride_kL,
     stride_v0, stride_v1, stride_v2, stride_vL,
     stride_o0, stride_o1, stride_o2, stride_oL,
-    stride_qc0, stride_qc2, stride_kc0, stride_kc2, stride_vc0, stride_vc2,
+    stride_qc0, stride_qc2, stride_kc0, stride_kc2, stride_vc0, stride_vc2, stride_m0, stride_m1, stride_mL,
     n_seq, n_i1, n_i2, L, L_k, D, n_q_tiles, n_k_tiles, tiles_per_prog, qk_scale,
     HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, COUNTS: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, CAUSAL: tl.constexpr, COUNTS: tl.constexpr, MASKED: tl.constexpr,
 ):
     BLOCK: tl.constexpr = GROUP * SEQ
     q_rows = L + HAS_CLS
@@ -349,7 +401,8 @@ def _attn_fwd_kernel(
     for q_tile in range(first_tile, tl.minimum(first_tile + tiles_per_prog, n_q_tiles)):
         row = (q_tile * SEQ + lane % SEQ).to(tl.int64)  # [BLOCK] query row within its sequence
         row_in = seq_ok & (row < q_rows)
-        row_ok = _live(row_in, row, real_q, L, HAS_CLS, COUNTS)
+        row_ok = _masked(_live(row_in, row, real_q, L, HAS_CLS, COUNTS), seq, row, L_k - L, L, MASK, n_i1, n_i2,
+                         stride_m0, stride_m1, stride_mL, HAS_CLS, MASKED)
         q = _load_rows(Q, Q_CLS, seq, row, row_ok, d, d_ok, n_i1, n_i2, stride_q0, stride_q1, stride_q2, stride_qL,
                        stride_qc0, stride_qc2, L, HAS_CLS, GROUP)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -357,18 +410,20 @@ def _attn_fwd_kernel(
         acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         k_end, k_last = _tile_range(0, _key_tiles_seen(q_tile, n_k_tiles, L, L_k, SEQ, CAUSAL, GROUP), real_k, L_k,
                                     SEQ, HAS_CLS, COUNTS, GROUP)
-        for i in range(0, _unless_padding(k_last, 0, q_tile, real_q, L, SEQ, HAS_CLS, COUNTS, GROUP)):
+        n_iter = _unless_padding(k_last, 0, q_tile, real_q, L, SEQ, HAS_CLS, COUNTS, GROUP)
+        if MASKED and GROUP == 1:  # a tile of padded queries visits no key tile
+            n_iter = tl.where(_any(row_ok), n_iter, 0)
+        for i in range(0, n_iter):
             k_tile = _tile_at(i, k_end, L_k, SEQ, HAS_CLS, COUNTS, GROUP)
             key = (k_tile * SEQ + lane % SEQ).to(tl.int64)  # [BLOCK] key row of each column
-            key_ok = _live(seq_ok & (key < k_rows), key, real_k, L_k, HAS_CLS, COUNTS)
+            key_ok = _masked(_live(seq_ok & (key < k_rows), key, real_k, L_k, HAS_CLS, COUNTS), seq, key, 0, L_k,
+                             MASK, n_i1, n_i2, stride_m0, stride_m1, stride_mL, HAS_CLS, MASKED)
             k = _load_rows(K, K_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_k0, stride_k1, stride_k2,
                            stride_kL, stride_kc0, stride_kc2, L_k, HAS_CLS, GROUP)
             v = _load_rows(V, V_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_v0, stride_v1, stride_v2,
                            stride_vL, stride_vc0, stride_vc2, L_k, HAS_CLS, GROUP)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK, BLOCK]
             visible = _causal_mask(key_ok[None, :], row, key, L, L_k, CAUSAL)
-            if COUNTS:
-                visible = visible & row_ok[:, None]
             qk = tl.where(_pair_mask(in_tile, visible, GROUP), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -377,6 +432,10 @@ def _attn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _dot_iso(p.to(v.dtype), v, in_tile, PREC, GROUP > 1)
             m_i = m_new
+        if COUNTS or MASKED:  # a padded query (zero q) sees no key: zero output, lse -inf
+            acc = tl.where(row_ok[:, None], acc, 0.0)
+            l_i = tl.where(row_ok, l_i, 0.0)
+            m_i = tl.where(row_ok, m_i, float("-inf"))
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         _store_rows(O, O_CLS_FR, acc / l_safe[:, None], seq, row, row_in, frame, d, d_ok, n_i1, n_i2,
                     stride_o0, stride_o1, stride_o2, stride_oL, L, D, HAS_CLS)
@@ -435,6 +494,7 @@ def _bwd_rows(
 def _attn_bwd_kernel(
     Q, K, V, O, DO, LSE, DQ, DK, DV,
     Q_CLS, K_CLS, V_CLS, DO_CLS, O_CLS_FR, LSE_CLS_FR, DQ_CLS_FR, DK_CLS_FR, DV_CLS_FR, REAL_ROWS, REAL_GROUPS,
+    MASK, CLS_W,
     stride_q0, stride_q1, stride_q2, stride_qL,
     stride_k0, stride_k1, stride_k2, stride_kL,
     stride_v0, stride_v1, stride_v2, stride_vL,
@@ -444,9 +504,11 @@ def _attn_bwd_kernel(
     stride_dk0, stride_dk1, stride_dk2, stride_dkL,
     stride_dv0, stride_dv1, stride_dv2, stride_dvL,
     stride_qc0, stride_qc2, stride_kc0, stride_kc2, stride_vc0, stride_vc2, stride_doc0, stride_doc2,
+    stride_m0, stride_m1, stride_mL,
     n_seq, n_i1, n_i2, L, L_k, D, n_q_tiles, n_k_tiles, tiles_per_prog, qk_scale, scale, inv_T,
     HAS_CLS: tl.constexpr, GROUP: tl.constexpr, SEQ: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr, CAUSAL: tl.constexpr, COUNTS: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """dK, dV of this program's key tiles, then dQ of its query tiles (in the first pass when SINGLE)."""
     BLOCK: tl.constexpr = GROUP * SEQ
@@ -456,12 +518,14 @@ def _attn_bwd_kernel(
     lane, in_tile, seq, seq_ok, frame, d, d_ok, first_tile = _program_sequences(
         n_seq, n_i1, n_i2, D, tiles_per_prog, GROUP, SEQ, BLOCK_D)
     real_k, cls_w = _sequence_counts(REAL_ROWS, REAL_GROUPS, seq, seq_ok, n_i1, n_i2, L_k, inv_T, COUNTS, GROUP)
+    cls_w = _cls_weight(cls_w, CLS_W, seq, seq_ok, n_i1, n_i2, HAS_CLS, MASKED, GROUP)
     real_q = tl.maximum(real_k - (L_k - L), 0)
 
     for k_tile in range(first_tile, tl.minimum(first_tile + tiles_per_prog, n_k_tiles)):
         key = (k_tile * SEQ + lane % SEQ).to(tl.int64)
         key_in = seq_ok & (key < k_rows)
-        key_ok = _live(key_in, key, real_k, L_k, HAS_CLS, COUNTS)
+        key_ok = _masked(_live(key_in, key, real_k, L_k, HAS_CLS, COUNTS), seq, key, 0, L_k, MASK, n_i1, n_i2,
+                         stride_m0, stride_m1, stride_mL, HAS_CLS, MASKED)
         k = _load_rows(K, K_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_k0, stride_k1, stride_k2, stride_kL,
                        stride_kc0, stride_kc2, L_k, HAS_CLS, GROUP)
         v = _load_rows(V, V_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_v0, stride_v1, stride_v2, stride_vL,
@@ -471,11 +535,14 @@ def _attn_bwd_kernel(
         first_q = _first_query_tile(k_tile, L, L_k, SEQ, CAUSAL, GROUP)
         q_end, q_last = _tile_range(first_q, n_q_tiles, real_q, L, SEQ, HAS_CLS, COUNTS, GROUP)
         q_last = _unless_padding(q_last, first_q, k_tile, real_k, L_k, SEQ, HAS_CLS, COUNTS, GROUP)
+        if MASKED:  # a key tile of padding: no query tile sees it
+            q_last = tl.where(_any(key_ok), q_last, first_q)
         for i in range(first_q, q_last):
             q_tile = _tile_at(i, q_end, L, SEQ, HAS_CLS, COUNTS, GROUP)
             row = (q_tile * SEQ + lane % SEQ).to(tl.int64)
             row_in = seq_ok & (row < q_rows)
-            row_ok = _live(row_in, row, real_q, L, HAS_CLS, COUNTS)
+            row_ok = _masked(_live(row_in, row, real_q, L, HAS_CLS, COUNTS), seq, row, L_k - L, L, MASK, n_i1,
+                             n_i2, stride_m0, stride_m1, stride_mL, HAS_CLS, MASKED)
             q, do, lse, delta = _bwd_rows(
                 Q, O, DO, LSE, Q_CLS, DO_CLS, O_CLS_FR, LSE_CLS_FR, seq, row, row_ok, frame, d, d_ok, n_i1, n_i2,
                 stride_q0, stride_q1, stride_q2, stride_qL, stride_o0, stride_o1, stride_o2, stride_oL,
@@ -497,8 +564,8 @@ def _attn_bwd_kernel(
                 dq = _dot_iso(ds.to(k.dtype), k, in_tile, PREC, ISOLATE) * scale
                 _store_rows(DQ, DQ_CLS_FR, dq, seq, row, row_in, frame, d, d_ok, n_i1, n_i2,
                             stride_dq0, stride_dq1, stride_dq2, stride_dqL, L, D, HAS_CLS)
-        if SINGLE and COUNTS and GROUP == 1:
-            if q_last <= first_q:  # a sequence of padding: its dq rows are zero
+        if SINGLE and ((COUNTS and GROUP == 1) or MASKED):
+            if q_last <= first_q:  # keys or queries all padding: the dq rows are zero
                 row = (lane % SEQ).to(tl.int64)
                 _store_rows(DQ, DQ_CLS_FR, tl.zeros([BLOCK, BLOCK_D], tl.float32), seq, row, seq_ok & (row < q_rows),
                             frame, d, d_ok, n_i1, n_i2, stride_dq0, stride_dq1, stride_dq2, stride_dqL, L, D, HAS_CLS)
@@ -511,7 +578,8 @@ def _attn_bwd_kernel(
         for q_tile in range(first_tile, tl.minimum(first_tile + tiles_per_prog, n_q_tiles)):
             row = (q_tile * SEQ + lane % SEQ).to(tl.int64)
             row_in = seq_ok & (row < q_rows)
-            row_ok = _live(row_in, row, real_q, L, HAS_CLS, COUNTS)
+            row_ok = _masked(_live(row_in, row, real_q, L, HAS_CLS, COUNTS), seq, row, L_k - L, L, MASK, n_i1,
+                             n_i2, stride_m0, stride_m1, stride_mL, HAS_CLS, MASKED)
             q, do, lse, delta = _bwd_rows(
                 Q, O, DO, LSE, Q_CLS, DO_CLS, O_CLS_FR, LSE_CLS_FR, seq, row, row_ok, frame, d, d_ok, n_i1, n_i2,
                 stride_q0, stride_q1, stride_q2, stride_qL, stride_o0, stride_o1, stride_o2, stride_oL,
@@ -520,10 +588,14 @@ def _attn_bwd_kernel(
             dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
             k_end, k_last = _tile_range(0, _key_tiles_seen(q_tile, n_k_tiles, L, L_k, SEQ, CAUSAL, GROUP), real_k,
                                         L_k, SEQ, HAS_CLS, COUNTS, GROUP)
-            for i in range(0, _unless_padding(k_last, 0, q_tile, real_q, L, SEQ, HAS_CLS, COUNTS, GROUP)):
+            n_iter = _unless_padding(k_last, 0, q_tile, real_q, L, SEQ, HAS_CLS, COUNTS, GROUP)
+            if MASKED:  # a tile of padded queries visits no key tile
+                n_iter = tl.where(_any(row_ok), n_iter, 0)
+            for i in range(0, n_iter):
                 k_tile = _tile_at(i, k_end, L_k, SEQ, HAS_CLS, COUNTS, GROUP)
                 key = (k_tile * SEQ + lane % SEQ).to(tl.int64)
-                key_ok = _live(seq_ok & (key < k_rows), key, real_k, L_k, HAS_CLS, COUNTS)
+                key_ok = _masked(_live(seq_ok & (key < k_rows), key, real_k, L_k, HAS_CLS, COUNTS), seq, key, 0,
+                                 L_k, MASK, n_i1, n_i2, stride_m0, stride_m1, stride_mL, HAS_CLS, MASKED)
                 k = _load_rows(K, K_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_k0, stride_k1, stride_k2,
                                stride_kL, stride_kc0, stride_kc2, L_k, HAS_CLS, GROUP)
                 v = _load_rows(V, V_CLS, seq, key, key_ok, d, d_ok, n_i1, n_i2, stride_v0, stride_v1, stride_v2,
@@ -540,10 +612,11 @@ def _attn_bwd_kernel(
 
 
 @triton.jit
-def _cls_mean_kernel(O_CLS_FR, O_CLS, REAL_ROWS, REAL_GROUPS, stride_oc0, stride_oc2, H, T, D, inv_T,
-                     BLOCK_D: tl.constexpr, COUNTS: tl.constexpr):
+def _cls_mean_kernel(O_CLS_FR, O_CLS, REAL_ROWS, REAL_GROUPS, CLS_W, stride_oc0, stride_oc2, H, T, D, inv_T,
+                     BLOCK_D: tl.constexpr, COUNTS: tl.constexpr, MASKED: tl.constexpr):
     """o_cls of one (b, h): the mean of its T per-frame outputs, summed in frame order (COUNTS:
-    of the frames that hold a real patch, the first ones; of all T when none does)."""
+    of the frames that hold a real patch, the first ones; of all T when none does; MASKED: the
+    sum of the per-frame outputs weighted by CLS_W, which says the same of a mask)."""
     pid = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -556,8 +629,14 @@ def _cls_mean_kernel(O_CLS_FR, O_CLS, REAL_ROWS, REAL_GROUPS, stride_oc0, stride
         n_frames = tl.where(real > 0, real, T)
         w = 1.0 / n_frames.to(tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for t in range(0, n_frames):
-        acc += tl.load(O_CLS_FR + (pid * T + t) * D + d, mask=d_ok, other=0.0)
+    if MASKED:
+        w = 1.0
+        for t in range(0, T):
+            frame_w = tl.load(CLS_W + (pid // H) * T + t)
+            acc += tl.load(O_CLS_FR + (pid * T + t) * D + d, mask=d_ok, other=0.0) * frame_w
+    else:
+        for t in range(0, n_frames):
+            acc += tl.load(O_CLS_FR + (pid * T + t) * D + d, mask=d_ok, other=0.0)
     tl.store(O_CLS + (pid // H) * stride_oc0 + (pid % H) * stride_oc2 + d, (acc * w).to(O_CLS.dtype.element_ty),
              mask=d_ok)
 

@@ -184,12 +184,22 @@ _CLS = {
     ("long", "bwd", 128): [(16, 8, 1)],
 }
 
+# A padded batch (counts or a token mask) holds each row's real-row predicates beside the
+# tile: the rows that differ for it, where the dense row's builds spilled (either arch; rows
+# below a packed sequence's own length are raised to it, :func:`tile_candidates`).
+_PADDED = {
+    ("packed", "fwd", 40): [(32, 8, 2)],
+    ("packed", "fwd", 72): [(16, 8, 2)],
+    ("long", "fwd", 72): [(16, 8, 2)],
+    ("long", "fwd", 128): [(16, 8, 2)],
+}
 
-def _table_row(regime: str, pass_: str, bucket: int, arch: int, cls: bool) -> tuple:
+
+def _table_row(regime: str, pass_: str, bucket: int, arch: int, cls: bool, padded: bool = False) -> tuple:
     """``(name, candidates)`` of the table row that applies, e.g. ``("_AMPERE[('frame', 'bwd', 64)]", [...])``."""
     key = (regime, pass_, bucket)
-    name, table = (("_CLS", _CLS) if cls and key in _CLS else ("_AMPERE", _AMPERE) if arch == 80 and key in _AMPERE
-                   else ("_HOPPER", _HOPPER))
+    name, table = (("_PADDED", _PADDED) if padded and key in _PADDED else ("_CLS", _CLS) if cls and key in _CLS
+                   else ("_AMPERE", _AMPERE) if arch == 80 and key in _AMPERE else ("_HOPPER", _HOPPER))
     return f"{name}[{key!r}]", table[key]
 
 
@@ -221,13 +231,15 @@ def _regime(rows_per_seq: int, rows: int) -> str:
     return "frame" if rows_per_seq <= FRAME_MAX else "long"
 
 
-def tile_candidates(rows_per_seq: int, D: int, dtype: torch.dtype, target, pass_: str, has_cls: bool = False) -> list:
+def tile_candidates(rows_per_seq: int, D: int, dtype: torch.dtype, target, pass_: str, has_cls: bool = False,
+                    padded: bool = False) -> list:
     """Candidate ``(regime, rows, num_warps, num_stages, max_registers)`` for sequences of ``rows_per_seq`` rows (cls included).
 
-    The regime follows from the first packed entry: sequences that fit its tile are
-    packed, longer ones up to FRAME_MAX rows take the frame regime, the rest the long
+    The regime follows from the first (dense) packed entry: sequences that fit its tile
+    are packed, longer ones up to FRAME_MAX rows take the frame regime, the rest the long
     one. fp32 inputs take half the rows of the half-precision entries (twice the bytes
-    per element).
+    per element). A ``padded`` batch takes the ``_PADDED`` rows where there are some, a
+    packed tile at least one sequence high.
     """
     if target == "interpreter":
         return [(_regime(rows_per_seq, INTERPRETER_ROWS), INTERPRETER_ROWS, 4, 1, None)]
@@ -236,10 +248,12 @@ def tile_candidates(rows_per_seq: int, D: int, dtype: torch.dtype, target, pass_
     first_packed = TILES[("packed", pass_, bucket, "half", arch, has_cls)][0][0] // shrink
     regime = _regime(rows_per_seq, max(16, first_packed))
     out = []
-    for rows, warps, stages, *regs in TILES[(regime, pass_, bucket, "half", arch, has_cls)]:
+    for rows, warps, stages, *regs in _table_row(regime, pass_, bucket, arch, has_cls, padded)[1]:
         rows = max(16, rows // shrink)
         if regime == "packed" and triton.next_power_of_2(max(rows_per_seq, 1)) > rows:
-            continue
+            if not padded:
+                continue
+            rows = triton.next_power_of_2(rows_per_seq)
         candidate = (regime, rows, warps, stages, regs[0] if regs else None)
         if candidate not in out:
             out.append(candidate)
@@ -273,7 +287,7 @@ class Tiling:
 
 
 def tile_config(op: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target, pass_: str,
-                candidate=None) -> Tiling:
+                candidate=None, padded: bool = False) -> Tiling:
     """The tiling of ``op`` on q, k (sequences of L + cls query rows, L_k + cls key rows) for ``target``.
 
     ``candidate`` is one of :func:`tile_candidates`; by default the first.
@@ -282,7 +296,7 @@ def tile_config(op: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target
     L_k = _geometry(k, op)[0][3]
     q_rows, k_rows = L + int(has_cls), L_k + int(has_cls)
     regime, rows, warps, stages, regs = candidate or tile_candidates(max(q_rows, k_rows), q.shape[-1], q.dtype, target,
-                                                               pass_, has_cls)[0]
+                                                               pass_, has_cls, padded)[0]
     if regime == "packed":
         seq = triton.next_power_of_2(max(q_rows, k_rows, 1))
         group = rows // seq
@@ -291,7 +305,8 @@ def tile_config(op: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target
     n_q, n_k = triton.cdiv(max(q_rows, 1), seq), triton.cdiv(max(k_rows, 1), seq)
     D = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(D))
-    tile = None if target == "interpreter" else _table_row(regime, pass_, _bucket(D), _arch(target), has_cls)[0]
+    tile = None if target == "interpreter" else _table_row(regime, pass_, _bucket(D), _arch(target), has_cls,
+                                                           padded)[0]
     return Tiling(n_i0 * n_i1 * n_i2, n_i1, n_i2, L, L_k, has_cls, regime, group, seq, block_d,
                   n_q, n_k, max(n_q, n_k) if regime != "long" else 1, warps, stages, tile, regs)
 
@@ -333,18 +348,19 @@ def _sequences(t: Tiling) -> dict:
                 tiles_per_prog=t.tiles_per_prog)
 
 
-def problem_candidates(op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target) -> list:
+def problem_candidates(op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, target,
+                       padded: bool = False) -> list:
     """The :func:`tile_candidates` of ``op`` on q, k for ``target`` (default: q's device): the
     first runs, the others only when tuning on a GPU picks them (:func:`_run`)."""
     L, L_k = _geometry(q, op)[0][3], _geometry(k, op)[0][3]
     return tile_candidates(max(L, L_k) + int(has_cls), q.shape[-1], q.dtype, _target(q.device, target), pass_,
-                           has_cls)
+                           has_cls, padded)
 
 
 _TUNED: dict = {}
 
 
-def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool) -> None:
+def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_cls: bool, padded: bool) -> None:
     """Launch the plan with the first tile candidate or, on a GPU with several, the fastest.
 
     On a GPU the table's candidates for a problem are timed once (``triton.testing.do_bench``)
@@ -354,10 +370,10 @@ def _run(make_plan, op: str, pass_: str, q: torch.Tensor, k: torch.Tensor, has_c
     target = _target(q.device, None)
     (n_i0, n_i1, n_i2, L), _ = _geometry(q, op)
     rows_per_seq = max(L, _geometry(k, op)[0][3]) + int(has_cls)
-    candidates = problem_candidates(op, pass_, q, k, has_cls, target)
+    candidates = problem_candidates(op, pass_, q, k, has_cls, target, padded)
     choice = candidates[0]
     if len(candidates) > 1 and q.device.type == "cuda" and os.environ.get("DIVATTN_AUTOTUNE", "1") != "0":
-        key = (op, pass_, rows_per_seq, q.shape[-1], q.dtype, n_i0 * n_i1 * n_i2, target)
+        key = (op, pass_, rows_per_seq, q.shape[-1], q.dtype, n_i0 * n_i1 * n_i2, target, padded)
         choice = _TUNED.get(key)
         if choice is None:
             from triton.testing import do_bench
@@ -376,14 +392,39 @@ def _count_args(counts: Optional[tuple], dummy: torch.Tensor) -> tuple:
     return dict(REAL_ROWS=rows, REAL_GROUPS=groups), dict(COUNTS=counts is not None)
 
 
+def _mask_args(op: str, mask: Optional[torch.Tensor], cls_weights: Optional[torch.Tensor],
+               dummy: torch.Tensor) -> tuple:
+    """``(args, constexprs)`` of a token mask: ``MASK`` (the ``(B, T, N)`` / ``(B, L)`` bool mask
+    as uint8, any strides), ``CLS_W`` (its ``(B, T)`` cls frame weights, contiguous), their
+    strides over (i0, i1, rows) and ``MASKED``; any pointer and zero strides without one."""
+    if mask is None:
+        return dict(MASK=dummy, CLS_W=dummy, stride_m0=0, stride_m1=0, stride_mL=0), dict(MASKED=False)
+    s = mask.stride()
+    # the (i0, i1, row) of each op (kernels' table): temporal (b, n, t), spatial (b, t, n), joint (b, -, l)
+    strides = (s[0], 0, s[1]) if op == "joint" else (s[0], s[2], s[1]) if op == "temporal" else s
+    weights = dummy if cls_weights is None else cls_weights.to(torch.float32).contiguous()
+    return (dict(MASK=mask.view(torch.uint8), CLS_W=weights, stride_m0=strides[0], stride_m1=strides[1],
+                 stride_mL=strides[2]), dict(MASKED=True))
+
+
+def _masked_cap(t: Tiling, mask: Optional[torch.Tensor]) -> Optional[int]:
+    """The backward's register cap: the tile row's, or with a mask 255 where the row sets none.
+    A masked backward holds each key tile's mask predicates beside its bounds through the
+    query loop; at the rows' own allocation (128 registers to keep two blocks of 8 warps
+    resident) ptxas spills a few bytes for them, with a cap it takes what they need instead
+    (one block resident: a mask costs occupancy, not local-memory traffic)."""
+    return t.max_registers if mask is None or t.max_registers is not None else 255
+
+
 def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None,
-                 lse_cls=None, counts=None, target=None, candidate=None) -> list:
+                 lse_cls=None, counts=None, mask=None, cls_weights=None, target=None, candidate=None) -> list:
     """The launches :func:`forward` makes for these arguments, on ``target`` (default: q's device).
 
     ``candidate``: a tile configuration from :func:`tile_candidates` (default: the first).
     """
     has_cls = cls is not None
-    t = tile_config(op, q, k, has_cls, _target(q.device, target), "fwd", candidate)
+    t = tile_config(op, q, k, has_cls, _target(q.device, target), "fwd", candidate,
+                    counts is not None or mask is not None)
     D = q.shape[-1]
     if has_cls:
         qc, kc, vc = cls
@@ -392,46 +433,53 @@ def plan_forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=No
         qc = kc = vc = None
         cls_args = dict(Q_CLS=q, K_CLS=k, V_CLS=v, O_CLS_FR=lse, LSE_CLS_FR=lse)
     count_args, count_flag = _count_args(counts, lse)
+    mask_args, mask_flag = _mask_args(op, mask, cls_weights, lse)
+    cls_w = mask_args.pop("CLS_W")
     plan = []
     if t.n_seq > 0 and t.L + has_cls > 0:
         plan.append(_FWD.launch(
             (triton.cdiv(t.n_seq, t.group), triton.cdiv(t.n_q, t.tiles_per_prog)),
-            dict(Q=q, K=k, V=v, O=o, LSE=lse, **cls_args, **count_args, **_strides(op, q=q, k=k, v=v, o=o),
+            dict(Q=q, K=k, V=v, O=o, LSE=lse, **cls_args, **count_args, **mask_args,
+                 **_strides(op, q=q, k=k, v=v, o=o),
                  **_cls_strides(q=qc, k=kc, v=vc), **_sequences(t), D=D, qk_scale=scale * LOG2E),
             dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
-                 CAUSAL=bool(causal), **count_flag),
+                 CAUSAL=bool(causal), **count_flag, **mask_flag),
             t.num_warps, t.num_stages, t.regime, t.tile, t.max_registers))
     if has_cls:
         B, T, N, H, _ = q.shape
         if B * H > 0:
             plan.append(_CLS_MEAN.launch(
-                (B * H,), dict(O_CLS_FR=cls_frames, O_CLS=o_cls, **count_args, **_cls_strides(o=o_cls), H=H, T=T, D=D,
-                               inv_T=1.0 / T),
-                dict(BLOCK_D=t.block_d, **count_flag), 1, 1, "epilogue"))
+                (B * H,), dict(O_CLS_FR=cls_frames, O_CLS=o_cls, **count_args, CLS_W=cls_w, **_cls_strides(o=o_cls),
+                               H=H, T=T, D=D, inv_T=1.0 / T),
+                dict(BLOCK_D=t.block_d, **count_flag, **mask_flag), 1, 1, "epilogue"))
     return plan
 
 
 def forward(op, q, k, v, o, lse, scale, *, causal=False, cls=None, o_cls=None, cls_frames=None, lse_cls=None,
-            counts=None):
+            counts=None, mask=None, cls_weights=None):
     """Write attention outputs into ``o`` (and ``o_cls``) and row log-sum-exps into ``lse``.
 
     ``q, k, v, o`` are views in the op's layout (any strides, head dim contiguous);
     ``lse`` is a contiguous fp32 ``(S*L,)``; with ``cls``, ``o_cls`` is ``(B, H, D)``,
     ``cls_frames`` a contiguous fp32 ``(B, H, T, D)`` of per-frame cls outputs and
     ``lse_cls`` a contiguous fp32 ``(B, H, T)``; ``counts`` the ``(rows, groups)`` of a padded
-    batch (:meth:`divattn.ops.masks.Padding.kernel_counts`) or None.
+    batch (:meth:`divattn.ops.masks.Padding.kernel_counts`) or None; ``mask`` and
+    ``cls_weights`` its token mask and cls frame weights
+    (:meth:`~divattn.ops.masks.Padding.kernel_mask`) or None.
     """
     _run(lambda c: plan_forward(op, q, k, v, o, lse, scale, causal=causal, cls=cls, o_cls=o_cls,
-                                cls_frames=cls_frames, lse_cls=lse_cls, counts=counts, candidate=c),
-         op, "fwd", q, k, cls is not None)
+                                cls_frames=cls_frames, lse_cls=lse_cls, counts=counts, mask=mask,
+                                cls_weights=cls_weights, candidate=c),
+         op, "fwd", q, k, cls is not None, counts is not None or mask is not None)
 
 
 def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
                   causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None,
-                  target=None, candidate=None) -> list:
+                  mask=None, cls_weights=None, target=None, candidate=None) -> list:
     """The launches :func:`backward` makes (cls scratch buffers allocated on q's device)."""
     has_cls = cls is not None
-    t = tile_config(op, q, k, has_cls, _target(q.device, target), "bwd", candidate)
+    t = tile_config(op, q, k, has_cls, _target(q.device, target), "bwd", candidate,
+                    counts is not None or mask is not None)
     D = q.shape[-1]
     if has_cls:
         B, T, N, H, _ = q.shape
@@ -447,17 +495,18 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
                         DK_CLS_FR=lse, DV_CLS_FR=lse)
         inv_T = 1.0
     count_args, count_flag = _count_args(counts, lse)
+    mask_args, mask_flag = _mask_args(op, mask, cls_weights, lse)
     plan = []
     if t.n_seq > 0 and t.L + has_cls > 0:
         plan.append(_BWD.launch(
             (triton.cdiv(t.n_seq, t.group), triton.cdiv(max(t.n_q, t.n_k), t.tiles_per_prog)),
-            dict(Q=q, K=k, V=v, O=o, DO=do, LSE=lse, DQ=dq, DK=dk, DV=dv, **cls_args, **count_args,
+            dict(Q=q, K=k, V=v, O=o, DO=do, LSE=lse, DQ=dq, DK=dk, DV=dv, **cls_args, **count_args, **mask_args,
                  **_strides(op, q=q, k=k, v=v, o=o, do=do, dq=dq, dk=dk, dv=dv),
                  **_cls_strides(q=qc, k=kc, v=vc, do=do_cls), **_sequences(t), D=D, qk_scale=scale * LOG2E,
                  scale=scale, inv_T=inv_T),
             dict(HAS_CLS=has_cls, GROUP=t.group, SEQ=t.seq, BLOCK_D=t.block_d, PREC=_prec(q.dtype),
-                 SINGLE=t.n_q == 1 and t.n_k == 1, CAUSAL=bool(causal), **count_flag),
-            t.num_warps, t.num_stages, t.regime, t.tile, t.max_registers))
+                 SINGLE=t.n_q == 1 and t.n_k == 1, CAUSAL=bool(causal), **count_flag, **mask_flag),
+            t.num_warps, t.num_stages, t.regime, t.tile, _masked_cap(t, mask)))
     if has_cls and B * H > 0:
         dqc, dkc, dvc = d_cls
         plan.append(_CLS_GRAD.launch(
@@ -469,7 +518,8 @@ def plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
 
 
 def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
-             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None):
+             causal=False, cls=None, d_cls=None, do_cls=None, cls_frames=None, lse_cls=None, counts=None, mask=None,
+             cls_weights=None):
     """Write dq, dk, dv (and the cls grads ``d_cls``) for the forward above.
 
     Every element of dq/dk/dv/d_cls is written once; nothing is accumulated across
@@ -477,8 +527,8 @@ def backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, *,
     """
     _run(lambda c: plan_backward(op, q, k, v, o, do, lse, dq, dk, dv, scale, causal=causal, cls=cls, d_cls=d_cls,
                                  do_cls=do_cls, cls_frames=cls_frames, lse_cls=lse_cls, counts=counts,
-                                 candidate=c),
-         op, "bwd", q, k, cls is not None)
+                                 mask=mask, cls_weights=cls_weights, candidate=c),
+         op, "bwd", q, k, cls is not None, counts is not None or mask is not None)
 
 
 __all__ = ["forward", "backward", "plan_forward", "plan_backward", "Launch", "Tiling", "LOG2E", "TILES",
