@@ -4,9 +4,9 @@ A block's ``mask`` is a bool tensor of the real tokens (``(B, T, N)``, joint blo
 ``(B, L)``), or, when every sample's padding is whole frames at its end (clips shorter
 than the batch's T, all at the batch's frame size), counts: :class:`Frames` for the divided
 blocks and :class:`Lengths` for joint blocks whose real tokens are a prefix of each
-sequence. Counts reach the ops as ``frames=`` / ``lengths=``, the form the Triton kernels
-take, skipping whole tiles of padding; a mask is read per key and runs on the torch
-backend only (see the ops' padded-batch docs).
+sequence. Counts reach the ops as ``frames=`` / ``lengths=``, the cheap form, with which
+the kernels skip whole tiles of padding; a mask is read per row (see the ops'
+padded-batch docs).
 """
 
 from __future__ import annotations
