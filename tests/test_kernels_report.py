@@ -222,6 +222,9 @@ def test_update_record_takes_every_binary(tmp_path):
 
     with pytest.raises(SystemExit, match="add --exact"):
         main(["kernels", "--shapes", "timesformer_8x224", "--update-record", str(tmp_path / "r.json")])
+    for form in ("--counts", "--mask"):  # the record holds the dense code paths
+        with pytest.raises(SystemExit, match="--counts and --mask take no --update-record"):
+            main(["kernels", form, "--exact", "--update-record", str(tmp_path / "r.json")])
 
 
 @pytest.mark.parametrize("arch,regs,threads,smem,blocks", [
